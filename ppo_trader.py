@@ -1,0 +1,1037 @@
+"""ppo_trader.py: masked PPO on an intraday futures/forex environment, in one file, jitted end to end.
+
+    python ppo_trader.py                                   # EURUSD 1h sample, a few minutes on a 2-core CPU
+    python ppo_trader.py --num-envs 4096 --num-steps 64    # GPU-sized
+    python ppo_trader.py --eval-only --checkpoint runs/NAME/best.msgpack
+
+The file reads top to bottom as the data flows: args, data arrays, env (gymnax style: pure `reset` and
+`step` on `EnvState`/`EnvParams`), networks, PPO (`make_train(args) -> train`, PureJaxRL shape), outer loop
+(chunks of updates, logging, checkpoints), backtest, main. Design: ../shared/DESIGN.md sections 2a, 3, 4.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import distrax
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tyro
+from flax import struct
+from flax.training.train_state import TrainState
+
+
+# ---- ARGS ----
+@dataclasses.dataclass
+class Args:
+    """Masked PPO on intraday bars; every flag below is documented in --help."""
+
+    data: str = "data/eurusd_1h.npz"
+    """intraday .npz written by data_prep.py (one or several markets)"""
+    seed: int = 1
+    """random seed (same seed, same result)"""
+    run_name: Optional[str] = None
+    """name of the folder under runs/ (default: ppo_<data>_<seed>_<time>)"""
+    total_timesteps: int = 2_000_000
+    """env steps to train for, per seed (rounded up to whole chunks of updates)"""
+    num_envs: int = 64
+    """parallel environments (vmapped)"""
+    num_steps: int = 128
+    """steps per environment per rollout"""
+    num_seeds: int = 1
+    """seeds trained at once with vmap (seed, seed+1, ...); the first one is backtested"""
+    learning_rate: float = 3e-4
+    """Adam learning rate"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over training"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    update_epochs: int = 4
+    """epochs over each rollout"""
+    clip_coef: float = 0.2
+    """PPO surrogate clipping"""
+    clip_vloss: bool = True
+    """clip the value loss as in PPO2"""
+    ent_coef: float = 0.01
+    """entropy bonus"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    hidden: int = 128
+    """units per hidden layer (two layers, tanh) of actor and critic"""
+    train_end: str = "0.7"
+    """end of the training split: a date (YYYY-MM-DD, exclusive) or a fraction of each market's bars"""
+    val_end: str = "0.85"
+    """end of the validation split (the test split is the rest); one window of bars is embargoed between splits"""
+    window: int = 16
+    """bars of market features in an observation"""
+    contracts: int = 1
+    """contracts (lots) per trade"""
+    sl_atr_mult: float = 1.5
+    """stop-loss distance in ATR(14) of the decision bar"""
+    tp_atr_mult: float = 3.0
+    """take-profit distance in ATR(14) of the decision bar"""
+    slippage_ticks: float = 1.0
+    """ticks of slippage against the trader on market fills (entries, stops, flatten, liquidation)"""
+    commission: Optional[float] = None
+    """commission per contract per side (default: the market's, from the data file)"""
+    initial_balance: float = 50_000.0
+    """account balance at the start of an episode"""
+    dd_limit: float = 2_000.0
+    """trailing drawdown: equity at or below peak - dd_limit liquidates and ends the episode"""
+    dd_lock_offset: float = 0.0
+    """the threshold stops trailing once it reaches initial_balance + dd_lock_offset"""
+    breach_penalty: float = 0.0
+    """extra negative reward when the drawdown limit is breached"""
+    episode_bars: int = 256
+    """bars per episode (truncation); episodes start at a random session start"""
+    no_entry_bars: int = 2
+    """no new entries this many bars (or fewer) before the session end"""
+    flatten_at_close: bool = True
+    """close any position at the session end's close"""
+    chunk_updates: int = 10
+    """updates per jitted chunk; the host logs and checkpoints between chunks"""
+    eval_every: int = 5
+    """chunks between validation backtests (model selection uses the validation split only)"""
+    stop_after: Optional[int] = None
+    """stop after this many chunks (as if interrupted) and save a checkpoint; continue with --resume"""
+    resume: Optional[str] = None
+    """continue the run in this folder (runs/NAME) from its last checkpoint"""
+    eval_only: bool = False
+    """only backtest --checkpoint on --eval-split (no training)"""
+    checkpoint: Optional[str] = None
+    """checkpoint (.msgpack) for --eval-only"""
+    eval_split: str = "test"
+    """split backtested by --eval-only: train, val or test"""
+    out_dir: str = "runs"
+    """parent folder of run folders"""
+
+
+# ---- DATA ----
+class DataError(Exception):
+    """Bad data or flags: one line, exit status 2."""
+
+
+@struct.dataclass
+class MarketData:
+    """Device arrays of M markets x T bars for one split (features already normalised)."""
+
+    open: jax.Array
+    high: jax.Array
+    low: jax.Array
+    close: jax.Array
+    atr: jax.Array
+    rth: jax.Array
+    session_end: jax.Array
+    bars_to_close: jax.Array  # bars until the session end (0 on it), int32
+    hours_to_close: jax.Array  # hours until the session end's bar, clipped to [0, 24]
+    features: jax.Array  # [M, T, F]
+    starts: jax.Array  # [M, S] episode start bars (session starts inside the split), padded
+    n_starts: jax.Array  # [M]
+    lo: jax.Array  # [M] first bar of the split
+    hi: jax.Array  # [M] end of the split (exclusive)
+    point_value: jax.Array  # [M]
+    tick_size: jax.Array  # [M]
+    commission: jax.Array  # [M]
+    market_weights: jax.Array  # [M] probabilities of drawing each market at reset
+
+
+def split_point(text: str, ts: np.ndarray, length: int, flag: str) -> int:
+    """Bar index where a split ends: a fraction of the bars or the first bar on/after a date."""
+    try:
+        x = float(text)
+        if 0 < x < 1:
+            return int(length * x)
+    except ValueError:
+        pass
+    try:
+        day = np.datetime64(text, "ns").astype(np.int64)
+    except ValueError:
+        raise DataError(f"{flag} '{text}' is neither a fraction in (0, 1) nor a date YYYY-MM-DD. Fix: e.g. {flag} 2017-09-01") from None
+    return int(np.searchsorted(ts[:length], day))
+
+
+def calendar_arrays(session_end: np.ndarray, ts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """bars_to_close (bars until the next session-end bar, T if none) and hours_to_close (clipped to 24)."""
+    T = len(session_end)
+    idx = np.arange(T)
+    nxt = np.where(session_end, idx, T)
+    nxt = np.minimum.accumulate(nxt[::-1])[::-1]
+    bars = (nxt - idx).astype(np.int32)
+    end_ts = ts[np.minimum(nxt, T - 1)]
+    hours = np.where(nxt < T, np.clip((end_ts - ts) / 3.6e12, 0.0, 24.0), 24.0)
+    return bars, hours.astype(np.float32)
+
+
+def load_data(args: Args) -> tuple[dict, dict]:
+    """Loads and checks an intraday npz; returns ({'train','val','test'}: MarketData, info).
+
+    Splits are by date or fraction per market, with `window` bars embargoed after each split end.
+    Feature normalisation (mean/std per feature) uses the training split of every market only.
+    """
+    path = Path(args.data)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file. Fix: build one with data_prep.py (see README) or pass --data")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            raw = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise DataError(f"{path}: not a readable .npz ({type(e).__name__}). Fix: rebuild it with data_prep.py") from None
+    meta = json.loads(str(raw.get("meta", "{}")))
+    if meta.get("kind") != "intraday":
+        raise DataError(f"{path}: kind is '{meta.get('kind')}', ppo_trader needs intraday bars. Fix: use data_prep.py intraday (or erl_trader.py for daily data)")
+    need = ("timestamps", "open", "high", "low", "close", "atr", "rth", "session_end", "features", "market", "length")
+    missing = [k for k in need if k not in raw]
+    if missing:
+        raise DataError(f"{path}: missing arrays {missing}. Fix: rebuild it with the current data_prep.py")
+    W = args.window
+    M, T = raw["close"].shape
+    bars, hours, bounds = np.zeros((M, T), np.int32), np.zeros((M, T), np.float32), []
+    for m in range(M):
+        n = int(raw["length"][m])
+        bars[m], hours[m] = calendar_arrays(raw["session_end"][m], raw["timestamps"][m], n)
+        i1 = split_point(args.train_end, raw["timestamps"][m], n, "--train-end")
+        i2 = split_point(args.val_end, raw["timestamps"][m], n, "--val-end")
+        b = {"train": (0, i1), "val": (i1 + W, i2), "test": (i2 + W, n)}
+        for name, (lo, hi) in b.items():
+            if hi - lo < W + args.episode_bars // 4 + 1:
+                raise DataError(f"{path}: market {raw['market'][m]} has {max(hi - lo, 0)} bars in the {name} split, fewer than window + a quarter episode ({W + args.episode_bars // 4 + 1}). "
+                                "Fix: move --train-end/--val-end, or lower --window/--episode-bars")
+        bounds.append(b)
+    train_mask = np.zeros((M, T), bool)
+    for m, b in enumerate(bounds):
+        train_mask[m, : b["train"][1]] = True
+    f = raw["features"].astype(np.float64)
+    mu = f[train_mask].mean(0)
+    sd = f[train_mask].std(0)
+    feats = ((f - mu) / np.where(sd > 1e-12, sd, 1.0)).clip(-10, 10).astype(np.float32)
+    specs = meta.get("markets", {})
+    names = [str(x) for x in raw["market"]]
+    pv = np.array([specs[n]["point_value"] for n in names], np.float32)
+    tick = np.array([specs[n]["tick_size"] for n in names], np.float32)
+    comm = np.array([args.commission if args.commission is not None else specs[n]["commission"] for n in names], np.float32)
+    first_rth = raw["rth"] & ~np.concatenate([np.zeros((M, 1), bool), raw["rth"][:, :-1] & ~raw["session_end"][:, :-1]], axis=1)
+    out = {}
+    for name in ("train", "val", "test"):
+        starts = []
+        for m, b in enumerate(bounds):
+            lo, hi = b[name]
+            s = np.flatnonzero(first_rth[m, :hi])
+            starts.append(s[(s >= lo + W - 1) & (s + 1 < hi)])
+            if len(starts[-1]) == 0:
+                starts[-1] = np.array([lo + W - 1])
+        S = max(len(s) for s in starts)
+        starts_arr = np.stack([np.pad(s, (0, S - len(s)), mode="edge") for s in starts]).astype(np.int32)
+        lens = np.array([b[name][1] - b[name][0] for b in bounds], np.float32)
+        out[name] = MarketData(
+            open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
+            close=jnp.asarray(raw["close"], jnp.float32), atr=jnp.asarray(raw["atr"], jnp.float32), rth=jnp.asarray(raw["rth"]),
+            session_end=jnp.asarray(raw["session_end"]), bars_to_close=jnp.asarray(bars), hours_to_close=jnp.asarray(hours),
+            features=jnp.asarray(feats), starts=jnp.asarray(starts_arr), n_starts=jnp.asarray([len(s) for s in starts], jnp.int32),
+            lo=jnp.asarray([b[name][0] for b in bounds], jnp.int32), hi=jnp.asarray([b[name][1] for b in bounds], jnp.int32),
+            point_value=jnp.asarray(pv), tick_size=jnp.asarray(tick), commission=jnp.asarray(comm),
+            market_weights=jnp.asarray(lens / lens.sum()),
+        )
+    info = dict(path=str(path), meta=meta, markets=names, bounds=bounds, feature_names=[str(x) for x in raw["feature_names"]],
+                timestamps=raw["timestamps"], feature_mean=mu.tolist(), feature_std=sd.tolist())
+    return out, info
+
+
+# ---- ENV ----
+HOLD, BUY, SELL = 0, 1, 2
+NUM_ACTIONS = 3
+NUM_POSITION_FEATURES = 7
+
+
+@struct.dataclass
+class EnvParams:
+    """Static env rules (see Args for each field's meaning)."""
+
+    window: int = struct.field(pytree_node=False, default=16)
+    episode_bars: int = struct.field(pytree_node=False, default=256)
+    no_entry_bars: int = struct.field(pytree_node=False, default=2)
+    flatten_at_close: bool = struct.field(pytree_node=False, default=True)
+    contracts: float = 1.0
+    sl_atr_mult: float = 1.5
+    tp_atr_mult: float = 3.0
+    slippage_ticks: float = 1.0
+    initial_balance: float = 50_000.0
+    dd_limit: float = 2_000.0
+    dd_lock_offset: float = 0.0
+    breach_penalty: float = 0.0
+
+
+@struct.dataclass
+class EnvState:
+    """One account on one market. Money is kept relative to the initial balance (float32 precision)."""
+
+    market: jax.Array  # int32
+    t: jax.Array  # decision bar, int32
+    steps: jax.Array  # steps in this episode, int32
+    dir: jax.Array  # -1 short, 0 flat, +1 long (int32)
+    entry: jax.Array  # entry price (0 flat)
+    sl: jax.Array
+    tp: jax.Array
+    bars_in_pos: jax.Array  # int32
+    pnl: jax.Array  # realised P&L incl. commissions (balance - initial_balance)
+    peak: jax.Array  # peak equity - initial_balance
+    equity: jax.Array  # equity marked at close[t] - initial_balance
+    episode_return: jax.Array  # sum of rewards so far (for logging)
+
+
+def env_params_from_args(args: Args) -> EnvParams:
+    """EnvParams from the CLI flags."""
+    return EnvParams(window=args.window, episode_bars=args.episode_bars, no_entry_bars=args.no_entry_bars, flatten_at_close=args.flatten_at_close,
+                     contracts=float(args.contracts), sl_atr_mult=args.sl_atr_mult, tp_atr_mult=args.tp_atr_mult, slippage_ticks=args.slippage_ticks,
+                     initial_balance=args.initial_balance, dd_limit=args.dd_limit, dd_lock_offset=args.dd_lock_offset, breach_penalty=args.breach_penalty)
+
+
+def dd_threshold(peak: jax.Array, params: EnvParams) -> jax.Array:
+    """Trailing threshold (relative to the initial balance): peak - dd_limit, locked at + dd_lock_offset."""
+    return jnp.minimum(peak - params.dd_limit, params.dd_lock_offset)
+
+
+def reset_at(market: jax.Array, start: jax.Array) -> EnvState:
+    """A flat account at decision bar `start` of `market`."""
+    z, zi = jnp.float32(0.0), jnp.int32(0)
+    return EnvState(market=jnp.int32(market), t=jnp.int32(start), steps=zi, dir=zi, entry=z, sl=z, tp=z, bars_in_pos=zi, pnl=z, peak=z, equity=z, episode_return=z)
+
+
+def reset(key: jax.Array, params: EnvParams, data: MarketData) -> tuple[jax.Array, EnvState]:
+    """Draws a market (by `market_weights`) and a session start inside the split; returns (obs, state)."""
+    k_m, k_s = jax.random.split(key)
+    m = jax.random.choice(k_m, data.market_weights.shape[0], p=data.market_weights)
+    i = jax.random.randint(k_s, (), 0, data.n_starts[m])
+    state = reset_at(m, data.starts[m, i])
+    return get_obs(state, params, data), state
+
+
+def legal_mask(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
+    """[3] bool: HOLD always; BUY/SELL when flat, inside RTH and more than no_entry_bars before the close."""
+    m, t = state.market, state.t
+    entry_ok = (state.dir == 0) & data.rth[m, t] & (data.bars_to_close[m, t] > params.no_entry_bars)
+    return jnp.array([True, entry_ok, entry_ok])
+
+
+def get_obs(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
+    """Window of normalised features (bars t-W+1..t, oldest first) + 7 position features."""
+    m, t, W = state.market, state.t, params.window
+    window = jax.lax.dynamic_slice_in_dim(data.features[m], t - W + 1, W, axis=0).reshape(-1)
+    close, atr = data.close[m, t], data.atr[m, t]
+    d = state.dir.astype(jnp.float32)
+    in_pos = state.dir != 0
+    pos = jnp.stack([
+        d,
+        jnp.where(in_pos, (close - state.entry) * d / atr, 0.0),
+        jnp.where(in_pos, (close - state.sl) * d / atr, 0.0),
+        jnp.where(in_pos, (state.tp - close) * d / atr, 0.0),
+        state.bars_in_pos / params.episode_bars,
+        (state.equity - dd_threshold(state.peak, params)) / params.dd_limit,
+        data.hours_to_close[m, t] / 24.0,
+    ])
+    return jnp.concatenate([window, pos.astype(jnp.float32)])
+
+
+def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: MarketData):
+    """The rules of DESIGN 2a for one decision: fill at t+1's open, stops/targets, flatten, drawdown.
+
+    Returns (state at t+1, reward, terminated, info) without any reset; info holds the entry and exit
+    prices of this step (NaN when none) and the P&L booked.
+    """
+    m, t = state.market, state.t
+    u = t + 1
+    o, h, l, c = data.open[m, u], data.high[m, u], data.low[m, u], data.close[m, u]
+    tick = data.tick_size[m]
+    pv = data.point_value[m] * params.contracts
+    slip = params.slippage_ticks * tick
+    comm = data.commission[m] * params.contracts
+    mask = legal_mask(state, params, data)
+    a = jnp.where(mask[action], action, HOLD)
+
+    # ENTRY at the next open, slippage against the trader; levels from the decision bar's ATR
+    enter = (state.dir == 0) & (a != HOLD)
+    new_dir = jnp.where(a == BUY, 1, -1)
+    d = jnp.where(enter, new_dir, state.dir)
+    df = d.astype(jnp.float32)
+    entry_px = o + df * slip
+    round_tick = lambda x: jnp.round(x / tick) * tick  # noqa: E731
+    entry = jnp.where(enter, entry_px, state.entry)
+    sl = jnp.where(enter, round_tick(entry_px - df * params.sl_atr_mult * data.atr[m, t]), state.sl)
+    tp = jnp.where(enter, round_tick(entry_px + df * params.tp_atr_mult * data.atr[m, t]), state.tp)
+    pnl = state.pnl - jnp.where(enter, comm, 0.0)
+    bars_in_pos = jnp.where(enter, 0, state.bars_in_pos)
+
+    # STOP / TARGET inside bar u: a gap through a level fills at the open; both inside -> stop first
+    long, short = d == 1, d == -1
+    stop_gap = (long & (o <= sl)) | (short & (o >= sl))
+    tp_gap = (long & (o >= tp)) | (short & (o <= tp))
+    stop_hit = (long & (l <= sl)) | (short & (h >= sl))
+    tp_hit = (long & (h >= tp)) | (short & (l <= tp))
+    exit_px = jnp.select([stop_gap, tp_gap, stop_hit, tp_hit], [o - df * slip, o, sl - df * slip, tp], jnp.nan)
+    exits = stop_gap | tp_gap | stop_hit | tp_hit
+    # FLATTEN at the session end's close
+    flat_close = (d != 0) & ~exits & params.flatten_at_close & data.session_end[m, u]
+    exit_px = jnp.where(flat_close, c - df * slip, exit_px)
+    exits = exits | flat_close
+    booked = jnp.where(exits, (exit_px - entry) * df * pv - comm, 0.0)
+    pnl = pnl + booked
+    d = jnp.where(exits, 0, d)
+    bars_in_pos = jnp.where(d != 0, bars_in_pos + 1, 0)
+
+    # MARK TO MARKET, trailing drawdown and breach
+    df = d.astype(jnp.float32)
+    equity = pnl + jnp.where(d != 0, (c - entry) * df * pv, 0.0)
+    peak = jnp.maximum(state.peak, equity)
+    terminated = equity <= dd_threshold(peak, params)
+    liquidate = terminated & (d != 0)
+    liq_px = c - df * slip
+    liq_booked = jnp.where(liquidate, (liq_px - entry) * df * pv - comm, 0.0)
+    pnl = pnl + liq_booked
+    exit_px = jnp.where(liquidate, liq_px, exit_px)
+    equity = jnp.where(terminated, pnl, equity)
+    d = jnp.where(terminated, 0, d)
+    bars_in_pos = jnp.where(d != 0, bars_in_pos, 0)
+    flat = d == 0
+    reward = (equity - state.equity) / params.dd_limit - jnp.where(terminated, params.breach_penalty, 0.0)
+
+    new_state = EnvState(
+        market=m, t=u, steps=state.steps + 1, dir=d, entry=jnp.where(flat, 0.0, entry), sl=jnp.where(flat, 0.0, sl),
+        tp=jnp.where(flat, 0.0, tp), bars_in_pos=bars_in_pos, pnl=pnl, peak=peak, equity=equity,
+        episode_return=state.episode_return + reward,
+    )
+    info = dict(mask=mask, action=a, entry_price=jnp.where(enter, entry_px, jnp.nan), exit_price=exit_px,
+                exit_dir=jnp.where(exits | liquidate, jnp.where(enter, new_dir, state.dir), 0), trade_pnl=booked + liq_booked)
+    return new_state, reward, terminated, info
+
+
+def step(key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams, data: MarketData):
+    """gymnax-style step with auto-reset: (obs, state, reward, terminated, truncated, info).
+
+    When the episode ends the returned obs/state are the next episode's; the old episode's last
+    observation is `info["final_obs"]` (for bootstrapping at truncation).
+    """
+    next_state, reward, terminated, info = step_core(state, action, params, data)
+    m = state.market
+    truncated = ~terminated & ((next_state.steps >= params.episode_bars) | (next_state.t + 1 >= data.hi[m]))
+    final_obs = get_obs(next_state, params, data)
+    reset_obs, reset_state = reset(key, params, data)
+    done = terminated | truncated
+    state_out = jax.tree.map(lambda a, b: jnp.where(done, a, b), reset_state, next_state)
+    obs = jnp.where(done, reset_obs, final_obs)
+    info = dict(info, final_obs=final_obs, episode_return=next_state.episode_return, episode_length=next_state.steps, market=m)
+    return obs, state_out, reward, terminated, truncated, info
+
+
+# ---- NETWORKS ----
+class ActorCritic(nn.Module):
+    """Separate tanh MLPs for the policy logits and the value (PureJaxRL / CleanRL PPO)."""
+
+    num_actions: int
+    hidden: int = 128
+
+    @nn.compact
+    def __call__(self, x):
+        ortho = nn.initializers.orthogonal
+        a = x
+        for _ in range(2):
+            a = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros)(a))
+        logits = nn.Dense(self.num_actions, kernel_init=ortho(0.01), bias_init=nn.initializers.zeros)(a)
+        v = x
+        for _ in range(2):
+            v = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros)(v))
+        value = nn.Dense(1, kernel_init=ortho(1.0), bias_init=nn.initializers.zeros)(v)
+        return logits, jnp.squeeze(value, -1)
+
+
+def masked_policy(logits: jax.Array, mask: jax.Array) -> distrax.Categorical:
+    """Illegal actions get the dtype's lowest finite logit (never -inf, so log-probs and entropy stay finite)."""
+    return distrax.Categorical(logits=jnp.where(mask, logits, jnp.finfo(logits.dtype).min))
+
+
+# ---- PPO ----
+class Transition(NamedTuple):
+    obs: jax.Array
+    action: jax.Array
+    log_prob: jax.Array
+    value: jax.Array
+    reward: jax.Array
+    terminated: jax.Array
+    truncated: jax.Array
+    final_value: jax.Array  # V(final obs), used only where truncated
+    mask: jax.Array
+
+
+@struct.dataclass
+class ObsNorm:
+    """Running mean/variance of observations (Welford/Chan), kept in the train state and checkpointed."""
+
+    mean: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+    @classmethod
+    def create(cls, dim: int) -> "ObsNorm":
+        return cls(mean=jnp.zeros(dim), var=jnp.ones(dim), count=jnp.float32(1e-4))
+
+    def update(self, x: jax.Array) -> "ObsNorm":
+        """Merges a batch [n, dim] into the running statistics."""
+        b_mean, b_var, n = x.mean(0), x.var(0), x.shape[0]
+        delta = b_mean - self.mean
+        tot = self.count + n
+        mean = self.mean + delta * n / tot
+        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / tot
+        return ObsNorm(mean=mean, var=m2 / tot, count=tot)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.clip((x - self.mean) / jnp.sqrt(self.var + 1e-8), -10.0, 10.0)
+
+
+class RunnerState(NamedTuple):
+    train_state: TrainState
+    env_state: EnvState
+    last_obs: jax.Array  # raw (unnormalised) observations
+    obs_norm: ObsNorm
+    rng: jax.Array
+    update: jax.Array
+
+
+def compute_gae(traj: Transition, last_value: jax.Array, gamma: float, lam: float) -> tuple[jax.Array, jax.Array]:
+    """GAE over a [T, N] rollout, bootstrapping through truncation (with V(final obs)) but not termination."""
+
+    def _gae_step(carry, tr):
+        gae, next_value = carry
+        done = tr.terminated | tr.truncated
+        boot = jnp.where(done, jnp.where(tr.truncated, tr.final_value, 0.0), next_value)
+        delta = tr.reward + gamma * boot - tr.value
+        gae = delta + gamma * lam * (1.0 - done) * gae
+        return (gae, tr.value), gae
+
+    _, adv = jax.lax.scan(_gae_step, (jnp.zeros_like(last_value), last_value), traj, reverse=True)
+    return adv, adv + traj.value
+
+
+def make_train(args: Args, env_params: EnvParams, data: MarketData):
+    """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics))."""
+    num_updates = math.ceil(args.total_timesteps / (args.num_envs * args.num_steps) / args.chunk_updates) * args.chunk_updates
+    minibatch = args.num_envs * args.num_steps // args.num_minibatches
+    network = ActorCritic(NUM_ACTIONS, args.hidden)
+    obs_dim = args.window * data.features.shape[-1] + NUM_POSITION_FEATURES
+
+    def lr_schedule(count):
+        frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / num_updates
+        return args.learning_rate * frac if args.anneal_lr else args.learning_rate
+
+    tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate=lr_schedule, eps=1e-5))
+
+    def init(rng) -> RunnerState:
+        rng, k_net, k_env = jax.random.split(rng, 3)
+        params = network.init(k_net, jnp.zeros(obs_dim))
+        train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
+        obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), env_params, data)
+        norm = ObsNorm.create(obs_dim).update(obs)
+        return RunnerState(train_state, env_state, obs, norm, rng, jnp.int32(0))
+
+    def _update_step(runner: RunnerState, _):
+        # COLLECT TRAJECTORIES
+        def _env_step(runner: RunnerState, _):
+            train_state, env_state, last_obs, norm, rng, update = runner
+            rng, k_act, k_env = jax.random.split(rng, 3)
+            mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params, data)
+            obs_n = norm(last_obs)
+            logits, value = network.apply(train_state.params, obs_n)
+            pi = masked_policy(logits, mask)
+            action = pi.sample(seed=k_act)
+            log_prob = pi.log_prob(action)
+            obs, env_state, reward, term, trunc, info = jax.vmap(step, in_axes=(0, 0, 0, None, None))(
+                jax.random.split(k_env, args.num_envs), env_state, action, env_params, data)
+            _, final_value = network.apply(train_state.params, norm(info["final_obs"]))
+            tr = Transition(obs_n, action, log_prob, value, reward, term, trunc, final_value, mask)
+            done = term | trunc
+            ep = (jnp.sum(done * info["episode_return"]), jnp.sum(done * info["episode_length"]), jnp.sum(done), jnp.sum(term))
+            return RunnerState(train_state, env_state, obs, norm, rng, update), (tr, ep, obs)
+
+        runner, (traj, ep, raw_obs) = jax.lax.scan(_env_step, runner, None, args.num_steps)
+        train_state, env_state, last_obs, norm, rng, update = runner
+
+        # CALCULATE ADVANTAGE
+        _, last_value = network.apply(train_state.params, norm(last_obs))
+        advantages, targets = compute_gae(traj, last_value, args.gamma, args.gae_lambda)
+
+        # UPDATE NETWORK
+        def _update_epoch(carry, _):
+            train_state, rng = carry
+            rng, k_perm = jax.random.split(rng)
+            batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), (traj, advantages, targets))
+            perm = jax.random.permutation(k_perm, args.num_envs * args.num_steps)
+            mbs = jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape((args.num_minibatches, minibatch) + x.shape[1:]), batch)
+
+            def _update_minibatch(train_state, mb):
+                tr, adv, tgt = mb
+
+                def _loss(params):
+                    logits, value = network.apply(params, tr.obs)
+                    pi = masked_policy(logits, tr.mask)
+                    log_prob = pi.log_prob(tr.action)
+                    logratio = log_prob - tr.log_prob
+                    ratio = jnp.exp(logratio)
+                    mb_adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                    pg_loss1 = -mb_adv * ratio
+                    pg_loss2 = -mb_adv * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                    pg_loss = jnp.maximum(pg_loss1, pg_loss2).mean()
+                    v_loss_unclipped = (value - tgt) ** 2
+                    v_clipped = tr.value + jnp.clip(value - tr.value, -args.clip_coef, args.clip_coef)
+                    v_loss_clipped = (v_clipped - tgt) ** 2
+                    v_loss = 0.5 * (jnp.maximum(v_loss_unclipped, v_loss_clipped) if args.clip_vloss else v_loss_unclipped).mean()
+                    entropy = pi.entropy().mean()
+                    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
+                    approx_kl = ((ratio - 1) - logratio).mean()
+                    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
+                    return loss, (pg_loss, v_loss, entropy, approx_kl, clipfrac)
+
+                grads, aux = jax.grad(_loss, has_aux=True)(train_state.params)
+                return train_state.apply_gradients(grads=grads), aux
+
+            train_state, aux = jax.lax.scan(_update_minibatch, train_state, mbs)
+            return (train_state, rng), aux
+
+        (train_state, rng), aux = jax.lax.scan(_update_epoch, (train_state, rng), None, args.update_epochs)
+        norm = norm.update(raw_obs.reshape(-1, raw_obs.shape[-1]))
+        ep_ret, ep_len, n_done, n_term = (x.sum() for x in ep)
+        metrics = dict(
+            episodic_return=ep_ret / jnp.maximum(n_done, 1), episodic_length=ep_len / jnp.maximum(n_done, 1), episodes=n_done, breaches=n_term,
+            policy_loss=aux[0].mean(), value_loss=aux[1].mean(), entropy=aux[2].mean(), approx_kl=aux[3].mean(), clipfrac=aux[4].mean(),
+            learning_rate=args.learning_rate * (1.0 - update / num_updates if args.anneal_lr else 1.0),
+            explained_variance=1 - jnp.var(targets - traj.value) / (jnp.var(targets) + 1e-8),
+        )
+        return RunnerState(train_state, env_state, last_obs, norm, rng, update + 1), metrics
+
+    def train_chunk(runner: RunnerState):
+        """`chunk_updates` PPO updates in one lax.scan (compiled once, called repeatedly)."""
+        return jax.lax.scan(_update_step, runner, None, args.chunk_updates)
+
+    return init, train_chunk, num_updates, network
+
+
+# ---- OUTER LOOP ----
+def policy_params(runner: RunnerState, seed_index: int = 0):
+    """Network params and observation normaliser of one seed (leading vmap axis)."""
+    pick = lambda x: x[seed_index]  # noqa: E731
+    return jax.tree.map(pick, runner.train_state.params), jax.tree.map(pick, runner.obs_norm)
+
+
+def save_checkpoint(path: Path, runner: RunnerState, extra: dict) -> None:
+    """flax.serialization msgpack of the whole runner state (params, optimiser, envs, normaliser, RNG, counters)."""
+    payload = {"runner": flax.serialization.to_state_dict(runner), "extra": json.dumps(extra)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dict]:
+    """Restores a runner state saved by `save_checkpoint` into the structure of `template`."""
+    try:
+        payload = flax.serialization.msgpack_restore(Path(path).read_bytes())
+        runner = flax.serialization.from_state_dict(template, payload["runner"])
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such checkpoint. Fix: pass a .msgpack written by ppo_trader.py") from None
+    except Exception as e:
+        raise DataError(f"{path}: checkpoint does not match this configuration ({type(e).__name__}: {str(e).splitlines()[0][:120]}). "
+                        "Fix: use the flags the checkpoint was trained with (see its run's config.json)") from None
+    shapes_ok = jax.tree.all(jax.tree.map(lambda a, b: jnp.shape(a) == jnp.shape(b), runner, template))
+    if not shapes_ok:
+        raise DataError(f"{path}: array shapes differ from this configuration. Fix: use the flags of the run's config.json")
+    return runner, json.loads(payload["extra"])
+
+
+def save_policy(path: Path, params, norm: ObsNorm, args: Args) -> None:
+    """A policy-only checkpoint (for --eval-only): network params, obs normaliser and the config."""
+    payload = {"params": flax.serialization.to_state_dict(params), "obs_norm": flax.serialization.to_state_dict(norm),
+               "config": json.dumps(dataclasses.asdict(args)), "num_actions": NUM_ACTIONS}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
+    os.replace(tmp, path)
+
+
+def load_policy(path: str, args: Args, obs_dim: int):
+    """Loads a policy checkpoint; checks its action count and observation size against this configuration."""
+    try:
+        payload = flax.serialization.msgpack_restore(Path(path).read_bytes())
+        cfg = json.loads(payload["config"])
+        n_act = int(payload["num_actions"])
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+    except Exception:
+        raise DataError(f"{path}: not a ppo_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+    if n_act != NUM_ACTIONS:
+        raise DataError(f"{path}: policy has {n_act} actions, this run needs {NUM_ACTIONS}. Fix: use a checkpoint of the same phase")
+    network = ActorCritic(NUM_ACTIONS, cfg["hidden"])
+    template = network.init(jax.random.PRNGKey(0), jnp.zeros(obs_dim))
+    try:
+        params = flax.serialization.from_state_dict(template, payload["params"])
+        norm = flax.serialization.from_state_dict(ObsNorm.create(obs_dim), payload["obs_norm"])
+    except Exception:
+        raise DataError(f"{path}: network does not fit this configuration. Fix: pass the --window/--hidden it was trained with") from None
+    if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, template) or norm.mean.shape != (obs_dim,):
+        raise DataError(f"{path}: observation size differs (window {cfg['window']}). Fix: pass --window {cfg['window']} and the same data features")
+    return network, params, norm, cfg
+
+
+# ---- BACKTEST ----
+def make_backtest(env_params: EnvParams, data: MarketData):
+    """Jitted contiguous pass over one market's split with a policy(key, obs, mask) -> action.
+
+    No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
+    drawdown breach the account stops trading (flat). Returns per-step arrays for reports and trades.
+    """
+    bt_params = env_params.replace(episode_bars=1 << 30)
+
+    def run(policy, market: int, key):
+        lo, hi = data.lo[market], data.hi[market]
+        state0 = reset_at(market, lo + env_params.window - 1)
+        n = data.open.shape[1] - env_params.window  # static length; steps past the split end are masked out
+
+        def _bt_step(carry, _):
+            state, alive, key = carry
+            key, k = jax.random.split(key)
+            live = alive & (state.t + 1 < hi)
+            mask = legal_mask(state, bt_params, data)
+            action = jnp.where(live, policy(k, get_obs(state, bt_params, data), mask), HOLD)
+            nxt, reward, term, info = step_core(state, action, bt_params, data)
+            nxt = jax.tree.map(lambda a, b: jnp.where(live, a, b), nxt, state)
+            out = dict(t=nxt.t, live=live, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0),
+                       entry_price=jnp.where(live, info["entry_price"], jnp.nan), exit_price=jnp.where(live, info["exit_price"], jnp.nan),
+                       exit_dir=jnp.where(live, info["exit_dir"], 0), trade_pnl=jnp.where(live, info["trade_pnl"], 0.0), action=action)
+            return (nxt, alive & ~(live & term), key), out
+
+        _, out = jax.lax.scan(_bt_step, (state0, jnp.bool_(True), key), None, n)
+        return out
+
+    return jax.jit(run, static_argnums=(0, 1))
+
+
+def greedy_policy(network, params, norm: ObsNorm):
+    """The trained policy acting greedily (most probable legal action)."""
+
+    def policy(key, obs, mask):
+        logits, _ = network.apply(params, norm(obs))
+        return jnp.argmax(jnp.where(mask, logits, jnp.finfo(logits.dtype).min))
+
+    return policy
+
+
+def random_policy(key, obs, mask):
+    """Uniform over the legal actions."""
+    return jax.random.choice(key, NUM_ACTIONS, p=mask / mask.sum())
+
+
+def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_per_year: float = 252.0) -> dict:
+    """Return/risk metrics from an equity curve: per-day returns (the last bar of each day), annualised with 252."""
+    eq = initial + equity
+    last_of_day = np.r_[day[1:] != day[:-1], True]
+    daily = np.r_[initial, eq[last_of_day]]
+    rets = daily[1:] / daily[:-1] - 1
+    years = max(len(rets) / periods_per_year, 1e-9)
+    total = eq[-1] / initial - 1
+    ann = (1 + total) ** (1 / years) - 1 if total > -1 else -1.0
+    vol = rets.std() * np.sqrt(periods_per_year)
+    down = rets[rets < 0]
+    dd = 1 - eq / np.maximum.accumulate(np.r_[initial, eq])[1:]
+    max_dd = float(dd.max()) if len(dd) else 0.0
+    return dict(total_return=float(total), annualised_return=float(ann), annualised_volatility=float(vol),
+                sharpe=float(rets.mean() / rets.std() * np.sqrt(periods_per_year)) if rets.std() > 0 else 0.0,
+                sortino=float(rets.mean() / np.sqrt((down**2).mean()) * np.sqrt(periods_per_year)) if len(down) else 0.0,
+                max_drawdown=max_dd, calmar=float(ann / max_dd) if max_dd > 0 else 0.0, days=int(len(rets)))
+
+
+def trade_metrics(out: dict) -> dict:
+    """Counts and quality of closed trades, and exposure (fraction of live bars in a position)."""
+    closed = ~np.isnan(out["exit_price"])
+    pnl = out["trade_pnl"][closed]
+    wins, losses = pnl[pnl > 0], pnl[pnl <= 0]
+    live = out["live"]
+    return dict(trades=int(closed.sum()), win_rate=float((pnl > 0).mean()) if len(pnl) else 0.0,
+                profit_factor=float(wins.sum() / -losses.sum()) if losses.sum() < 0 else (float("inf") if len(wins) else 0.0),
+                average_trade=float(pnl.mean()) if len(pnl) else 0.0, exposure=float((out["dir"][live] != 0).mean()) if live.any() else 0.0)
+
+
+def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> np.ndarray:
+    """Equity (relative) of holding `contracts` long from the first decision bar's next open, with commissions."""
+    lo, hi, W = int(data.lo[market]), int(data.hi[market]), env_params.window
+    close = np.asarray(data.close[market][lo + W: hi], np.float64)
+    entry = float(data.open[market][lo + W])
+    pv = float(data.point_value[market]) * env_params.contracts
+    comm = float(data.commission[market]) * env_params.contracts
+    eq = (close - entry) * pv - comm
+    eq[-1] -= comm
+    return eq
+
+
+def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict, seed: int) -> tuple[dict, dict]:
+    """Runs each policy on each market of a split; returns (report, raw outputs of the first policy)."""
+    report, raws = {"split": split, "annualisation": "per-day returns (last bar of each exchange day), x sqrt(252) / 252 trading days"}, {}
+    for m, market in enumerate(info["markets"]):
+        lo, hi = info["bounds"][m][split]
+        ts = info["timestamps"][m]
+        rows = {}
+        for name, policy in policies.items():
+            out = {k: np.asarray(v) for k, v in backtest(policy, m, jax.random.PRNGKey(seed)).items()}
+            live = out["live"]
+            out = {k: v[live] for k, v in out.items()}
+            day = (ts[out["t"]] // 86_400_000_000_000).astype(np.int64)
+            rows[name] = dict(period_metrics(out["equity"], day, env_params.initial_balance), **trade_metrics(out),
+                              final_equity=float(env_params.initial_balance + out["equity"][-1]))
+            raws.setdefault(name, {})[market] = out
+        bh = buy_and_hold(data, m, env_params)
+        t_bh = np.arange(lo + env_params.window, hi)
+        rows["buy_and_hold"] = dict(period_metrics(bh, ts[t_bh] // 86_400_000_000_000, env_params.initial_balance),
+                                    trades=1, final_equity=float(env_params.initial_balance + bh[-1]))
+        report[market] = dict(bars=int(hi - lo), start=str(np.datetime64(int(ts[lo]), "ns")), end=str(np.datetime64(int(ts[hi - 1]), "ns")), **rows)
+    return report, raws
+
+
+def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) -> None:
+    """report.json, trades.csv and equity.png for the policy's backtest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    lines = ["market,entry_time,exit_time,direction,entry_price,exit_price,pnl"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for m, market in enumerate(info["markets"]):
+        ts = info["timestamps"][m]
+        out = raws["policy"][market]
+        entry_time = None
+        for i in range(len(out["t"])):
+            if not np.isnan(out["entry_price"][i]):
+                entry_time, entry_px = ts[out["t"][i]], out["entry_price"][i]
+            if not np.isnan(out["exit_price"][i]):
+                lines.append(f"{market},{np.datetime64(int(entry_time), 'ns')},{np.datetime64(int(ts[out['t'][i]]), 'ns')},"
+                             f"{'long' if out['exit_dir'][i] > 0 else 'short'},{entry_px:.6g},{out['exit_price'][i]:.6g},{out['trade_pnl'][i]:.2f}")
+        for name in raws:
+            times = ts[raws[name][market]["t"]].astype("datetime64[ns]")
+            ax.plot(times, report["initial_balance"] + raws[name][market]["equity"], label=f"{market} {name}", lw=1)
+    ax.set_title(f"{report['split']} split equity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "equity.png", dpi=100)
+    plt.close(fig)
+    (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
+
+
+def evaluate(args: Args, network, params, norm, datasets, info, env_params, run_dir: Path, split: str) -> dict:
+    """Backtests the policy, a random legal policy and buy-and-hold on a split; writes the report files."""
+    data = datasets[split]
+    backtest = make_backtest(env_params, data)
+    policies = {"policy": greedy_policy(network, params, norm), "random": random_policy}
+    report, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed)
+    report["initial_balance"] = env_params.initial_balance
+    write_backtest_outputs(run_dir, report, raws, info)
+    return report
+
+
+def validation_return(args, network, params, norm, datasets, info, env_params, backtest) -> float:
+    """Mean total return of the greedy policy over the markets of the validation split (model selection)."""
+    rets = []
+    for m in range(len(info["markets"])):
+        out = backtest(greedy_policy(network, params, norm), m, jax.random.PRNGKey(args.seed))
+        live = np.asarray(out["live"])
+        rets.append(float(np.asarray(out["equity"])[live][-1]) / env_params.initial_balance)
+    return float(np.mean(rets))
+
+
+# ---- MAIN ----
+def hparam_table(args: Args) -> str:
+    return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
+
+
+def train_and_report(args: Args) -> dict:
+    """The whole job: load data, train in chunks (logging, checkpoints, validation), backtest on the test split."""
+    from tensorboardX import SummaryWriter
+
+    datasets, info = load_data(args)
+    env_params = env_params_from_args(args)
+    obs_dim = args.window * datasets["train"].features.shape[-1] + NUM_POSITION_FEATURES
+    if args.eval_only:
+        if not args.checkpoint:
+            raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
+        network, params, norm, _ = load_policy(args.checkpoint, args, obs_dim)
+        run_dir = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, args.eval_split)
+        print(json.dumps(summary_rows(report), indent=1))
+        return report
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.json"
+        if not cfg_path.is_file():
+            raise DataError(f"{run_dir}: no config.json. Fix: pass a run folder written by ppo_trader.py")
+        saved = json.loads(cfg_path.read_text())
+        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint")})
+    else:
+        name = args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}"
+        args = dataclasses.replace(args, run_name=name)
+        run_dir = Path(args.out_dir) / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+
+    init, train_chunk, num_updates, network = make_train(args, env_params, datasets["train"])
+    seeds = jnp.arange(args.num_seeds) + args.seed
+    rngs = jax.vmap(jax.random.PRNGKey)(seeds)
+    t0 = time.time()
+    runner = jax.jit(jax.vmap(init))(rngs)
+    chunk_fn = jax.jit(jax.vmap(train_chunk))
+    ckpt = run_dir / "checkpoint.msgpack"
+    extra = {"chunk": 0, "best_val": -1e30, "elapsed": 0.0}
+    if args.resume:
+        runner, extra = load_checkpoint(ckpt, runner)
+    num_chunks = num_updates // args.chunk_updates
+    steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps * args.num_seeds
+    writer = SummaryWriter(str(run_dir))
+    if not args.resume:
+        writer.add_text("hyperparameters", hparam_table(args))
+    compiled = chunk_fn.lower(runner).compile()
+    compile_s = time.time() - t0
+    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps {num_updates * args.num_envs * args.num_steps:,} per seed  compile {compile_s:.1f}s", flush=True)
+    val_backtest = make_backtest(env_params, datasets["val"])
+    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    interrupted = {"flag": False}
+    old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
+    start_chunk, elapsed0, t_start = extra["chunk"], extra["elapsed"], time.time()
+    status = "done"
+    try:
+        for chunk in range(start_chunk, num_chunks):
+            tc = time.time()
+            new_runner, metrics = compiled(runner)
+            metrics = jax.tree.map(lambda x: np.asarray(x), metrics)  # [seeds, chunk_updates]
+            if not all(np.isfinite(metrics[k]).all() for k in ("policy_loss", "value_loss", "entropy")):
+                status = "nan"
+                print(f"error: NaN/inf in the losses at chunk {chunk + 1}; stopping. The last good checkpoint is {ckpt}. "
+                      "Fix: lower --learning-rate or check the data", file=sys.stderr, flush=True)
+                break
+            runner = new_runner
+            dt = time.time() - tc
+            step_count = (chunk + 1) * args.chunk_updates * args.num_envs * args.num_steps
+            sps = steps_per_chunk / dt
+            elapsed = elapsed0 + time.time() - t_start
+            eta = (time.time() - t_start) / (chunk + 1 - start_chunk) * (num_chunks - chunk - 1)
+            seed0 = {k: float(v[0][-1]) if k in ("learning_rate",) else float(np.mean(v[0])) for k, v in metrics.items()}
+            seed0["episodic_return"] = float(np.sum(metrics["episodic_return"][0] * metrics["episodes"][0]) / max(metrics["episodes"][0].sum(), 1))
+            row = dict(chunk=chunk + 1, update=(chunk + 1) * args.chunk_updates, global_step=step_count, sps=sps, elapsed=elapsed, **seed0)
+            if (chunk + 1) % args.eval_every == 0 or chunk + 1 == num_chunks:
+                params, norm = policy_params(runner)
+                row["val_return"] = validation_return(args, network, params, norm, datasets, info, env_params, val_backtest)
+                writer.add_scalar("eval/val_return", row["val_return"], step_count)
+                if row["val_return"] > extra["best_val"]:
+                    extra["best_val"] = row["val_return"]
+                    save_policy(run_dir / "best.msgpack", params, norm, args)
+            for tag in ("episodic_return", "episodic_length", "learning_rate", "breaches"):
+                writer.add_scalar(f"charts/{tag}", seed0[tag], step_count)
+            for tag in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
+                writer.add_scalar(f"losses/{tag}", seed0[tag], step_count)
+            writer.add_scalar("perf/SPS", sps, step_count)
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+            print(f"update {row['update']:5d}/{num_updates}  steps {step_count:>10,}  return {seed0['episodic_return']:+.3f}  "
+                  f"pg {seed0['policy_loss']:+.4f}  v {seed0['value_loss']:.4f}  ent {seed0['entropy']:.3f}"
+                  + (f"  val {row['val_return']:+.4f}" if "val_return" in row else "")
+                  + f"  SPS {sps:,.0f}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
+            extra = dict(extra, chunk=chunk + 1, elapsed=elapsed)
+            save_checkpoint(ckpt, runner, extra)
+            if interrupted["flag"] or (args.stop_after is not None and chunk + 1 - start_chunk >= args.stop_after):
+                status = "stopped"
+                print(f"stopped after chunk {chunk + 1}; checkpoint saved. Continue with: python ppo_trader.py --resume {run_dir}", flush=True)
+                break
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        metrics_file.close()
+        writer.close()
+    if status != "done":
+        return {"status": status, "run_dir": str(run_dir)}
+
+    params, norm = policy_params(runner)
+    save_policy(run_dir / "final.msgpack", params, norm, args)
+    best = run_dir / "best.msgpack"
+    network, params, norm, _ = load_policy(str(best), args, obs_dim)
+    report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, "test")
+    report["selected_by"] = "best validation return (best.msgpack)"
+    report["initial_balance"] = env_params.initial_balance
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(summary_rows(report), indent=1))
+    return report
+
+
+def summary_rows(report: dict) -> dict:
+    """A short view of a report: per market, total return / Sharpe / max drawdown / trades of each policy."""
+    out = {}
+    for market, rows in report.items():
+        if isinstance(rows, dict) and "policy" in rows:
+            out[market] = {name: {k: round(rows[name][k], 4) for k in ("total_return", "sharpe", "max_drawdown", "trades")}
+                           for name in ("policy", "random", "buy_and_hold")}
+    return out
+
+
+def parse_args(argv) -> Args:
+    """tyro parsing, with its error box folded into one line (exit status 2); --help prints as usual."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        return tyro.cli(Args, args=argv)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            return tyro.cli(Args, args=argv)
+    except SystemExit:
+        lines = [ln.strip(" │╭╮╰╯─-") for ln in buf.getvalue().splitlines()]
+        lines = [ln for ln in lines if ln]
+        detail = lines[1] if len(lines) > 1 else "bad command line"
+        raise DataError(f"{detail}. Fix: see python ppo_trader.py --help") from None
+
+
+def check_args(args: Args) -> None:
+    """Flag combinations that cannot work, caught before any compilation."""
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "window", "episode_bars", "chunk_updates", "eval_every", "hidden", "contracts"):
+        if getattr(args, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
+    if (args.num_envs * args.num_steps) % args.num_minibatches:
+        raise DataError(f"--num-envs x --num-steps ({args.num_envs * args.num_steps}) is not divisible by --num-minibatches {args.num_minibatches}. Fix: change one of them")
+    if args.dd_limit <= 0:
+        raise DataError("--dd-limit must be > 0. Fix: pass the account's trailing drawdown in account currency")
+    if args.eval_split not in ("train", "val", "test"):
+        raise DataError(f"--eval-split '{args.eval_split}' is not train, val or test. Fix: pick one of them")
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        check_args(args)
+        result = train_and_report(args)
+    except DataError as e:
+        print(f"ppo_trader: error: {e}", file=sys.stderr)
+        return 2
+    return 1 if result.get("status") == "nan" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""ppo_trader.py env and PPO pieces against the NumPy reference, hand scenarios, causality, masking, GAE."""
+
+from functools import lru_cache
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data_prep as dp
+import ppo_reference as ref
+import ppo_trader as pt
+from test_ppo_reference import SCENARIOS
+
+
+def market_data(d: dict, spec: dict, start: int, end: int) -> pt.MarketData:
+    """One-market MarketData from a reference-style data dict (episodes always reset at `start`)."""
+    f32 = lambda k: jnp.asarray(np.asarray(d[k])[None], jnp.float32)  # noqa: E731
+    return pt.MarketData(
+        open=f32("open"), high=f32("high"), low=f32("low"), close=f32("close"), atr=f32("atr"),
+        rth=jnp.asarray(d["rth"][None]), session_end=jnp.asarray(d["session_end"][None]),
+        bars_to_close=jnp.asarray(d["bars_to_close"][None], jnp.int32), hours_to_close=f32("hours_to_close"),
+        features=jnp.asarray(np.asarray(d["features"])[None], jnp.float32), starts=jnp.array([[start]], jnp.int32),
+        n_starts=jnp.array([1], jnp.int32), lo=jnp.array([0], jnp.int32), hi=jnp.array([end], jnp.int32),
+        point_value=jnp.array([spec["point_value"]], jnp.float32), tick_size=jnp.array([spec["tick_size"]], jnp.float32),
+        commission=jnp.array([spec["commission"]], jnp.float32), market_weights=jnp.array([1.0]),
+    )
+
+
+def env_params(p: dict) -> pt.EnvParams:
+    return pt.EnvParams(window=p["window"], episode_bars=p["episode_bars"], no_entry_bars=p["no_entry_bars"], flatten_at_close=p["flatten_at_close"],
+                        contracts=float(p["contracts"]), sl_atr_mult=p["sl_atr_mult"], tp_atr_mult=p["tp_atr_mult"], slippage_ticks=p["slippage_ticks"],
+                        initial_balance=p["initial_balance"], dd_limit=p["dd_limit"], dd_lock_offset=p["dd_lock_offset"], breach_penalty=p["breach_penalty"])
+
+
+@jax.jit
+def _run_jax_episode(params: pt.EnvParams, data: pt.MarketData, start, actions):
+    """Scans pt.step over an action sequence from a reset at `start` (static fields of params key the cache)."""
+    state = pt.reset_at(0, start)
+    obs0 = pt.get_obs(state, params, data)
+
+    def body(state, a):
+        mask = pt.legal_mask(state, params, data)
+        core, _, _, _ = pt.step_core(state, a, params, data)  # the pre-reset account (step returns the next episode's when done)
+        obs, nxt, reward, term, trunc, info = pt.step(jax.random.PRNGKey(0), state, a, params, data)
+        return nxt, dict(obs=info["final_obs"], reward=reward, terminated=term, truncated=trunc, mask=mask, entry_price=info["entry_price"],
+                         exit_price=info["exit_price"], pnl=core.pnl, equity=core.equity, dir=core.dir)
+
+    _, out = jax.lax.scan(body, state, actions)
+    return obs0, out
+
+
+PAD = 512
+
+
+def jax_run_episode(data, spec, params, start, end, actions) -> dict:
+    """Same signature and outputs as ppo_reference.run_episode, computed by ppo_trader's env."""
+    actions = np.asarray(actions, np.int32).reshape(-1)
+    padded = np.zeros(max(PAD, len(actions)), np.int32)  # one compilation per static config, not per length
+    padded[: len(actions)] = actions
+    obs0, out = _run_jax_episode(env_params(params), market_data(data, spec, start, end), jnp.int32(start), jnp.asarray(padded))
+    out = {k: v[: len(actions)] for k, v in out.items()}
+    out = {k: np.asarray(v) for k, v in out.items()}
+    done = out["terminated"] | out["truncated"]
+    n = int(np.argmax(done)) + 1 if done.any() else len(actions)
+    ib = params["initial_balance"]
+    res = {k: out[k][:n] for k in ("obs", "reward", "terminated", "truncated", "mask", "entry_price", "exit_price", "dir")}
+    res.update(obs0=np.asarray(obs0), balance=ib + out["pnl"][:n].astype(np.float64), equity=ib + out["equity"][:n].astype(np.float64))
+    return res
+
+
+# ---- HAND SCENARIOS (the reference's scenarios, run on the JAX env) ----
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.__name__ for s in SCENARIOS])
+def test_scenarios_on_jax_env(scenario):
+    scenario(jax_run_episode)
+
+
+# ---- PARITY WITH THE NUMPY REFERENCE ----
+@lru_cache(maxsize=1)
+def synthetic_market():
+    """Two weeks of synthetic ES-like minute bars (sessions, RTH, gaps), as a reference data dict."""
+    frame, signal, _ = dp.synthetic_intraday_frame(6, 3, 1.0, 30.0, "2024-03-06")
+    a, _ = dp.build_intraday([("ES", frame, 60, dp.MARKETS["ES"])], "America/New_York", None, "17:00", 1, {})
+    feats = a["features"][0][:, [0, 1, 3, 8, 10]].astype(np.float64)
+    feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-9)
+    atr = np.maximum(np.round(a["atr"][0] * 256) / 256, 0.25)  # dyadic ATR: stop/target arithmetic exact in float32 and float64
+    d = ref.make_data(a["open"][0], a["high"][0], a["low"][0], a["close"][0], atr=atr, rth=a["rth"][0],
+                      session_end=a["session_end"][0], features=feats.astype(np.float32), timestamps_hours=a["timestamps"][0] / 3.6e12)
+    return d
+
+
+def random_params(rng):
+    return ref.default_params(
+        window=int(rng.choice([1, 3])), sl_atr_mult=float(rng.choice([0.5, 1.0, 1.5])), tp_atr_mult=float(rng.choice([1.0, 2.0, 3.0])),
+        slippage_ticks=float(rng.integers(0, 3)), dd_limit=float(rng.choice([300.0, 800.0, 3000.0])), dd_lock_offset=float(rng.choice([0.0, 100.0])),
+        breach_penalty=float(rng.choice([0.0, 1.0])), episode_bars=int(rng.choice([60, 400])), no_entry_bars=int(rng.choice([0, 5])),
+        contracts=int(rng.integers(1, 3)), flatten_at_close=bool(rng.random() < 0.8),
+    )
+
+
+def test_parity_with_reference_on_random_episodes():
+    d = synthetic_market()
+    spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
+    rng = np.random.default_rng(0)
+    T = len(d["open"])
+    counts = dict(steps=0, exits=0, breaches=0, truncations=0)
+    for ep in range(200):
+        params = random_params(rng)
+        start = int(rng.integers(params["window"] - 1, T - 50))
+        end = int(rng.integers(start + 2, T + 1))
+        r = ref.random_legal_episode(d, spec, params, start, end, PAD, rng)
+        j = jax_run_episode(d, spec, params, start, end, r["actions"])
+        n = len(r["reward"])
+        assert len(j["reward"]) == n, ep
+        np.testing.assert_allclose(j["obs0"], r["obs0"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(j["obs"], r["obs"], rtol=1e-5, atol=1e-5, err_msg=f"episode {ep}")
+        np.testing.assert_allclose(j["reward"], r["reward"], rtol=1e-5, atol=1e-5, err_msg=f"episode {ep}")
+        np.testing.assert_array_equal(j["mask"], r["mask"])
+        np.testing.assert_array_equal(j["terminated"], r["terminated"])
+        np.testing.assert_array_equal(j["truncated"], r["truncated"])
+        np.testing.assert_array_equal(j["dir"], r["dir"])
+        np.testing.assert_allclose(j["exit_price"], r["exit_price"], rtol=1e-6)
+        counts["steps"] += n
+        counts["exits"] += int(np.isfinite(r["exit_price"]).sum())
+        counts["breaches"] += int(r["terminated"].any())
+        counts["truncations"] += int(r["truncated"].any())
+    # the episodes exercised the rules, not just HOLD
+    assert counts["exits"] > 300 and counts["breaches"] > 10 and counts["truncations"] > 50, counts
+
+
+# ---- NO LOOK-AHEAD ----
+def test_changing_bars_after_t_leaves_the_past_unchanged():
+    d = synthetic_market()
+    spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
+    params = ref.default_params(window=4, episode_bars=2000, dd_limit=5000.0, no_entry_bars=3)
+    rng = np.random.default_rng(1)
+    start, t_cut = 500, 900
+    r = ref.random_legal_episode(d, spec, params, start, len(d["open"]), 1000, rng)
+    base = jax_run_episode(d, spec, params, start, len(d["open"]), r["actions"])
+    alt = {k: np.array(v, copy=True) for k, v in d.items()}
+    k = slice(t_cut + 1, None)
+    scale = rng.uniform(0.9, 1.1, len(alt["open"][k]))
+    for key in ("open", "high", "low", "close"):
+        alt[key][k] = alt[key][k] * scale
+    alt["atr"][k] *= 3.0
+    alt["features"][k] = rng.normal(size=alt["features"][k].shape)
+    changed = jax_run_episode(alt, spec, params, start, len(d["open"]), r["actions"])
+    n_past = t_cut - start  # steps whose played bar u <= t_cut
+    np.testing.assert_array_equal(changed["obs"][:n_past], base["obs"][:n_past])
+    np.testing.assert_array_equal(changed["mask"][: n_past + 1], base["mask"][: n_past + 1])
+    np.testing.assert_array_equal(changed["reward"][:n_past], base["reward"][:n_past])
+    assert not np.array_equal(changed["obs"], base["obs"])
+
+
+# ---- MASKING ----
+def test_sampled_actions_are_always_legal_and_log_probs_finite():
+    d = synthetic_market()
+    spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
+    params = env_params(ref.default_params(window=4, episode_bars=200, dd_limit=1000.0, no_entry_bars=5))
+    data = market_data(d, spec, 300, len(d["open"]))
+    data = data.replace(starts=jnp.arange(300, 2300, 20, dtype=jnp.int32)[None], n_starts=jnp.array([100], jnp.int32))
+    net = pt.ActorCritic(3, 32)
+    obs_dim = 4 * d["features"].shape[1] + pt.NUM_POSITION_FEATURES
+    nparams = net.init(jax.random.PRNGKey(0), jnp.zeros(obs_dim))
+    nparams = jax.tree.map(lambda x: x * 300.0, nparams)  # huge logits: the mask must still hold
+
+    @jax.jit
+    def rollout(key):
+        obs, state = jax.vmap(pt.reset, in_axes=(0, None, None))(jax.random.split(key, 100), params, data)
+
+        def body(carry, key):
+            obs, state = carry
+            k1, k2 = jax.random.split(key)
+            mask = jax.vmap(pt.legal_mask, in_axes=(0, None, None))(state, params, data)
+            logits, _ = net.apply(nparams, obs)
+            pi = pt.masked_policy(logits, mask)
+            a = pi.sample(seed=k1)
+            obs, state, *_ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(jax.random.split(k2, 100), state, a, params, data)
+            return (obs, state), (mask, a, pi.log_prob(a), pi.entropy())
+
+        _, out = jax.lax.scan(body, (obs, state), jax.random.split(key, 100))
+        return out
+
+    mask, a, logp, ent = (np.asarray(x) for x in rollout(jax.random.PRNGKey(3)))
+    assert a.size == 10_000
+    assert np.take_along_axis(mask, a[..., None], -1).all()
+    assert np.isfinite(logp).all() and np.isfinite(ent).all() and (ent >= -1e-6).all()
+    assert (mask[..., 1]).any() and (~mask[..., 1]).any() and (a != 0).any()
+
+
+def test_masked_logits_gradients_are_finite():
+    logits = jnp.array([[3.0, -2.0, 50.0], [0.1, 0.2, 0.3]])
+    mask = jnp.array([[True, False, False], [True, True, False]])
+
+    def f(lg):
+        pi = pt.masked_policy(lg, mask)
+        return (pi.log_prob(jnp.array([0, 1])) + pi.entropy()).sum()
+
+    g = jax.grad(f)(logits)
+    assert np.isfinite(np.asarray(g)).all()
+    np.testing.assert_allclose(np.exp(pt.masked_policy(logits, mask).log_prob(jnp.array([0, 0]))), [1.0, 0.475021], rtol=1e-5)
+
+
+# ---- GAE ----
+def gae_loop(reward, value, term, trunc, final_value, last_value, gamma, lam):
+    """Plain Python GAE over one env: bootstrap with V(final obs) at truncation, nothing at termination."""
+    T = len(reward)
+    adv = np.zeros(T)
+    gae = 0.0
+    for t in reversed(range(T)):
+        if term[t]:
+            next_v, cont = 0.0, 0.0
+        elif trunc[t]:
+            next_v, cont = final_value[t], 0.0
+        else:
+            next_v = last_value if t == T - 1 else value[t + 1]
+            cont = 1.0
+        delta = reward[t] + gamma * next_v - value[t]
+        gae = delta + gamma * lam * cont * gae
+        adv[t] = gae
+    return adv
+
+
+def test_gae_scan_matches_python_loop():
+    rng = np.random.default_rng(0)
+    T, N = 50, 6
+    reward, value, final_value = (rng.normal(size=(T, N)) for _ in range(3))
+    term = rng.random((T, N)) < 0.08
+    trunc = (rng.random((T, N)) < 0.08) & ~term
+    last_value = rng.normal(size=N)
+    traj = pt.Transition(obs=jnp.zeros((T, N, 1)), action=jnp.zeros((T, N), jnp.int32), log_prob=jnp.zeros((T, N)), value=jnp.asarray(value, jnp.float32),
+                         reward=jnp.asarray(reward, jnp.float32), terminated=jnp.asarray(term), truncated=jnp.asarray(trunc),
+                         final_value=jnp.asarray(final_value, jnp.float32), mask=jnp.ones((T, N, 3), bool))
+    adv, targets = pt.compute_gae(traj, jnp.asarray(last_value, jnp.float32), 0.99, 0.95)
+    expect = np.stack([gae_loop(reward[:, i], value[:, i], term[:, i], trunc[:, i], final_value[:, i], last_value[i], 0.99, 0.95) for i in range(N)], 1)
+    np.testing.assert_allclose(np.asarray(adv), expect, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(targets), expect + value, rtol=1e-4, atol=1e-5)
+    assert term.any() and trunc.any()
