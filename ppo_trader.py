@@ -672,6 +672,16 @@ def save_policy(path: Path, params, norm: ObsNorm, args: Args) -> None:
     os.replace(tmp, path)
 
 
+def policy_config(path: str) -> dict:
+    """The training config stored in a policy checkpoint."""
+    try:
+        return json.loads(flax.serialization.msgpack_restore(Path(path).read_bytes())["config"])
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+    except Exception:
+        raise DataError(f"{path}: not a ppo_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+
+
 def load_policy(path: str, args: Args, obs_dim: int):
     """Loads a policy checkpoint; checks its action count and observation size against this configuration."""
     try:
@@ -870,19 +880,6 @@ def train_and_report(args: Args) -> dict:
     """The whole job: load data, train in chunks (logging, checkpoints, validation), backtest on the test split."""
     from tensorboardX import SummaryWriter
 
-    datasets, info = load_data(args)
-    env_params = env_params_from_args(args)
-    obs_dim = args.window * datasets["train"].features.shape[-1] + NUM_POSITION_FEATURES
-    if args.eval_only:
-        if not args.checkpoint:
-            raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
-        network, params, norm, _ = load_policy(args.checkpoint, args, obs_dim)
-        run_dir = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, args.eval_split)
-        print(json.dumps(summary_rows(report), indent=1))
-        return report
-
     if args.resume:
         run_dir = Path(args.resume)
         cfg_path = run_dir / "config.json"
@@ -890,18 +887,37 @@ def train_and_report(args: Args) -> dict:
             raise DataError(f"{run_dir}: no config.json. Fix: pass a run folder written by ppo_trader.py")
         saved = json.loads(cfg_path.read_text())
         args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint")})
+    elif args.eval_only:
+        if not args.checkpoint:
+            raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
+        # the policy's own window, network and env rules; data, splits and output folder from the command line
+        keep = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "train_end", "val_end", "seed")
+        saved = policy_config(args.checkpoint)
+        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in keep and k in Args.__dataclass_fields__})
+        run_dir = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
     else:
-        name = args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}"
-        args = dataclasses.replace(args, run_name=name)
-        run_dir = Path(args.out_dir) / name
-        run_dir.mkdir(parents=True, exist_ok=True)
+        args = dataclasses.replace(args, run_name=args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
+        run_dir = Path(args.out_dir) / args.run_name
+
+    datasets, info = load_data(args)
+    env_params = env_params_from_args(args)
+    obs_dim = args.window * datasets["train"].features.shape[-1] + NUM_POSITION_FEATURES
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.eval_only:
+        network, params, norm, _ = load_policy(args.checkpoint, args, obs_dim)
+        report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, args.eval_split)
+        print(json.dumps(summary_rows(report), indent=1))
+        return report
+    if not args.resume:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
     init, train_chunk, num_updates, network = make_train(args, env_params, datasets["train"])
     seeds = jnp.arange(args.num_seeds) + args.seed
     rngs = jax.vmap(jax.random.PRNGKey)(seeds)
     t0 = time.time()
-    runner = jax.jit(jax.vmap(init))(rngs)
+    # one init per seed, stacked: vmapping flax's orthogonal initialisers (batched QR) can deadlock XLA:CPU's thread pool
+    init_one = jax.jit(init)
+    runner = jax.tree.map(lambda *x: jnp.stack(x), *[init_one(k) for k in rngs])
     chunk_fn = jax.jit(jax.vmap(train_chunk))
     ckpt = run_dir / "checkpoint.msgpack"
     extra = {"chunk": 0, "best_val": -1e30, "elapsed": 0.0}

@@ -1,0 +1,102 @@
+"""ppo_trader.py end to end with tiny flags: outputs, eval-only, resume, seeds, bad flags and data."""
+
+import json
+
+import numpy as np
+import pytest
+from flax.serialization import msgpack_restore, msgpack_serialize
+
+from conftest import ROOT, run_script
+
+TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
+        "--window", "8", "--episode-bars", "64", "--hidden", "32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    r = run_script("ppo_trader.py", *TINY, "--out-dir", out, "--run-name", "tiny")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "tiny", r
+
+
+def test_tiny_run_writes_every_output(tiny_run):
+    run_dir, r = tiny_run
+    names = {p.name for p in run_dir.iterdir()}
+    for f in ("config.json", "metrics.jsonl", "checkpoint.msgpack", "best.msgpack", "final.msgpack", "report.json", "trades.csv", "equity.png"):
+        assert f in names, f
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["update"] for x in rows] == [2, 4, 6, 8]
+    for key in ("episodic_return", "policy_loss", "value_loss", "entropy", "sps", "val_return"):
+        assert key in rows[-1]
+    report = json.loads((run_dir / "report.json").read_text())
+    eur = report["EURUSD"]
+    for who in ("policy", "random", "buy_and_hold"):
+        for k in ("total_return", "annualised_return", "annualised_volatility", "sharpe", "sortino", "max_drawdown", "calmar"):
+            assert np.isfinite(eur[who][k]), (who, k)
+    for k in ("trades", "win_rate", "profit_factor", "average_trade", "exposure"):
+        assert k in eur["policy"]
+    assert report["split"] == "test"
+    trades = (run_dir / "trades.csv").read_text().splitlines()
+    assert trades[0] == "market,entry_time,exit_time,direction,entry_price,exit_price,pnl" and len(trades) - 1 == eur["policy"]["trades"]
+    assert "update" in r.stdout and "SPS" in r.stdout and "ETA" in r.stdout
+
+
+def test_tensorboard_tags(tiny_run):
+    from tensorboard_reader import scalar_tags
+
+    tags = scalar_tags(tiny_run[0])
+    for tag in ("charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "losses/policy_loss", "losses/value_loss",
+                "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/val_return", "perf/SPS"):
+        assert tag in tags, tag
+
+
+def test_eval_only_reproduces_the_report(tiny_run):
+    run_dir, _ = tiny_run
+    before = json.loads((run_dir / "report.json").read_text())
+    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = json.loads((run_dir / "report.json").read_text())
+    assert after["EURUSD"] == before["EURUSD"]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = run_script("ppo_trader.py", *TINY, "--out-dir", tmp_path, "--run-name", "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    part = run_script("ppo_trader.py", *TINY, "--out-dir", tmp_path, "--run-name", "part", "--stop-after", "2")
+    assert part.returncode == 0 and "stopped after chunk 2" in part.stdout, part.stdout[-2000:] + part.stderr[-2000:]
+    assert not (tmp_path / "part" / "final.msgpack").exists()
+    resumed = run_script("ppo_trader.py", "--resume", tmp_path / "part")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for f, keys in (("final.msgpack", ("params", "obs_norm")), ("best.msgpack", ("params", "obs_norm")), ("checkpoint.msgpack", ("runner",))):
+        a, b = (msgpack_restore((tmp_path / run / f).read_bytes()) for run in ("full", "part"))
+        for k in keys:  # parameters, optimiser, env states, normaliser, RNG: bit for bit
+            assert msgpack_serialize(a[k]) == msgpack_serialize(b[k]), (f, k)
+    rows_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    rows_part = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda rows: [{k: v for k, v in json.loads(x).items() if k not in ("sps", "elapsed")} for x in rows]  # noqa: E731
+    assert strip(rows_full) == strip(rows_part)
+
+
+def test_num_seeds(tmp_path):
+    r = run_script("ppo_trader.py", *TINY, "--num-seeds", "3", "--out-dir", tmp_path, "--run-name", "s3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "s3" / "report.json").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--num-envs", "abc"], "--num-envs"),
+    (["--bogus-flag", "1"], "--bogus-flag"),
+    (["--data", "data/sp500_daily.npz"], "intraday"),
+    (["--data", "nope.npz"], "nope.npz"),
+    (["--num-envs", "10", "--num-steps", "3", "--num-minibatches", "4"], "divisible"),
+    (["--train-end", "yesterday"], "--train-end"),
+    (["--eval-only"], "--checkpoint"),
+    (["--eval-only", "--checkpoint", "README.md"], "README.md"),
+])
+def test_bad_flags_and_data_give_one_line(argv, needle):
+    r = run_script("ppo_trader.py", *argv)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], r.stderr
