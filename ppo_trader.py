@@ -711,7 +711,8 @@ def make_backtest(env_params: EnvParams, data: MarketData):
     """Jitted contiguous pass over one market's split with a policy(key, obs, mask) -> action.
 
     No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
-    drawdown breach the account stops trading (flat). Returns per-step arrays for reports and trades.
+    drawdown breach the account stops trading and stays flat to the end of the split (`trading` false).
+    Returns per-step arrays for reports and trades (`live`: the step is inside the split).
     """
     bt_params = env_params.replace(episode_bars=1 << 30)
 
@@ -723,12 +724,14 @@ def make_backtest(env_params: EnvParams, data: MarketData):
         def _bt_step(carry, _):
             state, alive, key = carry
             key, k = jax.random.split(key)
-            live = alive & (state.t + 1 < hi)
+            in_split = state.t + 1 < hi
+            live = alive & in_split
             mask = legal_mask(state, bt_params, data)
             action = jnp.where(live, policy(k, get_obs(state, bt_params, data), mask), HOLD)
             nxt, reward, term, info = step_core(state, action, bt_params, data)
             nxt = jax.tree.map(lambda a, b: jnp.where(live, a, b), nxt, state)
-            out = dict(t=nxt.t, live=live, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0),
+            nxt = nxt.replace(t=jnp.where(in_split, state.t + 1, state.t))  # after a breach the clock runs on, flat
+            out = dict(t=nxt.t, live=in_split, trading=live, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0),
                        entry_price=jnp.where(live, info["entry_price"], jnp.nan), exit_price=jnp.where(live, info["exit_price"], jnp.nan),
                        exit_dir=jnp.where(live, info["exit_dir"], 0), trade_pnl=jnp.where(live, info["trade_pnl"], 0.0), action=action)
             return (nxt, alive & ~(live & term), key), out
@@ -809,7 +812,7 @@ def backtest_report(backtest, data: MarketData, info: dict, split: str, env_para
             out = {k: v[live] for k, v in out.items()}
             day = (ts[out["t"]] // 86_400_000_000_000).astype(np.int64)
             rows[name] = dict(period_metrics(out["equity"], day, env_params.initial_balance), **trade_metrics(out),
-                              final_equity=float(env_params.initial_balance + out["equity"][-1]))
+                              final_equity=float(env_params.initial_balance + out["equity"][-1]), breached=bool(not out["trading"][-1]))
             raws.setdefault(name, {})[market] = out
         bh = buy_and_hold(data, m, env_params)
         t_bh = np.arange(lo + env_params.window, hi)
