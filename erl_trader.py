@@ -293,6 +293,7 @@ def get_obs(t: jax.Array, params: EnvParams, data: MarketData) -> jax.Array:
     """[W, N, F+1]: each column's feature window instance-normalised, plus a validity channel."""
     W = params.window
     x = jax.lax.dynamic_slice_in_dim(data.features, t - W + 1, W, axis=0)
+    x = x - x[-1]  # shift first (same maths): a flat window gives exactly 0 in float32, not rounding noise / 1e-6
     z = (x - x.mean(0)) / (x.std(0) + 1e-6)
     v = jax.lax.dynamic_slice_in_dim(data.valid, t - W + 1, W, axis=0).astype(jnp.float32)
     return jnp.concatenate([z, v[..., None]], axis=-1)
