@@ -116,6 +116,8 @@ def sha256(path: Path) -> str:
 def list_sources(src: tuple[str, ...]) -> list[Path]:
     """Expands --src: files as given, directories to their CSV files (one file per ticker or market)."""
     files: list[Path] = []
+    if not src:
+        raise fail("--src", "arguments", "no source file given", "pass --src FILE [FILE ...] or a directory")
     for s in src:
         p = Path(s)
         if p.is_dir():
@@ -170,7 +172,7 @@ def parse_dates(values: pd.Series, path: Path, column: str, date_format: Optiona
     else:
         if not date_format and s.str.fullmatch(r"\d{9,19}").all():
             n = s.astype("int64")
-            unit = "s" if n.iloc[0] < 1e11 else "ms" if n.iloc[0] < 1e14 else "ns"
+            unit = "s" if n.iloc[0] < 1e11 else "ms" if n.iloc[0] < 1e14 else "us" if n.iloc[0] < 1e17 else "ns"
             return pd.Series(pd.to_datetime(n, unit=unit).values, index=values.index)
         bad = bad_date_row(s, formats)
         hint = f"pass --date-format matching '{s.iloc[bad]}' (e.g. '%d/%m/%Y %H:%M')" if not date_format else f"--date-format '{date_format}' does not match '{s.iloc[bad]}'; fix the value or the format"
@@ -212,9 +214,10 @@ def to_numbers(df: pd.DataFrame, columns, path: Path, allow_missing: bool) -> pd
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise fail(path, f"row {i + 2}, column '{c}'", f"'{raw.iloc[i]}' is not a number", "fix or delete that row")
-        if np.isinf(num).any():
-            i = int(np.flatnonzero(np.isinf(num).to_numpy())[0])
-            raise fail(path, f"row {i + 2}, column '{c}'", "value is infinite", "fix or delete that row")
+        too_big = np.isinf(num) | (num.abs() > np.finfo(np.float32).max)
+        if too_big.any():
+            i = int(np.flatnonzero(too_big.to_numpy())[0])
+            raise fail(path, f"row {i + 2}, column '{c}'", "value is infinite or beyond float32", "fix or delete that row")
         if not allow_missing and num.isna().any():
             i = int(np.flatnonzero(num.isna().to_numpy())[0])
             raise fail(path, f"row {i + 2}, column '{c}'", "value is missing (NaN)", "fill or delete that row")
@@ -298,7 +301,8 @@ def read_daily(files: list[Path], fmt: str, date_format: Optional[str]) -> tuple
         df.columns = [clean_column(c) for c in df.columns]
         kind, new = fmt, {}
         if kind == "auto":
-            kind = "long" if any(c in df.columns for c in TICKER_COLUMNS) else "per-ticker" if "close" in df.columns else "wide"
+            ohlcv = ("open", "high", "low", "close", "adj_close", "volume")
+            kind = "long" if any(c in df.columns for c in TICKER_COLUMNS) else "per-ticker" if any(c in df.columns for c in ohlcv) else "wide"
         info["formats"].append(kind)
         if kind == "wide":
             date_col = find_date_column(df, path)
@@ -829,6 +833,9 @@ def market_spec(name: str, a: Intraday, where) -> dict:
         if getattr(a, k) is not None:
             spec[k] = float(getattr(a, k))
     missing = [k for k in ("point_value", "tick_size", "commission") if k not in spec]
+    bad = [k for k in ("point_value", "tick_size") if k in spec and not spec[k] > 0] + [k for k in ("commission",) if k in spec and spec[k] < 0]
+    if bad:
+        raise fail(where, f"--{bad[0].replace('_', '-')}", f"{spec[bad[0]]} is out of range", "point value and tick size must be > 0, commission >= 0")
     if missing:
         raise fail(where, "--market", f"'{name}' is not built in ({', '.join(MARKETS)}) and --{missing[0].replace('_', '-')} is missing",
                    "pass --point-value, --tick-size and --commission")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -42,7 +43,7 @@ from flax import struct
 
 
 # ---- ARGS ----
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)  # frozen: hashable, so modules holding it can key jit caches
 class Args:
     """Evolutionary RL on a daily universe; every flag below is documented in --help."""
 
@@ -739,14 +740,16 @@ def policy_config(path: str) -> dict:
 def make_backtest(env_params: EnvParams, data: MarketData, n_days: int):
     """Jitted contiguous pass over a split: one account, trading every day but the last `settlement_days`.
 
-    `policy(key, obs) -> action in [0, 1]^(n x 2)`. Returns per-day arrays (equity, opened, exits)."""
+    `policy(policy_args, key, obs, t) -> action in [0, 1]^(n x 2)`; `policy` is static, `policy_args` (actor
+    params) traced, so new parameters do not recompile (t, the decision day, lets a test's oracle read the
+    planted signal). Returns per-day arrays (equity, opened, exits)."""
     bt_params = env_params.replace(trading_days=n_days - env_params.settlement_days)
 
-    def run(policy, key):
+    def run(policy, policy_args, key):
         start = data.lo + env_params.window - 1
 
         def _bt_step(state, k):
-            a = policy(k, get_obs(state.t, bt_params, data))
+            a = policy(policy_args, k, get_obs(state.t, bt_params, data), state.t)
             coef, target = scale_action(a, bt_params)
             nxt, reward, done, info = step(state, coef, target, bt_params, data)
             return nxt, dict(t=nxt.t, equity=nxt.equity, reward=reward, n_held=nxt.held.sum(), **{k2: info[k2] for k2 in
@@ -763,12 +766,16 @@ def split_days(info: dict, split: str, args: Args) -> int:
     return hi - lo - args.window
 
 
-def actor_policy(actor: Actor, params):
-    return lambda key, obs: actor.apply(params, obs)
+@functools.lru_cache(maxsize=None)
+def actor_policy(actor: Actor):
+    """The deterministic actor as a backtest policy; policy_args = its params."""
+    return lambda params, key, obs, t: actor.apply(params, obs)
 
 
-def random_policy(key, obs, n_inv: int):
-    return jax.random.uniform(key, (n_inv, 2))
+@functools.lru_cache(maxsize=None)
+def random_policy(n_inv: int):
+    """Uniform random coefficients and targets."""
+    return lambda policy_args, key, obs, t: jax.random.uniform(key, (n_inv, 2))
 
 
 def period_metrics(equity: np.ndarray, periods_per_year: float = 252.0) -> dict:
@@ -784,7 +791,7 @@ def period_metrics(equity: np.ndarray, periods_per_year: float = 252.0) -> dict:
     sd = rets.std()
     return dict(total_return=float(total), annualised_return=float(ann), annualised_volatility=float(sd * np.sqrt(periods_per_year)),
                 sharpe=float(rets.mean() / sd * np.sqrt(periods_per_year)) if sd > 0 else 0.0,
-                sortino=float(rets.mean() / np.sqrt((down**2).mean()) * np.sqrt(periods_per_year)) if len(down) else 0.0,
+                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year)) if len(down) else 0.0,
                 max_drawdown=max_dd, calmar=float(ann / max_dd) if max_dd > 0 else 0.0, days=int(len(rets)))
 
 
@@ -833,13 +840,13 @@ def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str
     n_days = split_days(info, split, args)
     bt = make_backtest(env_params, data, n_days)
     n_inv = len(info["inv"])
-    policies = {"champion": actor_policy(actor, params), "random": lambda k, o: random_policy(k, o, n_inv)}
+    policies = {"champion": (actor_policy(actor), params), "random": (random_policy(n_inv), None)}
     policies.update(extra_policies or {})
     report, curves, champion_out = {"split": split, "annualisation": "daily returns, x sqrt(252) and 252 trading days a year"}, {}, None
     lo, hi = info["bounds"][split]
     report["start"], report["end"] = str(np.datetime64(int(info["dates"][lo]), "D")), str(np.datetime64(int(info["dates"][hi - 1]), "D"))
-    for name, policy in policies.items():
-        out = {k: np.asarray(v) for k, v in bt(policy, jax.random.PRNGKey(args.seed)).items()}
+    for name, (policy, policy_args) in policies.items():
+        out = {k: np.asarray(v) for k, v in bt(policy, policy_args, jax.random.PRNGKey(args.seed)).items()}
         trades = trade_list(out, info, args.cost_bps)
         report[name] = dict(period_metrics(out["equity"]), **trade_metrics(trades, out["n_held"]))
         curves[name] = out["equity"]
@@ -997,7 +1004,7 @@ def train_and_report(args: Args) -> dict:
                 row = {k: (bool(v[g]) if v.dtype == bool else float(v[g])) for k, v in metrics.items()}
                 row.update(generation=gen, env_steps=gen * steps_per_gen, sps=sps, elapsed=elapsed)
                 if g == args.chunk_generations - 1 and (gen % args.eval_every == 0 or gen == args.generations):
-                    out = val_bt(actor_policy(actor, champion_params(runner)), jax.random.PRNGKey(args.seed))
+                    out = val_bt(actor_policy(actor), champion_params(runner), jax.random.PRNGKey(args.seed))
                     row["champion_val_return"] = float(np.asarray(out["equity"])[-1] - 1.0)
                     writer.add_scalar("eval/champion_val_return", row["champion_val_return"], row["env_steps"])
                     if row["champion_val_return"] > extra["best_val"]:

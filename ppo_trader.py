@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -20,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -156,19 +156,19 @@ class MarketData:
     market_weights: jax.Array  # [M] probabilities of drawing each market at reset
 
 
-def split_point(text: str, ts: np.ndarray, length: int, flag: str) -> int:
-    """Bar index where a split ends: a fraction of the bars or the first bar on/after a date."""
+def split_time(text: str, all_ts: np.ndarray, flag: str) -> int:
+    """The UTC nanosecond time where a split ends: a date, or a fraction of the union of every market's bars
+    (one date for all markets, so no market's training data overlaps another's validation or test period)."""
     try:
         x = float(text)
         if 0 < x < 1:
-            return int(length * x)
+            return int(all_ts[int(len(all_ts) * x)])
     except ValueError:
         pass
     try:
-        day = np.datetime64(text, "ns").astype(np.int64)
+        return int(np.datetime64(text, "ns").astype(np.int64))
     except ValueError:
         raise DataError(f"{flag} '{text}' is neither a fraction in (0, 1) nor a date YYYY-MM-DD. Fix: e.g. {flag} 2017-09-01") from None
-    return int(np.searchsorted(ts[:length], day))
 
 
 def calendar_arrays(session_end: np.ndarray, ts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,11 +183,12 @@ def calendar_arrays(session_end: np.ndarray, ts: np.ndarray, length: int) -> tup
     return bars, hours.astype(np.float32)
 
 
-def load_data(args: Args) -> tuple[dict, dict]:
+def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, dict]:
     """Loads and checks an intraday npz; returns ({'train','val','test'}: MarketData, info).
 
     Splits are by date or fraction per market, with `window` bars embargoed after each split end.
-    Feature normalisation (mean/std per feature) uses the training split of every market only.
+    Feature normalisation (mean/std per feature) uses the training split of every market only, or
+    `feature_stats` (the training run's, stored in a policy checkpoint) when given.
     """
     path = Path(args.data)
     if not path.is_file():
@@ -207,11 +208,12 @@ def load_data(args: Args) -> tuple[dict, dict]:
     W = args.window
     M, T = raw["close"].shape
     bars, hours, bounds = np.zeros((M, T), np.int32), np.zeros((M, T), np.float32), []
+    all_ts = np.unique(np.concatenate([raw["timestamps"][m][: int(raw["length"][m])] for m in range(M)]))
+    cut1, cut2 = split_time(args.train_end, all_ts, "--train-end"), split_time(args.val_end, all_ts, "--val-end")
     for m in range(M):
         n = int(raw["length"][m])
         bars[m], hours[m] = calendar_arrays(raw["session_end"][m], raw["timestamps"][m], n)
-        i1 = split_point(args.train_end, raw["timestamps"][m], n, "--train-end")
-        i2 = split_point(args.val_end, raw["timestamps"][m], n, "--val-end")
+        i1, i2 = (int(np.searchsorted(raw["timestamps"][m][:n], cut)) for cut in (cut1, cut2))
         b = {"train": (0, i1), "val": (i1 + W, i2), "test": (i2 + W, n)}
         for name, (lo, hi) in b.items():
             if hi - lo < W + args.episode_bars // 4 + 1:
@@ -222,11 +224,16 @@ def load_data(args: Args) -> tuple[dict, dict]:
     for m, b in enumerate(bounds):
         train_mask[m, : b["train"][1]] = True
     f = raw["features"].astype(np.float64)
-    mu = f[train_mask].mean(0)
-    sd = f[train_mask].std(0)
+    mu, sd = (f[train_mask].mean(0), f[train_mask].std(0)) if feature_stats is None else (np.asarray(feature_stats[0]), np.asarray(feature_stats[1]))
+    if mu.shape != (f.shape[-1],):
+        raise DataError(f"{path}: {f.shape[-1]} features, the policy was trained on {mu.shape[0]}. Fix: evaluate on data built the same way")
     feats = ((f - mu) / np.where(sd > 1e-12, sd, 1.0)).clip(-10, 10).astype(np.float32)
     specs = meta.get("markets", {})
     names = [str(x) for x in raw["market"]]
+    for n in names:
+        sp = specs.get(n)
+        if sp is None or not (sp["point_value"] > 0 and sp["tick_size"] > 0 and sp["commission"] >= 0):
+            raise DataError(f"{path}: market {n} has no valid spec in meta (point value > 0, tick size > 0, commission >= 0). Fix: rebuild it with data_prep.py and --point-value/--tick-size/--commission")
     pv = np.array([specs[n]["point_value"] for n in names], np.float32)
     tick = np.array([specs[n]["tick_size"] for n in names], np.float32)
     comm = np.array([args.commission if args.commission is not None else specs[n]["commission"] for n in names], np.float32)
@@ -419,8 +426,10 @@ def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: Marke
         tp=jnp.where(flat, 0.0, tp), bars_in_pos=bars_in_pos, pnl=pnl, peak=peak, equity=equity,
         episode_return=state.episode_return + reward,
     )
+    closed = exits | liquidate
     info = dict(mask=mask, action=a, entry_price=jnp.where(enter, entry_px, jnp.nan), exit_price=exit_px,
-                exit_dir=jnp.where(exits | liquidate, jnp.where(enter, new_dir, state.dir), 0), trade_pnl=booked + liq_booked)
+                exit_dir=jnp.where(closed, jnp.where(enter, new_dir, state.dir), 0),
+                trade_pnl=jnp.where(closed, booked + liq_booked - comm, 0.0))  # both commissions of the round trip
     return new_state, reward, terminated, info
 
 
@@ -663,19 +672,22 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
     return runner, json.loads(payload["extra"])
 
 
-def save_policy(path: Path, params, norm: ObsNorm, args: Args) -> None:
-    """A policy-only checkpoint (for --eval-only): network params, obs normaliser and the config."""
+def save_policy(path: Path, params, norm: ObsNorm, args: Args, info: dict) -> None:
+    """A policy-only checkpoint (for --eval-only): network params, obs normaliser, the training split's
+    feature statistics and the config."""
     payload = {"params": flax.serialization.to_state_dict(params), "obs_norm": flax.serialization.to_state_dict(norm),
-               "config": json.dumps(dataclasses.asdict(args)), "num_actions": NUM_ACTIONS}
+               "config": json.dumps(dataclasses.asdict(args)), "num_actions": NUM_ACTIONS,
+               "feature_stats": json.dumps([info["feature_mean"], info["feature_std"]])}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
     os.replace(tmp, path)
 
 
-def policy_config(path: str) -> dict:
-    """The training config stored in a policy checkpoint."""
+def policy_config(path: str) -> tuple[dict, tuple]:
+    """The training config and feature statistics stored in a policy checkpoint."""
     try:
-        return json.loads(flax.serialization.msgpack_restore(Path(path).read_bytes())["config"])
+        payload = flax.serialization.msgpack_restore(Path(path).read_bytes())
+        return json.loads(payload["config"]), tuple(json.loads(payload["feature_stats"]))
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
     except Exception:
@@ -708,7 +720,10 @@ def load_policy(path: str, args: Args, obs_dim: int):
 
 # ---- BACKTEST ----
 def make_backtest(env_params: EnvParams, data: MarketData):
-    """Jitted contiguous pass over one market's split with a policy(key, obs, mask) -> action.
+    """Jitted contiguous pass over one market's split with `policy(policy_args, key, obs, mask) -> action`.
+
+    `policy` is static (one compilation per policy function), `policy_args` (e.g. network params) is traced,
+    so evaluating new parameters does not recompile.
 
     No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
     drawdown breach the account stops trading and stays flat to the end of the split (`trading` false).
@@ -716,7 +731,7 @@ def make_backtest(env_params: EnvParams, data: MarketData):
     """
     bt_params = env_params.replace(episode_bars=1 << 30)
 
-    def run(policy, market: int, key):
+    def run(policy, policy_args, market: int, key):
         lo, hi = data.lo[market], data.hi[market]
         state0 = reset_at(market, lo + env_params.window - 1)
         n = data.open.shape[1] - env_params.window  # static length; steps past the split end are masked out
@@ -727,7 +742,7 @@ def make_backtest(env_params: EnvParams, data: MarketData):
             in_split = state.t + 1 < hi
             live = alive & in_split
             mask = legal_mask(state, bt_params, data)
-            action = jnp.where(live, policy(k, get_obs(state, bt_params, data), mask), HOLD)
+            action = jnp.where(live, policy(policy_args, k, get_obs(state, bt_params, data), mask), HOLD)
             nxt, reward, term, info = step_core(state, action, bt_params, data)
             nxt = jax.tree.map(lambda a, b: jnp.where(live, a, b), nxt, state)
             nxt = nxt.replace(t=jnp.where(in_split, state.t + 1, state.t))  # after a breach the clock runs on, flat
@@ -739,26 +754,28 @@ def make_backtest(env_params: EnvParams, data: MarketData):
         _, out = jax.lax.scan(_bt_step, (state0, jnp.bool_(True), key), None, n)
         return out
 
-    return jax.jit(run, static_argnums=(0, 1))
+    return jax.jit(run, static_argnums=(0, 2))
 
 
-def greedy_policy(network, params, norm: ObsNorm):
-    """The trained policy acting greedily (most probable legal action)."""
+@functools.lru_cache(maxsize=None)
+def greedy_policy(network):
+    """The trained policy acting greedily (most probable legal action); policy_args = (params, obs normaliser)."""
 
-    def policy(key, obs, mask):
+    def policy(policy_args, key, obs, mask):
+        params, norm = policy_args
         logits, _ = network.apply(params, norm(obs))
         return jnp.argmax(jnp.where(mask, logits, jnp.finfo(logits.dtype).min))
 
     return policy
 
 
-def random_policy(key, obs, mask):
+def random_policy(policy_args, key, obs, mask):
     """Uniform over the legal actions."""
     return jax.random.choice(key, NUM_ACTIONS, p=mask / mask.sum())
 
 
 def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_per_year: float = 252.0) -> dict:
-    """Return/risk metrics from an equity curve: per-day returns (the last bar of each day), annualised with 252."""
+    """Return/risk metrics from an equity curve: per-period returns (`day` labels each bar's session), 252 a year."""
     eq = initial + equity
     last_of_day = np.r_[day[1:] != day[:-1], True]
     daily = np.r_[initial, eq[last_of_day]]
@@ -767,12 +784,12 @@ def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_
     total = eq[-1] / initial - 1
     ann = (1 + total) ** (1 / years) - 1 if total > -1 else -1.0
     vol = rets.std() * np.sqrt(periods_per_year)
-    down = rets[rets < 0]
+    down = rets[rets < 0]  # Sortino: downside deviation over all periods (0 for up periods)
     dd = 1 - eq / np.maximum.accumulate(np.r_[initial, eq])[1:]
     max_dd = float(dd.max()) if len(dd) else 0.0
     return dict(total_return=float(total), annualised_return=float(ann), annualised_volatility=float(vol),
                 sharpe=float(rets.mean() / rets.std() * np.sqrt(periods_per_year)) if rets.std() > 0 else 0.0,
-                sortino=float(rets.mean() / np.sqrt((down**2).mean()) * np.sqrt(periods_per_year)) if len(down) else 0.0,
+                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year)) if len(down) else 0.0,
                 max_drawdown=max_dd, calmar=float(ann / max_dd) if max_dd > 0 else 0.0, days=int(len(rets)))
 
 
@@ -801,22 +818,23 @@ def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> np.nda
 
 def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict, seed: int) -> tuple[dict, dict]:
     """Runs each policy on each market of a split; returns (report, raw outputs of the first policy)."""
-    report, raws = {"split": split, "annualisation": "per-day returns (last bar of each exchange day), x sqrt(252) / 252 trading days"}, {}
+    report, raws = {"split": split, "annualisation": "per-session returns (equity at each session's last bar), 252 sessions a year"}, {}
     for m, market in enumerate(info["markets"]):
         lo, hi = info["bounds"][m][split]
         ts = info["timestamps"][m]
+        session_id = np.r_[0, np.cumsum(np.asarray(data.session_end[m])[:-1])]  # a period = one trading session
         rows = {}
-        for name, policy in policies.items():
-            out = {k: np.asarray(v) for k, v in backtest(policy, m, jax.random.PRNGKey(seed)).items()}
+        for name, (policy, policy_args) in policies.items():
+            out = {k: np.asarray(v) for k, v in backtest(policy, policy_args, m, jax.random.PRNGKey(seed)).items()}
             live = out["live"]
             out = {k: v[live] for k, v in out.items()}
-            day = (ts[out["t"]] // 86_400_000_000_000).astype(np.int64)
+            day = session_id[out["t"]]
             rows[name] = dict(period_metrics(out["equity"], day, env_params.initial_balance), **trade_metrics(out),
                               final_equity=float(env_params.initial_balance + out["equity"][-1]), breached=bool(not out["trading"][-1]))
             raws.setdefault(name, {})[market] = out
         bh = buy_and_hold(data, m, env_params)
         t_bh = np.arange(lo + env_params.window, hi)
-        rows["buy_and_hold"] = dict(period_metrics(bh, ts[t_bh] // 86_400_000_000_000, env_params.initial_balance),
+        rows["buy_and_hold"] = dict(period_metrics(bh, session_id[t_bh], env_params.initial_balance),
                                     trades=1, final_equity=float(env_params.initial_balance + bh[-1]))
         report[market] = dict(bars=int(hi - lo), start=str(np.datetime64(int(ts[lo]), "ns")), end=str(np.datetime64(int(ts[hi - 1]), "ns")), **rows)
     return report, raws
@@ -857,7 +875,7 @@ def evaluate(args: Args, network, params, norm, datasets, info, env_params, run_
     """Backtests the policy, a random legal policy and buy-and-hold on a split; writes the report files."""
     data = datasets[split]
     backtest = make_backtest(env_params, data)
-    policies = {"policy": greedy_policy(network, params, norm), "random": random_policy}
+    policies = {"policy": (greedy_policy(network), (params, norm)), "random": (random_policy, None)}
     report, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed)
     report["initial_balance"] = env_params.initial_balance
     write_backtest_outputs(run_dir, report, raws, info)
@@ -868,7 +886,7 @@ def validation_return(args, network, params, norm, datasets, info, env_params, b
     """Mean total return of the greedy policy over the markets of the validation split (model selection)."""
     rets = []
     for m in range(len(info["markets"])):
-        out = backtest(greedy_policy(network, params, norm), m, jax.random.PRNGKey(args.seed))
+        out = backtest(greedy_policy(network), (params, norm), m, jax.random.PRNGKey(args.seed))
         live = np.asarray(out["live"])
         rets.append(float(np.asarray(out["equity"])[live][-1]) / env_params.initial_balance)
     return float(np.mean(rets))
@@ -893,16 +911,16 @@ def train_and_report(args: Args) -> dict:
     elif args.eval_only:
         if not args.checkpoint:
             raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
-        # the policy's own window, network and env rules; data, splits and output folder from the command line
-        keep = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "train_end", "val_end", "seed")
-        saved = policy_config(args.checkpoint)
+        # the policy's own window, network, env rules and splits; data, split to play and output folder from the command line
+        keep = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "seed")
+        saved, feature_stats = policy_config(args.checkpoint)
         args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in keep and k in Args.__dataclass_fields__})
         run_dir = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
     else:
         args = dataclasses.replace(args, run_name=args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
         run_dir = Path(args.out_dir) / args.run_name
 
-    datasets, info = load_data(args)
+    datasets, info = load_data(args, feature_stats if args.eval_only else None)
     env_params = env_params_from_args(args)
     obs_dim = args.window * datasets["train"].features.shape[-1] + NUM_POSITION_FEATURES
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -965,7 +983,7 @@ def train_and_report(args: Args) -> dict:
                 writer.add_scalar("eval/val_return", row["val_return"], step_count)
                 if row["val_return"] > extra["best_val"]:
                     extra["best_val"] = row["val_return"]
-                    save_policy(run_dir / "best.msgpack", params, norm, args)
+                    save_policy(run_dir / "best.msgpack", params, norm, args, info)
             for tag in ("episodic_return", "episodic_length", "learning_rate", "breaches"):
                 writer.add_scalar(f"charts/{tag}", seed0[tag], step_count)
             for tag in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
@@ -991,7 +1009,7 @@ def train_and_report(args: Args) -> dict:
         return {"status": status, "run_dir": str(run_dir)}
 
     params, norm = policy_params(runner)
-    save_policy(run_dir / "final.msgpack", params, norm, args)
+    save_policy(run_dir / "final.msgpack", params, norm, args, info)
     best = run_dir / "best.msgpack"
     network, params, norm, _ = load_policy(str(best), args, obs_dim)
     report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, "test")
@@ -1035,6 +1053,8 @@ def check_args(args: Args) -> None:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if (args.num_envs * args.num_steps) % args.num_minibatches:
         raise DataError(f"--num-envs x --num-steps ({args.num_envs * args.num_steps}) is not divisible by --num-minibatches {args.num_minibatches}. Fix: change one of them")
+    if args.no_entry_bars < 0 or args.sl_atr_mult <= 0 or args.tp_atr_mult <= 0 or args.slippage_ticks < 0:
+        raise DataError("--no-entry-bars and --slippage-ticks must be >= 0, --sl-atr-mult and --tp-atr-mult > 0. Fix: pass valid values")
     if args.dd_limit <= 0:
         raise DataError("--dd-limit must be > 0. Fix: pass the account's trailing drawdown in account currency")
     if args.eval_split not in ("train", "val", "test"):

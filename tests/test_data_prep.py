@@ -265,6 +265,10 @@ BAD_INPUTS = [
           "--market", "ES", "--min-rows", "10", "--rth", "9:30to16", mode="intraday"),
     _case("ambiguous_local_time", "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-11-03 01:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
           "--market", "ES", "--min-rows", "10", "--src-tz", "America/New_York", mode="intraday"),
+    _case("misnamed_close_column", ohlcv_rows().replace("Close,", "Closing,", 1)),
+    _case("zero_tick_size", "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-01-02 15:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
+          "--market", "ZZ", "--point-value", "5", "--tick-size", "0", "--commission", "1", "--min-rows", "10", mode="intraday"),
+    _case("beyond_float32", ohlcv_rows(mutate=_set(3, f"{DATES[3]},10,11,9,10.5,1e39"))),
     _case("binary_garbage", "\x00\x01\x02PK\x03\x04garbage\n\x00,\x01\n"),
 ]
 

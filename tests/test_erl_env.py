@@ -1,5 +1,6 @@
 """erl_trader.py env vs the NumPy reference, hand scenarios, no look-ahead, GA operators, replay, injection."""
 
+import dataclasses
 from functools import lru_cache
 
 import jax
@@ -113,7 +114,7 @@ def test_changing_data_after_t_leaves_observations_and_actions_unchanged():
     alt["valid"][t_cut + 1:, 3] = False
     data_alt = market_data(alt)
     for extractor in ("conv", "lstm"):
-        actor = et.Actor(et.Args(**{**args.__dict__, "extractor": extractor}), tuple(np.flatnonzero(d["investable"])))
+        actor = et.Actor(dataclasses.replace(args, extractor=extractor), tuple(np.flatnonzero(d["investable"])))
         prm = actor.init(jax.random.PRNGKey(0), et.get_obs(jnp.int32(50), params, data))
         days = jnp.arange(9, t_cut + 1)
         obs = jax.vmap(et.get_obs, in_axes=(0, None, None))(days, params, data)

@@ -12,7 +12,7 @@ from conftest import run_script
 
 
 def split_return(backtest, policy) -> float:
-    out = {k: np.asarray(v) for k, v in backtest(policy, 0, jax.random.PRNGKey(0)).items()}
+    out = {k: np.asarray(v) for k, v in backtest(policy, None, 0, jax.random.PRNGKey(0)).items()}
     return float(out["equity"][out["live"]][-1])
 
 
@@ -20,7 +20,7 @@ def oracle_policy(threshold: float, window: int, n_features: int):
     """Knows which feature is the signal: enters in its direction when it exceeds the threshold."""
     idx = (window - 1) * n_features + n_features - 1  # the signal is the last feature of the last bar in the window
 
-    def policy(key, obs, mask):
+    def policy(policy_args, key, obs, mask):
         s = obs[idx]
         return jnp.where(s > threshold, pt.BUY, jnp.where(s < -threshold, pt.SELL, pt.HOLD))
 
@@ -45,8 +45,9 @@ def test_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     F = datasets["train"].features.shape[-1]
     assert info["feature_names"][-1] == "signal"
     val_bt, test_bt = pt.make_backtest(env_params, datasets["val"]), pt.make_backtest(env_params, datasets["test"])
-    best = max((0.0, 0.25, 0.5, 1.0, 1.5), key=lambda th: split_return(val_bt, oracle_policy(th, 8, F)))
-    oracle_test = split_return(test_bt, oracle_policy(best, 8, F))
+    oracles = {th: oracle_policy(th, 8, F) for th in (0.0, 0.25, 0.5, 1.0, 1.5)}
+    best = max(oracles, key=lambda th: split_return(val_bt, oracles[th]))
+    oracle_test = split_return(test_bt, oracles[best])
 
     assert oracle_test > 5_000, oracle_test  # the planted signal is worth trading after costs
     assert ppo_test >= 0.8 * oracle_test, (ppo_test, oracle_test)

@@ -1,0 +1,91 @@
+"""erl_trader.py end to end with tiny flags: outputs, tags, eval-only, resume, bad flags and data."""
+
+import json
+
+import numpy as np
+import pytest
+from flax.serialization import msgpack_restore, msgpack_serialize
+
+from conftest import run_script
+
+TINY = ["--pop-size", "4", "--generations", "4", "--episodes-per-agent", "2", "--worst-k", "1", "--num-elites", "1", "--rl-updates", "2",
+        "--batch-size", "16", "--buffer-size", "2000", "--window", "8", "--trading-days", "6", "--settlement-days", "2", "--hidden", "8",
+        "--conv-channels", "4", "--eval-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    r = run_script("erl_trader.py", *TINY, "--out-dir", out, "--run-name", "tiny")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "tiny", r
+
+
+def test_tiny_run_writes_every_output(tiny_run):
+    run_dir, r = tiny_run
+    names = {p.name for p in run_dir.iterdir()}
+    for f in ("config.json", "metrics.jsonl", "checkpoint.msgpack", "best.msgpack", "final.msgpack", "report.json", "trades.csv", "equity.png"):
+        assert f in names, f
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["generation"] for x in rows] == [1, 2, 3, 4]
+    assert rows[1]["injected"] and not rows[0]["injected"] and "champion_val_return" in rows[1]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["split"] == "test" and report["start"] >= "2017-01-01"
+    for who in ("champion", "random", "buy_and_hold"):
+        for k in ("total_return", "annualised_return", "annualised_volatility", "sharpe", "sortino", "max_drawdown", "calmar", "trades"):
+            assert np.isfinite(report[who][k]), (who, k)
+    trades = (run_dir / "trades.csv").read_text().splitlines()
+    assert trades[0] == "ticker,entry_date,exit_date,entry_price,exit_price,return_pct" and len(trades) - 1 == report["champion"]["trades"]
+    for word in ("gen", "fitness mean", "learner", "critic", "injected", "env-steps/s", "ETA", "bytes/transition"):
+        assert word in r.stdout, word
+    ckpt = msgpack_restore((run_dir / "checkpoint.msgpack").read_bytes())["runner"]
+    assert set(ckpt) == {"pop", "learner", "replay", "rng", "gen"}
+
+
+def test_tensorboard_tags(tiny_run):
+    from tensorboard_reader import scalar_tags
+
+    tags = scalar_tags(tiny_run[0])
+    for tag in ("charts/fitness_mean", "charts/fitness_max", "charts/fitness_min", "charts/learner_fitness", "charts/explore_return",
+                "charts/champion_fitness", "charts/injected_is_elite", "losses/critic_loss", "losses/actor_loss", "eval/champion_val_return", "perf/SPS"):
+        assert tag in tags, tag
+
+
+def test_eval_only_reproduces_the_report(tiny_run):
+    run_dir, _ = tiny_run
+    before = json.loads((run_dir / "report.json").read_text())
+    r = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack")
+    assert r.returncode == 0, r.stderr[-2000:]
+    after = json.loads((run_dir / "report.json").read_text())
+    for who in ("champion", "random", "buy_and_hold"):
+        assert after[who] == before[who]
+
+
+def test_resume_is_bit_identical(tmp_path):
+    full = run_script("erl_trader.py", *TINY, "--out-dir", tmp_path, "--run-name", "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    part = run_script("erl_trader.py", *TINY, "--out-dir", tmp_path, "--run-name", "part", "--stop-after", "3")
+    assert part.returncode == 0 and "stopped after chunk 3" in part.stdout, part.stdout[-2000:] + part.stderr[-2000:]
+    resumed = run_script("erl_trader.py", "--resume", tmp_path / "part")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (msgpack_restore((tmp_path / run / "checkpoint.msgpack").read_bytes())["runner"] for run in ("full", "part"))
+    assert msgpack_serialize(a) == msgpack_serialize(b)  # population, learner, replay, RNG: bit for bit
+    a, b = (msgpack_restore((tmp_path / run / "best.msgpack").read_bytes())["params"] for run in ("full", "part"))
+    assert msgpack_serialize(a) == msgpack_serialize(b)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--pop-size", "many"], "--pop-size"),
+    (["--no-such-flag"], "--no-such-flag"),
+    (["--data", "data/eurusd_1h.npz"], "daily"),
+    (["--worst-k", "6"], "--worst-k"),
+    (["--generations", "5", "--chunk-generations", "2"], "--chunk-generations"),
+    (["--train-end", "someday"], "--train-end"),
+    (["--eval-only", "--checkpoint", "data/README.md"], "data/README.md"),
+])
+def test_bad_flags_and_data_give_one_line(argv, needle):
+    r = run_script("erl_trader.py", *argv)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], r.stderr
