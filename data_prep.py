@@ -573,7 +573,7 @@ def build_intraday(markets: list[tuple[str, pd.DataFrame, int, dict]], tz: str, 
             raise fail(where, "--tz", f"unknown time zone '{tz}' ({type(e).__name__})", "use an IANA name such as America/New_York") from None
         feats, atr = intraday_features(px, spec["tick_size"], cal)
         pad = T - len(px)
-        edge = lambda a: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a  # noqa: E731
+        edge = lambda a, pad=pad: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a  # noqa: E731  (pad the market to T by repeating its last bar)
         out["timestamps"].append(edge(pd.DatetimeIndex(px.index).as_unit("ns").to_numpy().astype(np.int64)))
         for k in ("open", "high", "low", "close", "volume"):
             out[k].append(edge(px[k].to_numpy(np.float64)))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from conftest import ROOT, run_script
+from conftest import run_script
 
 TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
         "--window", "8", "--episode-bars", "64", "--hidden", "32"]
