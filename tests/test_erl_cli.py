@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from conftest import run_script
+from conftest import assert_one_line_error, assert_run_outputs, run_script, tiny_run_dir
 
 TINY = ["--pop-size", "4", "--generations", "4", "--episodes-per-agent", "2", "--worst-k", "1", "--num-elites", "1", "--rl-updates", "2",
         "--batch-size", "16", "--buffer-size", "2000", "--window", "8", "--trading-days", "6", "--settlement-days", "2", "--hidden", "8",
@@ -15,19 +15,12 @@ TINY = ["--pop-size", "4", "--generations", "4", "--episodes-per-agent", "2", "-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    r = run_script("erl_trader.py", *TINY, "--out-dir", out, "--run-name", "tiny")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out / "tiny", r
+    return tiny_run_dir(tmp_path_factory, "erl_trader.py", TINY)
 
 
 def test_tiny_run_writes_every_output(tiny_run):
     run_dir, r = tiny_run
-    names = {p.name for p in run_dir.iterdir()}
-    for f in ("config.json", "metrics.jsonl", "checkpoint.msgpack", "best.msgpack", "final.msgpack", "report.json", "trades.csv", "equity.png"):
-        assert f in names, f
-    assert any(n.startswith("events.out.tfevents") for n in names)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = assert_run_outputs(run_dir)
     assert [x["generation"] for x in rows] == [1, 2, 3, 4]
     assert rows[1]["injected"] and not rows[0]["injected"] and "champion_val_return" in rows[1]
     report = json.loads((run_dir / "report.json").read_text())
@@ -86,6 +79,4 @@ def test_resume_is_bit_identical(tmp_path):
 ])
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("erl_trader.py", *argv)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], r.stderr
+    assert_one_line_error(r, needle)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from conftest import run_script
+from conftest import assert_one_line_error, assert_run_outputs, run_script, tiny_run_dir
 
 TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
         "--window", "8", "--episode-bars", "64", "--hidden", "32"]
@@ -14,19 +14,12 @@ TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    r = run_script("ppo_trader.py", *TINY, "--out-dir", out, "--run-name", "tiny")
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out / "tiny", r
+    return tiny_run_dir(tmp_path_factory, "ppo_trader.py", TINY)
 
 
 def test_tiny_run_writes_every_output(tiny_run):
     run_dir, r = tiny_run
-    names = {p.name for p in run_dir.iterdir()}
-    for f in ("config.json", "metrics.jsonl", "checkpoint.msgpack", "best.msgpack", "final.msgpack", "report.json", "trades.csv", "equity.png"):
-        assert f in names, f
-    assert any(n.startswith("events.out.tfevents") for n in names)
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = assert_run_outputs(run_dir)
     assert [x["update"] for x in rows] == [2, 4, 6, 8]
     for key in ("episodic_return", "policy_loss", "value_loss", "entropy", "sps", "val_return"):
         assert key in rows[-1]
@@ -97,6 +90,4 @@ def test_num_seeds(tmp_path):
 ])
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("ppo_trader.py", *argv)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], r.stderr
+    assert_one_line_error(r, needle)
