@@ -238,6 +238,11 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
     tick = np.array([specs[n]["tick_size"] for n in names], np.float32)
     comm = np.array([args.commission if args.commission is not None else specs[n]["commission"] for n in names], np.float32)
     first_rth = raw["rth"] & ~np.concatenate([np.zeros((M, 1), bool), raw["rth"][:, :-1] & ~raw["session_end"][:, :-1]], axis=1)
+    # the bar arrays go to the device once and are shared by the three splits (which differ in starts and bounds)
+    shared = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
+                  close=jnp.asarray(raw["close"], jnp.float32), atr=jnp.asarray(raw["atr"], jnp.float32), rth=jnp.asarray(raw["rth"]),
+                  session_end=jnp.asarray(raw["session_end"]), bars_to_close=jnp.asarray(bars), hours_to_close=jnp.asarray(hours),
+                  features=jnp.asarray(feats), point_value=jnp.asarray(pv), tick_size=jnp.asarray(tick), commission=jnp.asarray(comm))
     out = {}
     for name in ("train", "val", "test"):
         starts = []
@@ -251,12 +256,8 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
         starts_arr = np.stack([np.pad(s, (0, S - len(s)), mode="edge") for s in starts]).astype(np.int32)
         lens = np.array([b[name][1] - b[name][0] for b in bounds], np.float32)
         out[name] = MarketData(
-            open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
-            close=jnp.asarray(raw["close"], jnp.float32), atr=jnp.asarray(raw["atr"], jnp.float32), rth=jnp.asarray(raw["rth"]),
-            session_end=jnp.asarray(raw["session_end"]), bars_to_close=jnp.asarray(bars), hours_to_close=jnp.asarray(hours),
-            features=jnp.asarray(feats), starts=jnp.asarray(starts_arr), n_starts=jnp.asarray([len(s) for s in starts], jnp.int32),
+            **shared, starts=jnp.asarray(starts_arr), n_starts=jnp.asarray([len(s) for s in starts], jnp.int32),
             lo=jnp.asarray([b[name][0] for b in bounds], jnp.int32), hi=jnp.asarray([b[name][1] for b in bounds], jnp.int32),
-            point_value=jnp.asarray(pv), tick_size=jnp.asarray(tick), commission=jnp.asarray(comm),
             market_weights=jnp.asarray(lens / lens.sum()),
         )
     info = dict(path=str(path), meta=meta, markets=names, bounds=bounds, feature_names=[str(x) for x in raw["feature_names"]],
