@@ -83,6 +83,8 @@ class Args:
     """end of the training split: a date (YYYY-MM-DD, exclusive) or a fraction of each market's bars"""
     val_end: str = "0.85"
     """end of the validation split (the test split is the rest); one window of bars is embargoed between splits"""
+    market_weights: Optional[tuple[float, ...]] = None
+    """probability of drawing each market at an episode's reset, one number per market of --data (normalised to sum 1; default: in proportion to each market's training bars)"""
     window: int = 16
     """bars of market features in an observation"""
     contracts: int = 1
@@ -109,6 +111,14 @@ class Args:
     """no new entries this many bars (or fewer) before the session end"""
     flatten_at_close: bool = True
     """close any position at the session end's close"""
+    curriculum: bool = False
+    """ease the rules at the start of training: dd limit and commission move linearly from the start values below to the real ones"""
+    curriculum_dd_start: Optional[float] = None
+    """--curriculum: trailing drawdown limit at the start of training (default: 2 x --dd-limit)"""
+    curriculum_commission_start: float = 0.0
+    """--curriculum: commission at the start of training, as a fraction of the real one (0: free)"""
+    curriculum_end: float = 0.8
+    """--curriculum: fraction of training after which the real values hold"""
     chunk_updates: int = 10
     """updates per jitted chunk; the host logs and checkpoints between chunks"""
     eval_every: int = 5
@@ -183,6 +193,19 @@ def calendar_arrays(session_end: np.ndarray, ts: np.ndarray, length: int) -> tup
     return bars, hours.astype(np.float32)
 
 
+def market_weights(args: Args, names: list, bounds: list, path: Path) -> np.ndarray:
+    """[M] probabilities of drawing each market at reset: --market-weights normalised, or by training bars."""
+    if args.market_weights is None:
+        lens = np.array([b["train"][1] - b["train"][0] for b in bounds], np.float64)
+        return (lens / lens.sum()).astype(np.float32)
+    w = np.asarray(args.market_weights, np.float64)
+    if len(w) != len(names):
+        raise DataError(f"--market-weights has {len(w)} numbers, {path} holds {len(names)} markets ({' '.join(names)}). Fix: pass one weight per market, in that order")
+    if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+        raise DataError(f"--market-weights {' '.join(map(str, args.market_weights))}: weights must be finite, >= 0 and not all 0. Fix: e.g. --market-weights {' '.join(['1'] * len(names))}")
+    return (w / w.sum()).astype(np.float32)
+
+
 def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, dict]:
     """Loads and checks an intraday npz; returns ({'train','val','test'}: MarketData, info).
 
@@ -237,6 +260,7 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
     pv = np.array([specs[n]["point_value"] for n in names], np.float32)
     tick = np.array([specs[n]["tick_size"] for n in names], np.float32)
     comm = np.array([args.commission if args.commission is not None else specs[n]["commission"] for n in names], np.float32)
+    weights = market_weights(args, names, bounds, path)
     first_rth = raw["rth"] & ~np.concatenate([np.zeros((M, 1), bool), raw["rth"][:, :-1] & ~raw["session_end"][:, :-1]], axis=1)
     # the bar arrays go to the device once and are shared by the three splits (which differ in starts and bounds)
     shared = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
@@ -254,11 +278,10 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
                 starts[-1] = np.array([lo + W - 1])
         S = max(len(s) for s in starts)
         starts_arr = np.stack([np.pad(s, (0, S - len(s)), mode="edge") for s in starts]).astype(np.int32)
-        lens = np.array([b[name][1] - b[name][0] for b in bounds], np.float32)
         out[name] = MarketData(
             **shared, starts=jnp.asarray(starts_arr), n_starts=jnp.asarray([len(s) for s in starts], jnp.int32),
             lo=jnp.asarray([b[name][0] for b in bounds], jnp.int32), hi=jnp.asarray([b[name][1] for b in bounds], jnp.int32),
-            market_weights=jnp.asarray(lens / lens.sum()),
+            market_weights=jnp.asarray(weights),
         )
     info = dict(path=str(path), meta=meta, markets=names, bounds=bounds, feature_names=[str(x) for x in raw["feature_names"]],
                 timestamps=raw["timestamps"], feature_mean=mu.tolist(), feature_std=sd.tolist())
@@ -540,12 +563,35 @@ def compute_gae(traj: Transition, last_value: jax.Array, gamma: float, lam: floa
     return adv, adv + traj.value
 
 
+def curriculum_in_force(args: Args, env_params: EnvParams, data: MarketData, progress: jax.Array):
+    """The env rules in force at training `progress` (update / num_updates, in [0, 1]) under --curriculum.
+
+    dd_limit moves linearly from --curriculum-dd-start (default 2 x --dd-limit) to --dd-limit and the
+    commission from --curriculum-commission-start x the real one to the real one; both reach the real
+    values at progress --curriculum-end and keep them. Works on traced values inside the jitted loop.
+    Returns (env_params, data, {"dd_limit", "commission_scale"}) in force.
+    """
+    frac = jnp.clip(progress / args.curriculum_end, 0.0, 1.0)
+    dd_start = 2.0 * args.dd_limit if args.curriculum_dd_start is None else args.curriculum_dd_start
+    dd_limit = dd_start + (env_params.dd_limit - dd_start) * frac
+    commission_scale = args.curriculum_commission_start + (1.0 - args.curriculum_commission_start) * frac
+    return (env_params.replace(dd_limit=dd_limit), data.replace(commission=data.commission * commission_scale),
+            dict(dd_limit=dd_limit, commission_scale=commission_scale))
+
+
 def make_train(args: Args, env_params: EnvParams, data: MarketData):
     """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics))."""
     num_updates = math.ceil(args.total_timesteps / (args.num_envs * args.num_steps) / args.chunk_updates) * args.chunk_updates
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
     network = ActorCritic(NUM_ACTIONS, args.hidden)
     obs_dim = args.window * data.features.shape[-1] + NUM_POSITION_FEATURES
+    num_markets = data.market_weights.shape[0]
+
+    def in_force(update):
+        """(env_params, data, curriculum values) for this update: the real ones unless --curriculum (then traced)."""
+        if not args.curriculum:
+            return env_params, data, {}
+        return curriculum_in_force(args, env_params, data, update / num_updates)
 
     def lr_schedule(count):
         frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / num_updates
@@ -557,27 +603,34 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData):
         rng, k_net, k_env = jax.random.split(rng, 3)
         params = network.init(k_net, jnp.zeros(obs_dim))
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-        obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), env_params, data)
+        params0, data0, _ = in_force(jnp.int32(0))
+        obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), params0, data0)
         norm = ObsNorm.create(obs_dim).update(obs)
         return RunnerState(train_state, env_state, obs, norm, rng, jnp.int32(0))
 
     def _update_step(runner: RunnerState, _):
+        # CURRICULUM: the env rules in force are computed from the update counter (no recompilation)
+        env_params_t, data_t, curriculum = in_force(runner.update)
+
         # COLLECT TRAJECTORIES
         def _env_step(runner: RunnerState, _):
             train_state, env_state, last_obs, norm, rng, update = runner
             rng, k_act, k_env = jax.random.split(rng, 3)
-            mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params, data)
+            mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params_t, data_t)
             obs_n = norm(last_obs)
             logits, value = network.apply(train_state.params, obs_n)
             pi = masked_policy(logits, mask)
             action = pi.sample(seed=k_act)
             log_prob = pi.log_prob(action)
             obs, env_state, reward, term, trunc, info = jax.vmap(step, in_axes=(0, 0, 0, None, None))(
-                jax.random.split(k_env, args.num_envs), env_state, action, env_params, data)
+                jax.random.split(k_env, args.num_envs), env_state, action, env_params_t, data_t)
             _, final_value = network.apply(train_state.params, norm(info["final_obs"]))
             tr = Transition(obs_n, action, log_prob, value, reward, term, trunc, final_value, mask)
             done = term | trunc
             ep = (jnp.sum(done * info["episode_return"]), jnp.sum(done * info["episode_length"]), jnp.sum(done), jnp.sum(term))
+            by_market = jax.nn.one_hot(info["market"], num_markets) * done[:, None]  # [N, M]: the market of each episode that ended
+            ep = ep + (by_market.sum(0), (by_market * info["episode_return"][:, None]).sum(0), (by_market * info["episode_length"][:, None]).sum(0),
+                       (by_market * term[:, None]).sum(0))
             return RunnerState(train_state, env_state, obs, norm, rng, update), (tr, ep, obs)
 
         runner, (traj, ep, raw_obs) = jax.lax.scan(_env_step, runner, None, args.num_steps)
@@ -626,12 +679,14 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData):
 
         (train_state, rng), aux = jax.lax.scan(_update_epoch, (train_state, rng), None, args.update_epochs)
         norm = norm.update(raw_obs.reshape(-1, raw_obs.shape[-1]))
-        ep_ret, ep_len, n_done, n_term = (x.sum() for x in ep)
+        ep_ret, ep_len, n_done, n_term, m_done, m_ret, m_len, m_term = (x.sum(0) for x in ep)
         metrics = dict(
             episodic_return=ep_ret / jnp.maximum(n_done, 1), episodic_length=ep_len / jnp.maximum(n_done, 1), episodes=n_done, breaches=n_term,
             policy_loss=aux[0].mean(), value_loss=aux[1].mean(), entropy=aux[2].mean(), approx_kl=aux[3].mean(), clipfrac=aux[4].mean(),
             learning_rate=args.learning_rate * (1.0 - update / num_updates if args.anneal_lr else 1.0),
             explained_variance=1 - jnp.var(targets - traj.value) / (jnp.var(targets) + 1e-8),
+            market_episodes=m_done, market_return_sum=m_ret, market_length_sum=m_len, market_breaches=m_term,  # [M] each
+            **{f"curriculum_{k}": v for k, v in curriculum.items()},
         )
         return RunnerState(train_state, env_state, last_obs, norm, rng, update + 1), metrics
 
@@ -643,6 +698,27 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData):
 
 
 # ---- OUTER LOOP ----
+def chunk_summary(m: dict, markets: list) -> tuple[dict, dict]:
+    """One seed's chunk metrics ([chunk_updates] or [chunk_updates, M] arrays) -> (totals, {market: metrics}).
+
+    Returns and lengths are means over the episodes that ended in the chunk; `episodes` and `breaches`
+    are means per update; the learning rate and the curriculum values are those of the chunk's last update.
+    A market with no finished episode in the chunk has a return and length of None.
+    """
+    last = ("learning_rate", "curriculum_dd_limit", "curriculum_commission_scale")
+    out = {k: float(v[-1]) if k in last else float(np.mean(v)) for k, v in m.items() if not k.startswith("market_")}
+    n = float(m["episodes"].sum())
+    out["episodic_return"] = float(np.sum(m["episodic_return"] * m["episodes"]) / max(n, 1))
+    out["episodic_length"] = float(np.sum(m["episodic_length"] * m["episodes"]) / max(n, 1))
+    by_market = {}
+    for i, market in enumerate(markets):
+        n_m = float(m["market_episodes"][:, i].sum())
+        by_market[market] = dict(episodic_return=float(m["market_return_sum"][:, i].sum() / n_m) if n_m else None,
+                                 episodic_length=float(m["market_length_sum"][:, i].sum() / n_m) if n_m else None,
+                                 episodes=float(m["market_episodes"][:, i].mean()), breaches=float(m["market_breaches"][:, i].mean()))
+    return out, by_market
+
+
 def policy_params(runner: RunnerState, seed_index: int = 0):
     """Network params and observation normaliser of one seed (leading vmap axis)."""
     pick = lambda x: x[seed_index]  # noqa: E731
@@ -913,7 +989,7 @@ def train_and_report(args: Args) -> dict:
         if not args.checkpoint:
             raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
         # the policy's own window, network, env rules and splits; data, split to play and output folder from the command line
-        keep = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "seed")
+        keep = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "seed", "market_weights")  # backtests play every market
         saved, feature_stats = policy_config(args.checkpoint)
         args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in keep and k in Args.__dataclass_fields__})
         run_dir = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
@@ -975,9 +1051,8 @@ def train_and_report(args: Args) -> dict:
             sps = steps_per_chunk / dt
             elapsed = elapsed0 + time.time() - t_start
             eta = (time.time() - t_start) / (chunk + 1 - start_chunk) * (num_chunks - chunk - 1)
-            seed0 = {k: float(v[0][-1]) if k in ("learning_rate",) else float(np.mean(v[0])) for k, v in metrics.items()}
-            seed0["episodic_return"] = float(np.sum(metrics["episodic_return"][0] * metrics["episodes"][0]) / max(metrics["episodes"][0].sum(), 1))
-            row = dict(chunk=chunk + 1, update=(chunk + 1) * args.chunk_updates, global_step=step_count, sps=sps, elapsed=elapsed, **seed0)
+            seed0, by_market = chunk_summary({k: v[0] for k, v in metrics.items()}, info["markets"])
+            row = dict(chunk=chunk + 1, update=(chunk + 1) * args.chunk_updates, global_step=step_count, sps=sps, elapsed=elapsed, **seed0, markets=by_market)
             if (chunk + 1) % args.eval_every == 0 or chunk + 1 == num_chunks:
                 params, norm = policy_params(runner)
                 row["val_return"] = validation_return(args, network, params, norm, datasets, info, env_params, val_backtest)
@@ -987,13 +1062,22 @@ def train_and_report(args: Args) -> dict:
                     save_policy(run_dir / "best.msgpack", params, norm, args, info)
             for tag in ("episodic_return", "episodic_length", "learning_rate", "breaches"):
                 writer.add_scalar(f"charts/{tag}", seed0[tag], step_count)
+            for market, values in by_market.items():
+                for tag, value in values.items():
+                    if value is not None:  # no episode of this market ended in the chunk: no return or length to log
+                        writer.add_scalar(f"charts/{market}/{tag}", value, step_count)
+            for tag in ("dd_limit", "commission_scale"):
+                if f"curriculum_{tag}" in seed0:
+                    writer.add_scalar(f"curriculum/{tag}", seed0[f"curriculum_{tag}"], step_count)
             for tag in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
                 writer.add_scalar(f"losses/{tag}", seed0[tag], step_count)
             writer.add_scalar("perf/SPS", sps, step_count)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
-            print(f"update {row['update']:5d}/{num_updates}  steps {step_count:>10,}  return {seed0['episodic_return']:+.3f}  "
-                  f"pg {seed0['policy_loss']:+.4f}  v {seed0['value_loss']:.4f}  ent {seed0['entropy']:.3f}"
+            print(f"update {row['update']:5d}/{num_updates}  steps {step_count:>10,}  return {seed0['episodic_return']:+.3f}"
+                  + "".join(f"  {mk} {v['episodic_return']:+.3f}" for mk, v in by_market.items() if len(by_market) > 1 and v["episodic_return"] is not None)
+                  + (f"  dd_limit {seed0['curriculum_dd_limit']:.0f}" if args.curriculum else "")
+                  + f"  pg {seed0['policy_loss']:+.4f}  v {seed0['value_loss']:.4f}  ent {seed0['entropy']:.3f}"
                   + (f"  val {row['val_return']:+.4f}" if "val_return" in row else "")
                   + f"  SPS {sps:,.0f}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
             extra = dict(extra, chunk=chunk + 1, elapsed=elapsed)
@@ -1058,6 +1142,10 @@ def check_args(args: Args) -> None:
         raise DataError("--no-entry-bars and --slippage-ticks must be >= 0, --sl-atr-mult and --tp-atr-mult > 0. Fix: pass valid values")
     if args.dd_limit <= 0:
         raise DataError("--dd-limit must be > 0. Fix: pass the account's trailing drawdown in account currency")
+    if args.curriculum and not (0 < args.curriculum_end <= 1 and args.curriculum_commission_start >= 0
+                                and (args.curriculum_dd_start is None or args.curriculum_dd_start > 0)):
+        raise DataError(f"--curriculum-end must be in (0, 1], --curriculum-commission-start >= 0 and --curriculum-dd-start > 0 (got {args.curriculum_end}, "
+                        f"{args.curriculum_commission_start}, {args.curriculum_dd_start}). Fix: e.g. --curriculum-end 0.8 --curriculum-commission-start 0 --curriculum-dd-start 4000")
     if args.eval_split not in ("train", "val", "test"):
         raise DataError(f"--eval-split '{args.eval_split}' is not train, val or test. Fix: pick one of them")
 
