@@ -424,25 +424,39 @@ class Actor(nn.Module):
         context = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=self.args.hidden)(query, feats)[0]
         stock = feats[jnp.asarray(self.inv)]
         h = jnp.concatenate([stock, jnp.broadcast_to(context, stock.shape)], axis=-1)
-        h = nn.relu(nn.Dense(self.args.hidden)(h))
-        return nn.sigmoid(nn.Dense(2)(h))
+        per_stock = lambda features: nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})(features)  # noqa: E731
+        h = nn.relu(per_stock(self.args.hidden)(h))
+        return nn.sigmoid(per_stock(2)(h))
 
 
 class Critic(nn.Module):
-    """Twin Q networks (TD3) on pooled column features + small state + the flattened action.
+    """Twin Q networks (TD3) that mirror how the env uses an action.
 
-    Each column's window is encoded by a shared dense layer (cheaper than the actor's extractor: the critic
-    runs on every replay batch), then mean- and max-pooled over columns."""
+    An action only matters through the stock it opens (the highest coefficient among investable stocks not
+    held), that stock's coefficient (it scales the exit reward) and its sale target. So each investable
+    column is encoded together with its own action and held flag (a shared dense layer on its window: far
+    cheaper than the actor's extractor, and the critic runs on every replay batch), and the encodings are
+    pooled twice: a softmax over the coefficients (a differentiable "which stock is opened", with a learned
+    sharpness) and a plain mean; every column's window is also mean-pooled as market context."""
 
     args: Args
+    inv: tuple
 
     @nn.compact
     def __call__(self, obs, small, action):
+        inv = jnp.asarray(self.inv)
+        n = len(self.inv)
         cols = obs.transpose(1, 0, 2).reshape(obs.shape[1], -1)  # [N, W * C]
+        held = small[:n]
         qs = []
-        for _ in range(2):
-            feats = nn.relu(nn.Dense(self.args.hidden)(cols))
-            x = jnp.concatenate([feats.mean(0), feats.max(0), small, action.reshape(-1)])
+        for q in range(2):
+            context = nn.relu(nn.Dense(self.args.hidden)(cols)).mean(0)
+            enc = nn.relu(nn.Dense(self.args.hidden)(cols[inv]))
+            h = nn.relu(nn.Dense(self.args.hidden)(jnp.concatenate([enc, action, held[:, None]], axis=-1)))
+            sharp = 1.0 + nn.softplus(self.param(f"sharpness{q}", nn.initializers.constant(3.0), ()))
+            w = nn.softmax(sharp * 10.0 * action[:, 0] - 1e3 * held)
+            chosen = jnp.concatenate([w @ h, w @ action])
+            x = jnp.concatenate([chosen, h.mean(0), context, small])
             x = nn.relu(nn.Dense(4 * self.args.hidden)(x))
             x = nn.relu(nn.Dense(4 * self.args.hidden)(x))
             qs.append(nn.Dense(1)(x)[0])
@@ -549,7 +563,7 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
 
     Market data is an argument of the jitted functions, never a closed-over constant (it would be baked
     into the compiled program: slow to compile and to run)."""
-    actor, critic = Actor(args, inv), Critic(args)
+    actor, critic = Actor(args, inv), Critic(args, inv)
     L = args.trading_days + args.settlement_days
     E, P = args.episodes_per_agent, args.pop_size
     obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, data_shapes)
