@@ -700,6 +700,8 @@ def place(tree, shardings):
     """Host or single-device arrays -> global arrays laid out by `shardings` (every process passes the same values)."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
     return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree, shardings)
 
 
