@@ -1020,6 +1020,7 @@ def train_and_report(args: Args) -> dict:
         args = dataclasses.replace(args, run_name=args.run_name or f"erl_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
         run_dir = Path(args.out_dir) / args.run_name
 
+    mesh = None if args.eval_only else make_mesh(args)  # a layout that cannot work fails before anything is written
     datasets, info = load_data(args)
     env_params = env_params_from_args(args)
     inv = tuple(info["inv"])
@@ -1037,7 +1038,6 @@ def train_and_report(args: Args) -> dict:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
     t0 = time.time()
-    mesh = make_mesh(args)
     init, chunk, actor, critic = make_erl(args, env_params, datasets["train"], len(inv), inv, mesh)
     runner = init(jax.random.PRNGKey(args.seed))
     ckpt = run_dir / "checkpoint.msgpack"

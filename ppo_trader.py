@@ -1001,6 +1001,7 @@ def train_and_report(args: Args) -> dict:
         args = dataclasses.replace(args, run_name=args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
         run_dir = Path(args.out_dir) / args.run_name
 
+    mesh = None if args.eval_only else make_mesh(args)  # a layout that cannot work fails before anything is written
     datasets, info = load_data(args, feature_stats if args.eval_only else None)
     env_params = env_params_from_args(args)
     obs_dim = args.window * datasets["train"].features.shape[-1] + NUM_POSITION_FEATURES
@@ -1014,7 +1015,6 @@ def train_and_report(args: Args) -> dict:
     if not args.resume and main_process:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
-    mesh = make_mesh(args)
     train_data = place(datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
     init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh)
     seeds = jnp.arange(args.num_seeds) + args.seed
