@@ -1116,7 +1116,10 @@ def train_and_report(args: Args) -> dict:
     if status != "done":
         return {"status": status, "run_dir": str(run_dir)}
 
-    save_policy(run_dir / "final.msgpack", champion_params(runner), args)
+    final = champion_params(runner)
+    if not main_process:  # the test backtest runs on process 0 alone
+        return {"status": "done", "run_dir": str(run_dir)}
+    save_policy(run_dir / "final.msgpack", final, args)
     params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy)
     report, champ, curves = backtest_report(actor, params, datasets, info, "test", args, env_params)
     report["selected_by"] = "best champion validation return (best.msgpack)"

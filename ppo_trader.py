@@ -1098,6 +1098,8 @@ def train_and_report(args: Args) -> dict:
         return {"status": status, "run_dir": str(run_dir)}
 
     params, norm = policy_params(runner)
+    if not main_process:  # the test backtest runs on process 0 alone
+        return {"status": "done", "run_dir": str(run_dir)}
     save_policy(run_dir / "final.msgpack", params, norm, args, info)
     best = run_dir / "best.msgpack"
     network, params, norm, _ = load_policy(str(best), args, obs_dim)
