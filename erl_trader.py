@@ -1117,10 +1117,10 @@ def train_and_report(args: Args) -> dict:
         return {"status": status, "run_dir": str(run_dir)}
 
     final = champion_params(runner)
-    if not main_process:  # the test backtest runs on process 0 alone
-        return {"status": "done", "run_dir": str(run_dir)}
     save_policy(run_dir / "final.msgpack", final, args)
-    params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy)
+    params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy) if main_process else final
+    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
+        params = multihost_utils.broadcast_one_to_all(params)
     report, champ, curves = backtest_report(actor, params, datasets, info, "test", args, env_params)
     report["selected_by"] = "best champion validation return (best.msgpack)"
     write_backtest_outputs(run_dir, report, champ, curves, info, "test", args)

@@ -1098,11 +1098,11 @@ def train_and_report(args: Args) -> dict:
         return {"status": status, "run_dir": str(run_dir)}
 
     params, norm = policy_params(runner)
-    if not main_process:  # the test backtest runs on process 0 alone
-        return {"status": "done", "run_dir": str(run_dir)}
     save_policy(run_dir / "final.msgpack", params, norm, args, info)
-    best = run_dir / "best.msgpack"
-    network, params, norm, _ = load_policy(str(best), args, obs_dim)
+    if main_process:
+        network, params, norm, _ = load_policy(str(run_dir / "best.msgpack"), args, obs_dim)
+    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
+        params, norm = multihost_utils.broadcast_one_to_all((params, norm))
     report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, "test")
     report["selected_by"] = "best validation return (best.msgpack)"
     report["initial_balance"] = env_params.initial_balance
