@@ -34,6 +34,8 @@ import optax
 import tyro
 from flax import struct
 from flax.training.train_state import TrainState
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 # ---- ARGS ----
@@ -135,6 +137,14 @@ class Args:
     """split backtested by --eval-only: train, val or test"""
     out_dir: str = "runs"
     """parent folder of run folders"""
+    devices: Optional[int] = None
+    """devices per process to shard over (default: all local devices); seeds and envs are split across them"""
+    coordinator_address: Optional[str] = None
+    """multi-host: HOST:PORT of process 0 (calls jax.distributed.initialize; run the same command on every host)"""
+    num_processes: Optional[int] = None
+    """multi-host: number of processes (one per host)"""
+    process_id: Optional[int] = None
+    """multi-host: this process's index, 0..num_processes-1 (process 0 writes logs and checkpoints)"""
 
 
 # ---- DATA ----
@@ -579,8 +589,11 @@ def curriculum_in_force(args: Args, env_params: EnvParams, data: MarketData, pro
             dict(dd_limit=dd_limit, commission_scale=commission_scale))
 
 
-def make_train(args: Args, env_params: EnvParams, data: MarketData):
-    """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics))."""
+def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None):
+    """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics)).
+
+    With a `mesh` (axes "seed", "env"), every minibatch is split over the "env" devices: each computes the
+    loss on its share and XLA sums the gradients across them (the same gradient as on one device)."""
     num_updates = math.ceil(args.total_timesteps / (args.num_envs * args.num_steps) / args.chunk_updates) * args.chunk_updates
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
     network = ActorCritic(NUM_ACTIONS, args.hidden)
@@ -647,6 +660,8 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData):
             batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), (traj, advantages, targets))
             perm = jax.random.permutation(k_perm, args.num_envs * args.num_steps)
             mbs = jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape((args.num_minibatches, minibatch) + x.shape[1:]), batch)
+            if mesh is not None:  # the shuffle is global (same minibatches as on one device); each device then works on its part
+                mbs = jax.lax.with_sharding_constraint(mbs, NamedSharding(mesh, P(None, "env")))
 
             def _update_minibatch(train_state, mb):
                 tr, adv, tgt = mb
@@ -717,16 +732,72 @@ def chunk_summary(m: dict, markets: list) -> tuple[dict, dict]:
                                  episodic_length=float(m["market_length_sum"][:, i].sum() / n_m) if n_m else None,
                                  episodes=float(m["market_episodes"][:, i].mean()), breaches=float(m["market_breaches"][:, i].mean()))
     return out, by_market
+def init_distributed(args: Args) -> None:
+    """Multi-host: every process runs the same command with its own --process-id; jax.distributed.initialize
+    connects them, after which jax.devices() lists the devices of all hosts."""
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if all(f is None for f in flags):
+        return
+    if any(f is None for f in flags):
+        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all three (see README)")
+    if not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
+        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number the processes 0..P-1")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
+
+
+def make_mesh(args: Args) -> Mesh:
+    """A ("seed", "env") mesh over --devices devices of every process: seeds split over gcd(num_seeds, devices)
+    groups of devices, each seed's envs over the devices of its group."""
+    local = jax.local_devices()
+    n = len(local) if args.devices is None else args.devices
+    if not 1 <= n <= len(local):
+        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices between 1 and {len(local)}")
+    devices = [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:n]]
+    n_seed = math.gcd(args.num_seeds, len(devices))
+    n_env = len(devices) // n_seed
+    minibatch = args.num_envs * args.num_steps // args.num_minibatches
+    if args.num_envs % n_env or minibatch % n_env:
+        raise DataError(f"--num-envs {args.num_envs} (and the minibatch of {minibatch}) must divide over {n_env} devices per seed "
+                        f"({len(devices)} devices, --num-seeds {args.num_seeds}). Fix: pass a multiple of {n_env} to --num-envs, or change --devices")
+    return Mesh(np.array(devices).reshape(n_seed, n_env), ("seed", "env"))
+
+
+def runner_shardings(runner: RunnerState, mesh: Mesh) -> RunnerState:
+    """Where each part of the (seed-stacked) runner state lives: env states and observations split by seed and
+    env, everything else (params, optimiser, normaliser, RNG) split by seed and copied over a seed's env devices."""
+    by_seed, by_env = NamedSharding(mesh, P("seed")), NamedSharding(mesh, P("seed", "env"))
+    return RunnerState(jax.tree.map(lambda _: by_seed, runner.train_state), jax.tree.map(lambda _: by_env, runner.env_state), by_env,
+                       jax.tree.map(lambda _: by_seed, runner.obs_norm), by_seed, by_seed)
+
+
+def place(tree, shardings):
+    """Host or single-device arrays -> global arrays laid out by `shardings` (every process passes the same values)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree, shardings)
+
+
+def fetch(tree):
+    """Global (possibly sharded, possibly multi-host) arrays -> NumPy arrays on every process."""
+    return multihost_utils.process_allgather(tree, tiled=True) if jax.process_count() > 1 else jax.device_get(tree)
 
 
 def policy_params(runner: RunnerState, seed_index: int = 0):
-    """Network params and observation normaliser of one seed (leading vmap axis)."""
+    """Network params and observation normaliser of one seed (leading vmap axis), as host arrays."""
     pick = lambda x: x[seed_index]  # noqa: E731
-    return jax.tree.map(pick, runner.train_state.params), jax.tree.map(pick, runner.obs_norm)
+    params, norm = fetch((runner.train_state.params, runner.obs_norm))
+    return jax.tree.map(pick, params), jax.tree.map(pick, norm)
 
 
 def save_checkpoint(path: Path, runner: RunnerState, extra: dict) -> None:
-    """flax.serialization msgpack of the whole runner state (params, optimiser, envs, normaliser, RNG, counters)."""
+    """flax.serialization msgpack of the whole runner state (params, optimiser, envs, normaliser, RNG, counters).
+    Host arrays without any device layout, so a checkpoint resumes on any number of devices. Every process
+    calls it (the gather is collective); process 0 writes."""
+    runner = fetch(runner)
+    if jax.process_index() != 0:
+        return
     payload = {"runner": flax.serialization.to_state_dict(runner), "extra": json.dumps(extra)}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
@@ -751,7 +822,9 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
 
 def save_policy(path: Path, params, norm: ObsNorm, args: Args, info: dict) -> None:
     """A policy-only checkpoint (for --eval-only): network params, obs normaliser, the training split's
-    feature statistics and the config."""
+    feature statistics and the config. Written by process 0 only."""
+    if jax.process_index() != 0:
+        return
     payload = {"params": flax.serialization.to_state_dict(params), "obs_norm": flax.serialization.to_state_dict(norm),
                "config": json.dumps(dataclasses.asdict(args)), "num_actions": NUM_ACTIONS,
                "feature_stats": json.dumps([info["feature_mean"], info["feature_std"]])}
@@ -918,7 +991,9 @@ def backtest_report(backtest, data: MarketData, info: dict, split: str, env_para
 
 
 def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) -> None:
-    """report.json, trades.csv and equity.png for the policy's backtest."""
+    """report.json, trades.csv and equity.png for the policy's backtest (process 0 only)."""
+    if jax.process_index() != 0:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -974,6 +1049,9 @@ def hparam_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
 
 
+LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes", "process_id")  # how to run, not what: a resume picks its own
+
+
 def train_and_report(args: Args) -> dict:
     """The whole job: load data, train in chunks (logging, checkpoints, validation), backtest on the test split."""
     from tensorboardX import SummaryWriter
@@ -984,7 +1062,7 @@ def train_and_report(args: Args) -> dict:
         if not cfg_path.is_file():
             raise DataError(f"{run_dir}: no config.json. Fix: pass a run folder written by ppo_trader.py")
         saved = json.loads(cfg_path.read_text())
-        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint")})
+        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint") + LAYOUT_FLAGS})
     elif args.eval_only:
         if not args.checkpoint:
             raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
@@ -997,6 +1075,7 @@ def train_and_report(args: Args) -> dict:
         args = dataclasses.replace(args, run_name=args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
         run_dir = Path(args.out_dir) / args.run_name
 
+    mesh = None if args.eval_only else make_mesh(args)  # a layout that cannot work fails before anything is written
     datasets, info = load_data(args, feature_stats if args.eval_only else None)
     env_params = env_params_from_args(args)
     obs_dim = args.window * datasets["train"].features.shape[-1] + NUM_POSITION_FEATURES
@@ -1006,31 +1085,38 @@ def train_and_report(args: Args) -> dict:
         report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, args.eval_split)
         print(json.dumps(summary_rows(report), indent=1))
         return report
-    if not args.resume:
+    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
+    if not args.resume and main_process:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
-    init, train_chunk, num_updates, network = make_train(args, env_params, datasets["train"])
+    train_data = place(datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
+    init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh)
     seeds = jnp.arange(args.num_seeds) + args.seed
     rngs = jax.vmap(jax.random.PRNGKey)(seeds)
     t0 = time.time()
     # one init per seed, stacked: vmapping flax's orthogonal initialisers (batched QR) can deadlock XLA:CPU's thread pool
     init_one = jax.jit(init)
     runner = jax.tree.map(lambda *x: jnp.stack(x), *[init_one(k) for k in rngs])
-    chunk_fn = jax.jit(jax.vmap(train_chunk))
+    shardings = runner_shardings(runner, mesh)
+    # vmap over seeds; spmd_axis_name puts the seed axis on the mesh's "seed" devices inside the chunk too
+    chunk_fn = jax.jit(jax.vmap(train_chunk, spmd_axis_name="seed"), in_shardings=(shardings,),
+                       out_shardings=(shardings, NamedSharding(mesh, P("seed"))))
     ckpt = run_dir / "checkpoint.msgpack"
     extra = {"chunk": 0, "best_val": -1e30, "elapsed": 0.0}
     if args.resume:
         runner, extra = load_checkpoint(ckpt, runner)
+    runner = place(runner, shardings)
     num_chunks = num_updates // args.chunk_updates
     steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps * args.num_seeds
-    writer = SummaryWriter(str(run_dir))
+    writer = SummaryWriter(str(run_dir), write_to_disk=main_process)
     if not args.resume:
         writer.add_text("hyperparameters", hparam_table(args))
     compiled = chunk_fn.lower(runner).compile()
     compile_s = time.time() - t0
-    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps {num_updates * args.num_envs * args.num_steps:,} per seed  compile {compile_s:.1f}s", flush=True)
+    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps {num_updates * args.num_envs * args.num_steps:,} per seed  "
+          f"devices {mesh.devices.size} ({mesh.shape['seed']} seed x {mesh.shape['env']} env, {jax.process_count()} process(es))  compile {compile_s:.1f}s", flush=True)
     val_backtest = make_backtest(env_params, datasets["val"])
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl" if main_process else os.devnull, "a")
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     start_chunk, elapsed0, t_start = extra["chunk"], extra["elapsed"], time.time()
@@ -1039,7 +1125,7 @@ def train_and_report(args: Args) -> dict:
         for chunk in range(start_chunk, num_chunks):
             tc = time.time()
             new_runner, metrics = compiled(runner)
-            metrics = jax.tree.map(lambda x: np.asarray(x), metrics)  # [seeds, chunk_updates]
+            metrics = fetch(metrics)  # [seeds, chunk_updates]
             if not all(np.isfinite(metrics[k]).all() for k in ("policy_loss", "value_loss", "entropy")):
                 status = "nan"
                 print(f"error: NaN/inf in the losses at chunk {chunk + 1}; stopping. The last good checkpoint is {ckpt}. "
@@ -1095,12 +1181,15 @@ def train_and_report(args: Args) -> dict:
 
     params, norm = policy_params(runner)
     save_policy(run_dir / "final.msgpack", params, norm, args, info)
-    best = run_dir / "best.msgpack"
-    network, params, norm, _ = load_policy(str(best), args, obs_dim)
+    if main_process:
+        network, params, norm, _ = load_policy(str(run_dir / "best.msgpack"), args, obs_dim)
+    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
+        params, norm = multihost_utils.broadcast_one_to_all((params, norm))
     report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, "test")
     report["selected_by"] = "best validation return (best.msgpack)"
     report["initial_balance"] = env_params.initial_balance
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if main_process:
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(summary_rows(report), indent=1))
     return report
 
@@ -1154,6 +1243,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         check_args(args)
+        init_distributed(args)
         result = train_and_report(args)
     except DataError as e:
         print(f"ppo_trader: error: {e}", file=sys.stderr)
