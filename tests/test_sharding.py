@@ -61,14 +61,22 @@ def metric_rows(run_dir, drop=("sps", "elapsed")):
     return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_close(a, b, key="") -> None:
+    """Equal structure; floats (also nested, e.g. per-market metrics) within float32 summation-order tolerance."""
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), key
+        for k in a:
+            assert_close(a[k], b[k], f"{key}/{k}")
+    elif isinstance(a, float):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=key)
+    else:
+        assert a == b, key
+
+
 def assert_rows_close(rows_a, rows_b) -> None:
-    assert [sorted(r) for r in rows_a] == [sorted(r) for r in rows_b]
+    assert len(rows_a) == len(rows_b)
     for ra, rb in zip(rows_a, rows_b):
-        for k in ra:
-            if isinstance(ra[k], float):
-                np.testing.assert_allclose(ra[k], rb[k], rtol=1e-4, atol=1e-5, err_msg=k)
-            else:
-                assert ra[k] == rb[k], k
+        assert_close(ra, rb)
 
 
 def inspect_run(module: str, arrays: str, argv: list) -> tuple[dict, subprocess.CompletedProcess]:
