@@ -284,3 +284,65 @@ def test_gae_scan_matches_python_loop():
     np.testing.assert_allclose(np.asarray(adv), expect, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(targets), expect + value, rtol=1e-4, atol=1e-5)
     assert term.any() and trunc.any()
+
+
+# ---- TRANSFER: PHASE 1 -> PHASE 2 ----
+def test_init_from_keeps_phase1_probabilities(tmp_path):
+    """After --init-from, phase 2's probabilities over HOLD/BUY/SELL on phase 1 states match phase 1's
+    to within the mass the new actions get (exactly when flat, where the new actions are illegal)."""
+    args1 = pt.Args(window=4, hidden=32, num_envs=16)
+    datasets, info = pt.load_data(args1)
+    data = datasets["train"]
+    F = data.features.shape[-1]
+    p1, p2 = pt.env_params_from_args(args1), pt.env_params_from_args(pt.Args(window=4, phase=2))
+    net1 = pt.ActorCritic(3, 32)
+    params1 = net1.init(jax.random.PRNGKey(0), jnp.zeros(pt.obs_size(4, F, 1)))
+    params1 = jax.tree_util.tree_map_with_path(lambda path, x: x * 150.0 if "Dense_2" in str(path) else x, params1)  # logits of a few units
+    # a phase 1 normaliser fitted on random-play observations
+    obs, states = jax.vmap(pt.reset, in_axes=(0, None, None))(jax.random.split(jax.random.PRNGKey(1), 256), p1, data)
+
+    @jax.jit
+    def play(states, obs, key):
+        def body(carry, k):
+            states, obs = carry
+            k1, k2 = jax.random.split(k)
+            mask = jax.vmap(pt.legal_mask, in_axes=(0, None, None))(states, p1, data)
+            a = jax.vmap(pt.random_policy, in_axes=(None, 0, 0, 0))(None, jax.random.split(k1, 256), obs, mask)
+            obs, states, *_ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(jax.random.split(k2, 256), states, a, p1, data)
+            return (states, obs), (states, obs)
+
+        return jax.lax.scan(body, (states, obs), jax.random.split(key, 40))[1]
+
+    traj_states, traj_obs = play(states, obs, jax.random.PRNGKey(2))
+    norm1 = pt.ObsNorm.create(traj_obs.shape[-1]).update(traj_obs.reshape(-1, traj_obs.shape[-1]))
+    ckpt = tmp_path / "phase1.msgpack"
+    pt.save_policy(ckpt, params1, norm1, args1, info)
+
+    args2 = pt.Args(window=4, hidden=32, num_envs=16, phase=2, init_from=str(ckpt))
+    transfer = pt.load_transfer(str(ckpt), args2, F)
+    init, _, _, net2 = pt.make_train(args2, p2, data, transfer)
+    runner = jax.jit(init)(jax.random.PRNGKey(3))
+    params2, norm2 = runner.train_state.params, runner.obs_norm
+    D1 = pt.obs_size(4, F, 1)
+    np.testing.assert_array_equal(np.asarray(norm2.mean[:D1]), np.asarray(norm1.mean))
+    np.testing.assert_array_equal(np.asarray(norm2.var[:D1]), np.asarray(norm1.var))
+    assert float(norm2.count) == float(norm1.count)
+
+    states = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), traj_states)
+    obs1 = jax.vmap(pt.get_obs, in_axes=(0, None, None))(states, p1, data)
+    obs2 = jax.vmap(pt.get_obs, in_axes=(0, None, None))(states, p2, data)
+    np.testing.assert_array_equal(np.asarray(obs2[:, :D1]), np.asarray(obs1))  # phase 1's layout is phase 2's prefix
+    mask1 = jax.vmap(pt.legal_mask, in_axes=(0, None, None))(states, p1, data)
+    mask2 = jax.vmap(pt.legal_mask, in_axes=(0, None, None))(states, p2, data)
+    prob1 = np.asarray(jax.nn.softmax(pt.masked_policy(net1.apply(params1, norm1(obs1))[0], mask1).logits))
+    prob2 = np.asarray(jax.nn.softmax(pt.masked_policy(net2.apply(params2, norm2(obs2))[0], mask2).logits))
+    new_mass = prob2[:, 3:].sum(-1)
+    flat = np.asarray(states.dir) == 0
+    assert flat.any() and (~flat).any()
+    assert (np.abs(prob2[:, :3] - prob1).max(-1) <= new_mass + 1e-5).all()
+    np.testing.assert_allclose(prob2[flat, :3], prob1[flat], atol=1e-5)
+    assert (new_mass[flat] == 0).all()
+    # in a position, 1 or 2 new actions are legal, each with about 1% of HOLD's probability
+    assert 0.005 < new_mass[~flat].min() and new_mass[~flat].max() < 0.03, (new_mass[~flat].min(), new_mass[~flat].max())
+    # flat states with a confident phase 1 policy: the transfer is not trivially uniform
+    assert prob1[flat].max() > 0.8
