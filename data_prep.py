@@ -650,13 +650,17 @@ def synthetic_daily_frames(stocks: int, days: int, seed: int, signal_strength: f
     return frames, signal, oracle
 
 
-def synthetic_intraday_frame(days: int, seed: int, signal_strength: float, signal_halflife: float, start: str):
+def synthetic_intraday_frame(days: int, seed: int, signal_strength: float, signal_halflife: float, start: str,
+                             revert_fraction: float = 0.0, revert_after: int = 60):
     """Seeded ES-like 1-minute bars, 08:30-16:15 New York on business days (RTH 09:30-16:00 inside).
 
     Per-bar log returns have day-level volatility regimes, an overnight gap between sessions, and a
     planted AR(1) signal z (half-life in bars) known at bar t's close that adds
     `0.1 * signal_strength * sigma * z[t]` to bar t+1's return. Prices are rounded to the 0.25 tick.
     The default start (2024-02-26) puts the US DST change (2024-03-10) inside the first month.
+    With `revert_fraction` > 0, `revert_fraction` of each planted drift is taken back `revert_after`
+    bars later (planted mean reversion after the signal's moves: a trade entered on the signal gives
+    back part of its gain if held too long, so managing the open position pays).
     """
     rng = np.random.default_rng(seed)
     tz = "America/New_York"
@@ -674,6 +678,9 @@ def synthetic_intraday_frame(days: int, seed: int, signal_strength: float, signa
         z[t] = rho * z[t - 1] + np.sqrt(1 - rho**2) * eps[t]
     r = rng.normal(0.0, 1.0, n) * sigma
     r[1:] += 0.1 * signal_strength * sigma[1:] * z[:-1]
+    if revert_fraction > 0:
+        drift = np.r_[0.0, 0.1 * signal_strength * sigma[1:] * z[:-1]]
+        r[revert_after:] -= revert_fraction * drift[:-revert_after]
     first_bar = np.arange(n) % bars_per_day == 0
     r[first_bar] += rng.normal(0.0, 0.004, first_bar.sum())  # overnight gap
     r[0] = 0.0
@@ -689,6 +696,9 @@ def synthetic_intraday_frame(days: int, seed: int, signal_strength: float, signa
     frame = pd.DataFrame({"open": open_, "high": high, "low": low, "close": close, "volume": volume}, index=utc)
     oracle = dict(signal_feature="signal", signal_strength=signal_strength, signal_halflife=signal_halflife,
                   rule="log return of bar t+1 gets 0.1 * signal_strength * sigma * signal[t]")
+    if revert_fraction > 0:
+        oracle.update(revert_fraction=revert_fraction, revert_after=revert_after,
+                      revert_rule="log return of bar t+1+revert_after loses revert_fraction of that drift")
     return frame, z, oracle
 
 
@@ -781,6 +791,10 @@ class SyntheticIntraday:
     """half-life of the AR(1) signal in bars"""
     start: str = "2024-02-26"
     """first session (the default range crosses the 2024-03-10 DST change)"""
+    revert_fraction: float = 0.0
+    """planted mean reversion: this fraction of each bar's signal drift is taken back --revert-after bars later (0: none)"""
+    revert_after: int = 60
+    """bars after which the drift is taken back (with --revert-fraction > 0)"""
 
 
 @dataclasses.dataclass
@@ -878,12 +892,15 @@ def run_synthetic_daily(a: SyntheticDaily, argv: list[str]) -> dict:
 
 def run_synthetic_intraday(a: SyntheticIntraday, argv: list[str]) -> dict:
     """`synthetic-intraday`: ES-like bars through the same builder as real data, plus the signal feature."""
-    frame, signal, oracle = synthetic_intraday_frame(a.days, a.seed, a.signal_strength, a.signal_halflife, a.start)
+    if a.revert_fraction < 0 or (a.revert_fraction > 0 and a.revert_after < 1):
+        raise DataError(f"--revert-fraction {a.revert_fraction} / --revert-after {a.revert_after}: need a fraction >= 0 and a delay >= 1 bar. Fix: e.g. --revert-fraction 0.8 --revert-after 60")
+    frame, signal, oracle = synthetic_intraday_frame(a.days, a.seed, a.signal_strength, a.signal_halflife, a.start, a.revert_fraction, a.revert_after)
     spec = dict(MARKETS["ES"])
     arrays, specs = build_intraday([("SYN", frame, 60, spec)], "America/New_York", None, "17:00", 1, {})
     arrays["features"] = np.concatenate([arrays["features"], signal[None, :, None].astype(np.float32)], axis=-1)
     arrays["feature_names"] = np.array(INTRADAY_FEATURES + ("signal",), dtype=str)
-    meta = dict(kind="intraday", version=VERSION, command=command_line(argv), synthetic=dict(dataclasses.asdict(a), out=None, **oracle),
+    recorded = {k: v for k, v in dataclasses.asdict(a).items() if a.revert_fraction > 0 or k not in ("revert_fraction", "revert_after")}  # default files unchanged
+    meta = dict(kind="intraday", version=VERSION, command=command_line(argv), synthetic=dict(recorded, out=None, **oracle),
                 tz="America/New_York", markets=specs, timestamps="UTC nanoseconds of each bar's open")
     save_npz(a.out, arrays, meta)
     return arrays
