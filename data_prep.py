@@ -650,13 +650,14 @@ def synthetic_daily_frames(stocks: int, days: int, seed: int, signal_strength: f
     return frames, signal, oracle
 
 
-def synthetic_intraday_frame(days: int, seed: int, signal_strength: float, signal_halflife: float, start: str,
+def synthetic_intraday_frame(days: int, seed, signal_strength: float, signal_halflife: float, start: str, price: float = 5000.0,
                              revert_fraction: float = 0.0, revert_after: int = 60):
     """Seeded ES-like 1-minute bars, 08:30-16:15 New York on business days (RTH 09:30-16:00 inside).
 
     Per-bar log returns have day-level volatility regimes, an overnight gap between sessions, and a
     planted AR(1) signal z (half-life in bars) known at bar t's close that adds
-    `0.1 * signal_strength * sigma * z[t]` to bar t+1's return. Prices are rounded to the 0.25 tick.
+    `0.1 * signal_strength * sigma * z[t]` to bar t+1's return. Prices start near `price` and are
+    rounded to the 0.25 tick. `seed` is an int or a sequence of ints (numpy's SeedSequence entropy).
     The default start (2024-02-26) puts the US DST change (2024-03-10) inside the first month.
     With `revert_fraction` > 0, `revert_fraction` of each planted drift is taken back `revert_after`
     bars later (planted mean reversion after the signal's moves: a trade entered on the signal gives
@@ -685,7 +686,7 @@ def synthetic_intraday_frame(days: int, seed: int, signal_strength: float, signa
     r[first_bar] += rng.normal(0.0, 0.004, first_bar.sum())  # overnight gap
     r[0] = 0.0
     tick = 0.25
-    close_raw = 5000.0 * np.exp(np.cumsum(r))
+    close_raw = price * np.exp(np.cumsum(r))
     close = np.round(close_raw / tick) * tick
     open_ = np.concatenate([[close[0]], close[:-1]])
     open_[first_bar] = np.round(close_raw[first_bar] * np.exp(-r[first_bar] * 0.1) / tick) * tick
@@ -791,6 +792,8 @@ class SyntheticIntraday:
     """half-life of the AR(1) signal in bars"""
     start: str = "2024-02-26"
     """first session (the default range crosses the 2024-03-10 DST change)"""
+    markets: int = 1
+    """number of markets: SYN (ES-like, $50 a point) then SYN2, SYN3, ... (NQ-like: price ~18,000, $20 a point), each with its own bars and signal"""
     revert_fraction: float = 0.0
     """planted mean reversion: this fraction of each bar's signal drift is taken back --revert-after bars later (0: none)"""
     revert_after: int = 60
@@ -891,16 +894,28 @@ def run_synthetic_daily(a: SyntheticDaily, argv: list[str]) -> dict:
 
 
 def run_synthetic_intraday(a: SyntheticIntraday, argv: list[str]) -> dict:
-    """`synthetic-intraday`: ES-like bars through the same builder as real data, plus the signal feature."""
+    """`synthetic-intraday`: ES-like (and NQ-like) bars through the same builder as real data, plus the signal feature."""
+    if a.markets < 1:
+        raise fail("synthetic-intraday", "--markets", f"{a.markets} markets", "pass --markets 1 or more")
     if a.revert_fraction < 0 or (a.revert_fraction > 0 and a.revert_after < 1):
-        raise DataError(f"--revert-fraction {a.revert_fraction} / --revert-after {a.revert_after}: need a fraction >= 0 and a delay >= 1 bar. Fix: e.g. --revert-fraction 0.8 --revert-after 60")
-    frame, signal, oracle = synthetic_intraday_frame(a.days, a.seed, a.signal_strength, a.signal_halflife, a.start, a.revert_fraction, a.revert_after)
-    spec = dict(MARKETS["ES"])
-    arrays, specs = build_intraday([("SYN", frame, 60, spec)], "America/New_York", None, "17:00", 1, {})
-    arrays["features"] = np.concatenate([arrays["features"], signal[None, :, None].astype(np.float32)], axis=-1)
+        raise fail("synthetic-intraday", "--revert-fraction/--revert-after", f"{a.revert_fraction} / {a.revert_after}",
+                   "pass a fraction >= 0 and a delay >= 1 bar, e.g. --revert-fraction 0.8 --revert-after 60")
+    frames, signals = [], []
+    for k in range(a.markets):  # market 0 keeps the single-market stream (seed); market k > 0 draws from (seed, k)
+        frame, signal, oracle = synthetic_intraday_frame(a.days, a.seed if k == 0 else (a.seed, k), a.signal_strength, a.signal_halflife, a.start,
+                                                         price=5000.0 if k == 0 else 18000.0, revert_fraction=a.revert_fraction, revert_after=a.revert_after)
+        spec = dict(MARKETS["ES" if k == 0 else "NQ"])
+        frames.append(("SYN" if k == 0 else f"SYN{k + 1}", frame, 60, spec))
+        signals.append(signal)
+    arrays, specs = build_intraday(frames, "America/New_York", None, "17:00", 1, {})
+    arrays["features"] = np.concatenate([arrays["features"], np.stack(signals)[:, :, None].astype(np.float32)], axis=-1)
     arrays["feature_names"] = np.array(INTRADAY_FEATURES + ("signal",), dtype=str)
-    recorded = {k: v for k, v in dataclasses.asdict(a).items() if a.revert_fraction > 0 or k not in ("revert_fraction", "revert_after")}  # default files unchanged
-    meta = dict(kind="intraday", version=VERSION, command=command_line(argv), synthetic=dict(recorded, out=None, **oracle),
+    synthetic = dict(dataclasses.asdict(a), out=None, **oracle)
+    if a.markets == 1:
+        del synthetic["markets"]  # single-market files stay byte-identical to those written before the option existed
+    if a.revert_fraction == 0:
+        del synthetic["revert_fraction"], synthetic["revert_after"]  # likewise without the planted reversion
+    meta = dict(kind="intraday", version=VERSION, command=command_line(argv), synthetic=synthetic,
                 tz="America/New_York", markets=specs, timestamps="UTC nanoseconds of each bar's open")
     save_npz(a.out, arrays, meta)
     return arrays

@@ -40,6 +40,8 @@ import numpy as np
 import optax
 import tyro
 from flax import struct
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 # ---- ARGS ----
@@ -161,6 +163,14 @@ class Args:
     """split backtested by --eval-only: train, val or test"""
     out_dir: str = "runs"
     """parent folder of run folders"""
+    devices: Optional[int] = None
+    """devices per process to shard over (default: all local devices); the population (and the TD3 batch) is split across them"""
+    coordinator_address: Optional[str] = None
+    """multi-host: HOST:PORT of process 0 (calls jax.distributed.initialize; run the same command on every host)"""
+    num_processes: Optional[int] = None
+    """multi-host: number of processes (one per host)"""
+    process_id: Optional[int] = None
+    """multi-host: this process's index, 0..num_processes-1 (process 0 writes logs and checkpoints)"""
 
 
 # ---- DATA ----
@@ -424,25 +434,39 @@ class Actor(nn.Module):
         context = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=self.args.hidden)(query, feats)[0]
         stock = feats[jnp.asarray(self.inv)]
         h = jnp.concatenate([stock, jnp.broadcast_to(context, stock.shape)], axis=-1)
-        h = nn.relu(nn.Dense(self.args.hidden)(h))
-        return nn.sigmoid(nn.Dense(2)(h))
+        per_stock = lambda features: nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})(features)  # noqa: E731
+        h = nn.relu(per_stock(self.args.hidden)(h))
+        return nn.sigmoid(per_stock(2)(h))
 
 
 class Critic(nn.Module):
-    """Twin Q networks (TD3) on pooled column features + small state + the flattened action.
+    """Twin Q networks (TD3) that mirror how the env uses an action.
 
-    Each column's window is encoded by a shared dense layer (cheaper than the actor's extractor: the critic
-    runs on every replay batch), then mean- and max-pooled over columns."""
+    An action only matters through the stock it opens (the highest coefficient among investable stocks not
+    held), that stock's coefficient (it scales the exit reward) and its sale target. So each investable
+    column is encoded together with its own action and held flag (a shared dense layer on its window: far
+    cheaper than the actor's extractor, and the critic runs on every replay batch), and the encodings are
+    pooled twice: a softmax over the coefficients (a differentiable "which stock is opened", with a learned
+    sharpness) and a plain mean; every column's window is also mean-pooled as market context."""
 
     args: Args
+    inv: tuple
 
     @nn.compact
     def __call__(self, obs, small, action):
+        inv = jnp.asarray(self.inv)
+        n = len(self.inv)
         cols = obs.transpose(1, 0, 2).reshape(obs.shape[1], -1)  # [N, W * C]
+        held = small[:n]
         qs = []
-        for _ in range(2):
-            feats = nn.relu(nn.Dense(self.args.hidden)(cols))
-            x = jnp.concatenate([feats.mean(0), feats.max(0), small, action.reshape(-1)])
+        for q in range(2):
+            context = nn.relu(nn.Dense(self.args.hidden)(cols)).mean(0)
+            enc = nn.relu(nn.Dense(self.args.hidden)(cols[inv]))
+            h = nn.relu(nn.Dense(self.args.hidden)(jnp.concatenate([enc, action, held[:, None]], axis=-1)))
+            sharp = 1.0 + nn.softplus(self.param(f"sharpness{q}", nn.initializers.constant(3.0), ()))
+            w = nn.softmax(sharp * 10.0 * action[:, 0] - 1e3 * held)
+            chosen = jnp.concatenate([w @ h, w @ action])
+            x = jnp.concatenate([chosen, h.mean(0), context, small])
             x = nn.relu(nn.Dense(4 * self.args.hidden)(x))
             x = nn.relu(nn.Dense(4 * self.args.hidden)(x))
             qs.append(nn.Dense(1)(x)[0])
@@ -544,12 +568,15 @@ def inject(pop: dict, fitness: jax.Array, actor: dict, actor_fitness: jax.Array)
     return pop, fitness.at[worst].set(actor_fitness), worst
 
 
-def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: int, inv: tuple):
+def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: int, inv: tuple, mesh: Optional[Mesh] = None):
     """Returns (init(rng) -> RunnerState, chunk(RunnerState, data) -> (RunnerState, metrics), actor, critic).
 
     Market data is an argument of the jitted functions, never a closed-over constant (it would be baked
-    into the compiled program: slow to compile and to run)."""
-    actor, critic = Actor(args, inv), Critic(args)
+    into the compiled program: slow to compile and to run). With a `mesh` (axis "d"), the population and
+    each TD3 batch are split over its devices; XLA gathers what selection needs (every fitness) and sums
+    the TD3 gradients across devices (the same gradient as on one device)."""
+    shard = (lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec("d")))) if mesh is not None else (lambda x: x)  # noqa: E731
+    actor, critic = Actor(args, inv), Critic(args, inv)
     L = args.trading_days + args.settlement_days
     E, P = args.episodes_per_agent, args.pop_size
     obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, data_shapes)
@@ -656,6 +683,7 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
             k_idx, k_upd = jax.random.split(key)
             idx = jax.random.randint(k_idx, (args.batch_size,), 0, replay.size)
             batch = (replay.t[idx], replay.small[idx], replay.action[idx], replay.reward[idx], replay.done[idx].astype(jnp.float32), replay.next_small[idx])
+            batch = shard(batch)  # each device computes the losses of its share of the batch
             return td3_update(learner, batch, k_upd, data)
 
         learner, (c_loss, a_loss) = jax.lax.scan(_rl_step, learner, jax.random.split(k_rl, args.rl_updates))
@@ -666,6 +694,7 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
         pop = jax.tree.map(lambda a, b: jnp.where(do_inject, a, b), inj_pop, pop)
         sel_fitness = jnp.where(do_inject, inj_fit, fitness)
         new_pop, elites = ga_step(k_ga, pop, sel_fitness, args)
+        new_pop = shard(new_pop)  # the next generation stays split over the devices (each plays its slice)
         metrics = dict(fitness_mean=fitness.mean(), fitness_max=fitness.max(), fitness_min=fitness.min(), learner_fitness=learner_fitness,
                        explore_return=explore_returns.mean(), critic_loss=c_loss.mean(), actor_loss=jnp.nanmean(a_loss), injected=do_inject,
                        injected_is_elite=do_inject & jnp.any(elites == slot), champion_fitness=sel_fitness.max(), replay_size=replay.size)
@@ -679,9 +708,62 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
 
 
 # ---- OUTER LOOP ----
+def init_distributed(args: Args) -> None:
+    """Multi-host: every process runs the same command with its own --process-id; jax.distributed.initialize
+    connects them, after which jax.devices() lists the devices of all hosts."""
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if all(f is None for f in flags):
+        return
+    if any(f is None for f in flags):
+        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all three (see README)")
+    if not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
+        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number the processes 0..P-1")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
+
+
+def make_mesh(args: Args) -> Mesh:
+    """A one-axis mesh ("d") over --devices devices of every process; the population and TD3 batch divide over it."""
+    local = jax.local_devices()
+    n = len(local) if args.devices is None else args.devices
+    if not 1 <= n <= len(local):
+        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices between 1 and {len(local)}")
+    devices = [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:n]]
+    D = len(devices)
+    if args.pop_size % D:
+        raise DataError(f"--pop-size {args.pop_size} does not divide over {D} devices. Fix: pass a multiple of {D} to --pop-size, or a --devices that divides it")
+    if args.batch_size % D:
+        raise DataError(f"--batch-size {args.batch_size} does not divide over {D} devices. Fix: pass a multiple of {D} to --batch-size, or change --devices")
+    return Mesh(np.array(devices), ("d",))
+
+
+def runner_shardings(runner: RunnerState, mesh: Mesh) -> RunnerState:
+    """The population split over the devices (leading axis); learner, replay memory, RNG and counters copied on each."""
+    split, copy = NamedSharding(mesh, PartitionSpec("d")), NamedSharding(mesh, PartitionSpec())
+    return RunnerState(jax.tree.map(lambda _: split, runner.pop), jax.tree.map(lambda _: copy, runner.learner),
+                       jax.tree.map(lambda _: copy, runner.replay), copy, copy)
+
+
+def place(tree, shardings):
+    """Host or single-device arrays -> global arrays laid out by `shardings` (every process passes the same values)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree, shardings)
+
+
+def fetch(tree):
+    """Global (possibly sharded, possibly multi-host) arrays -> NumPy arrays on every process."""
+    return multihost_utils.process_allgather(tree, tiled=True) if jax.process_count() > 1 else jax.device_get(tree)
+
+
 def save_checkpoint(path: Path, runner: RunnerState, extra: dict) -> None:
     """flax.serialization msgpack of the whole runner state: population, learner (params, targets, optimisers),
-    replay memory, RNG and counters."""
+    replay memory, RNG and counters. Host arrays without any device layout, so a checkpoint resumes on any
+    number of devices. Every process calls it (the gather is collective); process 0 writes."""
+    runner = fetch(runner)
+    if jax.process_index() != 0:
+        return
     payload = {"runner": flax.serialization.to_state_dict(runner), "extra": json.dumps(extra)}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
@@ -701,7 +783,9 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
 
 
 def save_policy(path: Path, params, args: Args) -> None:
-    """A policy-only checkpoint (actor params + config) for --eval-only."""
+    """A policy-only checkpoint (actor params + config) for --eval-only. Written by process 0 only."""
+    if jax.process_index() != 0:
+        return
     payload = {"params": flax.serialization.to_state_dict(params), "config": json.dumps(dataclasses.asdict(args)), "kind": "erl_actor"}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
@@ -859,6 +943,8 @@ def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str
 
 
 def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: dict, info: dict, split: str, args: Args) -> None:
+    if jax.process_index() != 0:  # multi-host: process 0 writes
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -882,8 +968,8 @@ def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: di
 
 
 def champion_params(runner: RunnerState):
-    """The population's first slot: after a GA step the best individual of the last evaluation (elites first)."""
-    return jax.tree.map(lambda x: x[0], runner.pop)
+    """The population's first slot: after a GA step the best individual of the last evaluation (elites first), as host arrays."""
+    return jax.tree.map(lambda x: x[0], fetch(runner.pop))
 
 
 # ---- MAIN ----
@@ -925,6 +1011,9 @@ def hparam_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
 
 
+LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes", "process_id")  # how to run, not what: a resume picks its own
+
+
 def train_and_report(args: Args) -> dict:
     """The whole job: load data, evolve in chunks (logging, checkpoints, validation), backtest on the test split."""
     from tensorboardX import SummaryWriter
@@ -934,7 +1023,7 @@ def train_and_report(args: Args) -> dict:
         if not (run_dir / "config.json").is_file():
             raise DataError(f"{run_dir}: no config.json. Fix: pass a run folder written by erl_trader.py")
         saved = json.loads((run_dir / "config.json").read_text())
-        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint")})
+        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint") + LAYOUT_FLAGS})
     elif args.eval_only:
         if not args.checkpoint:
             raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
@@ -945,6 +1034,7 @@ def train_and_report(args: Args) -> dict:
         args = dataclasses.replace(args, run_name=args.run_name or f"erl_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
         run_dir = Path(args.out_dir) / args.run_name
 
+    mesh = None if args.eval_only else make_mesh(args)  # a layout that cannot work fails before anything is written
     datasets, info = load_data(args)
     env_params = env_params_from_args(args)
     inv = tuple(info["inv"])
@@ -957,29 +1047,33 @@ def train_and_report(args: Args) -> dict:
         write_backtest_outputs(run_dir, report, champ, curves, info, args.eval_split, args)
         print(json.dumps(summary_rows(report), indent=1))
         return report
-    if not args.resume:
+    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
+    if not args.resume and main_process:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
     t0 = time.time()
-    init, chunk, actor, critic = make_erl(args, env_params, datasets["train"], len(inv), inv)
+    init, chunk, actor, critic = make_erl(args, env_params, datasets["train"], len(inv), inv, mesh)
     runner = init(jax.random.PRNGKey(args.seed))
     ckpt = run_dir / "checkpoint.msgpack"
     extra = {"chunk": 0, "best_val": -1e30, "elapsed": 0.0}
     if args.resume:
         runner, extra = load_checkpoint(ckpt, runner)
-    compiled = jax.jit(chunk).lower(runner, datasets["train"]).compile()
+    shardings, copy = runner_shardings(runner, mesh), NamedSharding(mesh, PartitionSpec())
+    runner, train_data = place(runner, shardings), place(datasets["train"], copy)  # market data: a copy on every device
+    compiled = jax.jit(chunk, in_shardings=(shardings, copy), out_shardings=(shardings, copy)).lower(runner, train_data).compile()
     compile_s = time.time() - t0
     num_chunks = args.generations // args.chunk_generations
     L = args.trading_days + args.settlement_days
     steps_per_gen = (args.pop_size + 2) * args.episodes_per_agent * L
     replay_bytes = sum(x.dtype.itemsize * int(np.prod(x.shape[1:])) for x in runner.replay[:6])
     print(f"run {run_dir}  generations {args.generations}  pop {args.pop_size}  env steps/generation {steps_per_gen}  "
-          f"replay {replay_bytes} bytes/transition  compile {compile_s:.1f}s", flush=True)
+          f"replay {replay_bytes} bytes/transition  devices {mesh.devices.size} ({args.pop_size // mesh.devices.size} actors each, "
+          f"{jax.process_count()} process(es))  compile {compile_s:.1f}s", flush=True)
     val_bt = make_backtest(env_params, datasets["val"], split_days(info, "val", args))
-    writer = SummaryWriter(str(run_dir))
+    writer = SummaryWriter(str(run_dir), write_to_disk=main_process)
     if not args.resume:
         writer.add_text("hyperparameters", hparam_table(args))
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl" if main_process else os.devnull, "a")
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     start_chunk, elapsed0, t_start = extra["chunk"], extra["elapsed"], time.time()
@@ -987,8 +1081,8 @@ def train_and_report(args: Args) -> dict:
     try:
         for c in range(start_chunk, num_chunks):
             tc = time.time()
-            new_runner, metrics = compiled(runner, datasets["train"])
-            metrics = jax.tree.map(np.asarray, metrics)
+            new_runner, metrics = compiled(runner, train_data)
+            metrics = fetch(metrics)
             if not all(np.isfinite(metrics[k]).all() for k in ("critic_loss", "fitness_mean")):
                 status = "nan"
                 print(f"error: NaN/inf at chunk {c + 1}; stopping. The last good checkpoint is {ckpt}. Fix: lower --critic-lr/--actor-lr or check the data",
@@ -1036,8 +1130,11 @@ def train_and_report(args: Args) -> dict:
     if status != "done":
         return {"status": status, "run_dir": str(run_dir)}
 
-    save_policy(run_dir / "final.msgpack", champion_params(runner), args)
-    params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy)
+    final = champion_params(runner)
+    save_policy(run_dir / "final.msgpack", final, args)
+    params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy) if main_process else final
+    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
+        params = multihost_utils.broadcast_one_to_all(params)
     report, champ, curves = backtest_report(actor, params, datasets, info, "test", args, env_params)
     report["selected_by"] = "best champion validation return (best.msgpack)"
     write_backtest_outputs(run_dir, report, champ, curves, info, "test", args)
@@ -1054,6 +1151,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         check_args(args)
+        init_distributed(args)
         result = train_and_report(args)
     except DataError as e:
         print(f"erl_trader: error: {e}", file=sys.stderr)

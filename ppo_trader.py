@@ -35,6 +35,8 @@ import optax
 import tyro
 from flax import struct
 from flax.training.train_state import TrainState
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 # ---- ARGS ----
@@ -84,6 +86,8 @@ class Args:
     """end of the training split: a date (YYYY-MM-DD, exclusive) or a fraction of each market's bars"""
     val_end: str = "0.85"
     """end of the validation split (the test split is the rest); one window of bars is embargoed between splits"""
+    market_weights: Optional[tuple[float, ...]] = None
+    """probability of drawing each market at an episode's reset, one number per market of --data (normalised to sum 1; default: in proportion to each market's training bars)"""
     window: int = 16
     """bars of market features in an observation"""
     contracts: int = 1
@@ -118,6 +122,14 @@ class Args:
     """phase 2: start from this phase 1 policy (runs/NAME/best.msgpack or final.msgpack): weights, grown policy head, obs normaliser"""
     new_action_mass: float = 0.01
     """with --init-from: each new action starts with about this probability relative to HOLD"""
+    curriculum: bool = False
+    """ease the rules at the start of training: dd limit and commission move linearly from the start values below to the real ones"""
+    curriculum_dd_start: Optional[float] = None
+    """--curriculum: trailing drawdown limit at the start of training (default: 2 x --dd-limit)"""
+    curriculum_commission_start: float = 0.0
+    """--curriculum: commission at the start of training, as a fraction of the real one (0: free)"""
+    curriculum_end: float = 0.8
+    """--curriculum: fraction of training after which the real values hold"""
     chunk_updates: int = 10
     """updates per jitted chunk; the host logs and checkpoints between chunks"""
     eval_every: int = 5
@@ -134,6 +146,14 @@ class Args:
     """split backtested by --eval-only: train, val or test"""
     out_dir: str = "runs"
     """parent folder of run folders"""
+    devices: Optional[int] = None
+    """devices per process to shard over (default: all local devices); seeds and envs are split across them"""
+    coordinator_address: Optional[str] = None
+    """multi-host: HOST:PORT of process 0 (calls jax.distributed.initialize; run the same command on every host)"""
+    num_processes: Optional[int] = None
+    """multi-host: number of processes (one per host)"""
+    process_id: Optional[int] = None
+    """multi-host: this process's index, 0..num_processes-1 (process 0 writes logs and checkpoints)"""
 
 
 # ---- DATA ----
@@ -192,6 +212,19 @@ def calendar_arrays(session_end: np.ndarray, ts: np.ndarray, length: int) -> tup
     return bars, hours.astype(np.float32)
 
 
+def market_weights(args: Args, names: list, bounds: list, path: Path) -> np.ndarray:
+    """[M] probabilities of drawing each market at reset: --market-weights normalised, or by training bars."""
+    if args.market_weights is None:
+        lens = np.array([b["train"][1] - b["train"][0] for b in bounds], np.float64)
+        return (lens / lens.sum()).astype(np.float32)
+    w = np.asarray(args.market_weights, np.float64)
+    if len(w) != len(names):
+        raise DataError(f"--market-weights has {len(w)} numbers, {path} holds {len(names)} markets ({' '.join(names)}). Fix: pass one weight per market, in that order")
+    if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
+        raise DataError(f"--market-weights {' '.join(map(str, args.market_weights))}: weights must be finite, >= 0 and not all 0. Fix: e.g. --market-weights {' '.join(['1'] * len(names))}")
+    return (w / w.sum()).astype(np.float32)
+
+
 def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, dict]:
     """Loads and checks an intraday npz; returns ({'train','val','test'}: MarketData, info).
 
@@ -246,6 +279,7 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
     pv = np.array([specs[n]["point_value"] for n in names], np.float32)
     tick = np.array([specs[n]["tick_size"] for n in names], np.float32)
     comm = np.array([args.commission if args.commission is not None else specs[n]["commission"] for n in names], np.float32)
+    weights = market_weights(args, names, bounds, path)
     first_rth = raw["rth"] & ~np.concatenate([np.zeros((M, 1), bool), raw["rth"][:, :-1] & ~raw["session_end"][:, :-1]], axis=1)
     # the bar arrays go to the device once and are shared by the three splits (which differ in starts and bounds)
     shared = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
@@ -263,11 +297,10 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
                 starts[-1] = np.array([lo + W - 1])
         S = max(len(s) for s in starts)
         starts_arr = np.stack([np.pad(s, (0, S - len(s)), mode="edge") for s in starts]).astype(np.int32)
-        lens = np.array([b[name][1] - b[name][0] for b in bounds], np.float32)
         out[name] = MarketData(
             **shared, starts=jnp.asarray(starts_arr), n_starts=jnp.asarray([len(s) for s in starts], jnp.int32),
             lo=jnp.asarray([b[name][0] for b in bounds], jnp.int32), hi=jnp.asarray([b[name][1] for b in bounds], jnp.int32),
-            market_weights=jnp.asarray(lens / lens.sum()),
+            market_weights=jnp.asarray(weights),
         )
     info = dict(path=str(path), meta=meta, markets=names, bounds=bounds, feature_names=[str(x) for x in raw["feature_names"]],
                 timestamps=raw["timestamps"], feature_mean=mu.tolist(), feature_std=sd.tolist())
@@ -614,15 +647,39 @@ def grow_norm(norm: "ObsNorm", obs_dim: int) -> "ObsNorm":
     return ObsNorm(mean=jnp.concatenate([norm.mean, jnp.zeros(k)]), var=jnp.concatenate([norm.var, jnp.ones(k)]), count=norm.count)
 
 
-def make_train(args: Args, env_params: EnvParams, data: MarketData, transfer: Optional[tuple] = None):
+def curriculum_in_force(args: Args, env_params: EnvParams, data: MarketData, progress: jax.Array):
+    """The env rules in force at training `progress` (update / num_updates, in [0, 1]) under --curriculum.
+
+    dd_limit moves linearly from --curriculum-dd-start (default 2 x --dd-limit) to --dd-limit and the
+    commission from --curriculum-commission-start x the real one to the real one; both reach the real
+    values at progress --curriculum-end and keep them. Works on traced values inside the jitted loop.
+    Returns (env_params, data, {"dd_limit", "commission_scale"}) in force.
+    """
+    frac = jnp.clip(progress / args.curriculum_end, 0.0, 1.0)
+    dd_start = 2.0 * args.dd_limit if args.curriculum_dd_start is None else args.curriculum_dd_start
+    dd_limit = dd_start + (env_params.dd_limit - dd_start) * frac
+    commission_scale = args.curriculum_commission_start + (1.0 - args.curriculum_commission_start) * frac
+    return (env_params.replace(dd_limit=dd_limit), data.replace(commission=data.commission * commission_scale),
+            dict(dd_limit=dd_limit, commission_scale=commission_scale))
+
+
+def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None, transfer: Optional[tuple] = None):
     """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics)).
 
-    `transfer` = (params, obs normaliser) of a phase 1 policy: phase 2 starts from them (`grow_params`).
-    """
+    With a `mesh` (axes "seed", "env"), every minibatch is split over the "env" devices: each computes the
+    loss on its share and XLA sums the gradients across them (the same gradient as on one device).
+    `transfer` = (params, obs normaliser) of a phase 1 policy: phase 2 starts from them (`grow_params`)."""
     num_updates = math.ceil(args.total_timesteps / (args.num_envs * args.num_steps) / args.chunk_updates) * args.chunk_updates
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
     network = ActorCritic(PHASE_ACTIONS[args.phase], args.hidden)
     obs_dim = obs_size(args.window, data.features.shape[-1], args.phase)
+    num_markets = data.market_weights.shape[0]
+
+    def in_force(update):
+        """(env_params, data, curriculum values) for this update: the real ones unless --curriculum (then traced)."""
+        if not args.curriculum:
+            return env_params, data, {}
+        return curriculum_in_force(args, env_params, data, update / num_updates)
 
     def lr_schedule(count):
         frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / num_updates
@@ -636,27 +693,34 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, transfer: Op
         if transfer is not None:
             params = grow_params(params, transfer[0], args.new_action_mass)
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-        obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), env_params, data)
+        params0, data0, _ = in_force(jnp.int32(0))
+        obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), params0, data0)
         norm = ObsNorm.create(obs_dim).update(obs) if transfer is None else grow_norm(transfer[1], obs_dim)
         return RunnerState(train_state, env_state, obs, norm, rng, jnp.int32(0))
 
     def _update_step(runner: RunnerState, _):
+        # CURRICULUM: the env rules in force are computed from the update counter (no recompilation)
+        env_params_t, data_t, curriculum = in_force(runner.update)
+
         # COLLECT TRAJECTORIES
         def _env_step(runner: RunnerState, _):
             train_state, env_state, last_obs, norm, rng, update = runner
             rng, k_act, k_env = jax.random.split(rng, 3)
-            mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params, data)
+            mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params_t, data_t)
             obs_n = norm(last_obs)
             logits, value = network.apply(train_state.params, obs_n)
             pi = masked_policy(logits, mask)
             action = pi.sample(seed=k_act)
             log_prob = pi.log_prob(action)
             obs, env_state, reward, term, trunc, info = jax.vmap(step, in_axes=(0, 0, 0, None, None))(
-                jax.random.split(k_env, args.num_envs), env_state, action, env_params, data)
+                jax.random.split(k_env, args.num_envs), env_state, action, env_params_t, data_t)
             _, final_value = network.apply(train_state.params, norm(info["final_obs"]))
             tr = Transition(obs_n, action, log_prob, value, reward, term, trunc, final_value, mask)
             done = term | trunc
             ep = (jnp.sum(done * info["episode_return"]), jnp.sum(done * info["episode_length"]), jnp.sum(done), jnp.sum(term))
+            by_market = jax.nn.one_hot(info["market"], num_markets) * done[:, None]  # [N, M]: the market of each episode that ended
+            ep = ep + (by_market.sum(0), (by_market * info["episode_return"][:, None]).sum(0), (by_market * info["episode_length"][:, None]).sum(0),
+                       (by_market * term[:, None]).sum(0))
             return RunnerState(train_state, env_state, obs, norm, rng, update), (tr, ep, obs)
 
         runner, (traj, ep, raw_obs) = jax.lax.scan(_env_step, runner, None, args.num_steps)
@@ -673,6 +737,8 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, transfer: Op
             batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), (traj, advantages, targets))
             perm = jax.random.permutation(k_perm, args.num_envs * args.num_steps)
             mbs = jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape((args.num_minibatches, minibatch) + x.shape[1:]), batch)
+            if mesh is not None:  # the shuffle is global (same minibatches as on one device); each device then works on its part
+                mbs = jax.lax.with_sharding_constraint(mbs, NamedSharding(mesh, P(None, "env")))
 
             def _update_minibatch(train_state, mb):
                 tr, adv, tgt = mb
@@ -705,12 +771,14 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, transfer: Op
 
         (train_state, rng), aux = jax.lax.scan(_update_epoch, (train_state, rng), None, args.update_epochs)
         norm = norm.update(raw_obs.reshape(-1, raw_obs.shape[-1]))
-        ep_ret, ep_len, n_done, n_term = (x.sum() for x in ep)
+        ep_ret, ep_len, n_done, n_term, m_done, m_ret, m_len, m_term = (x.sum(0) for x in ep)
         metrics = dict(
             episodic_return=ep_ret / jnp.maximum(n_done, 1), episodic_length=ep_len / jnp.maximum(n_done, 1), episodes=n_done, breaches=n_term,
             policy_loss=aux[0].mean(), value_loss=aux[1].mean(), entropy=aux[2].mean(), approx_kl=aux[3].mean(), clipfrac=aux[4].mean(),
             learning_rate=args.learning_rate * (1.0 - update / num_updates if args.anneal_lr else 1.0),
             explained_variance=1 - jnp.var(targets - traj.value) / (jnp.var(targets) + 1e-8),
+            market_episodes=m_done, market_return_sum=m_ret, market_length_sum=m_len, market_breaches=m_term,  # [M] each
+            **{f"curriculum_{k}": v for k, v in curriculum.items()},
         )
         return RunnerState(train_state, env_state, last_obs, norm, rng, update + 1), metrics
 
@@ -722,14 +790,91 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, transfer: Op
 
 
 # ---- OUTER LOOP ----
+def chunk_summary(m: dict, markets: list) -> tuple[dict, dict]:
+    """One seed's chunk metrics ([chunk_updates] or [chunk_updates, M] arrays) -> (totals, {market: metrics}).
+
+    Returns and lengths are means over the episodes that ended in the chunk; `episodes` and `breaches`
+    are means per update; the learning rate and the curriculum values are those of the chunk's last update.
+    A market with no finished episode in the chunk has a return and length of None.
+    """
+    last = ("learning_rate", "curriculum_dd_limit", "curriculum_commission_scale")
+    out = {k: float(v[-1]) if k in last else float(np.mean(v)) for k, v in m.items() if not k.startswith("market_")}
+    n = float(m["episodes"].sum())
+    out["episodic_return"] = float(np.sum(m["episodic_return"] * m["episodes"]) / max(n, 1))
+    out["episodic_length"] = float(np.sum(m["episodic_length"] * m["episodes"]) / max(n, 1))
+    by_market = {}
+    for i, market in enumerate(markets):
+        n_m = float(m["market_episodes"][:, i].sum())
+        by_market[market] = dict(episodic_return=float(m["market_return_sum"][:, i].sum() / n_m) if n_m else None,
+                                 episodic_length=float(m["market_length_sum"][:, i].sum() / n_m) if n_m else None,
+                                 episodes=float(m["market_episodes"][:, i].mean()), breaches=float(m["market_breaches"][:, i].mean()))
+    return out, by_market
+def init_distributed(args: Args) -> None:
+    """Multi-host: every process runs the same command with its own --process-id; jax.distributed.initialize
+    connects them, after which jax.devices() lists the devices of all hosts."""
+    flags = (args.coordinator_address, args.num_processes, args.process_id)
+    if all(f is None for f in flags):
+        return
+    if any(f is None for f in flags):
+        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all three (see README)")
+    if not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
+        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number the processes 0..P-1")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
+
+
+def make_mesh(args: Args) -> Mesh:
+    """A ("seed", "env") mesh over --devices devices of every process: seeds split over gcd(num_seeds, devices)
+    groups of devices, each seed's envs over the devices of its group."""
+    local = jax.local_devices()
+    n = len(local) if args.devices is None else args.devices
+    if not 1 <= n <= len(local):
+        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices between 1 and {len(local)}")
+    devices = [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:n]]
+    n_seed = math.gcd(args.num_seeds, len(devices))
+    n_env = len(devices) // n_seed
+    minibatch = args.num_envs * args.num_steps // args.num_minibatches
+    if args.num_envs % n_env or minibatch % n_env:
+        raise DataError(f"--num-envs {args.num_envs} (and the minibatch of {minibatch}) must divide over {n_env} devices per seed "
+                        f"({len(devices)} devices, --num-seeds {args.num_seeds}). Fix: pass a multiple of {n_env} to --num-envs, or change --devices")
+    return Mesh(np.array(devices).reshape(n_seed, n_env), ("seed", "env"))
+
+
+def runner_shardings(runner: RunnerState, mesh: Mesh) -> RunnerState:
+    """Where each part of the (seed-stacked) runner state lives: env states and observations split by seed and
+    env, everything else (params, optimiser, normaliser, RNG) split by seed and copied over a seed's env devices."""
+    by_seed, by_env = NamedSharding(mesh, P("seed")), NamedSharding(mesh, P("seed", "env"))
+    return RunnerState(jax.tree.map(lambda _: by_seed, runner.train_state), jax.tree.map(lambda _: by_env, runner.env_state), by_env,
+                       jax.tree.map(lambda _: by_seed, runner.obs_norm), by_seed, by_seed)
+
+
+def place(tree, shardings):
+    """Host or single-device arrays -> global arrays laid out by `shardings` (every process passes the same values)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree, shardings)
+
+
+def fetch(tree):
+    """Global (possibly sharded, possibly multi-host) arrays -> NumPy arrays on every process."""
+    return multihost_utils.process_allgather(tree, tiled=True) if jax.process_count() > 1 else jax.device_get(tree)
+
+
 def policy_params(runner: RunnerState, seed_index: int = 0):
-    """Network params and observation normaliser of one seed (leading vmap axis)."""
+    """Network params and observation normaliser of one seed (leading vmap axis), as host arrays."""
     pick = lambda x: x[seed_index]  # noqa: E731
-    return jax.tree.map(pick, runner.train_state.params), jax.tree.map(pick, runner.obs_norm)
+    params, norm = fetch((runner.train_state.params, runner.obs_norm))
+    return jax.tree.map(pick, params), jax.tree.map(pick, norm)
 
 
 def save_checkpoint(path: Path, runner: RunnerState, extra: dict) -> None:
-    """flax.serialization msgpack of the whole runner state (params, optimiser, envs, normaliser, RNG, counters)."""
+    """flax.serialization msgpack of the whole runner state (params, optimiser, envs, normaliser, RNG, counters).
+    Host arrays without any device layout, so a checkpoint resumes on any number of devices. Every process
+    calls it (the gather is collective); process 0 writes."""
+    runner = fetch(runner)
+    if jax.process_index() != 0:
+        return
     payload = {"runner": flax.serialization.to_state_dict(runner), "extra": json.dumps(extra)}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
@@ -754,7 +899,9 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
 
 def save_policy(path: Path, params, norm: ObsNorm, args: Args, info: dict) -> None:
     """A policy-only checkpoint (for --eval-only): network params, obs normaliser, the training split's
-    feature statistics and the config."""
+    feature statistics and the config. Written by process 0 only."""
+    if jax.process_index() != 0:
+        return
     payload = {"params": flax.serialization.to_state_dict(params), "obs_norm": flax.serialization.to_state_dict(norm),
                "config": json.dumps(dataclasses.asdict(args)), "num_actions": PHASE_ACTIONS[args.phase],
                "feature_stats": json.dumps([info["feature_mean"], info["feature_std"]])}
@@ -934,7 +1081,9 @@ def backtest_report(backtest, data: MarketData, info: dict, split: str, env_para
 
 
 def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) -> None:
-    """report.json, trades.csv and equity.png for the policy's backtest."""
+    """report.json, trades.csv and equity.png for the policy's backtest (process 0 only)."""
+    if jax.process_index() != 0:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -990,6 +1139,9 @@ def hparam_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
 
 
+LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes", "process_id")  # how to run, not what: a resume picks its own
+
+
 def train_and_report(args: Args) -> dict:
     """The whole job: load data, train in chunks (logging, checkpoints, validation), backtest on the test split."""
     from tensorboardX import SummaryWriter
@@ -1000,12 +1152,12 @@ def train_and_report(args: Args) -> dict:
         if not cfg_path.is_file():
             raise DataError(f"{run_dir}: no config.json. Fix: pass a run folder written by ppo_trader.py")
         saved = json.loads(cfg_path.read_text())
-        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint")})
+        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint") + LAYOUT_FLAGS})
     elif args.eval_only:
         if not args.checkpoint:
             raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
         # the policy's own window, network, env rules and splits; data, split to play and output folder from the command line
-        keep = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "seed")
+        keep = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "seed", "market_weights")  # backtests play every market
         saved, feature_stats = policy_config(args.checkpoint)
         args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in keep and k in Args.__dataclass_fields__})
         run_dir = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
@@ -1013,6 +1165,7 @@ def train_and_report(args: Args) -> dict:
         args = dataclasses.replace(args, run_name=args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
         run_dir = Path(args.out_dir) / args.run_name
 
+    mesh = None if args.eval_only else make_mesh(args)  # a layout that cannot work fails before anything is written
     datasets, info = load_data(args, feature_stats if args.eval_only else None)
     env_params = env_params_from_args(args)
     obs_dim = obs_size(args.window, datasets["train"].features.shape[-1], args.phase)
@@ -1023,31 +1176,38 @@ def train_and_report(args: Args) -> dict:
         report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, args.eval_split)
         print(json.dumps(summary_rows(report), indent=1))
         return report
-    if not args.resume:
+    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
+    if not args.resume and main_process:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
-    init, train_chunk, num_updates, network = make_train(args, env_params, datasets["train"], transfer)
+    train_data = place(datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
+    init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh, transfer)
     seeds = jnp.arange(args.num_seeds) + args.seed
     rngs = jax.vmap(jax.random.PRNGKey)(seeds)
     t0 = time.time()
     # one init per seed, stacked: vmapping flax's orthogonal initialisers (batched QR) can deadlock XLA:CPU's thread pool
     init_one = jax.jit(init)
     runner = jax.tree.map(lambda *x: jnp.stack(x), *[init_one(k) for k in rngs])
-    chunk_fn = jax.jit(jax.vmap(train_chunk))
+    shardings = runner_shardings(runner, mesh)
+    # vmap over seeds; spmd_axis_name puts the seed axis on the mesh's "seed" devices inside the chunk too
+    chunk_fn = jax.jit(jax.vmap(train_chunk, spmd_axis_name="seed"), in_shardings=(shardings,),
+                       out_shardings=(shardings, NamedSharding(mesh, P("seed"))))
     ckpt = run_dir / "checkpoint.msgpack"
     extra = {"chunk": 0, "best_val": -1e30, "elapsed": 0.0}
     if args.resume:
         runner, extra = load_checkpoint(ckpt, runner)
+    runner = place(runner, shardings)
     num_chunks = num_updates // args.chunk_updates
     steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps * args.num_seeds
-    writer = SummaryWriter(str(run_dir))
+    writer = SummaryWriter(str(run_dir), write_to_disk=main_process)
     if not args.resume:
         writer.add_text("hyperparameters", hparam_table(args))
     compiled = chunk_fn.lower(runner).compile()
     compile_s = time.time() - t0
-    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps {num_updates * args.num_envs * args.num_steps:,} per seed  compile {compile_s:.1f}s", flush=True)
+    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps {num_updates * args.num_envs * args.num_steps:,} per seed  "
+          f"devices {mesh.devices.size} ({mesh.shape['seed']} seed x {mesh.shape['env']} env, {jax.process_count()} process(es))  compile {compile_s:.1f}s", flush=True)
     val_backtest = make_backtest(env_params, datasets["val"])
-    metrics_file = open(run_dir / "metrics.jsonl", "a")
+    metrics_file = open(run_dir / "metrics.jsonl" if main_process else os.devnull, "a")
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     start_chunk, elapsed0, t_start = extra["chunk"], extra["elapsed"], time.time()
@@ -1056,7 +1216,7 @@ def train_and_report(args: Args) -> dict:
         for chunk in range(start_chunk, num_chunks):
             tc = time.time()
             new_runner, metrics = compiled(runner)
-            metrics = jax.tree.map(lambda x: np.asarray(x), metrics)  # [seeds, chunk_updates]
+            metrics = fetch(metrics)  # [seeds, chunk_updates]
             if not all(np.isfinite(metrics[k]).all() for k in ("policy_loss", "value_loss", "entropy")):
                 status = "nan"
                 print(f"error: NaN/inf in the losses at chunk {chunk + 1}; stopping. The last good checkpoint is {ckpt}. "
@@ -1068,9 +1228,8 @@ def train_and_report(args: Args) -> dict:
             sps = steps_per_chunk / dt
             elapsed = elapsed0 + time.time() - t_start
             eta = (time.time() - t_start) / (chunk + 1 - start_chunk) * (num_chunks - chunk - 1)
-            seed0 = {k: float(v[0][-1]) if k in ("learning_rate",) else float(np.mean(v[0])) for k, v in metrics.items()}
-            seed0["episodic_return"] = float(np.sum(metrics["episodic_return"][0] * metrics["episodes"][0]) / max(metrics["episodes"][0].sum(), 1))
-            row = dict(chunk=chunk + 1, update=(chunk + 1) * args.chunk_updates, global_step=step_count, sps=sps, elapsed=elapsed, **seed0)
+            seed0, by_market = chunk_summary({k: v[0] for k, v in metrics.items()}, info["markets"])
+            row = dict(chunk=chunk + 1, update=(chunk + 1) * args.chunk_updates, global_step=step_count, sps=sps, elapsed=elapsed, **seed0, markets=by_market)
             if (chunk + 1) % args.eval_every == 0 or chunk + 1 == num_chunks:
                 params, norm = policy_params(runner)
                 row["val_return"] = validation_return(args, network, params, norm, datasets, info, env_params, val_backtest)
@@ -1080,13 +1239,22 @@ def train_and_report(args: Args) -> dict:
                     save_policy(run_dir / "best.msgpack", params, norm, args, info)
             for tag in ("episodic_return", "episodic_length", "learning_rate", "breaches"):
                 writer.add_scalar(f"charts/{tag}", seed0[tag], step_count)
+            for market, values in by_market.items():
+                for tag, value in values.items():
+                    if value is not None:  # no episode of this market ended in the chunk: no return or length to log
+                        writer.add_scalar(f"charts/{market}/{tag}", value, step_count)
+            for tag in ("dd_limit", "commission_scale"):
+                if f"curriculum_{tag}" in seed0:
+                    writer.add_scalar(f"curriculum/{tag}", seed0[f"curriculum_{tag}"], step_count)
             for tag in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
                 writer.add_scalar(f"losses/{tag}", seed0[tag], step_count)
             writer.add_scalar("perf/SPS", sps, step_count)
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
-            print(f"update {row['update']:5d}/{num_updates}  steps {step_count:>10,}  return {seed0['episodic_return']:+.3f}  "
-                  f"pg {seed0['policy_loss']:+.4f}  v {seed0['value_loss']:.4f}  ent {seed0['entropy']:.3f}"
+            print(f"update {row['update']:5d}/{num_updates}  steps {step_count:>10,}  return {seed0['episodic_return']:+.3f}"
+                  + "".join(f"  {mk} {v['episodic_return']:+.3f}" for mk, v in by_market.items() if len(by_market) > 1 and v["episodic_return"] is not None)
+                  + (f"  dd_limit {seed0['curriculum_dd_limit']:.0f}" if args.curriculum else "")
+                  + f"  pg {seed0['policy_loss']:+.4f}  v {seed0['value_loss']:.4f}  ent {seed0['entropy']:.3f}"
                   + (f"  val {row['val_return']:+.4f}" if "val_return" in row else "")
                   + f"  SPS {sps:,.0f}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
             extra = dict(extra, chunk=chunk + 1, elapsed=elapsed)
@@ -1104,12 +1272,15 @@ def train_and_report(args: Args) -> dict:
 
     params, norm = policy_params(runner)
     save_policy(run_dir / "final.msgpack", params, norm, args, info)
-    best = run_dir / "best.msgpack"
-    network, params, norm, _ = load_policy(str(best), args, obs_dim)
+    if main_process:
+        network, params, norm, _ = load_policy(str(run_dir / "best.msgpack"), args, obs_dim)
+    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
+        params, norm = multihost_utils.broadcast_one_to_all((params, norm))
     report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, "test")
     report["selected_by"] = "best validation return (best.msgpack)"
     report["initial_balance"] = env_params.initial_balance
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    if main_process:
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(summary_rows(report), indent=1))
     return report
 
@@ -1157,6 +1328,10 @@ def check_args(args: Args) -> None:
         raise DataError("--init-from starts phase 2 from a phase 1 policy. Fix: add --phase 2")
     if args.trail_atr_mult <= 0 or not 0 < args.new_action_mass < 1:
         raise DataError("--trail-atr-mult must be > 0 and --new-action-mass in (0, 1). Fix: pass valid values")
+    if args.curriculum and not (0 < args.curriculum_end <= 1 and args.curriculum_commission_start >= 0
+                                and (args.curriculum_dd_start is None or args.curriculum_dd_start > 0)):
+        raise DataError(f"--curriculum-end must be in (0, 1], --curriculum-commission-start >= 0 and --curriculum-dd-start > 0 (got {args.curriculum_end}, "
+                        f"{args.curriculum_commission_start}, {args.curriculum_dd_start}). Fix: e.g. --curriculum-end 0.8 --curriculum-commission-start 0 --curriculum-dd-start 4000")
     if args.eval_split not in ("train", "val", "test"):
         raise DataError(f"--eval-split '{args.eval_split}' is not train, val or test. Fix: pick one of them")
 
@@ -1165,6 +1340,7 @@ def main(argv=None) -> int:
     try:
         args = parse_args(argv)
         check_args(args)
+        init_distributed(args)
         result = train_and_report(args)
     except DataError as e:
         print(f"ppo_trader: error: {e}", file=sys.stderr)

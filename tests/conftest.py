@@ -11,13 +11,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def run_script(*args, cwd=ROOT, env=None, timeout=600):
-    """Runs `python <args>` from the repository root; returns the CompletedProcess (text mode)."""
+def script_env(env=None) -> dict:
+    """The environment of the scripts' subprocesses: CPU, a shared compilation cache, plus `env`."""
     # a persistent compilation cache shared by the subprocesses: the same tiny configs compile once per machine
     cache = dict(JAX_COMPILATION_CACHE_DIR=str(Path(tempfile.gettempdir()) / "jax_test_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    full_env = dict(os.environ, JAX_PLATFORMS="cpu", **cache, **(env or {}))
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return dict(os.environ, JAX_PLATFORMS="cpu", **cache, **(env or {}))
+
+
+def run_script(*args, cwd=ROOT, env=None, timeout=600):
+    """Runs `python <args>` from the repository root; returns the CompletedProcess (text mode)."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout)
 
 
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "best.msgpack", "final.msgpack", "report.json", "trades.csv", "equity.png")
