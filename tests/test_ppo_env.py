@@ -320,7 +320,7 @@ def test_init_from_keeps_phase1_probabilities(tmp_path):
 
     args2 = pt.Args(window=4, hidden=32, num_envs=16, phase=2, init_from=str(ckpt))
     transfer = pt.load_transfer(str(ckpt), args2, F)
-    init, _, _, net2 = pt.make_train(args2, p2, data, transfer)
+    init, _, _, net2 = pt.make_train(args2, p2, data, transfer=transfer)
     runner = jax.jit(init)(jax.random.PRNGKey(3))
     params2, norm2 = runner.train_state.params, runner.obs_norm
     D1 = pt.obs_size(4, F, 1)
