@@ -640,7 +640,7 @@ def grow_params(fresh, phase1, new_action_mass: float):
     return jax.tree.map(grow, fresh, phase1)
 
 
-def grow_norm(norm: "ObsNorm", obs_dim: int) -> "ObsNorm":
+def grow_norm(norm: ObsNorm, obs_dim: int) -> ObsNorm:
     """The phase 1 observation normaliser for the longer phase 2 observation: the phase 1 entries keep their
     statistics; the new flags start at mean 0, variance 1 (they enter the network as 0/1) and share the count."""
     k = obs_dim - norm.mean.shape[0]

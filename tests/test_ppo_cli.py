@@ -100,7 +100,7 @@ def phase2_run(tiny_run, tmp_path_factory):
 
 
 def test_phase2_from_phase1_writes_every_output(phase2_run):
-    run_dir, r = phase2_run
+    run_dir, _ = phase2_run
     assert_run_outputs(run_dir)
     assert json.loads((run_dir / "config.json").read_text())["phase"] == 2
     assert msgpack_restore((run_dir / "best.msgpack").read_bytes())["num_actions"] == 6
