@@ -650,7 +650,8 @@ def synthetic_daily_frames(stocks: int, days: int, seed: int, signal_strength: f
     return frames, signal, oracle
 
 
-def synthetic_intraday_frame(days: int, seed, signal_strength: float, signal_halflife: float, start: str, price: float = 5000.0):
+def synthetic_intraday_frame(days: int, seed, signal_strength: float, signal_halflife: float, start: str, price: float = 5000.0,
+                             revert_fraction: float = 0.0, revert_after: int = 60):
     """Seeded ES-like 1-minute bars, 08:30-16:15 New York on business days (RTH 09:30-16:00 inside).
 
     Per-bar log returns have day-level volatility regimes, an overnight gap between sessions, and a
@@ -658,6 +659,9 @@ def synthetic_intraday_frame(days: int, seed, signal_strength: float, signal_hal
     `0.1 * signal_strength * sigma * z[t]` to bar t+1's return. Prices start near `price` and are
     rounded to the 0.25 tick. `seed` is an int or a sequence of ints (numpy's SeedSequence entropy).
     The default start (2024-02-26) puts the US DST change (2024-03-10) inside the first month.
+    With `revert_fraction` > 0, `revert_fraction` of each planted drift is taken back `revert_after`
+    bars later (planted mean reversion after the signal's moves: a trade entered on the signal gives
+    back part of its gain if held too long, so managing the open position pays).
     """
     rng = np.random.default_rng(seed)
     tz = "America/New_York"
@@ -675,6 +679,9 @@ def synthetic_intraday_frame(days: int, seed, signal_strength: float, signal_hal
         z[t] = rho * z[t - 1] + np.sqrt(1 - rho**2) * eps[t]
     r = rng.normal(0.0, 1.0, n) * sigma
     r[1:] += 0.1 * signal_strength * sigma[1:] * z[:-1]
+    if revert_fraction > 0:
+        drift = np.r_[0.0, 0.1 * signal_strength * sigma[1:] * z[:-1]]
+        r[revert_after:] -= revert_fraction * drift[:-revert_after]
     first_bar = np.arange(n) % bars_per_day == 0
     r[first_bar] += rng.normal(0.0, 0.004, first_bar.sum())  # overnight gap
     r[0] = 0.0
@@ -690,6 +697,9 @@ def synthetic_intraday_frame(days: int, seed, signal_strength: float, signal_hal
     frame = pd.DataFrame({"open": open_, "high": high, "low": low, "close": close, "volume": volume}, index=utc)
     oracle = dict(signal_feature="signal", signal_strength=signal_strength, signal_halflife=signal_halflife,
                   rule="log return of bar t+1 gets 0.1 * signal_strength * sigma * signal[t]")
+    if revert_fraction > 0:
+        oracle.update(revert_fraction=revert_fraction, revert_after=revert_after,
+                      revert_rule="log return of bar t+1+revert_after loses revert_fraction of that drift")
     return frame, z, oracle
 
 
@@ -784,6 +794,10 @@ class SyntheticIntraday:
     """first session (the default range crosses the 2024-03-10 DST change)"""
     markets: int = 1
     """number of markets: SYN (ES-like, $50 a point) then SYN2, SYN3, ... (NQ-like: price ~18,000, $20 a point), each with its own bars and signal"""
+    revert_fraction: float = 0.0
+    """planted mean reversion: this fraction of each bar's signal drift is taken back --revert-after bars later (0: none)"""
+    revert_after: int = 60
+    """bars after which the drift is taken back (with --revert-fraction > 0)"""
 
 
 @dataclasses.dataclass
@@ -883,10 +897,13 @@ def run_synthetic_intraday(a: SyntheticIntraday, argv: list[str]) -> dict:
     """`synthetic-intraday`: ES-like (and NQ-like) bars through the same builder as real data, plus the signal feature."""
     if a.markets < 1:
         raise fail("synthetic-intraday", "--markets", f"{a.markets} markets", "pass --markets 1 or more")
+    if a.revert_fraction < 0 or (a.revert_fraction > 0 and a.revert_after < 1):
+        raise fail("synthetic-intraday", "--revert-fraction/--revert-after", f"{a.revert_fraction} / {a.revert_after}",
+                   "pass a fraction >= 0 and a delay >= 1 bar, e.g. --revert-fraction 0.8 --revert-after 60")
     frames, signals = [], []
     for k in range(a.markets):  # market 0 keeps the single-market stream (seed); market k > 0 draws from (seed, k)
         frame, signal, oracle = synthetic_intraday_frame(a.days, a.seed if k == 0 else (a.seed, k), a.signal_strength, a.signal_halflife, a.start,
-                                                         price=5000.0 if k == 0 else 18000.0)
+                                                         price=5000.0 if k == 0 else 18000.0, revert_fraction=a.revert_fraction, revert_after=a.revert_after)
         spec = dict(MARKETS["ES" if k == 0 else "NQ"])
         frames.append(("SYN" if k == 0 else f"SYN{k + 1}", frame, 60, spec))
         signals.append(signal)
@@ -896,6 +913,8 @@ def run_synthetic_intraday(a: SyntheticIntraday, argv: list[str]) -> dict:
     synthetic = dict(dataclasses.asdict(a), out=None, **oracle)
     if a.markets == 1:
         del synthetic["markets"]  # single-market files stay byte-identical to those written before the option existed
+    if a.revert_fraction == 0:
+        del synthetic["revert_fraction"], synthetic["revert_after"]  # likewise without the planted reversion
     meta = dict(kind="intraday", version=VERSION, command=command_line(argv), synthetic=synthetic,
                 tz="America/New_York", markets=specs, timestamps="UTC nanoseconds of each bar's open")
     save_npz(a.out, arrays, meta)

@@ -3,6 +3,7 @@
     python ppo_trader.py                                   # EURUSD 1h sample, a few minutes on a 2-core CPU
     python ppo_trader.py --num-envs 4096 --num-steps 64    # GPU-sized
     python ppo_trader.py --eval-only --checkpoint runs/NAME/best.msgpack
+    python ppo_trader.py --run-name p1 && python ppo_trader.py --phase 2 --init-from runs/p1/best.msgpack   # phase 2 from phase 1
 
 The file reads top to bottom as the data flows: args, data arrays, env (gymnax style: pure `reset` and
 `step` on `EnvState`/`EnvParams`), networks, PPO (`make_train(args) -> train`, PureJaxRL shape), outer loop
@@ -113,6 +114,14 @@ class Args:
     """no new entries this many bars (or fewer) before the session end"""
     flatten_at_close: bool = True
     """close any position at the session end's close"""
+    phase: int = 1
+    """1: learn entries (HOLD, BUY, SELL); 2: also manage the open position (MOVE_SL_TO_BE, ENABLE_TRAIL, DISABLE_TRAIL)"""
+    trail_atr_mult: float = 1.0
+    """phase 2: a trailing stop sits this many ATR (of the decision bar) behind the best price since entry"""
+    init_from: Optional[str] = None
+    """phase 2: start from this phase 1 policy (runs/NAME/best.msgpack or final.msgpack): weights, grown policy head, obs normaliser"""
+    new_action_mass: float = 0.01
+    """with --init-from: each new action starts with about this probability relative to HOLD"""
     curriculum: bool = False
     """ease the rules at the start of training: dd limit and commission move linearly from the start values below to the real ones"""
     curriculum_dd_start: Optional[float] = None
@@ -300,8 +309,16 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
 
 # ---- ENV ----
 HOLD, BUY, SELL = 0, 1, 2
-NUM_ACTIONS = 3
-NUM_POSITION_FEATURES = 7
+MOVE_SL_TO_BE, ENABLE_TRAIL, DISABLE_TRAIL = 3, 4, 5  # phase 2
+NUM_ACTIONS = 3  # phase 1
+NUM_POSITION_FEATURES = 7  # phase 1; phase 2 appends the break-even and trailing flags
+PHASE_ACTIONS = {1: 3, 2: 6}
+PHASE_POSITION_FEATURES = {1: 7, 2: 9}
+
+
+def obs_size(window: int, num_features: int, phase: int) -> int:
+    """Length of an observation: window x market features + position features of the phase."""
+    return window * num_features + PHASE_POSITION_FEATURES[phase]
 
 
 @struct.dataclass
@@ -312,6 +329,7 @@ class EnvParams:
     episode_bars: int = struct.field(pytree_node=False, default=256)
     no_entry_bars: int = struct.field(pytree_node=False, default=2)
     flatten_at_close: bool = struct.field(pytree_node=False, default=True)
+    phase: int = struct.field(pytree_node=False, default=1)
     contracts: float = 1.0
     sl_atr_mult: float = 1.5
     tp_atr_mult: float = 3.0
@@ -320,6 +338,7 @@ class EnvParams:
     dd_limit: float = 2_000.0
     dd_lock_offset: float = 0.0
     breach_penalty: float = 0.0
+    trail_atr_mult: float = 1.0
 
 
 @struct.dataclass
@@ -334,6 +353,8 @@ class EnvState:
     sl: jax.Array
     tp: jax.Array
     bars_in_pos: jax.Array  # int32
+    trail: jax.Array  # phase 2: trailing stop on (bool)
+    best: jax.Array  # phase 2: best price since entry (highest high long, lowest low short; 0 flat)
     pnl: jax.Array  # realised P&L incl. commissions (balance - initial_balance)
     peak: jax.Array  # peak equity - initial_balance
     equity: jax.Array  # equity marked at close[t] - initial_balance
@@ -344,7 +365,8 @@ def env_params_from_args(args: Args) -> EnvParams:
     """EnvParams from the CLI flags."""
     return EnvParams(window=args.window, episode_bars=args.episode_bars, no_entry_bars=args.no_entry_bars, flatten_at_close=args.flatten_at_close,
                      contracts=float(args.contracts), sl_atr_mult=args.sl_atr_mult, tp_atr_mult=args.tp_atr_mult, slippage_ticks=args.slippage_ticks,
-                     initial_balance=args.initial_balance, dd_limit=args.dd_limit, dd_lock_offset=args.dd_lock_offset, breach_penalty=args.breach_penalty)
+                     initial_balance=args.initial_balance, dd_limit=args.dd_limit, dd_lock_offset=args.dd_lock_offset, breach_penalty=args.breach_penalty,
+                     phase=args.phase, trail_atr_mult=args.trail_atr_mult)
 
 
 def dd_threshold(peak: jax.Array, params: EnvParams) -> jax.Array:
@@ -355,7 +377,8 @@ def dd_threshold(peak: jax.Array, params: EnvParams) -> jax.Array:
 def reset_at(market: jax.Array, start: jax.Array) -> EnvState:
     """A flat account at decision bar `start` of `market`."""
     z, zi = jnp.float32(0.0), jnp.int32(0)
-    return EnvState(market=jnp.int32(market), t=jnp.int32(start), steps=zi, dir=zi, entry=z, sl=z, tp=z, bars_in_pos=zi, pnl=z, peak=z, equity=z, episode_return=z)
+    return EnvState(market=jnp.int32(market), t=jnp.int32(start), steps=zi, dir=zi, entry=z, sl=z, tp=z, bars_in_pos=zi, trail=jnp.bool_(False), best=z,
+                    pnl=z, peak=z, equity=z, episode_return=z)
 
 
 def reset(key: jax.Array, params: EnvParams, data: MarketData) -> tuple[jax.Array, EnvState]:
@@ -368,14 +391,22 @@ def reset(key: jax.Array, params: EnvParams, data: MarketData) -> tuple[jax.Arra
 
 
 def legal_mask(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
-    """[3] bool: HOLD always; BUY/SELL when flat, inside RTH and more than no_entry_bars before the close."""
+    """[3] bool: HOLD always; BUY/SELL when flat, inside RTH and more than no_entry_bars before the close.
+    Phase 2, [6]: MOVE_SL_TO_BE in a position with open profit at the close and the stop still short of
+    the entry; ENABLE_TRAIL in a position with trailing off; DISABLE_TRAIL with trailing on."""
     m, t = state.market, state.t
     entry_ok = (state.dir == 0) & data.rth[m, t] & (data.bars_to_close[m, t] > params.no_entry_bars)
-    return jnp.array([True, entry_ok, entry_ok])
+    if params.phase == 1:
+        return jnp.array([True, entry_ok, entry_ok])
+    d = state.dir.astype(jnp.float32)
+    in_pos = state.dir != 0
+    be_ok = in_pos & ((data.close[m, t] - state.entry) * d > 0) & ((state.entry - state.sl) * d > 0)
+    return jnp.array([True, entry_ok, entry_ok, be_ok, in_pos & ~state.trail, in_pos & state.trail])
 
 
 def get_obs(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
-    """Window of normalised features (bars t-W+1..t, oldest first) + 7 position features."""
+    """Window of normalised features (bars t-W+1..t, oldest first) + 7 position features
+    (phase 2: + break-even flag, the stop at or beyond the entry, and trailing flag)."""
     m, t, W = state.market, state.t, params.window
     window = jax.lax.dynamic_slice_in_dim(data.features[m], t - W + 1, W, axis=0).reshape(-1)
     close, atr = data.close[m, t], data.atr[m, t]
@@ -390,6 +421,8 @@ def get_obs(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
         (state.equity - dd_threshold(state.peak, params)) / params.dd_limit,
         data.hours_to_close[m, t] / 24.0,
     ])
+    if params.phase == 2:
+        pos = jnp.concatenate([pos, jnp.stack([in_pos & ((state.sl - state.entry) * d >= 0), in_pos & state.trail]).astype(jnp.float32)])
     return jnp.concatenate([window, pos.astype(jnp.float32)])
 
 
@@ -408,17 +441,28 @@ def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: Marke
     comm = data.commission[m] * params.contracts
     mask = legal_mask(state, params, data)
     a = jnp.where(mask[action], action, HOLD)
+    round_tick = lambda x: jnp.round(x / tick) * tick  # noqa: E731
+
+    # MANAGE the open position (phase 2), for bar u: break-even, trailing on/off, then a trailing stop
+    # ratchets to the best price since entry -/+ trail_atr_mult x ATR of the decision bar, never loosening
+    sl, trail = state.sl, state.trail
+    if params.phase == 2:
+        d0 = state.dir.astype(jnp.float32)
+        sl = jnp.where(a == MOVE_SL_TO_BE, state.entry, sl)
+        trail = jnp.where(a == ENABLE_TRAIL, True, jnp.where(a == DISABLE_TRAIL, False, trail))
+        level = round_tick(state.best - d0 * params.trail_atr_mult * data.atr[m, t])
+        sl = jnp.where(trail, jnp.where(state.dir == 1, jnp.maximum(sl, level), jnp.minimum(sl, level)), sl)
 
     # ENTRY at the next open, slippage against the trader; levels from the decision bar's ATR
-    enter = (state.dir == 0) & (a != HOLD)
+    enter = (state.dir == 0) & ((a == BUY) | (a == SELL))
     new_dir = jnp.where(a == BUY, 1, -1)
     d = jnp.where(enter, new_dir, state.dir)
     df = d.astype(jnp.float32)
     entry_px = o + df * slip
-    round_tick = lambda x: jnp.round(x / tick) * tick  # noqa: E731
     entry = jnp.where(enter, entry_px, state.entry)
-    sl = jnp.where(enter, round_tick(entry_px - df * params.sl_atr_mult * data.atr[m, t]), state.sl)
+    sl = jnp.where(enter, round_tick(entry_px - df * params.sl_atr_mult * data.atr[m, t]), sl)
     tp = jnp.where(enter, round_tick(entry_px + df * params.tp_atr_mult * data.atr[m, t]), state.tp)
+    best = jnp.where(enter, o, state.best)
     pnl = state.pnl - jnp.where(enter, comm, 0.0)
     bars_in_pos = jnp.where(enter, 0, state.bars_in_pos)
 
@@ -438,6 +482,7 @@ def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: Marke
     pnl = pnl + booked
     d = jnp.where(exits, 0, d)
     bars_in_pos = jnp.where(d != 0, bars_in_pos + 1, 0)
+    best = jnp.where(d == 1, jnp.maximum(best, h), jnp.where(d == -1, jnp.minimum(best, l), 0.0))
 
     # MARK TO MARKET, trailing drawdown and breach
     df = d.astype(jnp.float32)
@@ -457,7 +502,7 @@ def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: Marke
 
     new_state = EnvState(
         market=m, t=u, steps=state.steps + 1, dir=d, entry=jnp.where(flat, 0.0, entry), sl=jnp.where(flat, 0.0, sl),
-        tp=jnp.where(flat, 0.0, tp), bars_in_pos=bars_in_pos, pnl=pnl, peak=peak, equity=equity,
+        tp=jnp.where(flat, 0.0, tp), bars_in_pos=bars_in_pos, trail=trail & ~flat, best=jnp.where(flat, 0.0, best), pnl=pnl, peak=peak, equity=equity,
         episode_return=state.episode_return + reward,
     )
     closed = exits | liquidate
@@ -573,6 +618,35 @@ def compute_gae(traj: Transition, last_value: jax.Array, gamma: float, lam: floa
     return adv, adv + traj.value
 
 
+def grow_params(fresh, phase1, new_action_mass: float):
+    """Phase 2 network params from a phase 1 network's (`fresh`: a phase 2 init, same hidden size).
+
+    Every phase 1 weight is copied. The first layers of actor and critic get zero weights for the new
+    observation entries (the break-even and trailing flags), so the phase 1 features drive the network
+    exactly as before. The policy head grows from 3 to 6 logits: the first 3 copied; each new one is
+    HOLD's logit + log(new_action_mass) + the fresh init's small (orthogonal, scale 0.01) logit, so a new
+    action starts with about `new_action_mass` times HOLD's probability in every state.
+    """
+
+    def grow(new, old):
+        if new.shape == old.shape:
+            return old
+        if new.ndim == 2 and new.shape[1] == old.shape[1]:  # first layer: rows for the new observation entries
+            return new.at[: old.shape[0]].set(old).at[old.shape[0]:].set(0.0)
+        if new.ndim == 2:  # policy head kernel [hidden, 6]
+            return jnp.concatenate([old, old[:, HOLD:HOLD + 1] + new[:, old.shape[1]:]], axis=1)
+        return jnp.concatenate([old, jnp.full(new.shape[0] - old.shape[0], old[HOLD] + math.log(new_action_mass))])  # head bias
+
+    return jax.tree.map(grow, fresh, phase1)
+
+
+def grow_norm(norm: ObsNorm, obs_dim: int) -> ObsNorm:
+    """The phase 1 observation normaliser for the longer phase 2 observation: the phase 1 entries keep their
+    statistics; the new flags start at mean 0, variance 1 (they enter the network as 0/1) and share the count."""
+    k = obs_dim - norm.mean.shape[0]
+    return ObsNorm(mean=jnp.concatenate([norm.mean, jnp.zeros(k)]), var=jnp.concatenate([norm.var, jnp.ones(k)]), count=norm.count)
+
+
 def curriculum_in_force(args: Args, env_params: EnvParams, data: MarketData, progress: jax.Array):
     """The env rules in force at training `progress` (update / num_updates, in [0, 1]) under --curriculum.
 
@@ -589,15 +663,16 @@ def curriculum_in_force(args: Args, env_params: EnvParams, data: MarketData, pro
             dict(dd_limit=dd_limit, commission_scale=commission_scale))
 
 
-def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None):
+def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None, transfer: Optional[tuple] = None):
     """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics)).
 
     With a `mesh` (axes "seed", "env"), every minibatch is split over the "env" devices: each computes the
-    loss on its share and XLA sums the gradients across them (the same gradient as on one device)."""
+    loss on its share and XLA sums the gradients across them (the same gradient as on one device).
+    `transfer` = (params, obs normaliser) of a phase 1 policy: phase 2 starts from them (`grow_params`)."""
     num_updates = math.ceil(args.total_timesteps / (args.num_envs * args.num_steps) / args.chunk_updates) * args.chunk_updates
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
-    network = ActorCritic(NUM_ACTIONS, args.hidden)
-    obs_dim = args.window * data.features.shape[-1] + NUM_POSITION_FEATURES
+    network = ActorCritic(PHASE_ACTIONS[args.phase], args.hidden)
+    obs_dim = obs_size(args.window, data.features.shape[-1], args.phase)
     num_markets = data.market_weights.shape[0]
 
     def in_force(update):
@@ -615,10 +690,12 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
     def init(rng) -> RunnerState:
         rng, k_net, k_env = jax.random.split(rng, 3)
         params = network.init(k_net, jnp.zeros(obs_dim))
+        if transfer is not None:
+            params = grow_params(params, transfer[0], args.new_action_mass)
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
         params0, data0, _ = in_force(jnp.int32(0))
         obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), params0, data0)
-        norm = ObsNorm.create(obs_dim).update(obs)
+        norm = ObsNorm.create(obs_dim).update(obs) if transfer is None else grow_norm(transfer[1], obs_dim)
         return RunnerState(train_state, env_state, obs, norm, rng, jnp.int32(0))
 
     def _update_step(runner: RunnerState, _):
@@ -826,7 +903,7 @@ def save_policy(path: Path, params, norm: ObsNorm, args: Args, info: dict) -> No
     if jax.process_index() != 0:
         return
     payload = {"params": flax.serialization.to_state_dict(params), "obs_norm": flax.serialization.to_state_dict(norm),
-               "config": json.dumps(dataclasses.asdict(args)), "num_actions": NUM_ACTIONS,
+               "config": json.dumps(dataclasses.asdict(args)), "num_actions": PHASE_ACTIONS[args.phase],
                "feature_stats": json.dumps([info["feature_mean"], info["feature_std"]])}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
@@ -854,9 +931,10 @@ def load_policy(path: str, args: Args, obs_dim: int):
         raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
     except Exception:
         raise DataError(f"{path}: not a ppo_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
-    if n_act != NUM_ACTIONS:
-        raise DataError(f"{path}: policy has {n_act} actions, this run needs {NUM_ACTIONS}. Fix: use a checkpoint of the same phase")
-    network = ActorCritic(NUM_ACTIONS, cfg["hidden"])
+    n_need = PHASE_ACTIONS[args.phase]
+    if n_act != n_need:
+        raise DataError(f"{path}: policy has {n_act} actions, this run needs {n_need}. Fix: use a checkpoint of the same phase")
+    network = ActorCritic(n_need, cfg["hidden"])
     template = network.init(jax.random.PRNGKey(0), jnp.zeros(obs_dim))
     try:
         params = flax.serialization.from_state_dict(template, payload["params"])
@@ -866,6 +944,18 @@ def load_policy(path: str, args: Args, obs_dim: int):
     if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, template) or norm.mean.shape != (obs_dim,):
         raise DataError(f"{path}: observation size differs (window {cfg['window']}). Fix: pass --window {cfg['window']} and the same data features")
     return network, params, norm, cfg
+
+
+def load_transfer(path: str, args: Args, num_features: int) -> tuple:
+    """(params, obs normaliser) of the phase 1 policy `path` for --init-from, checked against this run."""
+    cfg, _ = policy_config(path)
+    if cfg.get("phase", 1) != 1:
+        raise DataError(f"{path}: a phase {cfg.get('phase')} policy; --init-from needs a phase 1 policy. Fix: pass the best.msgpack of a phase 1 run")
+    for flag in ("window", "hidden"):
+        if cfg.get(flag) != getattr(args, flag):
+            raise DataError(f"{path}: trained with --{flag} {cfg.get(flag)}, this run has --{flag} {getattr(args, flag)}. Fix: pass --{flag} {cfg.get(flag)}")
+    _, params, norm, _ = load_policy(path, dataclasses.replace(args, phase=1), obs_size(args.window, num_features, 1))
+    return params, norm
 
 
 # ---- BACKTEST ----
@@ -921,7 +1011,7 @@ def greedy_policy(network):
 
 def random_policy(policy_args, key, obs, mask):
     """Uniform over the legal actions."""
-    return jax.random.choice(key, NUM_ACTIONS, p=mask / mask.sum())
+    return jax.random.choice(key, mask.shape[0], p=mask / mask.sum())
 
 
 def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_per_year: float = 252.0) -> dict:
@@ -1078,7 +1168,8 @@ def train_and_report(args: Args) -> dict:
     mesh = None if args.eval_only else make_mesh(args)  # a layout that cannot work fails before anything is written
     datasets, info = load_data(args, feature_stats if args.eval_only else None)
     env_params = env_params_from_args(args)
-    obs_dim = args.window * datasets["train"].features.shape[-1] + NUM_POSITION_FEATURES
+    obs_dim = obs_size(args.window, datasets["train"].features.shape[-1], args.phase)
+    transfer = load_transfer(args.init_from, args, datasets["train"].features.shape[-1]) if args.init_from and not (args.resume or args.eval_only) else None
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.eval_only:
         network, params, norm, _ = load_policy(args.checkpoint, args, obs_dim)
@@ -1090,7 +1181,7 @@ def train_and_report(args: Args) -> dict:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
     train_data = place(datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
-    init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh)
+    init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh, transfer)
     seeds = jnp.arange(args.num_seeds) + args.seed
     rngs = jax.vmap(jax.random.PRNGKey)(seeds)
     t0 = time.time()
@@ -1231,6 +1322,12 @@ def check_args(args: Args) -> None:
         raise DataError("--no-entry-bars and --slippage-ticks must be >= 0, --sl-atr-mult and --tp-atr-mult > 0. Fix: pass valid values")
     if args.dd_limit <= 0:
         raise DataError("--dd-limit must be > 0. Fix: pass the account's trailing drawdown in account currency")
+    if args.phase not in (1, 2):
+        raise DataError(f"--phase {args.phase}: must be 1 (entries) or 2 (entries and position management). Fix: pass --phase 1 or --phase 2")
+    if args.init_from and args.phase != 2:
+        raise DataError("--init-from starts phase 2 from a phase 1 policy. Fix: add --phase 2")
+    if args.trail_atr_mult <= 0 or not 0 < args.new_action_mass < 1:
+        raise DataError("--trail-atr-mult must be > 0 and --new-action-mass in (0, 1). Fix: pass valid values")
     if args.curriculum and not (0 < args.curriculum_end <= 1 and args.curriculum_commission_start >= 0
                                 and (args.curriculum_dd_start is None or args.curriculum_dd_start > 0)):
         raise DataError(f"--curriculum-end must be in (0, 1], --curriculum-commission-start >= 0 and --curriculum-dd-start > 0 (got {args.curriculum_end}, "

@@ -1,4 +1,4 @@
-"""NumPy reference implementation of the phase-1 intraday env of ``ppo_trader.py``.
+"""NumPy reference implementation of the intraday env of ``ppo_trader.py`` (phases 1 and 2).
 
 Written from the exact spec (``ppo_env_spec.md``) only, in float64 and plain Python loops, so that
 the JAX environment can be checked against it step by step. Nothing here depends on anything but
@@ -10,8 +10,10 @@ Conventions
   hours_to_close``) plus ``features`` [T, F].
 * ``spec``: dict with ``point_value``, ``tick_size``, ``commission``.
 * ``params``: dict with ``window contracts sl_atr_mult tp_atr_mult slippage_ticks initial_balance
-  dd_limit dd_lock_offset breach_penalty episode_bars no_entry_bars flatten_at_close``.
-* Actions: 0 HOLD, 1 BUY, 2 SELL. An illegal action is treated as HOLD.
+  dd_limit dd_lock_offset breach_penalty episode_bars no_entry_bars flatten_at_close phase
+  trail_atr_mult``.
+* Actions: 0 HOLD, 1 BUY, 2 SELL; phase 2 adds 3 MOVE_SL_TO_BE, 4 ENABLE_TRAIL, 5 DISABLE_TRAIL.
+  An illegal action is treated as HOLD.
 * A step decides at bar ``t`` and plays out bar ``u = t + 1``.
 
 Builders (``make_data``, ``make_data_ohlc``, ``default_spec``, ``default_params``) are provided for
@@ -25,8 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 HOLD, BUY, SELL = 0, 1, 2
-N_ACTIONS = 3
-N_POSITION_FEATURES = 7
+MOVE_SL_TO_BE, ENABLE_TRAIL, DISABLE_TRAIL = 3, 4, 5
+N_ACTIONS = 3              # phase 1 (phase 2: 6)
+N_POSITION_FEATURES = 7    # phase 1 (phase 2: 9, + break-even flag, trailing flag)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,6 +60,8 @@ def default_params(**overrides) -> dict:
         episode_bars=100,
         no_entry_bars=1,
         flatten_at_close=True,
+        phase=1,
+        trail_atr_mult=1.0,
     )
     _check_keys(overrides, params)
     params.update(overrides)
@@ -145,6 +150,8 @@ class EnvState:
     balance: float
     peak: float
     equity: float
+    trail: bool = False  # phase 2: trailing stop on
+    best: float = 0.0    # phase 2: highest high (long) / lowest low (short) since the entry bar; 0 flat
 
 
 def round_tick(x: float, tick: float) -> float:
@@ -159,11 +166,19 @@ def dd_threshold(peak: float, params: dict) -> float:
 
 def legal_mask(state: EnvState, data: dict, params: dict) -> np.ndarray:
     """Action mask [3] at the decision bar ``state.t``: HOLD always; BUY/SELL only when flat,
-    inside RTH and with ``bars_to_close[t] > no_entry_bars``."""
+    inside RTH and with ``bars_to_close[t] > no_entry_bars``. Phase 2, mask [6]: MOVE_SL_TO_BE in a
+    position whose close[t] is beyond the entry (open profit) and whose stop is still short of the
+    entry; ENABLE_TRAIL in a position with trailing off; DISABLE_TRAIL in one with trailing on."""
     t = state.t
     entry_ok = bool(state.dir == 0 and data["rth"][t]
                     and data["bars_to_close"][t] > params["no_entry_bars"])
-    return np.array([True, entry_ok, entry_ok], dtype=bool)
+    if params.get("phase", 1) == 1:
+        return np.array([True, entry_ok, entry_ok], dtype=bool)
+    d = state.dir
+    in_pos = d != 0
+    be_ok = in_pos and (data["close"][t] - state.entry) * d > 0 and (state.entry - state.sl) * d > 0
+    return np.array([True, entry_ok, entry_ok, be_ok, in_pos and not state.trail,
+                     in_pos and state.trail], dtype=bool)
 
 
 def reset_state(data: dict, params: dict, start: int) -> EnvState:
@@ -178,7 +193,8 @@ def reset_state(data: dict, params: dict, start: int) -> EnvState:
 def observation(state: EnvState, data: dict, params: dict) -> np.ndarray:
     """Observation at bar ``state.t``: the window of features (oldest first, row-major) followed by
     the 7 position features (dir, unrealised P&L, distance to stop, distance to target, all in ATR
-    units; bars_in_pos / episode_bars; (equity - threshold) / dd_limit; hours_to_close / 24)."""
+    units; bars_in_pos / episode_bars; (equity - threshold) / dd_limit; hours_to_close / 24);
+    phase 2 appends the break-even flag and the trailing flag."""
     t, W = state.t, params["window"]
     window = data["features"][t - W + 1: t + 1, :].reshape(-1)
     close, atr = data["close"][t], data["atr"][t]
@@ -198,6 +214,10 @@ def observation(state: EnvState, data: dict, params: dict) -> np.ndarray:
         (state.equity - dd_threshold(state.peak, params)) / params["dd_limit"],
         data["hours_to_close"][t] / 24.0,
     ], dtype=np.float64)
+    if params.get("phase", 1) == 2:
+        # break-even flag: the stop is at or beyond the entry; trailing flag
+        be = d != 0 and (state.sl - state.entry) * d >= 0
+        pos = np.concatenate([pos, [float(be), float(d != 0 and state.trail)]])
     return np.concatenate([window.astype(np.float64), pos])
 
 
@@ -208,8 +228,9 @@ def step_state(state: EnvState, action: int, data: dict, spec: dict, params: dic
     (at ``t``, before the action), ``entry_price`` and ``exit_price`` (NaN when none this step).
     """
     action = int(action)
-    if action not in (HOLD, BUY, SELL):
-        raise ValueError(f"action must be 0, 1 or 2, got {action}")
+    n_actions = 6 if params.get("phase", 1) == 2 else 3
+    if not 0 <= action < n_actions:
+        raise ValueError(f"action must be in [0, {n_actions}), got {action}")
     t = state.t
     u = t + 1
     if u >= end or u >= data["open"].shape[0]:
@@ -226,8 +247,22 @@ def step_state(state: EnvState, action: int, data: dict, spec: dict, params: dic
 
     d, entry, sl, tp = state.dir, state.entry, state.sl, state.tp
     bars_in_pos, balance = state.bars_in_pos, state.balance
+    trail, best = state.trail, state.best
     entry_price = np.nan
     exit_price = np.nan
+
+    # 0. Phase 2 management (only legal in a position), in force for bar u: break-even moves the
+    #    stop to the entry; trailing on/off; with trailing on, the stop ratchets to
+    #    best - d * trail_atr_mult * atr[t] (rounded to the tick) if that is tighter, never looser.
+    if a == MOVE_SL_TO_BE:
+        sl = entry
+    elif a == ENABLE_TRAIL:
+        trail = True
+    elif a == DISABLE_TRAIL:
+        trail = False
+    if trail:
+        level = round_tick(best - d * params["trail_atr_mult"] * data["atr"][t], tick)
+        sl = max(sl, level) if d == 1 else min(sl, level)
 
     # 1. Entry at the open of u, slippage against the trader; levels from atr[t].
     if d == 0 and a in (BUY, SELL):
@@ -238,13 +273,14 @@ def step_state(state: EnvState, action: int, data: dict, spec: dict, params: dic
         tp = round_tick(entry + d * params["tp_atr_mult"] * data["atr"][t], tick)
         bars_in_pos = 0
         entry_price = entry
+        best = o
 
     def close_position(px: float) -> None:
         """Book an exit at ``px`` (P&L minus one side of commission) and go flat."""
-        nonlocal d, entry, sl, tp, bars_in_pos, balance, exit_price
+        nonlocal d, entry, sl, tp, bars_in_pos, balance, exit_price, trail, best
         balance += (px - entry) * d * pv - comm
         exit_price = px
-        d, entry, sl, tp, bars_in_pos = 0, 0.0, 0.0, 0.0, 0
+        d, entry, sl, tp, bars_in_pos, trail, best = 0, 0.0, 0.0, 0.0, 0, False, 0.0
 
     # 2. Stop / target during bar u (stop checked first; gaps fill at the open).
     if d == 1:
@@ -270,9 +306,10 @@ def step_state(state: EnvState, action: int, data: dict, spec: dict, params: dic
     if d != 0 and params["flatten_at_close"] and data["session_end"][u]:
         close_position(c - d * slip)
 
-    # 4. Bars in position.
+    # 4. Bars in position; best price since entry (the entry bar included).
     if d != 0:
         bars_in_pos += 1
+        best = max(best, h) if d == 1 else min(best, l)
 
     # 5. Mark to market, trailing drawdown, breach.
     equity = balance + (c - entry) * d * pv if d != 0 else balance
@@ -295,7 +332,7 @@ def step_state(state: EnvState, action: int, data: dict, spec: dict, params: dic
 
     new_state = EnvState(t=u, steps=steps, dir=d, entry=float(entry), sl=float(sl), tp=float(tp),
                          bars_in_pos=bars_in_pos, balance=float(balance), peak=float(peak),
-                         equity=float(equity))
+                         equity=float(equity), trail=bool(trail), best=float(best))
     info = dict(mask=mask, entry_price=float(entry_price), exit_price=float(exit_price))
     return new_state, float(reward), terminated, truncated, info
 
@@ -340,7 +377,7 @@ def _play(data, spec, params, start, end, choose, max_steps) -> dict:
     env = RefEnv(data, spec, params, end)
     obs0 = env.reset(start)
     rec = {k: [] for k in ("obs", "reward", "terminated", "truncated", "mask", "balance",
-                           "equity", "dir", "exit_price", "entry_price", "actions")}
+                           "equity", "dir", "exit_price", "entry_price", "sl", "actions")}
     for i in range(max_steps):
         mask = env.mask()
         action = int(choose(i, mask))
@@ -356,6 +393,7 @@ def _play(data, spec, params, start, end, choose, max_steps) -> dict:
         rec["dir"].append(s.dir)
         rec["exit_price"].append(info["exit_price"])
         rec["entry_price"].append(info["entry_price"])
+        rec["sl"].append(s.sl)
         rec["actions"].append(action)
         if term or trunc:
             break
@@ -366,12 +404,13 @@ def _play(data, spec, params, start, end, choose, max_steps) -> dict:
         reward=np.asarray(rec["reward"], dtype=np.float64),
         terminated=np.asarray(rec["terminated"], dtype=bool),
         truncated=np.asarray(rec["truncated"], dtype=bool),
-        mask=np.asarray(rec["mask"], dtype=bool).reshape(-1, N_ACTIONS),
+        mask=np.asarray(rec["mask"], dtype=bool).reshape(-1, 6 if params.get("phase", 1) == 2 else 3),
         balance=np.asarray(rec["balance"], dtype=np.float64),
         equity=np.asarray(rec["equity"], dtype=np.float64),
         dir=np.asarray(rec["dir"], dtype=np.int64),
         exit_price=np.asarray(rec["exit_price"], dtype=np.float64),
         entry_price=np.asarray(rec["entry_price"], dtype=np.float64),
+        sl=np.asarray(rec["sl"], dtype=np.float64),
         actions=np.asarray(rec["actions"], dtype=np.int64),
     )
 
@@ -379,7 +418,7 @@ def _play(data, spec, params, start, end, choose, max_steps) -> dict:
 def run_episode(data: dict, spec: dict, params: dict, start: int, end: int, actions) -> dict:
     """Reset at ``start`` and apply ``actions`` one per step, stopping early when terminated or
     truncated. Returns numpy arrays: ``obs0`` [D], ``obs`` [n, D] (pre-reset obs at the new bar),
-    ``reward terminated truncated balance equity dir exit_price entry_price`` [n] and ``mask`` [n, 3]
+    ``reward terminated truncated balance equity dir exit_price entry_price sl`` [n] and ``mask`` [n, A]
     (at the decision bar, before the action), n <= len(actions)."""
     actions = np.asarray(actions, dtype=np.int64).reshape(-1)
     out = _play(data, spec, params, start, end, lambda i, mask: actions[i], len(actions))

@@ -362,3 +362,21 @@ def test_synthetic_intraday_deterministic_and_predictive(tmp_path):
     assert abs(np.corrcoef(b["features"][0, :-31, -1], np.log(cb[31:] / cb[1:-30]))[0, 1]) < 0.1
     assert meta["synthetic"]["signal_feature"] == "signal" and (a["open"] % 0.25 == 0).all()
     assert (a["high"] >= np.maximum(a["open"], a["close"])).all() and (a["low"] <= np.minimum(a["open"], a["close"])).all()
+
+
+def test_synthetic_intraday_planted_reversion(tmp_path):
+    """--revert-fraction 1 --revert-after 120: the signal's move comes back; bars and signal are otherwise those of the default."""
+    base, rev = tmp_path / "base.npz", tmp_path / "rev.npz"
+    assert dp.main(["synthetic-intraday", "--out", str(base), "--days", "20", "--seed", "1"]) == 0
+    assert dp.main(["synthetic-intraday", "--out", str(rev), "--days", "20", "--seed", "1", "--revert-fraction", "1", "--revert-after", "120"]) == 0
+    a, _ = dp.load_npz(base)
+    b, meta = dp.load_npz(rev)
+    np.testing.assert_array_equal(a["features"][0, :, -1], b["features"][0, :, -1])  # the same signal
+    sig, c = b["features"][0, :, -1], b["close"][0]
+    gain = np.log(c[61:] / c[1:-60])  # bars t+1 .. t+61: the drift
+    back = np.log(c[181:] / c[121:-60])  # bars t+121 .. t+181: the same drift taken back
+    assert np.corrcoef(sig[:-61], gain)[0, 1] > 0.2
+    assert np.corrcoef(sig[:-181], back)[0, 1] < -0.2
+    assert meta["synthetic"]["revert_fraction"] == 1.0 and meta["synthetic"]["revert_after"] == 120
+    assert "revert_fraction" not in dp.load_npz(base)[1]["synthetic"]
+    assert dp.main(["synthetic-intraday", "--out", str(tmp_path / "x.npz"), "--revert-fraction", "1", "--revert-after", "0"]) == 2

@@ -91,3 +91,33 @@ def test_num_seeds(tmp_path):
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("ppo_trader.py", *argv)
     assert_one_line_error(r, needle)
+
+
+@pytest.fixture(scope="module")
+def phase2_run(tiny_run, tmp_path_factory):
+    """Phase 2 started from the tiny phase 1 run's best policy."""
+    return tiny_run_dir(tmp_path_factory, "ppo_trader.py", TINY + ["--phase", "2", "--init-from", str(tiny_run[0] / "best.msgpack")])
+
+
+def test_phase2_from_phase1_writes_every_output(phase2_run):
+    run_dir, _ = phase2_run
+    assert_run_outputs(run_dir)
+    assert json.loads((run_dir / "config.json").read_text())["phase"] == 2
+    assert msgpack_restore((run_dir / "best.msgpack").read_bytes())["num_actions"] == 6
+    report = json.loads((run_dir / "report.json").read_text())
+    assert np.isfinite(report["EURUSD"]["policy"]["total_return"])
+    r2 = run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert json.loads((run_dir / "report.json").read_text())["EURUSD"] == report["EURUSD"]
+
+
+def test_init_from_bad_checkpoints_give_one_line(tiny_run, phase2_run, tmp_path):
+    p1, p2 = tiny_run[0] / "best.msgpack", phase2_run[0] / "best.msgpack"
+    out = ["--out-dir", tmp_path, "--run-name", "bad"]
+    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--phase", "2", "--init-from", p2, *out), "phase 1")
+    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--hidden", "16", "--phase", "2", "--init-from", p1, *out), "--hidden 32")
+    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--window", "4", "--phase", "2", "--init-from", p1, *out), "--window 8")
+    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--phase", "2", "--init-from", "README.md", *out), "README.md")
+    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--init-from", p1, *out), "--phase 2")
+    assert_one_line_error(run_script("ppo_trader.py", "--phase", "3"), "--phase")
+    assert not (tmp_path / "bad").exists()

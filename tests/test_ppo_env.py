@@ -10,7 +10,7 @@ import pytest
 import data_prep as dp
 import ppo_reference as ref
 import ppo_trader as pt
-from test_ppo_reference import SCENARIOS
+from test_ppo_reference import PHASE2_SCENARIOS, SCENARIOS
 
 
 def market_data(d: dict, spec: dict, start: int, end: int) -> pt.MarketData:
@@ -30,7 +30,8 @@ def market_data(d: dict, spec: dict, start: int, end: int) -> pt.MarketData:
 def env_params(p: dict) -> pt.EnvParams:
     return pt.EnvParams(window=p["window"], episode_bars=p["episode_bars"], no_entry_bars=p["no_entry_bars"], flatten_at_close=p["flatten_at_close"],
                         contracts=float(p["contracts"]), sl_atr_mult=p["sl_atr_mult"], tp_atr_mult=p["tp_atr_mult"], slippage_ticks=p["slippage_ticks"],
-                        initial_balance=p["initial_balance"], dd_limit=p["dd_limit"], dd_lock_offset=p["dd_lock_offset"], breach_penalty=p["breach_penalty"])
+                        initial_balance=p["initial_balance"], dd_limit=p["dd_limit"], dd_lock_offset=p["dd_lock_offset"], breach_penalty=p["breach_penalty"],
+                        phase=p["phase"], trail_atr_mult=p["trail_atr_mult"])
 
 
 @jax.jit
@@ -44,7 +45,7 @@ def _run_jax_episode(params: pt.EnvParams, data: pt.MarketData, start, actions):
         core, _, _, _ = pt.step_core(state, a, params, data)  # the pre-reset account (step returns the next episode's when done)
         obs, nxt, reward, term, trunc, info = pt.step(jax.random.PRNGKey(0), state, a, params, data)
         return nxt, dict(obs=info["final_obs"], reward=reward, terminated=term, truncated=trunc, mask=mask, entry_price=info["entry_price"],
-                         exit_price=info["exit_price"], pnl=core.pnl, equity=core.equity, dir=core.dir)
+                         exit_price=info["exit_price"], pnl=core.pnl, equity=core.equity, dir=core.dir, sl=core.sl)
 
     _, out = jax.lax.scan(body, state, actions)
     return obs0, out
@@ -64,7 +65,7 @@ def jax_run_episode(data, spec, params, start, end, actions) -> dict:
     done = out["terminated"] | out["truncated"]
     n = int(np.argmax(done)) + 1 if done.any() else len(actions)
     ib = params["initial_balance"]
-    res = {k: out[k][:n] for k in ("obs", "reward", "terminated", "truncated", "mask", "entry_price", "exit_price", "dir")}
+    res = {k: out[k][:n] for k in ("obs", "reward", "terminated", "truncated", "mask", "entry_price", "exit_price", "dir", "sl")}
     res.update(obs0=np.asarray(obs0), balance=ib + out["pnl"][:n].astype(np.float64), equity=ib + out["equity"][:n].astype(np.float64))
     return res
 
@@ -72,6 +73,11 @@ def jax_run_episode(data, spec, params, start, end, actions) -> dict:
 # ---- HAND SCENARIOS (the reference's scenarios, run on the JAX env) ----
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.__name__ for s in SCENARIOS])
 def test_scenarios_on_jax_env(scenario):
+    scenario(jax_run_episode)
+
+
+@pytest.mark.parametrize("scenario", PHASE2_SCENARIOS, ids=[s.__name__ for s in PHASE2_SCENARIOS])
+def test_phase2_scenarios_on_jax_env(scenario):
     scenario(jax_run_episode)
 
 
@@ -126,6 +132,48 @@ def test_parity_with_reference_on_random_episodes():
         counts["truncations"] += int(r["truncated"].any())
     # the episodes exercised the rules, not just HOLD
     assert counts["exits"] > 300 and counts["breaches"] > 10 and counts["truncations"] > 50, counts
+
+
+def test_phase2_parity_with_reference_on_random_episodes():
+    """Phase 2 (6 actions, break-even, trailing) against the reference, random legal actions."""
+    d = synthetic_market()
+    spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
+    rng = np.random.default_rng(5)
+    T = len(d["open"])
+    counts = dict(steps=0, exits=0, breaches=0, truncations=0, be_moves=0, ratchets=0)
+    for ep in range(200):
+        params = ref.default_params(
+            phase=2, window=3, trail_atr_mult=float(rng.choice([0.5, 1.0, 2.0])), sl_atr_mult=float(rng.choice([1.0, 2.0, 4.0])),
+            tp_atr_mult=float(rng.choice([2.0, 6.0])), slippage_ticks=float(rng.integers(0, 3)), dd_limit=float(rng.choice([300.0, 800.0, 3000.0])),
+            dd_lock_offset=float(rng.choice([0.0, 100.0])), breach_penalty=float(rng.choice([0.0, 1.0])), episode_bars=int(rng.choice([60, 400])),
+            no_entry_bars=5, contracts=int(rng.integers(1, 3)), flatten_at_close=bool(rng.random() < 0.5))
+        start = int(rng.integers(params["window"] - 1, T - 50))
+        end = int(rng.integers(start + 2, T + 1))
+        r = ref.random_legal_episode(d, spec, params, start, end, PAD, rng)
+        j = jax_run_episode(d, spec, params, start, end, r["actions"])
+        n = len(r["reward"])
+        assert len(j["reward"]) == n, ep
+        assert r["mask"].shape == (n, 6)
+        np.testing.assert_allclose(j["obs0"], r["obs0"], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(j["obs"], r["obs"], rtol=1e-5, atol=1e-5, err_msg=f"episode {ep}")
+        np.testing.assert_allclose(j["reward"], r["reward"], rtol=1e-5, atol=1e-5, err_msg=f"episode {ep}")
+        np.testing.assert_array_equal(j["mask"], r["mask"])
+        np.testing.assert_array_equal(j["terminated"], r["terminated"])
+        np.testing.assert_array_equal(j["truncated"], r["truncated"])
+        np.testing.assert_array_equal(j["dir"], r["dir"])
+        np.testing.assert_allclose(j["sl"], r["sl"], rtol=1e-6, err_msg=f"episode {ep}")
+        np.testing.assert_allclose(j["exit_price"], r["exit_price"], rtol=1e-6)
+        counts["steps"] += n
+        counts["exits"] += int(np.isfinite(r["exit_price"]).sum())
+        counts["breaches"] += int(r["terminated"].any())
+        counts["truncations"] += int(r["truncated"].any())
+        counts["be_moves"] += int((r["actions"] == ref.MOVE_SL_TO_BE).sum())
+        # the stop moved while the same position stayed open, without a break-even move: a trailing ratchet
+        same_pos = (r["dir"][1:] != 0) & (r["dir"][1:] == r["dir"][:-1]) & np.isnan(r["entry_price"][1:]) & np.isnan(r["exit_price"][:-1])
+        counts["ratchets"] += int((same_pos & (r["sl"][1:] != r["sl"][:-1]) & (r["actions"][1:] != ref.MOVE_SL_TO_BE)).sum())
+    # the episodes exercised the rules, the new ones included
+    assert counts["exits"] > 300 and counts["breaches"] > 10 and counts["truncations"] > 50, counts
+    assert counts["be_moves"] > 100 and counts["ratchets"] > 300, counts
 
 
 # ---- NO LOOK-AHEAD ----
@@ -236,3 +284,65 @@ def test_gae_scan_matches_python_loop():
     np.testing.assert_allclose(np.asarray(adv), expect, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(targets), expect + value, rtol=1e-4, atol=1e-5)
     assert term.any() and trunc.any()
+
+
+# ---- TRANSFER: PHASE 1 -> PHASE 2 ----
+def test_init_from_keeps_phase1_probabilities(tmp_path):
+    """After --init-from, phase 2's probabilities over HOLD/BUY/SELL on phase 1 states match phase 1's
+    to within the mass the new actions get (exactly when flat, where the new actions are illegal)."""
+    args1 = pt.Args(window=4, hidden=32, num_envs=16)
+    datasets, info = pt.load_data(args1)
+    data = datasets["train"]
+    F = data.features.shape[-1]
+    p1, p2 = pt.env_params_from_args(args1), pt.env_params_from_args(pt.Args(window=4, phase=2))
+    net1 = pt.ActorCritic(3, 32)
+    params1 = net1.init(jax.random.PRNGKey(0), jnp.zeros(pt.obs_size(4, F, 1)))
+    params1 = jax.tree_util.tree_map_with_path(lambda path, x: x * 150.0 if "Dense_2" in str(path) else x, params1)  # logits of a few units
+    # a phase 1 normaliser fitted on random-play observations
+    obs, states = jax.vmap(pt.reset, in_axes=(0, None, None))(jax.random.split(jax.random.PRNGKey(1), 256), p1, data)
+
+    @jax.jit
+    def play(states, obs, key):
+        def body(carry, k):
+            states, obs = carry
+            k1, k2 = jax.random.split(k)
+            mask = jax.vmap(pt.legal_mask, in_axes=(0, None, None))(states, p1, data)
+            a = jax.vmap(pt.random_policy, in_axes=(None, 0, 0, 0))(None, jax.random.split(k1, 256), obs, mask)
+            obs, states, *_ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(jax.random.split(k2, 256), states, a, p1, data)
+            return (states, obs), (states, obs)
+
+        return jax.lax.scan(body, (states, obs), jax.random.split(key, 40))[1]
+
+    traj_states, traj_obs = play(states, obs, jax.random.PRNGKey(2))
+    norm1 = pt.ObsNorm.create(traj_obs.shape[-1]).update(traj_obs.reshape(-1, traj_obs.shape[-1]))
+    ckpt = tmp_path / "phase1.msgpack"
+    pt.save_policy(ckpt, params1, norm1, args1, info)
+
+    args2 = pt.Args(window=4, hidden=32, num_envs=16, phase=2, init_from=str(ckpt))
+    transfer = pt.load_transfer(str(ckpt), args2, F)
+    init, _, _, net2 = pt.make_train(args2, p2, data, transfer=transfer)
+    runner = jax.jit(init)(jax.random.PRNGKey(3))
+    params2, norm2 = runner.train_state.params, runner.obs_norm
+    D1 = pt.obs_size(4, F, 1)
+    np.testing.assert_array_equal(np.asarray(norm2.mean[:D1]), np.asarray(norm1.mean))
+    np.testing.assert_array_equal(np.asarray(norm2.var[:D1]), np.asarray(norm1.var))
+    assert float(norm2.count) == float(norm1.count)
+
+    states = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), traj_states)
+    obs1 = jax.vmap(pt.get_obs, in_axes=(0, None, None))(states, p1, data)
+    obs2 = jax.vmap(pt.get_obs, in_axes=(0, None, None))(states, p2, data)
+    np.testing.assert_array_equal(np.asarray(obs2[:, :D1]), np.asarray(obs1))  # phase 1's layout is phase 2's prefix
+    mask1 = jax.vmap(pt.legal_mask, in_axes=(0, None, None))(states, p1, data)
+    mask2 = jax.vmap(pt.legal_mask, in_axes=(0, None, None))(states, p2, data)
+    prob1 = np.asarray(jax.nn.softmax(pt.masked_policy(net1.apply(params1, norm1(obs1))[0], mask1).logits))
+    prob2 = np.asarray(jax.nn.softmax(pt.masked_policy(net2.apply(params2, norm2(obs2))[0], mask2).logits))
+    new_mass = prob2[:, 3:].sum(-1)
+    flat = np.asarray(states.dir) == 0
+    assert flat.any() and (~flat).any()
+    assert (np.abs(prob2[:, :3] - prob1).max(-1) <= new_mass + 1e-5).all()
+    np.testing.assert_allclose(prob2[flat, :3], prob1[flat], atol=1e-5)
+    assert (new_mass[flat] == 0).all()
+    # in a position, 1 or 2 new actions are legal, each with about 1% of HOLD's probability
+    assert 0.005 < new_mass[~flat].min() and new_mass[~flat].max() < 0.03, (new_mass[~flat].min(), new_mass[~flat].max())
+    # flat states with a confident phase 1 policy: the transfer is not trivially uniform
+    assert prob1[flat].max() > 0.8

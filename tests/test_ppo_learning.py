@@ -52,3 +52,38 @@ def test_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     assert oracle_test > 5_000, oracle_test  # the planted signal is worth trading after costs
     assert ppo_test >= 0.8 * oracle_test, (ppo_test, oracle_test)
     assert random_test < 0.2 * oracle_test, (random_test, oracle_test)
+
+
+def test_phase2_from_phase1_beats_phase1_when_managing_pays(tmp_path):
+    """On trends that revert (each planted drift taken back 120 bars later) with a far target, phase 1
+    can only ride a trade into its reversal; phase 2, started from phase 1, learns to trail the stop."""
+    data = tmp_path / "revert.npz"
+    assert dp.main(["synthetic-intraday", "--out", str(data), "--days", "60", "--seed", "0", "--signal-strength", "2",
+                    "--revert-fraction", "1", "--revert-after", "120"]) == 0
+    flags = ["--data", str(data), "--window", "8", "--tp-atr-mult", "20", "--trail-atr-mult", "2", "--dd-limit", "5000",
+             "--total-timesteps", "500000", "--seed", "1", "--out-dir", tmp_path]
+    r1 = run_script("ppo_trader.py", *flags, "--run-name", "phase1")
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run_script("ppo_trader.py", *flags, "--run-name", "phase2", "--phase", "2", "--init-from", tmp_path / "phase1" / "best.msgpack")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    p1, p2 = (json.loads((tmp_path / run / "report.json").read_text())["SYN"]["policy"] for run in ("phase1", "phase2"))
+    assert p1["total_return"] > 0.05, p1  # phase 1 learned to enter on the signal: the comparison is not against a no-trade policy
+    assert p2["total_return"] > 1.3 * p1["total_return"], (p2, p1)
+
+    # the gain comes from managing the trades: the same policy with the management actions masked out earns less
+    args = pt.Args(data=str(data), window=8, tp_atr_mult=20.0, trail_atr_mult=2.0, dd_limit=5000.0, phase=2)
+    datasets, _ = pt.load_data(args)
+    F = datasets["test"].features.shape[-1]
+    network, params, norm, _ = pt.load_policy(str(tmp_path / "phase2" / "best.msgpack"), args, pt.obs_size(8, F, 2))
+    backtest = pt.make_backtest(pt.env_params_from_args(args), datasets["test"])
+    greedy = pt.greedy_policy(network)
+    entries_only = lambda policy_args, key, obs, mask: greedy(policy_args, key, obs, mask & (jnp.arange(6) < 3))  # noqa: E731
+    out = {k: np.asarray(v) for k, v in backtest(greedy, (params, norm), 0, jax.random.PRNGKey(0)).items()}
+    live = out["live"]
+    trades, trails = int(np.isfinite(out["exit_price"][live]).sum()), int((out["action"][live] == pt.ENABLE_TRAIL).sum())
+    out_u = {k: np.asarray(v) for k, v in backtest(entries_only, (params, norm), 0, jax.random.PRNGKey(0)).items()}
+    managed, unmanaged = float(out["equity"][live][-1]), float(out_u["equity"][out_u["live"]][-1])
+    print(f"phase 1 {p1['total_return']:+.3f}  phase 2 {p2['total_return']:+.3f}  trades {trades}  trail enables {trails}  "
+          f"phase 2 without management {unmanaged / 50_000:+.3f}")
+    assert trades > 20 and trails > 0.2 * trades, (trades, np.bincount(out["action"][live], minlength=6))
+    assert managed > unmanaged + 0.1 * 50_000 * p1["total_return"], (managed, unmanaged)

@@ -470,6 +470,174 @@ def scenario_observation_layout(run):
                           1, -0.125, 0.875, 2.125, 0.02, 0.98775, 1.0 / 24])
 
 
+# --------------------------------------------------------------------------------------------------
+# Phase 2: break-even, trailing stop, masks of the management actions
+# --------------------------------------------------------------------------------------------------
+# Phase 2 actions: 3 MOVE_SL_TO_BE, 4 ENABLE_TRAIL, 5 DISABLE_TRAIL; the observation gains two flags
+# at its end (break-even: the stop is at or beyond the entry; trailing on).
+P2 = dict(phase=2)
+T_, F_ = True, False
+FLAT_MASK = [T_, T_, T_, F_, F_, F_]
+FLAGS = slice(-2, None)
+
+
+def mirror(rows):
+    """The short mirror of long bars: prices reflected around 100 (high and low swap)."""
+    return [(200 - o, 200 - lo, 200 - h, 200 - c) for o, h, lo, c in rows]
+
+
+def scenario_break_even_then_retrace_exits_at_entry(run):
+    """MOVE_SL_TO_BE with open profit moves the stop to the entry; a retrace then fills it at the
+    entry minus slippage, so the trade loses only its costs. Without the move the trade survives."""
+    rows = [FLAT, FLAT,
+            (100, 102, 99.75, 101.5),       # entry 100.25, stop 98.25, target 104.25; close 101.5: profit
+            (101.5, 102, 100.5, 101.75),    # stop at 100.25 not touched
+            (101.75, 102, 99.5, 100),       # low 99.5 <= 100.25 -> exit 100.25 - 0.25 = 100.0
+            FLAT]
+    data = make_data_ohlc(rows)
+    out = run(data, default_spec(), default_params(**P2), 1, 6, [1, 3, 0, 0])
+    same(out["mask"], [FLAT_MASK, [T_, F_, F_, T_, T_, F_], [T_, F_, F_, F_, T_, F_], FLAT_MASK])
+    close(out["sl"], [98.25, 100.25, 0, 0])
+    same(out["dir"], [1, 1, 0, 0])
+    close(out["exit_price"], [NAN, NAN, 100.0, NAN])
+    # 49998 + (100.0 - 100.25) * 50 - 2 = 49983.5: the round trip costs 2 x 2 commission + 2 x 12.5 slippage
+    close(out["balance"], [49998, 49998, 49983.5, 49983.5])
+    # 49998 + 1.25 * 50 = 50060.5; 49998 + 1.5 * 50 = 50073
+    close(out["equity"], [50060.5, 50073, 49983.5, 49983.5])
+    close(out["reward"], [0.03025, 0.00625, -0.04475, 0.0])
+    close(out["obs"][:, FLAGS], [[0, 0], [1, 0], [0, 0], [0, 0]])
+    # at t=3 the distance to the stop is (101.75 - 100.25) / 2
+    close(out["obs"][1, -9:-2][2], 0.75)
+    assert out["obs"].shape[1] == 2 * 2 + 9
+
+    out = run(data, default_spec(), default_params(**P2), 1, 6, [1, 0, 0, 0])
+    same(out["dir"], [1, 1, 1, 1])
+    close(out["sl"], [98.25] * 4)
+
+    # the short mirror: entry 99.75, stop 101.75 -> 99.75 and out at 99.75 + 0.25 = 100.0
+    out = run(make_data_ohlc(mirror(rows)), default_spec(), default_params(**P2), 1, 6, [2, 3, 0, 0])
+    close(out["sl"], [101.75, 99.75, 0, 0])
+    close(out["exit_price"], [NAN, NAN, 100.0, NAN])
+    close(out["balance"], [49998, 49998, 49983.5, 49983.5])
+
+
+def scenario_break_even_illegal_without_open_profit(run):
+    """MOVE_SL_TO_BE needs close[t] strictly beyond the entry; masked, it is played as HOLD."""
+    rows = [FLAT, FLAT,
+            (100, 100.5, 99.5, 99.75),      # short entry 99.75, stop 101.75; close 99.75: no profit
+            (99.75, 100.25, 99.5, 100),     # close 100: a loss
+            (100, 100.25, 99.25, 99.5),     # close 99.5: profit
+            (99.5, 99.75, 99.25, 99.5),     # high 99.75 >= stop 99.75 -> exit 99.75 + 0.25 = 100.0
+            FLAT]
+    out = run(make_data_ohlc(rows), default_spec(), default_params(**P2), 1, 7, [2, 3, 3, 3, 0])
+    same(out["mask"][:, 3], [F_, F_, F_, T_, F_])
+    # the stop moved at t=4 is filled in bar 5 (the stop at 101.75 would not have been)
+    close(out["sl"], [101.75, 101.75, 101.75, 0, 0])
+    same(out["dir"], [-1, -1, -1, 0, 0])
+    close(out["exit_price"], [NAN, NAN, NAN, 100.0, NAN])
+    # 49998 + (100 - 99.75) * -1 * 50 - 2 = 49983.5
+    close(out["balance"], [49998] * 3 + [49983.5] * 2)
+
+
+def _trail_rows():
+    """A long that runs to 103 then retraces; bar 4's ATR doubles (the trail must not loosen)."""
+    return [FLAT, FLAT,
+            (100, 101, 99.5, 100.5),        # entry 100.25, stop 98.25; best 101
+            (100.5, 103, 100, 102.5),       # best 103
+            (102.5, 102.75, 101.5, 101.75),
+            (101.75, 102, 100.5, 101),      # low 100.5: hits a stop at 101, not one at 99
+            FLAT, FLAT]
+
+
+def scenario_trailing_stop_ratchets_and_exits_on_retrace(run):
+    """With trailing on, the stop moves to best - trail_atr_mult x atr[t] (rounded to the tick) when
+    tighter, never looser (a wider ATR leaves it where it is); the retrace then fills it."""
+    params = default_params(phase=2, trail_atr_mult=1.0, tp_atr_mult=10.0)  # target 120.25: never hit
+    data = make_data_ohlc(_trail_rows(), atr=[2, 2, 2, 2, 4, 2, 2, 2])
+    out = run(data, default_spec(), params, 1, 8, [1, 4, 0, 0, 0])
+    # t=2: best 101 -> 101 - 2 = 99 > 98.25; t=3: best 103 -> 101; t=4: 103 - 4 = 99 < 101 -> stays 101
+    close(out["sl"], [98.25, 99, 101, 0, 0])
+    same(out["dir"], [1, 1, 1, 0, 0])
+    close(out["exit_price"], [NAN, NAN, NAN, 100.75, NAN])
+    # 49998 + (100.75 - 100.25) * 50 - 2 = 50021
+    close(out["balance"], [49998, 49998, 49998, 50021, 50021])
+    same(out["mask"], [FLAT_MASK, [T_, F_, F_, T_, T_, F_], [T_, F_, F_, T_, F_, T_], [T_, F_, F_, F_, F_, T_], FLAT_MASK])
+    close(out["obs"][:, FLAGS], [[0, 0], [0, 1], [1, 1], [0, 0], [0, 0]])
+
+    # DISABLE_TRAIL at t=3 keeps the stop at 99 (no ratchet): bar 5's low 100.5 does not reach it
+    out = run(data, default_spec(), params, 1, 8, [1, 4, 5, 0, 0])
+    close(out["sl"], [98.25, 99, 99, 99, 99])
+    same(out["dir"], [1, 1, 1, 1, 1])
+    close(out["obs"][:, FLAGS], [[0, 0], [0, 1], [0, 0], [0, 0], [0, 0]])
+
+    # the short mirror: entry 99.75, stop 101.75; best 99 -> 101; best 97 -> 99; 97 + 4 = 101 -> stays 99;
+    # bar 5's high 99.5 fills it at 99 + 0.25 = 99.25: 49998 + (99.25 - 99.75) * -1 * 50 - 2 = 50021
+    out = run(make_data_ohlc(mirror(_trail_rows()), atr=[2, 2, 2, 2, 4, 2, 2, 2]), default_spec(), params, 1, 8, [2, 4, 0, 0, 0])
+    close(out["sl"], [101.75, 101, 99, 0, 0])
+    close(out["exit_price"], [NAN, NAN, NAN, 99.25, NAN])
+    close(out["balance"], [49998, 49998, 49998, 50021, 50021])
+
+
+def scenario_trailing_level_rounded_and_gap(run):
+    """The trail level is rounded to the tick (half to even); a trail enabled above the market fills
+    at the next open (a stop gapped through)."""
+    params = default_params(phase=2, trail_atr_mult=0.5, tp_atr_mult=10.0)
+    rows = [FLAT, FLAT, (100, 103, 99.5, 100.5), (100.5, 101, 100, 100.75), FLAT]
+    # best 103; atr[2] = 2.25 -> 103 - 1.125 = 101.875 = 407.5 ticks -> half-even 408 -> 102.0 above the
+    # market: bar 3 opens at 100.5 <= 102 -> fill at 100.5 - 0.25 = 100.25
+    data = make_data_ohlc(rows, atr=[2, 2, 2.25, 2, 2])
+    out = run(data, default_spec(), params, 1, 5, [1, 4, 0])
+    close(out["sl"], [98.25, 0, 0])
+    close(out["exit_price"], [NAN, 100.25, NAN])
+    close(out["balance"], [49998, 49996, 49996])
+
+
+def scenario_management_masks_in_every_state(run):
+    """The new actions' masks: all illegal when flat (in or out of RTH); ENABLE_TRAIL / DISABLE_TRAIL
+    by the trailing flag, also outside RTH; MOVE_SL_TO_BE with open profit and the stop short of the
+    entry. Masked actions are played as HOLD (the stop does not move)."""
+    rows = [FLAT, FLAT, FLAT,
+            FLAT,                           # entry 100.25, stop 98.25; close 100: no profit
+            (100, 101, 99.5, 101),          # close 101: profit
+            (101, 101.5, 100.5, 101),       # best 101.5
+            (101, 101.5, 100.5, 101),
+            (101, 101.5, 100.5, 101),
+            (101, 101.5, 100.5, 101),
+            (101, 101.5, 100.5, 101)]
+    rth = [F_, F_, T_, T_, T_, T_, T_, T_, F_, F_]
+    data = make_data_ohlc(rows, rth=rth)
+    actions = [4,   # t=1 flat, outside RTH: ENABLE_TRAIL masked -> HOLD
+               1,   # t=2 BUY
+               3,   # t=3 no profit: MOVE_SL_TO_BE masked -> HOLD
+               5,   # t=4 trailing off: DISABLE_TRAIL masked -> HOLD
+               4,   # t=5 ENABLE_TRAIL: 101.5 - 2 = 99.5
+               3,   # t=6 MOVE_SL_TO_BE: stop 100.25 (tighter than the trail's 99.5)
+               5,   # t=7 DISABLE_TRAIL (stop stays at the entry)
+               0]   # t=8 outside RTH, in a position; truncated at the split end
+    out = run(data, default_spec(), default_params(**P2), 1, 10, actions)
+    same(out["mask"], [[T_, F_, F_, F_, F_, F_],
+                       FLAT_MASK,
+                       [T_, F_, F_, F_, T_, F_],
+                       [T_, F_, F_, T_, T_, F_],
+                       [T_, F_, F_, T_, T_, F_],
+                       [T_, F_, F_, T_, F_, T_],
+                       [T_, F_, F_, F_, F_, T_],
+                       [T_, F_, F_, F_, T_, F_]])
+    close(out["sl"], [0, 98.25, 98.25, 98.25, 99.5, 100.25, 100.25, 100.25])
+    same(out["dir"], [0] + [1] * 7)
+    close(out["obs"][:, FLAGS], [[0, 0], [0, 0], [0, 0], [0, 0], [0, 1], [1, 1], [1, 0], [1, 0]])
+    same(out["truncated"], [F_] * 7 + [T_])
+
+
+PHASE2_SCENARIOS = [
+    scenario_break_even_then_retrace_exits_at_entry,
+    scenario_break_even_illegal_without_open_profit,
+    scenario_trailing_stop_ratchets_and_exits_on_retrace,
+    scenario_trailing_level_rounded_and_gap,
+    scenario_management_masks_in_every_state,
+]
+
+
 SCENARIOS = [
     scenario_take_profit_long,
     scenario_take_profit_gapped_long,
@@ -493,6 +661,12 @@ SCENARIOS = [
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda f: f.__name__)
 def test_reference(scenario):
     """Every hand-computed scenario passes on the NumPy reference."""
+    scenario(run_episode)
+
+
+@pytest.mark.parametrize("scenario", PHASE2_SCENARIOS, ids=lambda f: f.__name__)
+def test_reference_phase2(scenario):
+    """Every hand-computed phase 2 scenario passes on the NumPy reference."""
     scenario(run_episode)
 
 
