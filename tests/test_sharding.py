@@ -67,8 +67,10 @@ def assert_close(a, b, key="") -> None:
         assert sorted(a) == sorted(b), key
         for k in a:
             assert_close(a[k], b[k], f"{key}/{k}")
-    elif isinstance(a, float):
+    elif isinstance(a, (float, np.ndarray)) and np.asarray(a).dtype.kind == "f":
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=key)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b, err_msg=key)
     else:
         assert a == b, key
 
