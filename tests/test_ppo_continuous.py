@@ -203,3 +203,30 @@ def test_continuous_log_prob_gradients_finite_at_saturated_actions():
     out = jnp.zeros((5, 2))
     assert np.isfinite(float(f(out)))
     assert np.isfinite(np.asarray(jax.grad(f)(out))).all()
+
+
+# ---- LEARNING ----
+def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
+    """The planted-signal data of tests/test_ppo_learning.py; continuous targets with --max-contracts 1 (the same
+    largest position as the discrete oracle's one contract), compared with the same validation-chosen oracle."""
+    data = tmp_path / "syn.npz"
+    assert dp.main(["synthetic-intraday", "--out", str(data), "--days", "60", "--seed", "0", "--signal-strength", "2"]) == 0
+    flags = ["--data", str(data), "--window", "8", "--total-timesteps", "1000000", "--seed", "1", "--action-space", "continuous", "--max-contracts", "1"]
+    r = run_script("ppo_trader.py", *flags, "--out-dir", tmp_path, "--run-name", "learn")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "learn" / "report.json").read_text())["SYN"]
+    ppo_test = report["policy"]["total_return"] * 50_000.0
+    random_test = report["random"]["total_return"] * 50_000.0
+
+    args = pt.Args(data=str(data), window=8)
+    datasets, info = pt.load_data(args)
+    env_params = pt.env_params_from_args(args)
+    F = datasets["train"].features.shape[-1]
+    val_bt, test_bt = pt.make_backtest(env_params, datasets["val"]), pt.make_backtest(env_params, datasets["test"])
+    oracles = {th: oracle_policy(th, 8, F) for th in (0.0, 0.25, 0.5, 1.0, 1.5)}
+    best = max(oracles, key=lambda th: split_return(val_bt, oracles[th]))
+    oracle_test = split_return(test_bt, oracles[best])
+    print(f"continuous PPO {ppo_test:+.0f}  oracle {oracle_test:+.0f}  random targets {random_test:+.0f}")
+    assert oracle_test > 5_000, oracle_test
+    assert ppo_test >= 0.8 * oracle_test, (ppo_test, oracle_test)
+    assert random_test < 0.2 * oracle_test, (random_test, oracle_test)
