@@ -10,7 +10,7 @@ import pytest
 import data_prep as dp
 import ppo_reference as ref
 import ppo_trader as pt
-from conftest import run_script
+from conftest import assert_one_line_error, run_script
 from test_ppo_env import PAD, market_data, synthetic_market
 from test_ppo_learning import oracle_policy, split_return
 from test_ppo_reference import FLAT, NAN, POS, close, same
@@ -230,3 +230,18 @@ def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     assert oracle_test > 5_000, oracle_test
     assert ppo_test >= 0.8 * oracle_test, (ppo_test, oracle_test)
     assert random_test < 0.2 * oracle_test, (random_test, oracle_test)
+
+    # the saved policy plays the test split again with --eval-only (its action space read from the checkpoint)
+    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", tmp_path / "learn" / "best.msgpack", "--data", data, "--run-name", "again", "--out-dir", tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["SYN"]["policy"]
+    assert abs(again["total_return"] - report["policy"]["total_return"]) < 1e-6, (again, report["policy"])
+    # a continuous policy cannot start phase 2
+    r = run_script("ppo_trader.py", "--data", data, "--window", "8", "--phase", "2", "--init-from", tmp_path / "learn" / "best.msgpack", "--out-dir", tmp_path)
+    assert_one_line_error(r, "action-space")
+
+
+@pytest.mark.parametrize("flags, needle", [(["--action-space", "continuous", "--phase", "2"], "phase 2"),
+                                           (["--action-space", "box"], "--action-space"), (["--max-contracts", "0"], "--max-contracts")])
+def test_bad_continuous_flags_give_one_line_errors(flags, needle):
+    assert_one_line_error(run_script("ppo_trader.py", *flags), needle)
