@@ -4,6 +4,7 @@
     python ppo_trader.py --num-envs 4096 --num-steps 64    # GPU-sized
     python ppo_trader.py --eval-only --checkpoint runs/NAME/best.msgpack
     python ppo_trader.py --run-name p1 && python ppo_trader.py --phase 2 --init-from runs/p1/best.msgpack   # phase 2 from phase 1
+    python ppo_trader.py --action-space continuous --max-contracts 3  # target positions instead of BUY/SELL
 
 The file reads top to bottom as the data flows: args, data arrays, env (gymnax style: pure `reset` and
 `step` on `EnvState`/`EnvParams`), networks, PPO (`make_train(args) -> train`, PureJaxRL shape), outer loop

@@ -13,7 +13,8 @@ Conventions
   dd_limit dd_lock_offset breach_penalty episode_bars no_entry_bars flatten_at_close phase
   trail_atr_mult``.
 * Actions: 0 HOLD, 1 BUY, 2 SELL; phase 2 adds 3 MOVE_SL_TO_BE, 4 ENABLE_TRAIL, 5 DISABLE_TRAIL.
-  An illegal action is treated as HOLD.
+  An illegal action is treated as HOLD. With ``params["action_space"] == "continuous"`` an action
+  is a float target position in [-1, 1] x ``max_contracts`` (``step_state_continuous``).
 * A step decides at bar ``t`` and plays out bar ``u = t + 1``.
 
 Builders (``make_data``, ``make_data_ohlc``, ``default_spec``, ``default_params``) are provided for
