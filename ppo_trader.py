@@ -4,6 +4,7 @@
     python ppo_trader.py --num-envs 4096 --num-steps 64    # GPU-sized
     python ppo_trader.py --eval-only --checkpoint runs/NAME/best.msgpack
     python ppo_trader.py --run-name p1 && python ppo_trader.py --phase 2 --init-from runs/p1/best.msgpack   # phase 2 from phase 1
+    python ppo_trader.py --action-space continuous --max-contracts 3  # target positions instead of BUY/SELL
 
 The file reads top to bottom as the data flows: args, data arrays, env (gymnax style: pure `reset` and
 `step` on `EnvState`/`EnvParams`), networks, PPO (`make_train(args) -> train`, PureJaxRL shape), outer loop
@@ -114,6 +115,10 @@ class Args:
     """no new entries this many bars (or fewer) before the session end"""
     flatten_at_close: bool = True
     """close any position at the session end's close"""
+    action_space: str = "discrete"
+    """discrete: the actions of --phase; continuous (phase 1 only): a target position in [-1, 1] x --max-contracts (squashed Gaussian), rounded to whole contracts"""
+    max_contracts: int = 1
+    """--action-space continuous: the largest position, in contracts (the policy's +-1)"""
     phase: int = 1
     """1: learn entries (HOLD, BUY, SELL); 2: also manage the open position (MOVE_SL_TO_BE, ENABLE_TRAIL, DISABLE_TRAIL)"""
     trail_atr_mult: float = 1.0
@@ -330,6 +335,8 @@ class EnvParams:
     no_entry_bars: int = struct.field(pytree_node=False, default=2)
     flatten_at_close: bool = struct.field(pytree_node=False, default=True)
     phase: int = struct.field(pytree_node=False, default=1)
+    action_space: str = struct.field(pytree_node=False, default="discrete")
+    max_contracts: int = struct.field(pytree_node=False, default=1)
     contracts: float = 1.0
     sl_atr_mult: float = 1.5
     tp_atr_mult: float = 3.0
@@ -353,6 +360,7 @@ class EnvState:
     sl: jax.Array
     tp: jax.Array
     bars_in_pos: jax.Array  # int32
+    size: jax.Array  # continuous action space: contracts held (0 flat), int32
     trail: jax.Array  # phase 2: trailing stop on (bool)
     best: jax.Array  # phase 2: best price since entry (highest high long, lowest low short; 0 flat)
     pnl: jax.Array  # realised P&L incl. commissions (balance - initial_balance)
@@ -366,7 +374,7 @@ def env_params_from_args(args: Args) -> EnvParams:
     return EnvParams(window=args.window, episode_bars=args.episode_bars, no_entry_bars=args.no_entry_bars, flatten_at_close=args.flatten_at_close,
                      contracts=float(args.contracts), sl_atr_mult=args.sl_atr_mult, tp_atr_mult=args.tp_atr_mult, slippage_ticks=args.slippage_ticks,
                      initial_balance=args.initial_balance, dd_limit=args.dd_limit, dd_lock_offset=args.dd_lock_offset, breach_penalty=args.breach_penalty,
-                     phase=args.phase, trail_atr_mult=args.trail_atr_mult)
+                     phase=args.phase, trail_atr_mult=args.trail_atr_mult, action_space=args.action_space, max_contracts=args.max_contracts)
 
 
 def dd_threshold(peak: jax.Array, params: EnvParams) -> jax.Array:
@@ -377,7 +385,7 @@ def dd_threshold(peak: jax.Array, params: EnvParams) -> jax.Array:
 def reset_at(market: jax.Array, start: jax.Array) -> EnvState:
     """A flat account at decision bar `start` of `market`."""
     z, zi = jnp.float32(0.0), jnp.int32(0)
-    return EnvState(market=jnp.int32(market), t=jnp.int32(start), steps=zi, dir=zi, entry=z, sl=z, tp=z, bars_in_pos=zi, trail=jnp.bool_(False), best=z,
+    return EnvState(market=jnp.int32(market), t=jnp.int32(start), steps=zi, dir=zi, entry=z, sl=z, tp=z, bars_in_pos=zi, size=zi, trail=jnp.bool_(False), best=z,
                     pnl=z, peak=z, equity=z, episode_return=z)
 
 
@@ -412,8 +420,10 @@ def get_obs(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
     close, atr = data.close[m, t], data.atr[m, t]
     d = state.dir.astype(jnp.float32)
     in_pos = state.dir != 0
+    # continuous action space: the signed position as a fraction of max_contracts
+    held = d * state.size / params.max_contracts if params.action_space == "continuous" else d
     pos = jnp.stack([
-        d,
+        held,
         jnp.where(in_pos, (close - state.entry) * d / atr, 0.0),
         jnp.where(in_pos, (close - state.sl) * d / atr, 0.0),
         jnp.where(in_pos, (state.tp - close) * d / atr, 0.0),
@@ -432,6 +442,8 @@ def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: Marke
     Returns (state at t+1, reward, terminated, info) without any reset; info holds the entry and exit
     prices of this step (NaN when none) and the P&L booked.
     """
+    if params.action_space == "continuous":
+        return step_core_continuous(state, action, params, data)
     m, t = state.market, state.t
     u = t + 1
     o, h, l, c = data.open[m, u], data.high[m, u], data.low[m, u], data.close[m, u]
@@ -502,13 +514,120 @@ def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: Marke
 
     new_state = EnvState(
         market=m, t=u, steps=state.steps + 1, dir=d, entry=jnp.where(flat, 0.0, entry), sl=jnp.where(flat, 0.0, sl),
-        tp=jnp.where(flat, 0.0, tp), bars_in_pos=bars_in_pos, trail=trail & ~flat, best=jnp.where(flat, 0.0, best), pnl=pnl, peak=peak, equity=equity,
+        tp=jnp.where(flat, 0.0, tp), bars_in_pos=bars_in_pos, size=state.size, trail=trail & ~flat, best=jnp.where(flat, 0.0, best), pnl=pnl, peak=peak, equity=equity,
         episode_return=state.episode_return + reward,
     )
     closed = exits | liquidate
     info = dict(mask=mask, action=a, entry_price=jnp.where(enter, entry_px, jnp.nan), exit_price=exit_px,
                 exit_dir=jnp.where(closed, jnp.where(enter, new_dir, state.dir), 0),
                 trade_pnl=jnp.where(closed, booked + liq_booked - comm, 0.0))  # both commissions of the round trip
+    return new_state, reward, terminated, info
+
+
+def target_contracts(state: EnvState, action: jax.Array, params: EnvParams, data: MarketData) -> jax.Array:
+    """Continuous action space: the signed whole-contract target round(clip(action, -1, 1) x max_contracts).
+    Where discrete entries are masked (outside RTH, no_entry_bars or fewer before the session end) the target
+    is clamped between 0 and the current position: it may reduce or close, never add or reverse."""
+    m, t = state.market, state.t
+    q = state.dir * state.size
+    target = jnp.round(jnp.clip(action, -1.0, 1.0) * params.max_contracts).astype(jnp.int32)
+    can_add = data.rth[m, t] & (data.bars_to_close[m, t] > params.no_entry_bars)
+    return jnp.where(can_add, target, jnp.clip(target, jnp.minimum(q, 0), jnp.maximum(q, 0)))
+
+
+def step_core_continuous(state: EnvState, action: jax.Array, params: EnvParams, data: MarketData):
+    """`step_core` for --action-space continuous: `action` in [-1, 1] is a target position (see `target_contracts`).
+
+    At t+1's open the position moves to the target: a smaller target on the same side closes the difference
+    (the entry and levels stay); a larger one adds contracts (the entry becomes the average entry price and the
+    stop and target are set again around it with the decision bar's ATR); a target of 0 or on the other side
+    closes everything first, then opens the new side. Fills at the open with slippage against the trader,
+    commission per contract per side. Stops, targets, the session-end flatten and the drawdown act on the whole
+    position, as in `step_core`.
+    """
+    m, t = state.market, state.t
+    u = t + 1
+    o, h, l, c = data.open[m, u], data.high[m, u], data.low[m, u], data.close[m, u]
+    tick = data.tick_size[m]
+    pv = data.point_value[m]  # per contract
+    slip = params.slippage_ticks * tick
+    comm = data.commission[m]  # per contract per side
+    round_tick = lambda x: jnp.round(x / tick) * tick  # noqa: E731
+    target = target_contracts(state, action, params, data)
+
+    # CHANGE THE POSITION at the open of u: close what goes (all of it on a reversal or a target of 0) ...
+    d0, size0 = state.dir, state.size
+    d0f = d0.astype(jnp.float32)
+    same_side = target * d0 > 0
+    n_close = jnp.where(d0 == 0, 0, jnp.where(same_side, jnp.maximum(size0 - jnp.abs(target), 0), size0))
+    open_exit_px = o - d0f * slip
+    booked = jnp.where(n_close > 0, ((open_exit_px - state.entry) * d0f * pv - comm) * n_close, 0.0)
+    size = size0 - n_close
+    # ... then add what comes, at the average entry price, with new levels around it
+    n_add = jnp.maximum(jnp.abs(target) - size, 0)
+    d = jnp.where(size > 0, d0, jnp.sign(target)).astype(jnp.int32)
+    df = d.astype(jnp.float32)
+    add = n_add > 0
+    entry_px = o + df * slip
+    entry = jnp.where(add, (size * state.entry + n_add * entry_px) / jnp.maximum(size + n_add, 1), jnp.where(size > 0, state.entry, 0.0))
+    sl = jnp.where(add, round_tick(entry - df * params.sl_atr_mult * data.atr[m, t]), state.sl)
+    tp = jnp.where(add, round_tick(entry + df * params.tp_atr_mult * data.atr[m, t]), state.tp)
+    bars_in_pos = jnp.where(size > 0, state.bars_in_pos, 0)
+    size = size + n_add
+    d = jnp.where(size > 0, d, 0)
+    df = d.astype(jnp.float32)
+    pnl = state.pnl + booked - comm * n_add
+    exit_px = jnp.where(n_close > 0, open_exit_px, jnp.nan)
+    exit_dir = jnp.where(n_close > 0, d0, 0)
+    closed_n = n_close
+
+    # STOP / TARGET inside bar u on the whole position: a gap through a level fills at the open; both inside -> stop first
+    long, short = d == 1, d == -1
+    stop_gap = (long & (o <= sl)) | (short & (o >= sl))
+    tp_gap = (long & (o >= tp)) | (short & (o <= tp))
+    stop_hit = (long & (l <= sl)) | (short & (h >= sl))
+    tp_hit = (long & (h >= tp)) | (short & (l <= tp))
+    level_px = jnp.select([stop_gap, tp_gap, stop_hit, tp_hit], [o - df * slip, o, sl - df * slip, tp], jnp.nan)
+    exits = stop_gap | tp_gap | stop_hit | tp_hit
+    # FLATTEN at the session end's close
+    flat_close = (d != 0) & ~exits & params.flatten_at_close & data.session_end[m, u]
+    level_px = jnp.where(flat_close, c - df * slip, level_px)
+    exits = exits | flat_close
+    booked2 = jnp.where(exits, ((level_px - entry) * df * pv - comm) * size, 0.0)
+    pnl = pnl + booked2
+    exit_px = jnp.where(exits, level_px, exit_px)
+    exit_dir = jnp.where(exits, d, exit_dir)
+    closed_n = closed_n + jnp.where(exits, size, 0)
+    d = jnp.where(exits, 0, d)
+    size = jnp.where(exits, 0, size)
+    bars_in_pos = jnp.where(d != 0, bars_in_pos + 1, 0)
+
+    # MARK TO MARKET, trailing drawdown and breach
+    df = d.astype(jnp.float32)
+    equity = pnl + jnp.where(d != 0, (c - entry) * df * pv * size, 0.0)
+    peak = jnp.maximum(state.peak, equity)
+    terminated = equity <= dd_threshold(peak, params)
+    liquidate = terminated & (d != 0)
+    liq_px = c - df * slip
+    liq_booked = jnp.where(liquidate, ((liq_px - entry) * df * pv - comm) * size, 0.0)
+    pnl = pnl + liq_booked
+    exit_px = jnp.where(liquidate, liq_px, exit_px)
+    exit_dir = jnp.where(liquidate, d, exit_dir)
+    closed_n = closed_n + jnp.where(liquidate, size, 0)
+    equity = jnp.where(terminated, pnl, equity)
+    d = jnp.where(terminated, 0, d)
+    size = jnp.where(terminated, 0, size)
+    bars_in_pos = jnp.where(d != 0, bars_in_pos, 0)
+    flat = d == 0
+    reward = (equity - state.equity) / params.dd_limit - jnp.where(terminated, params.breach_penalty, 0.0)
+
+    new_state = EnvState(
+        market=m, t=u, steps=state.steps + 1, dir=d, entry=jnp.where(flat, 0.0, entry), sl=jnp.where(flat, 0.0, sl), tp=jnp.where(flat, 0.0, tp),
+        bars_in_pos=bars_in_pos, size=size, trail=jnp.bool_(False), best=jnp.float32(0.0), pnl=pnl, peak=peak, equity=equity,
+        episode_return=state.episode_return + reward,
+    )
+    info = dict(mask=legal_mask(state, params, data), action=target, entry_price=jnp.where(add, entry_px, jnp.nan), exit_price=exit_px,
+                exit_dir=exit_dir, trade_pnl=booked + booked2 + liq_booked - comm * closed_n)  # both commissions of the contracts closed
     return new_state, reward, terminated, info
 
 
@@ -532,10 +651,14 @@ def step(key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams, 
 
 # ---- NETWORKS ----
 class ActorCritic(nn.Module):
-    """Separate tanh MLPs for the policy logits and the value (PureJaxRL / CleanRL PPO)."""
+    """Separate tanh MLPs for the policy logits and the value (PureJaxRL / CleanRL PPO).
+
+    `continuous`: the policy head is [mean, log std] of the pre-tanh Gaussian (the log std a free parameter,
+    as in CleanRL's continuous PPO) instead of `num_actions` logits."""
 
     num_actions: int
     hidden: int = 128
+    continuous: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -544,6 +667,9 @@ class ActorCritic(nn.Module):
         for _ in range(2):
             a = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros)(a))
         logits = nn.Dense(self.num_actions, kernel_init=ortho(0.01), bias_init=nn.initializers.zeros)(a)
+        if self.continuous:
+            log_std = self.param("log_std", nn.initializers.zeros, (1,))
+            logits = jnp.concatenate([logits, jnp.broadcast_to(log_std, logits.shape)], axis=-1)
         v = x
         for _ in range(2):
             v = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros)(v))
@@ -556,10 +682,28 @@ def masked_policy(logits: jax.Array, mask: jax.Array) -> distrax.Categorical:
     return distrax.Categorical(logits=jnp.where(mask, logits, jnp.finfo(logits.dtype).min))
 
 
+def squashed_gaussian(out: jax.Array) -> distrax.Transformed:
+    """Continuous actions: tanh of a Gaussian with (mean, log std) = out[..., 0], out[..., 1]; actions in (-1, 1)."""
+    return distrax.Transformed(distrax.Normal(out[..., 0], jnp.exp(out[..., 1])), distrax.Tanh())
+
+
+def squashed_log_prob(pi: distrax.Transformed, x: jax.Array) -> jax.Array:
+    """Log density of the action tanh(x) from the pre-squash sample x: the Gaussian's log density minus
+    distrax's log |d tanh(x)/dx| (the same value as pi.log_prob(tanh(x)), without atanh of actions near +-1)."""
+    return pi.distribution.log_prob(x) - pi.bijector.forward_log_det_jacobian(x)
+
+
+def make_network(args: Args) -> ActorCritic:
+    """The actor-critic of this configuration: the phase's logits, or (mean, log std) for continuous actions."""
+    if args.action_space == "continuous":
+        return ActorCritic(1, args.hidden, continuous=True)
+    return ActorCritic(PHASE_ACTIONS[args.phase], args.hidden)
+
+
 # ---- PPO ----
 class Transition(NamedTuple):
     obs: jax.Array
-    action: jax.Array
+    action: jax.Array  # continuous: the pre-squash Gaussian sample (the env got tanh of it)
     log_prob: jax.Array
     value: jax.Array
     reward: jax.Array
@@ -671,7 +815,8 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
     `transfer` = (params, obs normaliser) of a phase 1 policy: phase 2 starts from them (`grow_params`)."""
     num_updates = math.ceil(args.total_timesteps / (args.num_envs * args.num_steps) / args.chunk_updates) * args.chunk_updates
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
-    network = ActorCritic(PHASE_ACTIONS[args.phase], args.hidden)
+    network = make_network(args)
+    continuous = args.action_space == "continuous"
     obs_dim = obs_size(args.window, data.features.shape[-1], args.phase)
     num_markets = data.market_weights.shape[0]
 
@@ -709,11 +854,18 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
             mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params_t, data_t)
             obs_n = norm(last_obs)
             logits, value = network.apply(train_state.params, obs_n)
-            pi = masked_policy(logits, mask)
-            action = pi.sample(seed=k_act)
-            log_prob = pi.log_prob(action)
+            if continuous:
+                pi = squashed_gaussian(logits)
+                action = pi.distribution.sample(seed=k_act)
+                log_prob = squashed_log_prob(pi, action)
+                env_action = jnp.tanh(action)
+            else:
+                pi = masked_policy(logits, mask)
+                action = pi.sample(seed=k_act)
+                log_prob = pi.log_prob(action)
+                env_action = action
             obs, env_state, reward, term, trunc, info = jax.vmap(step, in_axes=(0, 0, 0, None, None))(
-                jax.random.split(k_env, args.num_envs), env_state, action, env_params_t, data_t)
+                jax.random.split(k_env, args.num_envs), env_state, env_action, env_params_t, data_t)
             _, final_value = network.apply(train_state.params, norm(info["final_obs"]))
             tr = Transition(obs_n, action, log_prob, value, reward, term, trunc, final_value, mask)
             done = term | trunc
@@ -745,8 +897,12 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
 
                 def _loss(params):
                     logits, value = network.apply(params, tr.obs)
-                    pi = masked_policy(logits, tr.mask)
-                    log_prob = pi.log_prob(tr.action)
+                    if continuous:
+                        pi = squashed_gaussian(logits)
+                        log_prob = squashed_log_prob(pi, tr.action)
+                    else:
+                        pi = masked_policy(logits, tr.mask)
+                        log_prob = pi.log_prob(tr.action)
                     logratio = log_prob - tr.log_prob
                     ratio = jnp.exp(logratio)
                     mb_adv = (adv - adv.mean()) / (adv.std() + 1e-8)
@@ -757,7 +913,8 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
                     v_clipped = tr.value + jnp.clip(value - tr.value, -args.clip_coef, args.clip_coef)
                     v_loss_clipped = (v_clipped - tgt) ** 2
                     v_loss = 0.5 * (jnp.maximum(v_loss_unclipped, v_loss_clipped) if args.clip_vloss else v_loss_unclipped).mean()
-                    entropy = pi.entropy().mean()
+                    # continuous: the pre-squash Gaussian's entropy (the squashed one has no closed form)
+                    entropy = (pi.distribution.entropy() if continuous else pi.entropy()).mean()
                     loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
                     approx_kl = ((ratio - 1) - logratio).mean()
                     clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
@@ -903,7 +1060,7 @@ def save_policy(path: Path, params, norm: ObsNorm, args: Args, info: dict) -> No
     if jax.process_index() != 0:
         return
     payload = {"params": flax.serialization.to_state_dict(params), "obs_norm": flax.serialization.to_state_dict(norm),
-               "config": json.dumps(dataclasses.asdict(args)), "num_actions": PHASE_ACTIONS[args.phase],
+               "config": json.dumps(dataclasses.asdict(args)), "num_actions": make_network(args).num_actions,
                "feature_stats": json.dumps([info["feature_mean"], info["feature_std"]])}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
@@ -931,10 +1088,12 @@ def load_policy(path: str, args: Args, obs_dim: int):
         raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
     except Exception:
         raise DataError(f"{path}: not a ppo_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
-    n_need = PHASE_ACTIONS[args.phase]
+    if cfg.get("action_space", "discrete") != args.action_space:
+        raise DataError(f"{path}: a policy for --action-space {cfg.get('action_space', 'discrete')}, this run has --action-space {args.action_space}. Fix: use a checkpoint of the same action space")
+    network = make_network(dataclasses.replace(args, hidden=cfg["hidden"]))
+    n_need = network.num_actions
     if n_act != n_need:
         raise DataError(f"{path}: policy has {n_act} actions, this run needs {n_need}. Fix: use a checkpoint of the same phase")
-    network = ActorCritic(n_need, cfg["hidden"])
     template = network.init(jax.random.PRNGKey(0), jnp.zeros(obs_dim))
     try:
         params = flax.serialization.from_state_dict(template, payload["params"])
@@ -1004,6 +1163,8 @@ def greedy_policy(network):
     def policy(policy_args, key, obs, mask):
         params, norm = policy_args
         logits, _ = network.apply(params, norm(obs))
+        if network.continuous:  # the squashed mean as the target position
+            return jnp.tanh(logits[0])
         return jnp.argmax(jnp.where(mask, logits, jnp.finfo(logits.dtype).min))
 
     return policy
@@ -1012,6 +1173,11 @@ def greedy_policy(network):
 def random_policy(policy_args, key, obs, mask):
     """Uniform over the legal actions."""
     return jax.random.choice(key, mask.shape[0], p=mask / mask.sum())
+
+
+def random_target_policy(policy_args, key, obs, mask):
+    """Continuous action space: a target position uniform in [-1, 1] every bar."""
+    return jax.random.uniform(key, (), minval=-1.0, maxval=1.0)
 
 
 def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_per_year: float = 252.0) -> dict:
@@ -1045,12 +1211,13 @@ def trade_metrics(out: dict) -> dict:
 
 
 def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> np.ndarray:
-    """Equity (relative) of holding `contracts` long from the first decision bar's next open, with commissions."""
+    """Equity (relative) of holding `contracts` (continuous actions: `max_contracts`) long from the first decision bar's next open, with commissions."""
     lo, hi, W = int(data.lo[market]), int(data.hi[market]), env_params.window
     close = np.asarray(data.close[market][lo + W: hi], np.float64)
     entry = float(data.open[market][lo + W])
-    pv = float(data.point_value[market]) * env_params.contracts
-    comm = float(data.commission[market]) * env_params.contracts
+    lots = env_params.max_contracts if env_params.action_space == "continuous" else env_params.contracts
+    pv = float(data.point_value[market]) * lots
+    comm = float(data.commission[market]) * lots
     eq = (close - entry) * pv - comm
     eq[-1] -= comm
     return eq
@@ -1117,7 +1284,8 @@ def evaluate(args: Args, network, params, norm, datasets, info, env_params, run_
     """Backtests the policy, a random legal policy and buy-and-hold on a split; writes the report files."""
     data = datasets[split]
     backtest = make_backtest(env_params, data)
-    policies = {"policy": (greedy_policy(network), (params, norm)), "random": (random_policy, None)}
+    random = random_target_policy if args.action_space == "continuous" else random_policy
+    policies = {"policy": (greedy_policy(network), (params, norm)), "random": (random, None)}
     report, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed)
     report["initial_balance"] = env_params.initial_balance
     write_backtest_outputs(run_dir, report, raws, info)
@@ -1332,6 +1500,10 @@ def check_args(args: Args) -> None:
                                 and (args.curriculum_dd_start is None or args.curriculum_dd_start > 0)):
         raise DataError(f"--curriculum-end must be in (0, 1], --curriculum-commission-start >= 0 and --curriculum-dd-start > 0 (got {args.curriculum_end}, "
                         f"{args.curriculum_commission_start}, {args.curriculum_dd_start}). Fix: e.g. --curriculum-end 0.8 --curriculum-commission-start 0 --curriculum-dd-start 4000")
+    if args.action_space not in ("discrete", "continuous") or args.max_contracts < 1:
+        raise DataError(f"--action-space '{args.action_space}' must be discrete or continuous and --max-contracts >= 1 (got {args.max_contracts}). Fix: e.g. --action-space continuous --max-contracts 3")
+    if args.action_space == "continuous" and args.phase != 1:
+        raise DataError("--action-space continuous sets the position directly; it has no phase 2 (break-even, trailing). Fix: drop --phase 2 or use --action-space discrete")
     if args.eval_split not in ("train", "val", "test"):
         raise DataError(f"--eval-split '{args.eval_split}' is not train, val or test. Fix: pick one of them")
 

@@ -13,7 +13,8 @@ Conventions
   dd_limit dd_lock_offset breach_penalty episode_bars no_entry_bars flatten_at_close phase
   trail_atr_mult``.
 * Actions: 0 HOLD, 1 BUY, 2 SELL; phase 2 adds 3 MOVE_SL_TO_BE, 4 ENABLE_TRAIL, 5 DISABLE_TRAIL.
-  An illegal action is treated as HOLD.
+  An illegal action is treated as HOLD. With ``params["action_space"] == "continuous"`` an action
+  is a float target position in [-1, 1] x ``max_contracts`` (``step_state_continuous``).
 * A step decides at bar ``t`` and plays out bar ``u = t + 1``.
 
 Builders (``make_data``, ``make_data_ohlc``, ``default_spec``, ``default_params``) are provided for
@@ -62,6 +63,8 @@ def default_params(**overrides) -> dict:
         flatten_at_close=True,
         phase=1,
         trail_atr_mult=1.0,
+        action_space="discrete",
+        max_contracts=1,
     )
     _check_keys(overrides, params)
     params.update(overrides)
@@ -151,6 +154,7 @@ class EnvState:
     peak: float
     equity: float
     trail: bool = False  # phase 2: trailing stop on
+    size: int = 0        # continuous action space: contracts held (0 flat)
     best: float = 0.0    # phase 2: highest high (long) / lowest low (short) since the entry bar; 0 flat
 
 
@@ -199,6 +203,7 @@ def observation(state: EnvState, data: dict, params: dict) -> np.ndarray:
     window = data["features"][t - W + 1: t + 1, :].reshape(-1)
     close, atr = data["close"][t], data["atr"][t]
     d = state.dir
+    held = d * state.size / params["max_contracts"] if params.get("action_space") == "continuous" else float(d)
     if d != 0:
         unreal = (close - state.entry) * d / atr
         to_sl = (close - state.sl) * d / atr
@@ -206,7 +211,7 @@ def observation(state: EnvState, data: dict, params: dict) -> np.ndarray:
     else:
         unreal = to_sl = to_tp = 0.0
     pos = np.array([
-        float(d),
+        held,
         unreal,
         to_sl,
         to_tp,
@@ -227,6 +232,8 @@ def step_state(state: EnvState, action: int, data: dict, spec: dict, params: dic
     Returns ``(new_state, reward, terminated, truncated, info)`` where ``info`` holds ``mask``
     (at ``t``, before the action), ``entry_price`` and ``exit_price`` (NaN when none this step).
     """
+    if params.get("action_space") == "continuous":
+        return step_state_continuous(state, float(action), data, spec, params, end)
     action = int(action)
     n_actions = 6 if params.get("phase", 1) == 2 else 3
     if not 0 <= action < n_actions:
@@ -337,6 +344,114 @@ def step_state(state: EnvState, action: int, data: dict, spec: dict, params: dic
     return new_state, float(reward), terminated, truncated, info
 
 
+def target_contracts(state: EnvState, action: float, data: dict, params: dict) -> int:
+    """Continuous action space: target = round(clip(action, -1, 1) * max_contracts) signed contracts
+    (half to even). Outside RTH or with ``bars_to_close[t] <= no_entry_bars`` the target is clamped
+    between 0 and the current position: reduce or close only, never add or reverse."""
+    t = state.t
+    q = state.dir * state.size
+    target = int(np.round(np.clip(action, -1.0, 1.0) * params["max_contracts"]))
+    if not (data["rth"][t] and data["bars_to_close"][t] > params["no_entry_bars"]):
+        target = int(np.clip(target, min(q, 0), max(q, 0)))
+    return target
+
+
+def step_state_continuous(state: EnvState, action: float, data: dict, spec: dict, params: dict, end: int):
+    """One step with a continuous action (a target position, see ``target_contracts``).
+
+    At the open of ``u``: a target of 0 or on the other side closes the whole position at
+    ``open - d * slip``, then the new side opens; a smaller target on the same side closes the
+    difference (entry, stop and target unchanged); a larger one adds contracts at ``open + d * slip``,
+    the entry becomes the average entry price and stop/target are set again around it from
+    ``atr[t]``. Commission per contract per side. Then the phase 1 rules on the whole position:
+    stop/target in bar ``u``, session-end flatten, bars in position, mark to market, drawdown.
+    ``info`` as ``step_state``, ``exit_price`` the last exit of the step."""
+    t = state.t
+    u = t + 1
+    if u >= end or u >= data["open"].shape[0]:
+        raise ValueError("no bar left to play in the split")
+    tick = spec["tick_size"]
+    pv = spec["point_value"]
+    slip = params["slippage_ticks"] * tick
+    comm = spec["commission"]
+    o, h, l, c = data["open"][u], data["high"][u], data["low"][u], data["close"][u]
+    mask = legal_mask(state, data, params)
+    target = target_contracts(state, action, data, params)
+
+    d, size, entry, sl, tp = state.dir, state.size, state.entry, state.sl, state.tp
+    bars_in_pos, balance = state.bars_in_pos, state.balance
+    entry_price = exit_price = np.nan
+
+    def close_contracts(k: int, px: float) -> None:
+        """Close ``k`` contracts at ``px``; flat when none is left."""
+        nonlocal d, size, entry, sl, tp, bars_in_pos, balance, exit_price
+        balance += ((px - entry) * d * pv - comm) * k
+        exit_price = px
+        size -= k
+        if size == 0:
+            d, entry, sl, tp, bars_in_pos = 0, 0.0, 0.0, 0.0, 0
+
+    # 1. Move to the target at the open of u.
+    if d != 0 and target * d <= 0:
+        close_contracts(size, o - d * slip)
+    elif d != 0 and abs(target) < size:
+        close_contracts(size - abs(target), o - d * slip)
+    add = abs(target) - size if target != 0 else 0
+    if add > 0:
+        d = 1 if target > 0 else -1
+        px = o + d * slip
+        entry = (size * entry + add * px) / (size + add)
+        size += add
+        balance -= comm * add
+        sl = round_tick(entry - d * params["sl_atr_mult"] * data["atr"][t], tick)
+        tp = round_tick(entry + d * params["tp_atr_mult"] * data["atr"][t], tick)
+        entry_price = px
+
+    # 2. Stop / target during bar u on the whole position (stop first; gaps fill at the open).
+    if d == 1:
+        if o <= sl:
+            close_contracts(size, o - slip)
+        elif o >= tp:
+            close_contracts(size, o)
+        elif l <= sl:
+            close_contracts(size, sl - slip)
+        elif h >= tp:
+            close_contracts(size, tp)
+    elif d == -1:
+        if o >= sl:
+            close_contracts(size, o + slip)
+        elif o <= tp:
+            close_contracts(size, o)
+        elif h >= sl:
+            close_contracts(size, sl + slip)
+        elif l <= tp:
+            close_contracts(size, tp)
+
+    # 3. Flatten at the session-end close.
+    if d != 0 and params["flatten_at_close"] and data["session_end"][u]:
+        close_contracts(size, c - d * slip)
+
+    # 4.-6. Bars in position, mark to market, drawdown, reward.
+    if d != 0:
+        bars_in_pos += 1
+    equity = balance + (c - entry) * d * pv * size if d != 0 else balance
+    peak = max(state.peak, equity)
+    terminated = bool(equity <= dd_threshold(peak, params))
+    if terminated:
+        if d != 0:
+            close_contracts(size, c - d * slip)
+        equity = balance
+    reward = (equity - state.equity) / params["dd_limit"]
+    if terminated:
+        reward -= params["breach_penalty"]
+    steps = state.steps + 1
+    truncated = bool((not terminated) and (steps >= params["episode_bars"] or u + 1 >= end))
+    new_state = EnvState(t=u, steps=steps, dir=d, entry=float(entry), sl=float(sl), tp=float(tp), bars_in_pos=bars_in_pos,
+                         balance=float(balance), peak=float(peak), equity=float(equity), size=int(size))
+    info = dict(mask=mask, entry_price=float(entry_price), exit_price=float(exit_price))
+    return new_state, float(reward), terminated, truncated, info
+
+
 # --------------------------------------------------------------------------------------------------
 # Env wrapper and episode runners
 # --------------------------------------------------------------------------------------------------
@@ -371,16 +486,18 @@ class RefEnv:
         return obs, reward, term, trunc, info
 
 
-def _play(data, spec, params, start, end, choose, max_steps) -> dict:
+def _play(data, spec, params, start, end, choose, max_steps, env_holder=None) -> dict:
     """Reset at ``start`` and step with ``choose(step_index, mask)`` until termination, truncation
     or ``max_steps`` steps; collect the per-step outputs into numpy arrays."""
     env = RefEnv(data, spec, params, end)
+    if env_holder is not None:
+        env_holder["env"] = env
     obs0 = env.reset(start)
     rec = {k: [] for k in ("obs", "reward", "terminated", "truncated", "mask", "balance",
-                           "equity", "dir", "exit_price", "entry_price", "sl", "actions")}
+                           "equity", "dir", "exit_price", "entry_price", "sl", "actions", "size")}
     for i in range(max_steps):
         mask = env.mask()
-        action = int(choose(i, mask))
+        action = choose(i, mask)
         obs, reward, term, trunc, info = env.step(action)
         s = env.state
         rec["obs"].append(obs)
@@ -395,6 +512,7 @@ def _play(data, spec, params, start, end, choose, max_steps) -> dict:
         rec["entry_price"].append(info["entry_price"])
         rec["sl"].append(s.sl)
         rec["actions"].append(action)
+        rec["size"].append(s.size)
         if term or trunc:
             break
     D = obs0.shape[0]
@@ -411,7 +529,8 @@ def _play(data, spec, params, start, end, choose, max_steps) -> dict:
         exit_price=np.asarray(rec["exit_price"], dtype=np.float64),
         entry_price=np.asarray(rec["entry_price"], dtype=np.float64),
         sl=np.asarray(rec["sl"], dtype=np.float64),
-        actions=np.asarray(rec["actions"], dtype=np.int64),
+        actions=np.asarray(rec["actions"], dtype=np.float64 if params.get("action_space") == "continuous" else np.int64),
+        size=np.asarray(rec["size"], dtype=np.int64),
     )
 
 
@@ -420,7 +539,7 @@ def run_episode(data: dict, spec: dict, params: dict, start: int, end: int, acti
     truncated. Returns numpy arrays: ``obs0`` [D], ``obs`` [n, D] (pre-reset obs at the new bar),
     ``reward terminated truncated balance equity dir exit_price entry_price sl`` [n] and ``mask`` [n, A]
     (at the decision bar, before the action), n <= len(actions)."""
-    actions = np.asarray(actions, dtype=np.int64).reshape(-1)
+    actions = np.asarray(actions, dtype=np.float64 if params.get("action_space") == "continuous" else np.int64).reshape(-1)
     out = _play(data, spec, params, start, end, lambda i, mask: actions[i], len(actions))
     del out["actions"]
     return out
@@ -433,6 +552,31 @@ def random_legal_episode(data: dict, spec: dict, params: dict, start: int, end: 
 
     def choose(i, mask):
         """Uniform draw among the legal actions."""
-        return rng.choice(np.flatnonzero(mask))
+        return int(rng.choice(np.flatnonzero(mask)))
 
     return _play(data, spec, params, start, end, choose, int(n_steps))
+
+
+def random_target_episode(data: dict, spec: dict, params: dict, start: int, end: int,
+                          n_steps: int, rng: np.random.Generator) -> dict:
+    """Continuous action space: like ``random_legal_episode`` with random target positions. Each
+    action is (k + jitter) / max_contracts for a uniform integer k in [-max_contracts, max_contracts]
+    and a jitter in [-0.4, 0.4] (clipped to [-1, 1], stored as float32 values), so the rounding never
+    sits at a half; half the time the target repeats the current position. Adds ``actions`` [n]."""
+    n = params["max_contracts"]
+
+    def choose(i, mask):
+        """A random target (or the current one), as a float32 value."""
+        k = int(rng.integers(-n, n + 1))
+        return float(np.float32(np.clip((k + rng.uniform(-0.4, 0.4)) / n, -1.0, 1.0)))
+
+    env_holder = {}
+
+    def choose_or_hold(i, mask):
+        """Half the time keep the current position (so positions live long enough to hit levels)."""
+        s = env_holder["env"].state
+        if rng.random() < 0.5:
+            return float(np.float32(s.dir * s.size / n))
+        return choose(i, mask)
+
+    return _play(data, spec, params, start, end, choose_or_hold, int(n_steps), env_holder)
