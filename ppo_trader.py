@@ -344,7 +344,8 @@ def legal_mask(state: EnvState, params: EnvParams, data: MarketData) -> jax.Arra
 def get_obs(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
     """Window of normalised features (bars t-W+1..t, oldest first) + 7 position features."""
     m, t, W = state.market, state.t, params.window
-    window = jax.lax.dynamic_slice_in_dim(data.features[m], t - W + 1, W, axis=0).reshape(-1)
+    # one slice of the [M, T, F] array (features[m] first would gather a whole market per env under vmap)
+    window = jax.lax.dynamic_slice(data.features, (m, t - W + 1, 0), (1, W, data.features.shape[-1])).reshape(-1)
     close, atr = data.close[m, t], data.atr[m, t]
     d = state.dir.astype(jnp.float32)
     in_pos = state.dir != 0
@@ -444,10 +445,12 @@ def step(key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams, 
     m = state.market
     truncated = ~terminated & ((next_state.steps >= params.episode_bars) | (next_state.t + 1 >= data.hi[m]))
     final_obs = get_obs(next_state, params, data)
-    reset_obs, reset_state = reset(key, params, data)
+    _, reset_state = reset(key, params, data)
     done = terminated | truncated
     state_out = jax.tree.map(lambda a, b: jnp.where(done, a, b), reset_state, next_state)
-    obs = jnp.where(done, reset_obs, final_obs)
+    # the obs of the state we return (not a select between two windows): when a caller ignores info["final_obs"],
+    # XLA drops that window and one observation is built per step instead of two
+    obs = get_obs(state_out, params, data)
     info = dict(info, final_obs=final_obs, episode_return=next_state.episode_return, episode_length=next_state.steps, market=m)
     return obs, state_out, reward, terminated, truncated, info
 
