@@ -478,7 +478,7 @@ def main() -> int:
         rows_env.append(("gym-anytrading forex-v0, Python loop", "1 env", peer_env["anytrading"], float("nan")))
         gym = peers["gymnasium"]
         for mode, n in (("sync", 8), ("async", os.cpu_count())):
-            kw = {"vectorization_kwargs": {"context": "spawn"}} if mode == "async" else {}  # no fork of a multithreaded (JAX) process
+            kw = {"vector_kwargs": {"context": "spawn"}} if mode == "async" else {}  # no fork of a multithreaded (JAX) process
             vec = gym.make_vec(FOREX_ID, num_envs=n, vectorization_mode=mode, df=df, window_size=p_args.window, frame_bound=(p_args.window, len(df)), **kw)
             peer_env[f"anytrading_{mode}"] = vector_sps(vec, 1_000 if quick else 4_000, R)
             vec.close()
@@ -593,7 +593,7 @@ def main() -> int:
                            (r["mm_flops"] + r["other_flops"]) / r["chunk_s"], r["mm_flops"] / r["chunk_s"]))
     curves["ppo_train"] = {n: r["sps"] for n, r in ppo_scale.items()}
     erl_scale = {16: erl_def, 64: erl_64}
-    for pop in ((8,) if quick else (8, 32, 128)):
+    for pop in (() if quick else (8, 32, 128)):  # an erl_trader chunk compiles in ~35 s on 2 cores: --quick keeps to pop 16 and 64
         erl_scale[pop] = erl_train_sps(R, pop_size=pop, chunk_generations=erl_gens, generations=erl_gens)
         log(f"erl_trader training pop {pop}: {erl_scale[pop]['sps']:,.0f} env steps/s, compile {erl_scale[pop]['compile_s']:.1f}s")
     for pop, r in sorted(erl_scale.items()):
