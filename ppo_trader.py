@@ -599,10 +599,10 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData):
             rng, k_perm = jax.random.split(rng)
             batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), (traj, advantages, targets))
             perm = jax.random.permutation(k_perm, args.num_envs * args.num_steps)
-            mbs = jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape((args.num_minibatches, minibatch) + x.shape[1:]), batch)
 
-            def _update_minibatch(train_state, mb):
-                tr, adv, tgt = mb
+            def _update_minibatch(train_state, mb_idx):
+                # each minibatch gathers its rows when it runs: no shuffled copy of the whole rollout per epoch
+                tr, adv, tgt = jax.tree.map(lambda x: jnp.take(x, mb_idx, axis=0), batch)
 
                 def _loss(params):
                     logits, value = network.apply(params, tr.obs)
@@ -627,7 +627,7 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData):
                 grads, aux = jax.grad(_loss, has_aux=True)(train_state.params)
                 return train_state.apply_gradients(grads=grads), aux
 
-            train_state, aux = jax.lax.scan(_update_minibatch, train_state, mbs)
+            train_state, aux = jax.lax.scan(_update_minibatch, train_state, perm.reshape(args.num_minibatches, minibatch))
             return (train_state, rng), aux
 
         (train_state, rng), aux = jax.lax.scan(_update_epoch, (train_state, rng), None, args.update_epochs)
