@@ -42,6 +42,7 @@ import tyro
 from flax import struct
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.flatten_util import ravel_pytree
 
 
 # ---- ARGS ----
@@ -519,26 +520,26 @@ def tournament(key: jax.Array, fitness: jax.Array, n: int, size: int) -> jax.Arr
 def crossover(key: jax.Array, a: dict, b: dict) -> dict:
     """Row-wise uniform crossover: each output unit (row of every weight tensor) comes from either parent."""
     leaves, tree = jax.tree.flatten(a)
-    keys = jax.random.split(key, len(leaves))
-    out = [jnp.where(jax.random.bernoulli(k, 0.5, (x.shape[0],) + (1,) * (x.ndim - 1)), x, y)
-           for k, x, y in zip(keys, leaves, jax.tree.leaves(b))]
+    # one draw for the rows of every tensor (a draw per tensor inlines a threefry per tensor: slow to compile)
+    pick = jax.random.bernoulli(key, 0.5, (sum(x.shape[0] for x in leaves),))
+    out, row = [], 0
+    for x, y in zip(leaves, jax.tree.leaves(b)):
+        out.append(jnp.where(pick[row: row + x.shape[0]].reshape((x.shape[0],) + (1,) * (x.ndim - 1)), x, y))
+        row += x.shape[0]
     return jax.tree.unflatten(tree, out)
 
 
 def mutate(key: jax.Array, params: dict, args: Args) -> dict:
     """ERL mutation (Khadka & Tumer 2018): on a fraction of each tensor's weights add Gaussian noise scaled by
     the weight's magnitude; rarely a super-mutation (x10) or a reset to N(0, 0.1); then clip."""
-    leaves, tree = jax.tree.flatten(params)
-    out = []
-    for k, w in zip(jax.random.split(key, len(leaves)), leaves):
-        k_sel, k_noise, k_sup, k_reset, k_new = jax.random.split(k, 5)
-        sel = jax.random.bernoulli(k_sel, args.mutation_frac, w.shape)
-        sup = jax.random.bernoulli(k_sup, args.super_mutation_prob, w.shape)
-        reset = jax.random.bernoulli(k_reset, args.reset_prob, w.shape)
-        noise = jax.random.normal(k_noise, w.shape) * args.mutation_strength * jnp.abs(w) * jnp.where(sup, 10.0, 1.0)
-        new = jnp.where(reset, jax.random.normal(k_new, w.shape) * 0.1, w + noise)
-        out.append(jnp.clip(jnp.where(sel, new, w), -args.weight_clip, args.weight_clip))
-    return jax.tree.unflatten(tree, out)
+    # all weights as one vector, so the randomness is two draws rather than five per tensor (each draw inlines a
+    # threefry: per-tensor draws made the GA most of the generation's compile time)
+    w, unravel = ravel_pytree(params)
+    k_u, k_n = jax.random.split(key)
+    sel, sup, reset = jax.random.uniform(k_u, (3,) + w.shape) < jnp.array([args.mutation_frac, args.super_mutation_prob, args.reset_prob])[:, None]
+    noise, fresh = jax.random.normal(k_n, (2,) + w.shape)
+    new = jnp.where(reset, fresh * 0.1, w + noise * args.mutation_strength * jnp.abs(w) * jnp.where(sup, 10.0, 1.0))
+    return unravel(jnp.clip(jnp.where(sel, new, w), -args.weight_clip, args.weight_clip))
 
 
 def ga_step(key: jax.Array, pop: dict, fitness: jax.Array, args: Args) -> tuple[dict, jax.Array]:

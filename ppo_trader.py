@@ -391,9 +391,12 @@ def reset_at(market: jax.Array, start: jax.Array) -> EnvState:
 
 def reset(key: jax.Array, params: EnvParams, data: MarketData) -> tuple[jax.Array, EnvState]:
     """Draws a market (by `market_weights`) and a session start inside the split; returns (obs, state)."""
-    k_m, k_s = jax.random.split(key)
-    m = jax.random.choice(k_m, data.market_weights.shape[0], p=data.market_weights)
-    i = jax.random.randint(k_s, (), 0, data.n_starts[m])
+    # both draws from one pair of uniforms (one threefry block): step calls reset for every env at every step,
+    # and random.split + choice + randint cost ~6 blocks, more than the env rules themselves
+    u = jax.random.uniform(key, (2,))
+    cum = jnp.cumsum(data.market_weights)
+    m = jnp.minimum(jnp.sum(cum <= u[0] * cum[-1]), data.market_weights.shape[0] - 1)  # zero-weight markets are never drawn
+    i = jnp.minimum((u[1] * data.n_starts[m]).astype(jnp.int32), data.n_starts[m] - 1)
     state = reset_at(m, data.starts[m, i])
     return get_obs(state, params, data), state
 
@@ -416,7 +419,8 @@ def get_obs(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
     """Window of normalised features (bars t-W+1..t, oldest first) + 7 position features
     (phase 2: + break-even flag, the stop at or beyond the entry, and trailing flag)."""
     m, t, W = state.market, state.t, params.window
-    window = jax.lax.dynamic_slice_in_dim(data.features[m], t - W + 1, W, axis=0).reshape(-1)
+    # one slice of the [M, T, F] array (features[m] first would gather a whole market per env under vmap)
+    window = jax.lax.dynamic_slice(data.features, (m, t - W + 1, 0), (1, W, data.features.shape[-1])).reshape(-1)
     close, atr = data.close[m, t], data.atr[m, t]
     d = state.dir.astype(jnp.float32)
     in_pos = state.dir != 0
@@ -641,10 +645,12 @@ def step(key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams, 
     m = state.market
     truncated = ~terminated & ((next_state.steps >= params.episode_bars) | (next_state.t + 1 >= data.hi[m]))
     final_obs = get_obs(next_state, params, data)
-    reset_obs, reset_state = reset(key, params, data)
+    _, reset_state = reset(key, params, data)
     done = terminated | truncated
     state_out = jax.tree.map(lambda a, b: jnp.where(done, a, b), reset_state, next_state)
-    obs = jnp.where(done, reset_obs, final_obs)
+    # the obs of the state we return (not a select between two windows): when a caller ignores info["final_obs"],
+    # XLA drops that window and one observation is built per step instead of two
+    obs = get_obs(state_out, params, data)
     info = dict(info, final_obs=final_obs, episode_return=next_state.episode_return, episode_length=next_state.steps, market=m)
     return obs, state_out, reward, terminated, truncated, info
 
@@ -888,12 +894,12 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
             rng, k_perm = jax.random.split(rng)
             batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), (traj, advantages, targets))
             perm = jax.random.permutation(k_perm, args.num_envs * args.num_steps)
-            mbs = jax.tree.map(lambda x: jnp.take(x, perm, axis=0).reshape((args.num_minibatches, minibatch) + x.shape[1:]), batch)
-            if mesh is not None:  # the shuffle is global (same minibatches as on one device); each device then works on its part
-                mbs = jax.lax.with_sharding_constraint(mbs, NamedSharding(mesh, P(None, "env")))
 
-            def _update_minibatch(train_state, mb):
-                tr, adv, tgt = mb
+            def _update_minibatch(train_state, mb_idx):
+                # each minibatch gathers its rows when it runs: no shuffled copy of the whole rollout per epoch
+                tr, adv, tgt = jax.tree.map(lambda x: jnp.take(x, mb_idx, axis=0), batch)
+                if mesh is not None:  # the shuffle is global (same minibatches as on one device); each device then works on its part
+                    tr, adv, tgt = jax.lax.with_sharding_constraint((tr, adv, tgt), NamedSharding(mesh, P("env")))
 
                 def _loss(params):
                     logits, value = network.apply(params, tr.obs)
@@ -923,7 +929,7 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
                 grads, aux = jax.grad(_loss, has_aux=True)(train_state.params)
                 return train_state.apply_gradients(grads=grads), aux
 
-            train_state, aux = jax.lax.scan(_update_minibatch, train_state, mbs)
+            train_state, aux = jax.lax.scan(_update_minibatch, train_state, perm.reshape(args.num_minibatches, minibatch))
             return (train_state, rng), aux
 
         (train_state, rng), aux = jax.lax.scan(_update_epoch, (train_state, rng), None, args.update_epochs)
