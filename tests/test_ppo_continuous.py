@@ -211,7 +211,7 @@ def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     largest position as the discrete oracle's one contract), compared with the same validation-chosen oracle."""
     data = tmp_path / "syn.npz"
     assert dp.main(["synthetic-intraday", "--out", str(data), "--days", "60", "--seed", "0", "--signal-strength", "2"]) == 0
-    flags = ["--data", str(data), "--window", "8", "--total-timesteps", "1000000", "--seed", "1", "--action-space", "continuous", "--max-contracts", "1"]
+    flags = ["--data", str(data), "--window", "8", "--total-timesteps", "2000000", "--seed", "1", "--action-space", "continuous", "--max-contracts", "1"]
     r = run_script("ppo_trader.py", *flags, "--out-dir", tmp_path, "--run-name", "learn")
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "learn" / "report.json").read_text())["SYN"]
