@@ -96,6 +96,9 @@ class Args:
     """replay memory capacity (transitions)"""
     gamma: float = 0.95
     """TD3 discount"""
+    n_step: int = 3
+    """TD3 targets sum this many rewards before bootstrapping (n-step returns): a trade's exit reward arrives
+    days after the decision that opened it, and an n covering the holding period puts it in the target itself"""
     tau: float = 0.005
     """soft target update rate"""
     actor_lr: float = 1e-3
@@ -316,11 +319,24 @@ def scale_action(a: jax.Array, params: EnvParams) -> tuple[jax.Array, jax.Array]
     return a[:, 0] * params.coef_max, params.target_min + a[:, 1] * (params.target_max - params.target_min)
 
 
+SMALL_PER_STOCK = 5  # held, unrealised gain, coefficient at entry, days held, distance to the target
+
+
 def small_state(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
-    """What the critic sees besides market data: which investable stocks are held, episode progress."""
-    held_col = jnp.zeros(data.open.shape[1], bool).at[state.col].max(state.held)
+    """What the critic sees besides market data, [n * 5 + 1]: per investable stock whether it is held and, if so,
+    its unrealised gain (percent / 10, at day t's close), the coefficient it was opened with (which scales
+    its exit reward), the days held / max_holding_days and the distance to its sale target (percent / 10);
+    then the episode progress. Without the open positions the critic cannot tell what a held stock will pay,
+    so the value of opening it never reaches the decision that opened it."""
+    N = data.open.shape[1]
+    where = jnp.where(state.held, state.col, N)  # a free slot writes nowhere
+    close = data.close[state.t, state.col]
+    per_slot = jnp.stack([jnp.ones_like(close), (close / jnp.where(state.held, state.entry, 1.0) - 1) * 10,
+                          state.coef / params.coef_max, (state.t - state.day) / params.max_holding_days,
+                          (state.target / close - 1) * 10], axis=-1)
+    per_col = jnp.zeros((N, SMALL_PER_STOCK)).at[where].set(jnp.where(state.held[:, None], per_slot, 0.0), mode="drop")
     ep = params.trading_days + params.settlement_days
-    return jnp.concatenate([held_col[data.inv].astype(jnp.float32), (state.k / ep)[None].astype(jnp.float32)])
+    return jnp.concatenate([per_col[data.inv].reshape(-1), (state.k / ep)[None]]).astype(jnp.float32)
 
 
 def step(state: EnvState, coef: jax.Array, target: jax.Array, params: EnvParams, data: MarketData):
@@ -441,36 +457,48 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """Twin Q networks (TD3) that mirror how the env uses an action.
+    """Twin Q networks (TD3) built the way the env uses an action.
 
     An action only matters through the stock it opens (the highest coefficient among investable stocks not
-    held), that stock's coefficient (it scales the exit reward) and its sale target. So each investable
-    column is encoded together with its own action and held flag (a shared dense layer on its window: far
-    cheaper than the actor's extractor, and the critic runs on every replay batch), and the encodings are
-    pooled twice: a softmax over the coefficients (a differentiable "which stock is opened", with a learned
-    sharpness) and a plain mean; every column's window is also mean-pooled as market context."""
+    held, if it beats the threshold and a slot is free on a trading day), that stock's coefficient (it scales
+    the exit reward) and its sale target. So each Q is
+
+        Q(s, a) = V(s) + open(s, a) * sum_i w_i(a) * coef_i * g_i(s, target_i)
+
+    with w = softmax over the coefficients (a differentiable "which stock is opened", learned sharpness),
+    open = a sigmoid of the soft-max coefficient minus the threshold, times whether a slot is free on a
+    trading day (known from the state), g_i the value per unit of coefficient of opening stock i with its
+    target, and V(s) the value of the positions already held plus the rest of the episode. A generic MLP on
+    [state, action] has to learn the product coef x gain from noisy rewards, and in practice does not.
+    Each investable column is encoded from its window (a shared dense layer: far cheaper than the actor's
+    extractor, and the critic runs on every replay batch) and its open position, with per-stock weights."""
 
     args: Args
     inv: tuple
 
     @nn.compact
     def __call__(self, obs, small, action):
+        args, n = self.args, len(self.inv)
         inv = jnp.asarray(self.inv)
-        n = len(self.inv)
         cols = obs.transpose(1, 0, 2).reshape(obs.shape[1], -1)  # [N, W * C]
-        held = small[:n]
+        positions = small[:-1].reshape(n, SMALL_PER_STOCK)
+        held, progress = positions[:, 0], small[-1]
+        can_open = (held.sum() < args.max_positions) & (progress < args.trading_days / (args.trading_days + args.settlement_days))
+        coef, target = action[:, 0], action[:, 1]
+        per_stock = lambda features: nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})(features)  # noqa: E731
         qs = []
         for q in range(2):
-            context = nn.relu(nn.Dense(self.args.hidden)(cols)).mean(0)
-            enc = nn.relu(nn.Dense(self.args.hidden)(cols[inv]))
-            h = nn.relu(nn.Dense(self.args.hidden)(jnp.concatenate([enc, action, held[:, None]], axis=-1)))
+            context = nn.relu(nn.Dense(args.hidden)(cols)).mean(0)
+            enc = nn.relu(nn.Dense(args.hidden)(cols[inv]))
+            h = nn.relu(per_stock(args.hidden)(jnp.concatenate([enc, positions], axis=-1)))  # [n, hidden]: state only
+            gain = nn.Dense(1)(nn.relu(nn.Dense(args.hidden)(jnp.concatenate([h, target[:, None]], axis=-1))))[:, 0]
             sharp = 1.0 + nn.softplus(self.param(f"sharpness{q}", nn.initializers.constant(3.0), ()))
-            w = nn.softmax(sharp * 10.0 * action[:, 0] - 1e3 * held)
-            chosen = jnp.concatenate([w @ h, w @ action])
-            x = jnp.concatenate([chosen, h.mean(0), context, small])
-            x = nn.relu(nn.Dense(4 * self.args.hidden)(x))
-            x = nn.relu(nn.Dense(4 * self.args.hidden)(x))
-            qs.append(nn.Dense(1)(x)[0])
+            w = nn.softmax(sharp * 10.0 * coef - 1e3 * held)
+            gate = nn.sigmoid(sharp * 10.0 * (w @ coef - args.coef_threshold / args.coef_max)) * can_open
+            held_value = held @ nn.Dense(1)(h)[:, 0]
+            x = nn.relu(nn.Dense(4 * args.hidden)(jnp.concatenate([h.mean(0), context, small[-1:]])))
+            value = nn.Dense(1)(nn.relu(nn.Dense(4 * args.hidden)(x)))[0] + held_value
+            qs.append(value + gate * (w @ (coef * gain)))
         return qs[0], qs[1]
 
 
@@ -581,7 +609,7 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
     L = args.trading_days + args.settlement_days
     E, P = args.episodes_per_agent, args.pop_size
     obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, data_shapes)
-    small_dim = n_inv + 1
+    small_dim = n_inv * SMALL_PER_STOCK + 1
     actor_tx = optax.adam(args.actor_lr)
     critic_tx = optax.adam(args.critic_lr)
 
@@ -610,7 +638,18 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
             return nxt, (state.t, small, a, reward, done, small_state(nxt, env_params, data))
 
         _, tr = jax.lax.scan(_env_step, reset_at(start, env_params), jax.random.split(key, L))
-        return tr[3].sum(), tr
+        return tr[3].sum(), n_step_transitions(tr)
+
+    def n_step_transitions(tr):
+        """(t, small, a, r, done, next_small) per step -> the same with r the discounted sum of the next n rewards,
+        next_small the small state n days later (the bootstrap day is always t + n) and done whether the episode
+        ends within the n steps (then nothing is bootstrapped)."""
+        t, small, a, r, d, nsmall = tr
+        n = args.n_step
+        k = jnp.arange(L)
+        r_pad = jnp.concatenate([r, jnp.zeros(n - 1)])
+        r_n = sum(args.gamma**j * r_pad[j: j + L] for j in range(n))
+        return t, small, a, r_n, k + n - 1 >= L - 1, nsmall[jnp.minimum(k + n - 1, L - 1)]
 
     def add_transitions(replay: Replay, tr) -> Replay:
         """Writes a batch of transitions (any leading axes) into the circular memory."""
@@ -628,11 +667,11 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
         every `policy_delay` steps an actor step on Q1 and soft target updates (Fujimoto et al. 2018)."""
         t, small, a, r, d, nsmall = batch
         obs = jax.vmap(get_obs, in_axes=(0, None, None))(t, env_params, data)
-        next_obs = jax.vmap(get_obs, in_axes=(0, None, None))(t + 1, env_params, data)
+        next_obs = jax.vmap(get_obs, in_axes=(0, None, None))(t + args.n_step, env_params, data)  # unused where done
         noise = jnp.clip(jax.random.normal(key, a.shape) * args.policy_noise, -args.noise_clip, args.noise_clip)
         next_a = jnp.clip(jax.vmap(actor.apply, in_axes=(None, 0))(learner.actor_target, next_obs) + noise, 0.0, 1.0)
         q1_t, q2_t = jax.vmap(critic.apply, in_axes=(None, 0, 0, 0))(learner.critic_target, next_obs, nsmall, next_a)
-        y = r + args.gamma * (1.0 - d) * jnp.minimum(q1_t, q2_t)
+        y = r + args.gamma**args.n_step * (1.0 - d) * jnp.minimum(q1_t, q2_t)
 
         def critic_loss(cp):
             q1, q2 = jax.vmap(critic.apply, in_axes=(None, 0, 0, 0))(cp, obs, small, a)
@@ -993,7 +1032,7 @@ def parse_args(argv) -> Args:
 def check_args(args: Args) -> None:
     """Flag combinations that cannot work, caught before any compilation."""
     for name in ("pop_size", "generations", "episodes_per_agent", "worst_k", "tournament_size", "inject_every", "batch_size", "window",
-                 "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden", "policy_delay"):
+                 "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden", "policy_delay", "n_step"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if args.worst_k > args.episodes_per_agent:
@@ -1055,6 +1094,7 @@ def train_and_report(args: Args) -> dict:
     t0 = time.time()
     init, chunk, actor, critic = make_erl(args, env_params, datasets["train"], len(inv), inv, mesh)
     runner = init(jax.random.PRNGKey(args.seed))
+    learner_at_start = runner.learner.actor  # the same on --resume (init is deterministic): the report shows what TD3 learned
     ckpt = run_dir / "checkpoint.msgpack"
     extra = {"chunk": 0, "best_val": -1e30, "elapsed": 0.0}
     if args.resume:
@@ -1136,7 +1176,8 @@ def train_and_report(args: Args) -> dict:
     params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy) if main_process else final
     if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
         params = multihost_utils.broadcast_one_to_all(params)
-    report, champ, curves = backtest_report(actor, params, datasets, info, "test", args, env_params)
+    learner_rows = {"td3_learner": (actor_policy(actor), fetch(runner.learner.actor)), "td3_learner_at_start": (actor_policy(actor), fetch(learner_at_start))}
+    report, champ, curves = backtest_report(actor, params, datasets, info, "test", args, env_params, learner_rows)
     report["selected_by"] = "best champion validation return (best.msgpack)"
     write_backtest_outputs(run_dir, report, champ, curves, info, "test", args)
     print(json.dumps(summary_rows(report), indent=1))
@@ -1145,7 +1186,7 @@ def train_and_report(args: Args) -> dict:
 
 def summary_rows(report: dict) -> dict:
     return {name: {k: round(report[name][k], 4) for k in ("total_return", "sharpe", "max_drawdown", "trades")}
-            for name in ("champion", "random", "buy_and_hold") if name in report}
+            for name in ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold") if name in report}
 
 
 def main(argv=None) -> int:

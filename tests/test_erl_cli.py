@@ -25,7 +25,7 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert rows[1]["injected"] and not rows[0]["injected"] and "champion_val_return" in rows[1]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["split"] == "test" and report["start"] >= "2017-01-01"
-    for who in ("champion", "random", "buy_and_hold"):
+    for who in ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold"):
         for k in ("total_return", "annualised_return", "annualised_volatility", "sharpe", "sortino", "max_drawdown", "calmar", "trades"):
             assert np.isfinite(report[who][k]), (who, k)
     trades = (run_dir / "trades.csv").read_text().splitlines()

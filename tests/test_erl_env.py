@@ -211,4 +211,29 @@ def test_observation_rebuilt_from_replay_equals_the_one_seen():
     assert ts.min() >= 7 and (ts + 1 < len(d["close"])).all()
     # memory per transition does not depend on the window
     per = sum(x.dtype.itemsize * int(np.prod(x.shape[1:])) for x in rp[:6])
-    assert per == 4 + 4 * (len(inv) + 1) * 2 + 4 * len(inv) * 2 + 4 + 1
+    assert per == 4 + 4 * (len(inv) * et.SMALL_PER_STOCK + 1) * 2 + 4 * len(inv) * 2 + 4 + 1
+
+
+def test_small_state_describes_the_open_positions():
+    """The critic's state: per investable stock held, unrealised gain, coefficient at entry, days held, distance
+    to the target (hand-computed after one open), then the episode progress."""
+    d = synthetic_universe()
+    data = market_data(d)
+    params = et.EnvParams(window=5, trading_days=10, settlement_days=2, max_positions=2, max_holding_days=4, target_max=10.0)
+    n = int(data.inv.shape[0])
+    state = et.reset_at(jnp.int32(50), params)
+    flat = np.asarray(et.small_state(state, params, data))
+    assert flat.shape == (n * et.SMALL_PER_STOCK + 1,) and not flat.any()
+    coef = jnp.zeros(n).at[2].set(80.0)
+    target = jnp.full(n, 5.0)
+    state, *_ = et.step(state, coef, target, params, data)  # opens investable stock 2 at day 51's open
+    state, *_ = et.step(state, jnp.zeros(n), target, params, data)  # day 52: nothing new (below threshold)
+    col = int(data.inv[2])
+    entry, close = float(d["open"][51, col]), float(d["close"][52, col])
+    assume = bool(state.held.any()) and int(state.t) == 52
+    assert assume, "stock 2 must still be held on day 52 for this scenario (no target hit)"
+    per = np.asarray(et.small_state(state, params, data))[:-1].reshape(n, et.SMALL_PER_STOCK)
+    expect = [1.0, (close / entry - 1) * 10, 0.8, 1 / 4, (entry * 1.05 / close - 1) * 10]
+    np.testing.assert_allclose(per[2], expect, rtol=1e-4, atol=1e-5)
+    assert not np.delete(per, 2, axis=0).any()
+    assert abs(float(et.small_state(state, params, data)[-1]) - 2 / 12) < 1e-6
