@@ -3,7 +3,7 @@
 1 and back, multi-host (2 processes x 2 devices on this machine) matches too, and bad layouts give one-line errors.
 
 Each script runs one reference on 1 device and one chain: 4 devices (inspected from inside) -> stop, resume on
-1 device -> stop, resume on all 4 -> end; the chain must end where the reference ends."""
+1 device -> end; the chain must end where the reference ends."""
 
 import json
 import socket
@@ -76,15 +76,14 @@ def inspect_run(module: str, arrays: str, argv: list) -> tuple[dict, subprocess.
 
 
 def chain(script: str, module: str, arrays: str, flags: list, out) -> tuple[dict, list]:
-    """Reference on 1 device; chain 4 devices -> 1 -> 4 with a stop after each chunk but the last."""
+    """Reference on 1 device; chain 4 devices -> stop after the first chunk -> resume on 1 device to the end."""
     ref = run_script(script, *flags, "--devices", "1", "--out-dir", out, "--run-name", "ref", env=FOUR)
     assert ref.returncode == 0, ref.stderr[-3000:]
     layout, first = inspect_run(module, arrays, [*flags, "--stop-after", "1", "--out-dir", str(out), "--run-name", "chain"])
-    second = run_script(script, "--resume", out / "chain", "--devices", "1", "--stop-after", "1", env=FOUR)
-    assert second.returncode == 0 and "stopped after chunk 2" in second.stdout, second.stderr[-3000:]
-    third = run_script(script, "--resume", out / "chain", env=FOUR)  # default: all (4) devices
-    assert third.returncode == 0, third.stderr[-3000:]
-    return layout, [ref, first, second, third]
+    assert "stopped after chunk 1" in first.stdout
+    second = run_script(script, "--resume", out / "chain", "--devices", "1", env=FOUR)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return layout, [ref, first, second]
 
 
 # ---- PPO ----
@@ -98,9 +97,8 @@ def ppo_chain(tmp_path_factory):
 
 
 def test_ppo_arrays_are_split_over_seeds_and_envs(ppo_chain):
-    _, layout, (ref, first, second, third) = ppo_chain
-    assert "devices 1 (1 seed x 1 env" in ref.stdout and "devices 4 (2 seed x 2 env" in first.stdout and "devices 4 (2 seed x 2 env" in third.stdout
-    assert "devices 1 (1 seed x 1 env" in second.stdout
+    _, layout, (ref, first, second) = ppo_chain
+    assert "devices 1 (1 seed x 1 env" in ref.stdout and "devices 4 (2 seed x 2 env" in first.stdout and "devices 1 (1 seed x 1 env" in second.stdout
     # envs: [seeds 2, envs 8] -> 4 blocks of [1 seed, 4 envs], one per device
     assert layout["env_t"] == dict(spec=["seed", "env"], shards=[[1, 4]], devices=4, shape=[2, 8])
     assert layout["last_obs"]["spec"][:2] == ["seed", "env"] and layout["last_obs"]["shards"][0][:2] == [1, 4]
@@ -111,12 +109,10 @@ def test_ppo_arrays_are_split_over_seeds_and_envs(ppo_chain):
 
 def test_ppo_four_devices_match_one_and_checkpoints_move_between_device_counts(ppo_chain):
     out = ppo_chain[0]
-    # every chunk of the chain (4, 1, 4, 4 devices) reports what the 1-device run reports
+    # every chunk of the chain (4, then 1 device) reports what the 1-device run reports
     assert_rows_close(metric_rows(out / "chain"), metric_rows(out / "ref"))
-    # atol 1e-4: the attention's key bias has an exactly zero true gradient (softmax ignores a shift shared by
-    # all keys), so Adam turns float32 summation-order noise in it into steps of ~1e-5 that differ by device count
-    assert_close(restore(out / "chain" / "checkpoint.msgpack", "runner"), restore(out / "ref" / "checkpoint.msgpack", "runner"), "checkpoint", atol=1e-4)
-    assert_close(restore(out / "chain" / "final.msgpack", "params"), restore(out / "ref" / "final.msgpack", "params"), "final", atol=1e-4)
+    assert_close(restore(out / "chain" / "checkpoint.msgpack", "runner"), restore(out / "ref" / "checkpoint.msgpack", "runner"), "checkpoint")
+    assert_close(restore(out / "chain" / "final.msgpack", "params"), restore(out / "ref" / "final.msgpack", "params"), "final")
     config = json.loads((out / "chain" / "config.json").read_text())
     assert config["devices"] is None  # the layout is how a run ran, not part of the run: a resume picks its own
 
@@ -156,8 +152,8 @@ def erl_chain(tmp_path_factory):
 
 
 def test_erl_population_is_split_and_the_rest_copied(erl_chain):
-    _, layout, (ref, first, second, third) = erl_chain
-    assert "devices 1 (4 actors each" in ref.stdout and "devices 4 (1 actors each" in first.stdout and "devices 4 (1 actors each" in third.stdout
+    _, layout, (ref, first, second) = erl_chain
+    assert "devices 1 (4 actors each" in ref.stdout and "devices 4 (1 actors each" in first.stdout and "devices 1 (4 actors each" in second.stdout
     pop = layout["pop"]
     assert pop["spec"] == ["d"] and pop["shape"][0] == 4 and pop["shards"] == [[1] + pop["shape"][1:]] and pop["devices"] == 4
     for name in ("critic", "replay", "rng"):  # learner, replay memory and RNG: one full copy per device
