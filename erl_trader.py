@@ -504,14 +504,14 @@ class Critic(nn.Module):
 
 # ---- ERL ----
 class Replay(NamedTuple):
-    """Replay memory of what cannot be recomputed: observations are gathered from `data` at day t / t+1."""
+    """Replay memory of what cannot be recomputed: observations are gathered from `data` at day t / t + n_step."""
 
     t: jax.Array  # [cap] decision day
-    small: jax.Array  # [cap, n+1] small state (held stocks, progress) at t
+    small: jax.Array  # [cap, n * 5 + 1] small state (open positions, progress) at t
     action: jax.Array  # [cap, n, 2] network action in [0, 1]
-    reward: jax.Array  # [cap]
-    done: jax.Array  # [cap]
-    next_small: jax.Array  # [cap, n+1]
+    reward: jax.Array  # [cap] discounted sum of the n_step rewards from t
+    done: jax.Array  # [cap] the episode ends within those n_step steps (nothing to bootstrap)
+    next_small: jax.Array  # [cap, n * 5 + 1] small state at t + n_step
     ptr: jax.Array
     size: jax.Array
 

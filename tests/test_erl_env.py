@@ -209,6 +209,23 @@ def test_observation_rebuilt_from_replay_equals_the_one_seen():
     # every stored transition's day lies in the training split and its next day is t + 1
     ts = np.asarray(rp.t[: int(rp.size)])
     assert ts.min() >= 7 and (ts + 1 < len(d["close"])).all()
+    # n-step transitions: individual 0's first episode (the first L entries) replayed by hand from its first day
+    L, n, gamma = 8, args.n_step, args.gamma
+    state = et.reset_at(rp.t[0], params)
+    rewards, smalls = [], [np.asarray(et.small_state(state, params, data))]
+    for _ in range(L):
+        coef, target = et.scale_action(actor.apply(prm, et.get_obs(state.t, params, data)), params)
+        state, reward, *_ = et.step(state, coef, target, params, data)
+        rewards.append(float(reward))
+        smalls.append(np.asarray(et.small_state(state, params, data)))
+    np.testing.assert_array_equal(np.asarray(rp.t[:L]), int(rp.t[0]) + np.arange(L))
+    for k in range(L):
+        expect = sum(gamma**j * rewards[k + j] for j in range(n) if k + j < L)
+        np.testing.assert_allclose(float(rp.reward[k]), expect, rtol=1e-5, atol=1e-6)
+        assert bool(rp.done[k]) == (k + n >= L)
+        np.testing.assert_allclose(np.asarray(rp.next_small[k]), smalls[min(k + n, L)], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(rp.small[k]), smalls[k], rtol=1e-5, atol=1e-6)
+    assert any(abs(r) > 0.02 for r in rewards), "the episode must contain exits for this check to mean something"
     # memory per transition does not depend on the window
     per = sum(x.dtype.itemsize * int(np.prod(x.shape[1:])) for x in rp[:6])
     assert per == 4 + 4 * (len(inv) * et.SMALL_PER_STOCK + 1) * 2 + 4 * len(inv) * 2 + 4 + 1
