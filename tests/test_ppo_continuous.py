@@ -11,7 +11,7 @@ import data_prep as dp
 import ppo_reference as ref
 import ppo_trader as pt
 from conftest import assert_one_line_error, run_script
-from test_ppo_env import PAD, market_data, synthetic_market
+from test_ppo_env import PAD, assert_episode_matches, count_episode, market_data, synthetic_market
 from test_ppo_learning import oracle_policy, split_return
 from test_ppo_reference import FLAT, NAN, POS, close, same
 
@@ -149,22 +149,9 @@ def test_parity_with_reference_on_random_episodes():
         end = int(rng.integers(start + 2, T + 1))
         r = ref.random_target_episode(d, spec, params, start, end, PAD, rng)
         j = jax_run_episode(d, spec, params, start, end, r["actions"])
-        n = len(r["reward"])
-        assert len(j["reward"]) == n, ep
-        np.testing.assert_allclose(j["obs0"], r["obs0"], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(j["obs"], r["obs"], rtol=1e-5, atol=1e-5, err_msg=f"episode {ep}")
-        np.testing.assert_allclose(j["reward"], r["reward"], rtol=1e-5, atol=1e-5, err_msg=f"episode {ep}")
-        np.testing.assert_array_equal(j["terminated"], r["terminated"])
-        np.testing.assert_array_equal(j["truncated"], r["truncated"])
-        np.testing.assert_array_equal(j["dir"], r["dir"])
-        np.testing.assert_array_equal(j["size"], r["size"])
-        np.testing.assert_allclose(j["sl"], r["sl"], rtol=1e-6, err_msg=f"episode {ep}")
-        np.testing.assert_allclose(j["exit_price"], r["exit_price"], rtol=1e-6, err_msg=f"episode {ep}")
-        np.testing.assert_allclose(j["entry_price"], r["entry_price"], rtol=1e-6, err_msg=f"episode {ep}")
+        assert_episode_matches(j, r, ep, exact=("dir", "size"), close=("sl", "exit_price", "entry_price"))
         q = np.r_[0, r["dir"] * r["size"]]
-        counts["exits"] += int(np.isfinite(r["exit_price"]).sum())
-        counts["breaches"] += int(r["terminated"].any())
-        counts["truncations"] += int(r["truncated"].any())
+        count_episode(counts, r)
         counts["scale_ins"] += int(((q[1:] * q[:-1] > 0) & (np.abs(q[1:]) > np.abs(q[:-1]))).sum())
         counts["reductions"] += int(((q[1:] * q[:-1] > 0) & (np.abs(q[1:]) < np.abs(q[:-1]))).sum())
         counts["reversals"] += int((q[1:] * q[:-1] < 0).sum())

@@ -109,6 +109,26 @@ def random_params(rng):
     )
 
 
+def assert_episode_matches(j: dict, r: dict, ep: int, exact: tuple, close: tuple) -> None:
+    """The JAX env's episode `j` equals the reference's `r`: observations and rewards to 1e-5, the `exact` arrays
+    exactly, the `close` prices to 1e-6 relative."""
+    assert len(j["reward"]) == len(r["reward"]), ep
+    np.testing.assert_allclose(j["obs0"], r["obs0"], rtol=1e-5, atol=1e-5)
+    for k in ("obs", "reward"):
+        np.testing.assert_allclose(j[k], r[k], rtol=1e-5, atol=1e-5, err_msg=f"episode {ep} {k}")
+    for k in ("terminated", "truncated") + exact:
+        np.testing.assert_array_equal(j[k], r[k], err_msg=f"episode {ep} {k}")
+    for k in close:
+        np.testing.assert_allclose(j[k], r[k], rtol=1e-6, err_msg=f"episode {ep} {k}")
+
+
+def count_episode(counts: dict, r: dict) -> None:
+    """Adds the reference episode's exits, breach and truncation to `counts`."""
+    counts["exits"] += int(np.isfinite(r["exit_price"]).sum())
+    counts["breaches"] += int(r["terminated"].any())
+    counts["truncations"] += int(r["truncated"].any())
+
+
 def test_parity_with_reference_on_random_episodes():
     d = synthetic_market()
     spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
@@ -120,21 +140,9 @@ def test_parity_with_reference_on_random_episodes():
         start = int(rng.integers(params["window"] - 1, T - 50))
         end = int(rng.integers(start + 2, T + 1))
         r = ref.random_legal_episode(d, spec, params, start, end, PAD, rng)
-        j = jax_run_episode(d, spec, params, start, end, r["actions"])
-        n = len(r["reward"])
-        assert len(j["reward"]) == n, ep
-        np.testing.assert_allclose(j["obs0"], r["obs0"], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(j["obs"], r["obs"], rtol=1e-5, atol=1e-5, err_msg=f"episode {ep}")
-        np.testing.assert_allclose(j["reward"], r["reward"], rtol=1e-5, atol=1e-5, err_msg=f"episode {ep}")
-        np.testing.assert_array_equal(j["mask"], r["mask"])
-        np.testing.assert_array_equal(j["terminated"], r["terminated"])
-        np.testing.assert_array_equal(j["truncated"], r["truncated"])
-        np.testing.assert_array_equal(j["dir"], r["dir"])
-        np.testing.assert_allclose(j["exit_price"], r["exit_price"], rtol=1e-6)
-        counts["steps"] += n
-        counts["exits"] += int(np.isfinite(r["exit_price"]).sum())
-        counts["breaches"] += int(r["terminated"].any())
-        counts["truncations"] += int(r["truncated"].any())
+        assert_episode_matches(jax_run_episode(d, spec, params, start, end, r["actions"]), r, ep, exact=("mask", "dir"), close=("exit_price",))
+        counts["steps"] += len(r["reward"])
+        count_episode(counts, r)
     # the episodes exercised the rules, not just HOLD
     assert counts["exits"] > 300 and counts["breaches"] > 10 and counts["truncations"] > 50, counts
 
