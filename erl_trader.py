@@ -439,7 +439,11 @@ def column_extractor(args: Args) -> nn.Module:
 
 class Actor(nn.Module):
     """Per-column extractor (shared, vmapped over columns), cross-attention from a learnable query over all
-    columns for a global context, and per-stock heads -> action in [0, 1]^(n x 2) (coefficient, target)."""
+    columns for a global context, and per-stock heads -> action in [0, 1]^(n x 2) (coefficient, target).
+    Each head mixes its stock's features with the context through a hidden layer shared by all stocks, then an
+    output layer of its own: the stock reads the shared features its own way, and the hidden layer learns from
+    every stock's gradient (per-stock hidden layers learned the planted signal of the synthetic universe to 48%
+    of the oracle's return, a shared one to 79%)."""
 
     args: Args
     inv: tuple
@@ -451,8 +455,8 @@ class Actor(nn.Module):
         context = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=self.args.hidden)(query, feats)[0]
         stock = feats[jnp.asarray(self.inv)]
         h = jnp.concatenate([stock, jnp.broadcast_to(context, stock.shape)], axis=-1)
-        per_stock = lambda features: nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})(features)  # noqa: E731
-        h = nn.relu(per_stock(self.args.hidden)(h))
+        h = nn.relu(nn.Dense(self.args.hidden)(h))  # shared by all stocks: every stock's gradient trains it
+        per_stock = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})  # own weights per stock
         return nn.sigmoid(per_stock(2)(h))
 
 
@@ -471,7 +475,7 @@ class Critic(nn.Module):
     target, and V(s) the value of the positions already held plus the rest of the episode. A generic MLP on
     [state, action] has to learn the product coef x gain from noisy rewards, and in practice does not.
     Each investable column is encoded from its window (a shared dense layer: far cheaper than the actor's
-    extractor, and the critic runs on every replay batch) and its open position, with per-stock weights."""
+    extractor, and the critic runs on every replay batch) and its open position, with weights shared by all stocks."""
 
     args: Args
     inv: tuple
@@ -485,12 +489,11 @@ class Critic(nn.Module):
         held, progress = positions[:, 0], small[-1]
         can_open = (held.sum() < args.max_positions) & (progress < args.trading_days / (args.trading_days + args.settlement_days))
         coef, target = action[:, 0], action[:, 1]
-        per_stock = lambda features: nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})(features)  # noqa: E731
         qs = []
         for q in range(2):
             context = nn.relu(nn.Dense(args.hidden)(cols)).mean(0)
             enc = nn.relu(nn.Dense(args.hidden)(cols[inv]))
-            h = nn.relu(per_stock(args.hidden)(jnp.concatenate([enc, positions], axis=-1)))  # [n, hidden]: state only
+            h = nn.relu(nn.Dense(args.hidden)(jnp.concatenate([enc, positions], axis=-1)))  # [n, hidden]: state only
             gain = nn.Dense(1)(nn.relu(nn.Dense(args.hidden)(jnp.concatenate([h, target[:, None]], axis=-1))))[:, 0]
             sharp = 1.0 + nn.softplus(self.param(f"sharpness{q}", nn.initializers.constant(3.0), ()))
             w = nn.softmax(sharp * 10.0 * coef - 1e3 * held)
@@ -1096,7 +1099,7 @@ def train_and_report(args: Args) -> dict:
     runner = init(jax.random.PRNGKey(args.seed))
     learner_at_start = runner.learner.actor  # the same on --resume (init is deterministic): the report shows what TD3 learned
     ckpt = run_dir / "checkpoint.msgpack"
-    extra = {"chunk": 0, "best_val": -1e30, "elapsed": 0.0}
+    extra = {"chunk": 0, "best_val": -1e30, "best_from": "", "elapsed": 0.0}
     if args.resume:
         runner, extra = load_checkpoint(ckpt, runner)
     shardings, copy = runner_shardings(runner, mesh), NamedSharding(mesh, PartitionSpec())
@@ -1139,12 +1142,14 @@ def train_and_report(args: Args) -> dict:
                 row = {k: (bool(v[g]) if v.dtype == bool else float(v[g])) for k, v in metrics.items()}
                 row.update(generation=gen, env_steps=gen * steps_per_gen, sps=sps, elapsed=elapsed)
                 if g == args.chunk_generations - 1 and (gen % args.eval_every == 0 or gen == args.generations):
-                    out = val_bt(actor_policy(actor), champion_params(runner), jax.random.PRNGKey(args.seed))
-                    row["champion_val_return"] = float(np.asarray(out["equity"])[-1] - 1.0)
-                    writer.add_scalar("eval/champion_val_return", row["champion_val_return"], row["env_steps"])
-                    if row["champion_val_return"] > extra["best_val"]:
-                        extra["best_val"] = row["champion_val_return"]
-                        save_policy(run_dir / "best.msgpack", champion_params(runner), args)
+                    # candidates: the population's champion and the TD3 actor (part of the system, injected or not yet)
+                    for who, params in (("champion", champion_params(runner)), ("learner", fetch(runner.learner.actor))):
+                        out = val_bt(actor_policy(actor), params, jax.random.PRNGKey(args.seed))
+                        row[f"{who}_val_return"] = float(np.asarray(out["equity"])[-1] - 1.0)
+                        writer.add_scalar(f"eval/{who}_val_return", row[f"{who}_val_return"], row["env_steps"])
+                        if row[f"{who}_val_return"] > extra["best_val"]:
+                            extra.update(best_val=row[f"{who}_val_return"], best_from=f"{who} of generation {gen}")
+                            save_policy(run_dir / "best.msgpack", params, args)
                 for tag in ("fitness_mean", "fitness_max", "fitness_min", "learner_fitness", "explore_return", "champion_fitness"):
                     writer.add_scalar(f"charts/{tag}", row[tag], row["env_steps"])
                 writer.add_scalar("charts/injected_is_elite", float(row["injected_is_elite"]), row["env_steps"])
@@ -1153,7 +1158,7 @@ def train_and_report(args: Args) -> dict:
                 writer.add_scalar("perf/SPS", sps, row["env_steps"])
                 metrics_file.write(json.dumps(row) + "\n")
                 inj = ("elite" if row["injected_is_elite"] else "not elite") if row["injected"] else "-"
-                val = f"  val {row['champion_val_return']:+.4f}" if "champion_val_return" in row else ""
+                val = f"  val {row['champion_val_return']:+.4f} (learner {row['learner_val_return']:+.4f})" if "champion_val_return" in row else ""
                 print(f"gen {gen:4d}/{args.generations}  fitness mean {row['fitness_mean']:+.3f} max {row['fitness_max']:+.3f} min {row['fitness_min']:+.3f}"
                       f"  learner {row['learner_fitness']:+.3f}{val}  critic {row['critic_loss']:.4f} actor {row['actor_loss']:+.4f}  injected {inj}"
                       f"  env-steps/s {sps:,.0f}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
@@ -1178,7 +1183,7 @@ def train_and_report(args: Args) -> dict:
         params = multihost_utils.broadcast_one_to_all(params)
     learner_rows = {"td3_learner": (actor_policy(actor), fetch(runner.learner.actor)), "td3_learner_at_start": (actor_policy(actor), fetch(learner_at_start))}
     report, champ, curves = backtest_report(actor, params, datasets, info, "test", args, env_params, learner_rows)
-    report["selected_by"] = "best champion validation return (best.msgpack)"
+    report["selected_by"] = f"best validation return of the population's champion and the TD3 actor (best.msgpack: the {extra['best_from']})"
     write_backtest_outputs(run_dir, report, champ, curves, info, "test", args)
     print(json.dumps(summary_rows(report), indent=1))
     return report

@@ -41,7 +41,7 @@ def test_tensorboard_tags(tiny_run):
 
     tags = scalar_tags(tiny_run[0])
     for tag in ("charts/fitness_mean", "charts/fitness_max", "charts/fitness_min", "charts/learner_fitness", "charts/explore_return",
-                "charts/champion_fitness", "charts/injected_is_elite", "losses/critic_loss", "losses/actor_loss", "eval/champion_val_return", "perf/SPS"):
+                "charts/champion_fitness", "charts/injected_is_elite", "losses/critic_loss", "losses/actor_loss", "eval/champion_val_return", "eval/learner_val_return", "perf/SPS"):
         assert tag in tags, tag
 
 

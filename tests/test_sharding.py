@@ -141,7 +141,7 @@ def test_ppo_two_processes_match_one_device_and_only_process_0_writes(ppo_chain,
 
 
 # ---- ERL ----
-ERL_ARRAYS = ("dict(pop=r.pop['params']['VmapDense_1']['kernel'], critic=r.learner.critic['params']['Dense_0']['kernel'], "
+ERL_ARRAYS = ("dict(pop=r.pop['params']['VmapDense_0']['kernel'], critic=r.learner.critic['params']['Dense_0']['kernel'], "
               "replay=r.replay.reward, rng=r.rng)")
 
 
