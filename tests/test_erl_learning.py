@@ -13,8 +13,9 @@ from conftest import run_script
 
 # 10 stocks, each with the planted signal (half-life 2 days); one window (20 days) sees it clearly after the
 # instance normalisation. Fitness is the mean of all 5 episodes (less noisy than the worst 2 on 25-day slices).
+# n-step 4 targets hold a trade's whole outcome (fill the next day, sale at the latest two days later).
 DATA = ["--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "2", "--signal-strength", "4", "--days", "2000", "--seed", "0"]
-FLAGS = ["--train-end", "0.6", "--val-end", "0.8", "--window", "20", "--max-holding-days", "2", "--worst-k", "5", "--rl-updates", "256",
+FLAGS = ["--train-end", "0.6", "--val-end", "0.8", "--window", "20", "--max-holding-days", "2", "--worst-k", "5", "--rl-updates", "256", "--n-step", "4",
          "--pop-size", "8", "--generations", "24", "--eval-every", "2", "--seed", "1"]
 
 
@@ -32,8 +33,9 @@ def oracle_policy(signal: int):
 
 
 def test_erl_learns_the_planted_signal(tmp_path):
-    """The issue's target is 70% of the oracle's test return; measured so far: 51-58% (about 75% of its log
-    growth: the oracle compounds +220-900%), so this asserts 45% until the learner closes the gap."""
+    """The champion reaches 70% of the oracle's test return (seed 1: 72%; seeds 2-4: 54%, 86%, 78%, see the
+    README), the TD3 learner gains at least 30% of the oracle over its initial policy, a random policy stays
+    below 20%."""
     data = tmp_path / "syn.npz"
     assert dp.main(["synthetic-daily", "--out", str(data), *DATA]) == 0
     r = run_script("erl_trader.py", "--data", data, *FLAGS, "--out-dir", tmp_path, "--run-name", "learn")
@@ -60,6 +62,6 @@ def test_erl_learns_the_planted_signal(tmp_path):
     print("test returns", ret, "oracle", round(oracle, 4), best)
 
     assert oracle > 0.5, oracle  # the planted signal is worth trading after costs
-    assert ret["champion"] >= 0.45 * oracle, (ret, oracle)
+    assert ret["champion"] >= 0.7 * oracle, (ret, oracle)
     assert ret["td3_learner"] - ret["td3_learner_at_start"] >= 0.3 * oracle, (ret, oracle)  # TD3 alone learns
     assert ret["random"] < 0.2 * oracle, (ret, oracle)
