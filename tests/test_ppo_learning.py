@@ -61,7 +61,7 @@ def test_phase2_from_phase1_beats_phase1_when_managing_pays(tmp_path):
     assert dp.main(["synthetic-intraday", "--out", str(data), "--days", "60", "--seed", "0", "--signal-strength", "2",
                     "--revert-fraction", "1", "--revert-after", "120"]) == 0
     flags = ["--data", str(data), "--window", "8", "--tp-atr-mult", "20", "--trail-atr-mult", "2", "--dd-limit", "5000",
-             "--total-timesteps", "500000", "--seed", "1", "--out-dir", tmp_path]
+             "--total-timesteps", "1000000", "--seed", "1", "--out-dir", tmp_path]
     r1 = run_script("ppo_trader.py", *flags, "--run-name", "phase1")
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = run_script("ppo_trader.py", *flags, "--run-name", "phase2", "--phase", "2", "--init-from", tmp_path / "phase1" / "best.msgpack")
