@@ -1132,12 +1132,17 @@ def make_backtest(env_params: EnvParams, data: MarketData):
 
     No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
     drawdown breach the account stops trading and stays flat to the end of the split (`trading` false).
+    A position still open on the split's last bar is closed at its close (slippage, commission) as at a
+    session end, with or without `flatten_at_close`, so the last equity is realised and every trade is closed.
     Returns per-step arrays for reports and trades (`live`: the step is inside the split).
     """
-    bt_params = env_params.replace(episode_bars=1 << 30)
+    bt_params = env_params.replace(episode_bars=1 << 30, flatten_at_close=True)
 
     def run(policy, policy_args, market: int, key):
         lo, hi = data.lo[market], data.hi[market]
+        # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar
+        closes = (data.session_end[market] & env_params.flatten_at_close) | (jnp.arange(data.session_end.shape[1]) == hi - 1)
+        bt_data = data.replace(session_end=data.session_end.at[market].set(closes))
         state0 = reset_at(market, lo + env_params.window - 1)
         n = data.open.shape[1] - env_params.window  # static length; steps past the split end are masked out
 
@@ -1146,9 +1151,9 @@ def make_backtest(env_params: EnvParams, data: MarketData):
             key, k = jax.random.split(key)
             in_split = state.t + 1 < hi
             live = alive & in_split
-            mask = legal_mask(state, bt_params, data)
-            action = jnp.where(live, policy(policy_args, k, get_obs(state, bt_params, data), mask), HOLD)
-            nxt, reward, term, info = step_core(state, action, bt_params, data)
+            mask = legal_mask(state, bt_params, bt_data)
+            action = jnp.where(live, policy(policy_args, k, get_obs(state, bt_params, bt_data), mask), HOLD)
+            nxt, reward, term, info = step_core(state, action, bt_params, bt_data)
             nxt = jax.tree.map(lambda a, b: jnp.where(live, a, b), nxt, state)
             nxt = nxt.replace(t=jnp.where(in_split, state.t + 1, state.t))  # after a breach the clock runs on, flat
             out = dict(t=nxt.t, live=in_split, trading=live, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0),

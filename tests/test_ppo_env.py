@@ -189,6 +189,45 @@ def test_phase2_parity_with_reference_on_random_episodes():
     assert counts["be_moves"] > 100 and counts["ratchets"] > 300, counts
 
 
+# ---- BACKTEST ----
+def _buy_when_legal(policy_args, key, obs, mask):
+    return jnp.where(mask[pt.BUY], pt.BUY, pt.HOLD)
+
+
+@pytest.mark.parametrize("flatten_at_close", [True, False])
+def test_backtest_closes_the_open_position_at_the_split_end(flatten_at_close):
+    """A long still open on the split's last bar is sold at that bar's close minus slippage, with the exit
+    commission, whether or not flatten_at_close is on; bars after the split end play no part."""
+    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100),  # t=1: BUY
+            (100, 101, 99.5, 100.5),                         # entry 100.25, stop 98.25, target 104.25
+            (100.5, 101.5, 100, 101), (101, 102, 100.5, 101.5),
+            (101.5, 102, 101, 101.5),                        # the split's last bar (hi = 6): exit 101.5 - 0.25
+            (150, 150, 150, 150)]                            # after the split: would fill the target
+    p = ref.default_params(flatten_at_close=flatten_at_close)
+    data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
+    out = {k: np.asarray(v) for k, v in pt.make_backtest(env_params(p), data)(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
+    live = out["live"]
+    np.testing.assert_array_equal(out["t"][live], [2, 3, 4, 5])
+    np.testing.assert_array_equal(out["dir"][live], [1, 1, 1, 0])
+    np.testing.assert_allclose(out["exit_price"][live], [np.nan, np.nan, np.nan, 101.25])
+    # (101.25 - 100.25) x 50 - 2 x 2 commissions = 46, realised: the last equity holds no open position
+    np.testing.assert_allclose(out["trade_pnl"][live], [0, 0, 0, 46.0])
+    np.testing.assert_allclose(out["equity"][live], [-2 + 0.25 * 50, -2 + 0.75 * 50, -2 + 1.25 * 50, 46.0])
+
+
+def test_backtest_keeps_a_position_through_a_session_end_without_flatten_at_close():
+    """flatten_at_close off: the session end at bar 3 closes nothing, the split end at bar 5 does."""
+    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100), (100, 101, 99.5, 100.5), (100.5, 101.5, 100, 101),
+            (101, 102, 100.5, 101.5), (101.5, 102, 101, 101.5), (150, 150, 150, 150)]
+    session_end = [False, False, False, True, False, False, False]
+    for flatten, exits in ((False, [np.nan, np.nan, np.nan, 101.25]), (True, [np.nan, 100.75, np.nan, 101.25])):
+        data = market_data(ref.make_data_ohlc(rows, session_end=session_end), ref.default_spec(), 1, 6)
+        bt = pt.make_backtest(env_params(ref.default_params(flatten_at_close=flatten)), data)
+        out = {k: np.asarray(v) for k, v in bt(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
+        # with flatten on: closed at bar 3 (101 - 0.25), re-entered at bar 5's open (101.75), closed at its close
+        np.testing.assert_allclose(out["exit_price"][out["live"]], exits)
+
+
 # ---- NO LOOK-AHEAD ----
 def test_changing_bars_after_t_leaves_the_past_unchanged():
     d = synthetic_market()
