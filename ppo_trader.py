@@ -1181,6 +1181,20 @@ def greedy_policy(network):
     return policy
 
 
+@functools.lru_cache(maxsize=None)
+def sampled_policy(network):
+    """The trained policy sampling its actions as in training (masked categorical, or tanh of the Gaussian)."""
+
+    def policy(policy_args, key, obs, mask):
+        params, norm = policy_args
+        logits, _ = network.apply(params, norm(obs))
+        if network.continuous:
+            return squashed_gaussian(logits).sample(seed=key)
+        return masked_policy(logits, mask).sample(seed=key)
+
+    return policy
+
+
 def random_policy(policy_args, key, obs, mask):
     """Uniform over the legal actions."""
     return jax.random.choice(key, mask.shape[0], p=mask / mask.sum())
@@ -1292,11 +1306,12 @@ def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) 
 
 
 def evaluate(args: Args, network, params, norm, datasets, info, env_params, run_dir: Path, split: str) -> dict:
-    """Backtests the policy, a random legal policy and buy-and-hold on a split; writes the report files."""
+    """Backtests the policy (greedy, and sampling its actions), a random legal policy and buy-and-hold on a
+    split; writes the report files (trades and the selection are the greedy policy's)."""
     data = datasets[split]
     backtest = make_backtest(env_params, data)
     random = random_target_policy if args.action_space == "continuous" else random_policy
-    policies = {"policy": (greedy_policy(network), (params, norm)), "random": (random, None)}
+    policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)), "random": (random, None)}
     report, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed)
     report["initial_balance"] = env_params.initial_balance
     write_backtest_outputs(run_dir, report, raws, info)
@@ -1470,7 +1485,7 @@ def summary_rows(report: dict) -> dict:
     for market, rows in report.items():
         if isinstance(rows, dict) and "policy" in rows:
             out[market] = {name: {k: round(rows[name][k], 4) for k in ("total_return", "sharpe", "max_drawdown", "trades")}
-                           for name in ("policy", "random", "buy_and_hold")}
+                           for name in ("policy", "sampled", "random", "buy_and_hold")}
     return out
 
 

@@ -25,7 +25,7 @@ def test_tiny_run_writes_every_output(tiny_run):
         assert key in rows[-1]
     report = json.loads((run_dir / "report.json").read_text())
     eur = report["EURUSD"]
-    for who in ("policy", "random", "buy_and_hold"):
+    for who in ("policy", "sampled", "random", "buy_and_hold"):
         for k in ("total_return", "annualised_return", "annualised_volatility", "sharpe", "sortino", "max_drawdown", "calmar"):
             assert np.isfinite(eur[who][k]), (who, k)
     for k in ("trades", "win_rate", "profit_factor", "average_trade", "exposure"):

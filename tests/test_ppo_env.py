@@ -228,6 +228,32 @@ def test_backtest_keeps_a_position_through_a_session_end_without_flatten_at_clos
         np.testing.assert_allclose(out["exit_price"][out["live"]], exits)
 
 
+def test_sampled_backtest_policy_draws_legal_actions_with_the_policy_probabilities():
+    """The report's "sampled" row: actions drawn from the masked softmax (never an illegal one); continuous:
+    targets inside (-1, 1) whose mean is E[tanh(x)] of the policy's Gaussian."""
+    obs = jax.random.normal(jax.random.PRNGKey(1), (12,))
+    keys = jax.random.split(jax.random.PRNGKey(2), 20_000)
+    net = pt.ActorCritic(6, 16)
+    params = net.init(jax.random.PRNGKey(0), obs)
+    params = jax.tree.map(lambda x: x * 40.0, params)  # far from uniform probabilities
+    norm = lambda x: x  # noqa: E731
+    mask = jnp.array([True, False, True, True, False, True])
+    draws = np.asarray(jax.vmap(pt.sampled_policy(net), in_axes=(None, 0, None, None))((params, norm), keys, obs, mask))
+    probs = np.asarray(pt.masked_policy(net.apply(params, obs)[0], mask).probs)
+    freq = np.bincount(draws, minlength=6) / len(draws)
+    assert freq[~np.asarray(mask)].sum() == 0
+    np.testing.assert_allclose(freq, probs, atol=5 * np.sqrt(0.25 / len(draws)))
+    assert probs.max() < 0.99 and np.sort(probs)[-2] > 0.02, probs  # a real mixture, not a greedy policy in disguise
+
+    cnet = pt.ActorCritic(1, 16, continuous=True)
+    cparams = cnet.init(jax.random.PRNGKey(0), obs)
+    targets = np.asarray(jax.vmap(pt.sampled_policy(cnet), in_axes=(None, 0, None, None))((cparams, norm), keys, obs, mask))
+    mean, log_std = np.asarray(cnet.apply(cparams, obs)[0], np.float64)
+    x = mean + np.exp(log_std) * np.random.default_rng(0).normal(size=200_000)
+    assert np.all(np.abs(targets) < 1) and targets.std() > 0.3
+    np.testing.assert_allclose(targets.mean(), np.tanh(x).mean(), atol=5 * targets.std() / np.sqrt(len(targets)))
+
+
 # ---- NO LOOK-AHEAD ----
 def test_changing_bars_after_t_leaves_the_past_unchanged():
     d = synthetic_market()
