@@ -1104,6 +1104,8 @@ def train_and_report(args: Args) -> dict:
         runner, extra = load_checkpoint(ckpt, runner)
     shardings, copy = runner_shardings(runner, mesh), NamedSharding(mesh, PartitionSpec())
     runner, train_data = place(runner, shardings), place(datasets["train"], copy)  # market data: a copy on every device
+    if not args.resume:
+        save_checkpoint(ckpt, runner, extra)  # the state before training: a NaN in the first chunk still leaves a good checkpoint
     compiled = jax.jit(chunk, in_shardings=(shardings, copy), out_shardings=(shardings, copy)).lower(runner, train_data).compile()
     compile_s = time.time() - t0
     num_chunks = args.generations // args.chunk_generations
@@ -1127,7 +1129,7 @@ def train_and_report(args: Args) -> dict:
             tc = time.time()
             new_runner, metrics = compiled(runner, train_data)
             metrics = fetch(metrics)
-            if not all(np.isfinite(metrics[k]).all() for k in ("critic_loss", "fitness_mean")):
+            if not all(np.isfinite(metrics[k]).all() for k in ("critic_loss", "fitness_mean", "learner_fitness")):
                 status = "nan"
                 print(f"error: NaN/inf at chunk {c + 1}; stopping. The last good checkpoint is {ckpt}. Fix: lower --critic-lr/--actor-lr or check the data",
                       file=sys.stderr, flush=True)

@@ -1391,6 +1391,8 @@ def train_and_report(args: Args) -> dict:
     if args.resume:
         runner, extra = load_checkpoint(ckpt, runner)
     runner = place(runner, shardings)
+    if not args.resume:
+        save_checkpoint(ckpt, runner, extra)  # the state before training: a NaN in the first chunk still leaves a good checkpoint
     num_chunks = num_updates // args.chunk_updates
     steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps * args.num_seeds
     writer = SummaryWriter(str(run_dir), write_to_disk=main_process)

@@ -51,3 +51,39 @@ def assert_one_line_error(r, needle: str) -> None:
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], r.stderr
+
+
+def assert_divergence_stops_and_keeps_the_last_good_checkpoint(script: str, flags: list, out: Path, huge_lr: dict) -> None:
+    """A run that diverges stops at the first non-finite chunk with one line naming the last good checkpoint
+    (exit 1), leaves that checkpoint as it was and writes no final policy or report. Divergence is forced by
+    raising the learning rates (`huge_lr`: config keys -> values) of a stopped run's config before resuming it,
+    and of a fresh run from its first chunk (whose checkpoint is then the state before training)."""
+    import json
+
+    import numpy as np
+    from flax.serialization import msgpack_restore
+
+    part = run_script(script, *flags, "--out-dir", out, "--run-name", "div", "--stop-after", "1")
+    assert part.returncode == 0, part.stderr[-2000:]
+    run_dir, ckpt = out / "div", out / "div" / "checkpoint.msgpack"
+    good = ckpt.read_bytes()
+    cfg = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(dict(cfg, **huge_lr)))
+    r = run_script(script, "--resume", run_dir)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: NaN/inf") and "chunk 2" in last and str(ckpt) in last, r.stderr[-2000:]
+    assert ckpt.read_bytes() == good
+    assert not (run_dir / "final.msgpack").exists() and not (run_dir / "report.json").exists()
+
+    flag_args = [x for k, v in huge_lr.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    r = run_script(script, *flags, *flag_args, "--out-dir", out, "--run-name", "div0")
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error: NaN/inf") and "chunk 1" in last, r.stderr[-2000:]
+    payload = msgpack_restore((out / "div0" / "checkpoint.msgpack").read_bytes())
+    assert json.loads(payload["extra"])["chunk"] == 0
+    leaves = []
+    stack = [payload["runner"]]
+    while stack:
+        x = stack.pop()
+        stack.extend(x.values()) if isinstance(x, dict) else leaves.append(np.asarray(x))
+    assert leaves and all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from conftest import assert_one_line_error, assert_run_outputs, run_script, tiny_run_dir
+from conftest import (assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error, assert_run_outputs, run_script,
+                      tiny_run_dir)
 
 TINY = ["--pop-size", "4", "--generations", "4", "--episodes-per-agent", "2", "--worst-k", "1", "--num-elites", "1", "--rl-updates", "2",
         "--batch-size", "16", "--buffer-size", "2000", "--window", "8", "--trading-days", "6", "--settlement-days", "2", "--hidden", "8",
@@ -80,3 +81,7 @@ def test_resume_is_bit_identical(tmp_path):
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("erl_trader.py", *argv)
     assert_one_line_error(r, needle)
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    assert_divergence_stops_and_keeps_the_last_good_checkpoint("erl_trader.py", TINY, tmp_path, {"critic_lr": 1e30, "actor_lr": 1e30})

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from conftest import assert_one_line_error, assert_run_outputs, run_script, tiny_run_dir
+from conftest import (assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error, assert_run_outputs, run_script,
+                      tiny_run_dir)
 
 TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
         "--window", "8", "--episode-bars", "64", "--hidden", "32"]
@@ -121,3 +122,7 @@ def test_init_from_bad_checkpoints_give_one_line(tiny_run, phase2_run, tmp_path)
     assert_one_line_error(run_script("ppo_trader.py", *TINY, "--init-from", p1, *out), "--phase 2")
     assert_one_line_error(run_script("ppo_trader.py", "--phase", "3"), "--phase")
     assert not (tmp_path / "bad").exists()
+
+
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    assert_divergence_stops_and_keeps_the_last_good_checkpoint("ppo_trader.py", TINY, tmp_path, {"learning_rate": 1e30})
