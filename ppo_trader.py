@@ -1132,17 +1132,23 @@ def make_backtest(env_params: EnvParams, data: MarketData):
 
     No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
     drawdown breach the account stops trading and stays flat to the end of the split (`trading` false).
-    A position still open on the split's last bar is closed at its close (slippage, commission) as at a
-    session end, with or without `flatten_at_close`, so the last equity is realised and every trade is closed.
-    Returns per-step arrays for reports and trades (`live`: the step is inside the split).
+    The split's last bar acts as a session end, with or without `flatten_at_close`: a position still open is
+    closed at its close (slippage, commission), so the last equity is realised and every trade is closed, and
+    no entry is allowed in the `no_entry_bars` before it (an entry there could only be closed at once).
+    Returns per-step arrays for reports and trades (`live`: the step is inside the split; `breach`: the step
+    breached the drawdown limit).
     """
     bt_params = env_params.replace(episode_bars=1 << 30, flatten_at_close=True)
 
     def run(policy, policy_args, market: int, key):
         lo, hi = data.lo[market], data.hi[market]
-        # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar
-        closes = (data.session_end[market] & env_params.flatten_at_close) | (jnp.arange(data.session_end.shape[1]) == hi - 1)
-        bt_data = data.replace(session_end=data.session_end.at[market].set(closes))
+        # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar;
+        # the entry rule counts bars to the nearer of the session end and the split's last bar (the observation's
+        # hours_to_close stays the data's)
+        t = jnp.arange(data.session_end.shape[1])
+        closes = (data.session_end[market] & env_params.flatten_at_close) | (t == hi - 1)
+        bars_to_close = jnp.minimum(data.bars_to_close[market], jnp.maximum(hi - 1 - t, 0))
+        bt_data = data.replace(session_end=data.session_end.at[market].set(closes), bars_to_close=data.bars_to_close.at[market].set(bars_to_close))
         state0 = reset_at(market, lo + env_params.window - 1)
         n = data.open.shape[1] - env_params.window  # static length; steps past the split end are masked out
 
@@ -1158,7 +1164,8 @@ def make_backtest(env_params: EnvParams, data: MarketData):
             nxt = nxt.replace(t=jnp.where(in_split, state.t + 1, state.t))  # after a breach the clock runs on, flat
             out = dict(t=nxt.t, live=in_split, trading=live, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0),
                        entry_price=jnp.where(live, info["entry_price"], jnp.nan), exit_price=jnp.where(live, info["exit_price"], jnp.nan),
-                       exit_dir=jnp.where(live, info["exit_dir"], 0), trade_pnl=jnp.where(live, info["trade_pnl"], 0.0), action=action)
+                       exit_dir=jnp.where(live, info["exit_dir"], 0), trade_pnl=jnp.where(live, info["trade_pnl"], 0.0), action=action,
+                       breach=live & term)
             return (nxt, alive & ~(live & term), key), out
 
         _, out = jax.lax.scan(_bt_step, (state0, jnp.bool_(True), key), None, n)
@@ -1236,15 +1243,17 @@ def trade_metrics(out: dict) -> dict:
 
 
 def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> np.ndarray:
-    """Equity (relative) of holding `contracts` (continuous actions: `max_contracts`) long from the first decision bar's next open, with commissions."""
+    """Equity (relative) of holding `contracts` (continuous actions: `max_contracts`) long from the first decision
+    bar's next open to the split's last close, with the policy's costs: slippage and commission on both fills."""
     lo, hi, W = int(data.lo[market]), int(data.hi[market]), env_params.window
     close = np.asarray(data.close[market][lo + W: hi], np.float64)
-    entry = float(data.open[market][lo + W])
+    slip = env_params.slippage_ticks * float(data.tick_size[market])
+    entry = float(data.open[market][lo + W]) + slip
     lots = env_params.max_contracts if env_params.action_space == "continuous" else env_params.contracts
     pv = float(data.point_value[market]) * lots
     comm = float(data.commission[market]) * lots
     eq = (close - entry) * pv - comm
-    eq[-1] -= comm
+    eq[-1] -= comm + slip * pv
     return eq
 
 
@@ -1262,7 +1271,7 @@ def backtest_report(backtest, data: MarketData, info: dict, split: str, env_para
             out = {k: v[live] for k, v in out.items()}
             day = session_id[out["t"]]
             rows[name] = dict(period_metrics(out["equity"], day, env_params.initial_balance), **trade_metrics(out),
-                              final_equity=float(env_params.initial_balance + out["equity"][-1]), breached=bool(not out["trading"][-1]))
+                              final_equity=float(env_params.initial_balance + out["equity"][-1]), breached=bool(out["breach"].any()))
             raws.setdefault(name, {})[market] = out
         bh = buy_and_hold(data, m, env_params)
         t_bh = np.arange(lo + env_params.window, hi)

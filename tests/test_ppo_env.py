@@ -216,16 +216,50 @@ def test_backtest_closes_the_open_position_at_the_split_end(flatten_at_close):
 
 
 def test_backtest_keeps_a_position_through_a_session_end_without_flatten_at_close():
-    """flatten_at_close off: the session end at bar 3 closes nothing, the split end at bar 5 does."""
+    """flatten_at_close off: the session end at bar 3 closes nothing, the split end at bar 5 does. On: the
+    session end closes at bar 3, and no new entry is allowed within no_entry_bars (1) of the split's last bar."""
     rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100), (100, 101, 99.5, 100.5), (100.5, 101.5, 100, 101),
             (101, 102, 100.5, 101.5), (101.5, 102, 101, 101.5), (150, 150, 150, 150)]
     session_end = [False, False, False, True, False, False, False]
-    for flatten, exits in ((False, [np.nan, np.nan, np.nan, 101.25]), (True, [np.nan, 100.75, np.nan, 101.25])):
+    for flatten, exits in ((False, [np.nan, np.nan, np.nan, 101.25]), (True, [np.nan, 100.75, np.nan, np.nan])):
         data = market_data(ref.make_data_ohlc(rows, session_end=session_end), ref.default_spec(), 1, 6)
         bt = pt.make_backtest(env_params(ref.default_params(flatten_at_close=flatten)), data)
         out = {k: np.asarray(v) for k, v in bt(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
-        # with flatten on: closed at bar 3 (101 - 0.25), re-entered at bar 5's open (101.75), closed at its close
+        # flatten on: closed at bar 3 (101 - 0.25); BUY at t=4 (1 bar before the split's last) is illegal
         np.testing.assert_allclose(out["exit_price"][out["live"]], exits)
+        np.testing.assert_array_equal(np.isfinite(out["entry_price"][out["live"]]), [True, False, False, False])
+
+
+def test_backtest_split_end_close_of_a_continuous_position():
+    """--action-space continuous, 2 contracts held to the split's last bar: both sold at its close minus
+    slippage; (101.25 - 100.25) x 50 x 2 - 4 commissions of 2 = 92."""
+    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100), (100, 101, 99.5, 100.5), (100.5, 101.5, 100, 101),
+            (101, 102, 100.5, 101.5), (101.5, 102, 101, 101.5), (150, 150, 150, 150)]
+    params = env_params(ref.default_params(flatten_at_close=False)).replace(action_space="continuous", max_contracts=2)
+    data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
+    out = {k: np.asarray(v) for k, v in pt.make_backtest(params, data)(lambda *a: jnp.float32(1.0), None, 0, jax.random.PRNGKey(0)).items()}
+    live = out["live"]
+    np.testing.assert_allclose(out["exit_price"][live], [np.nan, np.nan, np.nan, 101.25])
+    np.testing.assert_allclose(out["trade_pnl"][live], [0, 0, 0, 92.0])
+    np.testing.assert_allclose(out["equity"][live][-1], 92.0)
+
+
+def test_backtest_breach_caused_by_the_split_end_close_is_reported():
+    """Marked to market the account ends at +60.5 (peak); the split-end close's slippage and commission
+    take it to +46, at or below peak - dd_limit (60.5 - 14 = 46.5): a breach on the last bar, in the
+    backtest's output and in the report."""
+    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100), (100, 101, 99.5, 100.5), (100.5, 101.5, 100, 101),
+            (101, 102, 100.5, 101.5), (101.5, 102, 101, 101.5), (150, 150, 150, 150)]
+    p = ref.default_params(dd_limit=14.0)
+    data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
+    bt = pt.make_backtest(env_params(p), data)
+    out = {k: np.asarray(v) for k, v in bt(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
+    live = out["live"]
+    np.testing.assert_allclose(out["equity"][live], [10.5, 35.5, 60.5, 46.0])
+    np.testing.assert_array_equal(out["breach"][live], [False, False, False, True])
+    info = dict(markets=["X"], bounds=[{"test": (0, 6)}], timestamps=[np.arange(7, dtype=np.int64) * 3_600_000_000_000])
+    report, _ = pt.backtest_report(bt, data, info, "test", env_params(p), {"policy": (_buy_when_legal, None)}, 0)
+    assert report["X"]["policy"]["breached"] is True and report["X"]["policy"]["trades"] == 1
 
 
 def test_sampled_backtest_policy_draws_legal_actions_with_the_policy_probabilities():
@@ -247,11 +281,18 @@ def test_sampled_backtest_policy_draws_legal_actions_with_the_policy_probabiliti
 
     cnet = pt.ActorCritic(1, 16, continuous=True)
     cparams = cnet.init(jax.random.PRNGKey(0), obs)
-    targets = np.asarray(jax.vmap(pt.sampled_policy(cnet), in_axes=(None, 0, None, None))((cparams, norm), keys, obs, mask))
+    cparams["params"]["Dense_2"]["bias"] = jnp.array([0.8])  # mean about 0.8, std exp(-0.7): an asymmetric, narrow target law
+    cparams["params"]["log_std"] = jnp.array([-0.7])
+    targets = np.asarray(jax.vmap(pt.sampled_policy(cnet), in_axes=(None, 0, None, None))((cparams, norm), keys, obs, mask), np.float64)
     mean, log_std = np.asarray(cnet.apply(cparams, obs)[0], np.float64)
-    x = mean + np.exp(log_std) * np.random.default_rng(0).normal(size=200_000)
-    assert np.all(np.abs(targets) < 1) and targets.std() > 0.3
-    np.testing.assert_allclose(targets.mean(), np.tanh(x).mean(), atol=5 * targets.std() / np.sqrt(len(targets)))
+    ref_targets = np.tanh(mean + np.exp(log_std) * np.random.default_rng(0).normal(size=400_000))
+    assert np.all(np.abs(targets) < 1)
+    np.testing.assert_allclose(targets.mean(), ref_targets.mean(), atol=5 * ref_targets.std() / np.sqrt(len(targets)))
+    np.testing.assert_allclose(targets.std(), ref_targets.std(), rtol=0.03)
+    # the whole law: the largest gap between the two empirical CDFs (Kolmogorov-Smirnov) stays small
+    grid = np.linspace(-1, 1, 401)
+    ks = np.abs(np.searchsorted(np.sort(targets), grid) / len(targets) - np.searchsorted(np.sort(ref_targets), grid) / len(ref_targets)).max()
+    assert ks < 0.02, ks
 
 
 # ---- NO LOOK-AHEAD ----
