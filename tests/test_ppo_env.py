@@ -190,6 +190,13 @@ def test_phase2_parity_with_reference_on_random_episodes():
 
 
 # ---- BACKTEST ----
+SPLIT_END_ROWS = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100),  # t=1: BUY
+                  (100, 101, 99.5, 100.5),                         # entry 100.25, stop 98.25, target 104.25
+                  (100.5, 101.5, 100, 101), (101, 102, 100.5, 101.5),
+                  (101.5, 102, 101, 101.5),                        # the split's last bar (hi = 6): exit 101.5 - 0.25
+                  (150, 150, 150, 150)]                            # after the split: would fill the target
+
+
 def _buy_when_legal(policy_args, key, obs, mask):
     return jnp.where(mask[pt.BUY], pt.BUY, pt.HOLD)
 
@@ -198,11 +205,7 @@ def _buy_when_legal(policy_args, key, obs, mask):
 def test_backtest_closes_the_open_position_at_the_split_end(flatten_at_close):
     """A long still open on the split's last bar is sold at that bar's close minus slippage, with the exit
     commission, whether or not flatten_at_close is on; bars after the split end play no part."""
-    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100),  # t=1: BUY
-            (100, 101, 99.5, 100.5),                         # entry 100.25, stop 98.25, target 104.25
-            (100.5, 101.5, 100, 101), (101, 102, 100.5, 101.5),
-            (101.5, 102, 101, 101.5),                        # the split's last bar (hi = 6): exit 101.5 - 0.25
-            (150, 150, 150, 150)]                            # after the split: would fill the target
+    rows = SPLIT_END_ROWS
     p = ref.default_params(flatten_at_close=flatten_at_close)
     data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
     out = {k: np.asarray(v) for k, v in pt.make_backtest(env_params(p), data)(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
@@ -218,8 +221,7 @@ def test_backtest_closes_the_open_position_at_the_split_end(flatten_at_close):
 def test_backtest_keeps_a_position_through_a_session_end_without_flatten_at_close():
     """flatten_at_close off: the session end at bar 3 closes nothing, the split end at bar 5 does. On: the
     session end closes at bar 3, and no new entry is allowed within no_entry_bars (1) of the split's last bar."""
-    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100), (100, 101, 99.5, 100.5), (100.5, 101.5, 100, 101),
-            (101, 102, 100.5, 101.5), (101.5, 102, 101, 101.5), (150, 150, 150, 150)]
+    rows = SPLIT_END_ROWS
     session_end = [False, False, False, True, False, False, False]
     for flatten, exits in ((False, [np.nan, np.nan, np.nan, 101.25]), (True, [np.nan, 100.75, np.nan, np.nan])):
         data = market_data(ref.make_data_ohlc(rows, session_end=session_end), ref.default_spec(), 1, 6)
@@ -233,8 +235,7 @@ def test_backtest_keeps_a_position_through_a_session_end_without_flatten_at_clos
 def test_backtest_split_end_close_of_a_continuous_position():
     """--action-space continuous, 2 contracts held to the split's last bar: both sold at its close minus
     slippage; (101.25 - 100.25) x 50 x 2 - 4 commissions of 2 = 92."""
-    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100), (100, 101, 99.5, 100.5), (100.5, 101.5, 100, 101),
-            (101, 102, 100.5, 101.5), (101.5, 102, 101, 101.5), (150, 150, 150, 150)]
+    rows = SPLIT_END_ROWS
     params = env_params(ref.default_params(flatten_at_close=False)).replace(action_space="continuous", max_contracts=2)
     data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
     out = {k: np.asarray(v) for k, v in pt.make_backtest(params, data)(lambda *a: jnp.float32(1.0), None, 0, jax.random.PRNGKey(0)).items()}
@@ -248,8 +249,7 @@ def test_backtest_breach_caused_by_the_split_end_close_is_reported():
     """Marked to market the account ends at +60.5 (peak); the split-end close's slippage and commission
     take it to +46, at or below peak - dd_limit (60.5 - 14 = 46.5): a breach on the last bar, in the
     backtest's output and in the report."""
-    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100), (100, 101, 99.5, 100.5), (100.5, 101.5, 100, 101),
-            (101, 102, 100.5, 101.5), (101.5, 102, 101, 101.5), (150, 150, 150, 150)]
+    rows = SPLIT_END_ROWS
     p = ref.default_params(dd_limit=14.0)
     data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
     bt = pt.make_backtest(env_params(p), data)
