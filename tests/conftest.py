@@ -60,6 +60,7 @@ def assert_divergence_stops_and_keeps_the_last_good_checkpoint(script: str, flag
     and of a fresh run from its first chunk (whose checkpoint is then the state before training)."""
     import json
 
+    import jax
     import numpy as np
     from flax.serialization import msgpack_restore
 
@@ -81,9 +82,5 @@ def assert_divergence_stops_and_keeps_the_last_good_checkpoint(script: str, flag
     assert r.returncode == 1 and last.startswith("error: NaN/inf") and "chunk 1" in last, r.stderr[-2000:]
     payload = msgpack_restore((out / "div0" / "checkpoint.msgpack").read_bytes())
     assert json.loads(payload["extra"])["chunk"] == 0
-    leaves = []
-    stack = [payload["runner"]]
-    while stack:
-        x = stack.pop()
-        stack.extend(x.values()) if isinstance(x, dict) else leaves.append(np.asarray(x))
-    assert leaves and all(np.isfinite(x).all() for x in leaves if x.dtype.kind == "f")
+    floats = [x for x in map(np.asarray, jax.tree.leaves(payload["runner"])) if x.dtype.kind == "f"]
+    assert floats and all(np.isfinite(x).all() for x in floats)
