@@ -154,7 +154,7 @@ class Args:
     chunk_generations: int = 1
     """generations per jitted lax.scan chunk (the host logs and checkpoints between chunks)"""
     eval_every: int = 2
-    """generations between validation runs of the champion"""
+    """generations between validation runs of the champion and the TD3 learner's actor"""
     stop_after: Optional[int] = None
     """stop after this many chunks (as if interrupted) and save a checkpoint; continue with --resume"""
     resume: Optional[str] = None

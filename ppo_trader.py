@@ -84,7 +84,7 @@ class Args:
     hidden: int = 128
     """units per hidden layer (two layers, tanh) of actor and critic"""
     train_end: str = "0.7"
-    """end of the training split: a date (YYYY-MM-DD, exclusive) or a fraction of each market's bars"""
+    """end of the training split: a date (YYYY-MM-DD, exclusive) or a fraction of all markets' bars on one common timeline (one cut for every market)"""
     val_end: str = "0.85"
     """end of the validation split (the test split is the rest); one window of bars is embargoed between splits"""
     market_weights: Optional[tuple[float, ...]] = None
