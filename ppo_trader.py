@@ -1131,7 +1131,7 @@ def make_backtest(env_params: EnvParams, data: MarketData):
     so evaluating new parameters does not recompile.
 
     No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
-    drawdown breach the account stops trading and stays flat to the end of the split (`trading` false).
+    drawdown breach the account stops trading and stays flat to the end of the split.
     The split's last bar acts as a session end, with or without `flatten_at_close`: a position still open is
     closed at its close (slippage, commission), so the last equity is realised and every trade is closed, and
     no entry is allowed in the `no_entry_bars` before it (an entry there could only be closed at once).
@@ -1162,7 +1162,7 @@ def make_backtest(env_params: EnvParams, data: MarketData):
             nxt, reward, term, info = step_core(state, action, bt_params, bt_data)
             nxt = jax.tree.map(lambda a, b: jnp.where(live, a, b), nxt, state)
             nxt = nxt.replace(t=jnp.where(in_split, state.t + 1, state.t))  # after a breach the clock runs on, flat
-            out = dict(t=nxt.t, live=in_split, trading=live, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0),
+            out = dict(t=nxt.t, live=in_split, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0),
                        entry_price=jnp.where(live, info["entry_price"], jnp.nan), exit_price=jnp.where(live, info["exit_price"], jnp.nan),
                        exit_dir=jnp.where(live, info["exit_dir"], 0), trade_pnl=jnp.where(live, info["trade_pnl"], 0.0), action=action,
                        breach=live & term)
