@@ -161,6 +161,9 @@ def write_results(listed: list, out: Path, dry_run: bool, total_s: float) -> Pat
         if points:
             axis.plot(*zip(*points), marker="o")
         axis.set(xscale="log", yscale="log", xlabel=group.split(", ")[1], ylabel="env steps/s", title=group)
+        sizes = [s.x for s in listed if s.group == group]
+        axis.set_xticks(sizes, [f"{x:,.0f}" for x in sizes])
+        axis.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
     figure.suptitle(description, fontsize=8)
     figure.tight_layout()
     figure.savefig(out / f"{name}.png", dpi=100)
