@@ -48,6 +48,7 @@ def test_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     oracles = {th: oracle_policy(th, 8, F) for th in (0.0, 0.25, 0.5, 1.0, 1.5)}
     best = max(oracles, key=lambda th: split_return(val_bt, oracles[th]))
     oracle_test = split_return(test_bt, oracles[best])
+    print(f"PPO greedy {ppo_test:+.0f} ({ppo_test / oracle_test:.0%} of the oracle)  oracle {oracle_test:+.0f}  random {random_test:+.0f}")
 
     assert oracle_test > 5_000, oracle_test  # the planted signal is worth trading after costs
     assert ppo_test >= 0.8 * oracle_test, (ppo_test, oracle_test)
