@@ -208,14 +208,14 @@ def test_backtest_closes_the_open_position_at_the_split_end(flatten_at_close):
     rows = SPLIT_END_ROWS
     p = ref.default_params(flatten_at_close=flatten_at_close)
     data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
-    out = {k: np.asarray(v) for k, v in pt.make_backtest(env_params(p), data)(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
-    live = out["live"]
-    np.testing.assert_array_equal(out["t"][live], [2, 3, 4, 5])
-    np.testing.assert_array_equal(out["dir"][live], [1, 1, 1, 0])
-    np.testing.assert_allclose(out["exit_price"][live], [np.nan, np.nan, np.nan, 101.25])
+    out = pt.play_one(pt.make_backtest(env_params(p), data), _buy_when_legal, None, 0, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(out["t"], [2, 3, 4, 5])
+    np.testing.assert_array_equal(out["dir"], [1, 1, 1, 0])
+    np.testing.assert_allclose(out["closed_price"][:, 1], [np.nan, np.nan, np.nan, 101.25])
+    assert np.isnan(out["closed_price"][:, 0]).all()  # discrete actions never close at the open
     # (101.25 - 100.25) x 50 - 2 x 2 commissions = 46, realised: the last equity holds no open position
-    np.testing.assert_allclose(out["trade_pnl"][live], [0, 0, 0, 46.0])
-    np.testing.assert_allclose(out["equity"][live], [-2 + 0.25 * 50, -2 + 0.75 * 50, -2 + 1.25 * 50, 46.0])
+    np.testing.assert_allclose(out["closed_round_trip"][:, 1], [0, 0, 0, 46.0])
+    np.testing.assert_allclose(out["equity"], [-2 + 0.25 * 50, -2 + 0.75 * 50, -2 + 1.25 * 50, 46.0])
 
 
 def test_backtest_keeps_a_position_through_a_session_end_without_flatten_at_close():
@@ -226,10 +226,10 @@ def test_backtest_keeps_a_position_through_a_session_end_without_flatten_at_clos
     for flatten, exits in ((False, [np.nan, np.nan, np.nan, 101.25]), (True, [np.nan, 100.75, np.nan, np.nan])):
         data = market_data(ref.make_data_ohlc(rows, session_end=session_end), ref.default_spec(), 1, 6)
         bt = pt.make_backtest(env_params(ref.default_params(flatten_at_close=flatten)), data)
-        out = {k: np.asarray(v) for k, v in bt(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
+        out = pt.play_one(bt, _buy_when_legal, None, 0, jax.random.PRNGKey(0))
         # flatten on: closed at bar 3 (101 - 0.25); BUY at t=4 (1 bar before the split's last) is illegal
-        np.testing.assert_allclose(out["exit_price"][out["live"]], exits)
-        np.testing.assert_array_equal(np.isfinite(out["entry_price"][out["live"]]), [True, False, False, False])
+        np.testing.assert_allclose(out["closed_price"][:, 1], exits)
+        np.testing.assert_array_equal(np.isfinite(out["entry_price"]), [True, False, False, False])
 
 
 def test_backtest_split_end_close_of_a_continuous_position():
@@ -238,11 +238,10 @@ def test_backtest_split_end_close_of_a_continuous_position():
     rows = SPLIT_END_ROWS
     params = env_params(ref.default_params(flatten_at_close=False)).replace(action_space="continuous", max_contracts=2)
     data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
-    out = {k: np.asarray(v) for k, v in pt.make_backtest(params, data)(lambda *a: jnp.float32(1.0), None, 0, jax.random.PRNGKey(0)).items()}
-    live = out["live"]
-    np.testing.assert_allclose(out["exit_price"][live], [np.nan, np.nan, np.nan, 101.25])
-    np.testing.assert_allclose(out["trade_pnl"][live], [0, 0, 0, 92.0])
-    np.testing.assert_allclose(out["equity"][live][-1], 92.0)
+    out = pt.play_one(pt.make_backtest(params, data), lambda *a: jnp.float32(1.0), None, 0, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(out["closed_price"][:, 1], [np.nan, np.nan, np.nan, 101.25])
+    np.testing.assert_allclose(out["closed_round_trip"].sum(1), [0, 0, 0, 92.0])
+    np.testing.assert_allclose(out["equity"][-1], 92.0)
 
 
 def test_backtest_breach_caused_by_the_split_end_close_is_reported():
@@ -253,10 +252,9 @@ def test_backtest_breach_caused_by_the_split_end_close_is_reported():
     p = ref.default_params(dd_limit=14.0)
     data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
     bt = pt.make_backtest(env_params(p), data)
-    out = {k: np.asarray(v) for k, v in bt(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
-    live = out["live"]
-    np.testing.assert_allclose(out["equity"][live], [10.5, 35.5, 60.5, 46.0])
-    np.testing.assert_array_equal(out["breach"][live], [False, False, False, True])
+    out = pt.play_one(bt, _buy_when_legal, None, 0, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(out["equity"], [10.5, 35.5, 60.5, 46.0])
+    np.testing.assert_array_equal(out["breach"], [False, False, False, True])
     info = dict(markets=["X"], bounds=[{"test": (0, 6)}], timestamps=[np.arange(7, dtype=np.int64) * 3_600_000_000_000])
     report, _ = pt.backtest_report(bt, data, info, "test", env_params(p), {"policy": (_buy_when_legal, None)}, 0)
     assert report["X"]["policy"]["breached"] is True and report["X"]["policy"]["trades"] == 1
