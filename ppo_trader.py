@@ -692,16 +692,16 @@ class ActorCritic(nn.Module):
     def __call__(self, x):
         ortho = nn.initializers.orthogonal
         a = x
-        for _ in range(2):
-            a = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros)(a))
-        logits = nn.Dense(self.num_actions, kernel_init=ortho(0.01), bias_init=nn.initializers.zeros)(a)
+        for i in range(2):
+            a = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros, name=f"actor_hidden_{i}")(a))
+        logits = nn.Dense(self.num_actions, kernel_init=ortho(0.01), bias_init=nn.initializers.zeros, name="policy_head")(a)
         if self.continuous:
             log_std = self.param("log_std", nn.initializers.zeros, (1,))
             logits = jnp.concatenate([logits, jnp.broadcast_to(log_std, logits.shape)], axis=-1)
         v = x
-        for _ in range(2):
-            v = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros)(v))
-        value = nn.Dense(1, kernel_init=ortho(1.0), bias_init=nn.initializers.zeros)(v)
+        for i in range(2):
+            v = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros, name=f"critic_hidden_{i}")(v))
+        value = nn.Dense(1, kernel_init=ortho(1.0), bias_init=nn.initializers.zeros, name="value_head")(v)
         return logits, jnp.squeeze(value, -1)
 
 
@@ -739,6 +739,7 @@ class Transition(NamedTuple):
     truncated: jax.Array
     final_value: jax.Array  # V(final obs), used only where truncated
     mask: jax.Array
+    choice: jax.Array  # the action could change anything (discrete: more than one legal action; continuous: see `has_choice`)
 
 
 @struct.dataclass
@@ -793,23 +794,24 @@ def compute_gae(traj: Transition, last_value: jax.Array, gamma: float, lam: floa
 def grow_params(fresh, phase1, new_action_mass: float):
     """Phase 2 network params from a phase 1 network's (`fresh`: a phase 2 init, same hidden size).
 
-    Every phase 1 weight is copied. The first layers of actor and critic get zero weights for the new
+    Layers are found by name. Every phase 1 weight is copied. The first layers of actor and critic get zero weights for the new
     observation entries (the break-even and trailing flags), so the phase 1 features drive the network
     exactly as before. The policy head grows from 3 to 6 logits: the first 3 copied; each new one is
     HOLD's logit + log(new_action_mass) + the fresh init's small (orthogonal, scale 0.01) logit, so a new
     action starts with about `new_action_mass` times HOLD's probability in every state.
     """
 
-    def grow(new, old):
-        if new.shape == old.shape:
-            return old
-        if new.ndim == 2 and new.shape[1] == old.shape[1]:  # first layer: rows for the new observation entries
-            return new.at[: old.shape[0]].set(old).at[old.shape[0]:].set(0.0)
-        if new.ndim == 2:  # policy head kernel [hidden, 6]
-            return jnp.concatenate([old, old[:, HOLD:HOLD + 1] + new[:, old.shape[1]:]], axis=1)
-        return jnp.concatenate([old, jnp.full(new.shape[0] - old.shape[0], old[HOLD] + math.log(new_action_mass))])  # head bias
-
-    return jax.tree.map(grow, fresh, phase1)
+    old, new = phase1["params"], fresh["params"]
+    grown = dict(old)
+    for layer in ("actor_hidden_0", "critic_hidden_0"):  # rows for the new observation entries
+        rows = old[layer]["kernel"].shape[0]
+        grown[layer] = dict(old[layer], kernel=new[layer]["kernel"].at[:rows].set(old[layer]["kernel"]).at[rows:].set(0.0))
+    kernel, bias = old["policy_head"]["kernel"], old["policy_head"]["bias"]
+    n_old, n_new = kernel.shape[1], new["policy_head"]["kernel"].shape[1]
+    grown["policy_head"] = dict(
+        kernel=jnp.concatenate([kernel, kernel[:, HOLD:HOLD + 1] + new["policy_head"]["kernel"][:, n_old:]], axis=1),
+        bias=jnp.concatenate([bias, jnp.full(n_new - n_old, bias[HOLD] + math.log(new_action_mass))]))
+    return {"params": grown}
 
 
 def grow_norm(norm: ObsNorm, obs_dim: int) -> ObsNorm:
@@ -835,8 +837,104 @@ def curriculum_in_force(args: Args, env_params: EnvParams, data: MarketData, pro
             dict(dd_limit=dd_limit, commission_scale=commission_scale))
 
 
+def has_choice(state: EnvState, mask: jax.Array, params: EnvParams, data: MarketData) -> jax.Array:
+    """The action could change anything: discrete, more than one legal action; continuous, a position is open or
+    new exposure is allowed (flat outside RTH the target is clamped to 0 whatever the policy draws)."""
+    if params.action_space == "continuous":
+        return (state.dir != 0) | can_add(state, params, data)
+    return mask.sum() > 1
+
+
+def policy_action(network: ActorCritic, params, obs: jax.Array, mask: jax.Array, key: jax.Array):
+    """A sampled action of the policy: (action stored for the loss, its log-prob, the env's action, V(obs)).
+    Continuous: the stored action is the pre-squash Gaussian sample, the env gets its tanh."""
+    logits, value = network.apply(params, obs)
+    if network.continuous:
+        pi = squashed_gaussian(logits)
+        action = pi.distribution.sample(seed=key)
+        return action, squashed_log_prob(pi, action), jnp.tanh(action), value
+    pi = masked_policy(logits, mask)
+    action = pi.sample(seed=key)
+    return action, pi.log_prob(action), action, value
+
+
+def evaluate_actions(network: ActorCritic, params, obs: jax.Array, action: jax.Array, mask: jax.Array):
+    """(log-prob of stored actions, entropy, value) under `params`; continuous: the pre-squash Gaussian's entropy
+    (the squashed one has no closed form)."""
+    logits, value = network.apply(params, obs)
+    if network.continuous:
+        pi = squashed_gaussian(logits)
+        return squashed_log_prob(pi, action), pi.distribution.entropy(), value
+    pi = masked_policy(logits, mask)
+    return pi.log_prob(action), pi.entropy(), value
+
+
+class EpisodeStats(NamedTuple):
+    """Sums over the episodes that ended in one env step (all envs); the market_ fields are [M] arrays."""
+
+    returns: jax.Array
+    lengths: jax.Array
+    episodes: jax.Array
+    breaches: jax.Array
+    market_episodes: jax.Array
+    market_returns: jax.Array
+    market_lengths: jax.Array
+    market_breaches: jax.Array
+
+
+def episode_stats(done, terminated, info: dict, num_markets: int) -> EpisodeStats:
+    ended = jax.nn.one_hot(info["market"], num_markets) * done[:, None]  # [N, M]: the market of each episode that ended
+    return EpisodeStats(returns=jnp.sum(done * info["episode_return"]), lengths=jnp.sum(done * info["episode_length"]), episodes=jnp.sum(done),
+                        breaches=jnp.sum(terminated), market_episodes=ended.sum(0), market_returns=(ended * info["episode_return"][:, None]).sum(0),
+                        market_lengths=(ended * info["episode_length"][:, None]).sum(0), market_breaches=(ended * terminated[:, None]).sum(0))
+
+
+def rollout_step(network: ActorCritic, env_params: EnvParams, data: MarketData, runner, _):
+    """One vmapped env step of every env with the policy sampling; returns (runner, (Transition, EpisodeStats, raw obs))."""
+    train_state, env_state, last_obs, norm, rng, update = runner
+    num_envs = last_obs.shape[0]
+    rng, k_act, k_env = jax.random.split(rng, 3)
+    mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params, data)
+    choice = jax.vmap(has_choice, in_axes=(0, 0, None, None))(env_state, mask, env_params, data)
+    obs_n = norm(last_obs)
+    action, log_prob, env_action, value = policy_action(network, train_state.params, obs_n, mask, k_act)
+    obs, env_state, reward, term, trunc, info = jax.vmap(step, in_axes=(0, 0, 0, None, None))(
+        jax.random.split(k_env, num_envs), env_state, env_action, env_params, data)
+    _, final_value = network.apply(train_state.params, norm(info["final_obs"]))
+    transition = Transition(obs_n, action, log_prob, value, reward, term, trunc, final_value, mask, choice)
+    stats = episode_stats(term | trunc, term, info, data.market_weights.shape[0])
+    return RunnerState(train_state, env_state, obs, norm, rng, update), (transition, stats, obs)
+
+
+def masked_mean(x: jax.Array, where: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(where, x, 0.0)) / jnp.maximum(jnp.sum(where), 1)
+
+
+def ppo_loss(params, network: ActorCritic, args: Args, tr: Transition, advantages: jax.Array, targets: jax.Array):
+    """Clipped PPO loss of a minibatch; returns (loss, (policy loss, value loss, entropy, approx_kl, clipfrac)).
+
+    The policy loss is the mean over all samples of the clipped surrogate where the action could change anything
+    (`Transition.choice`), 0 elsewhere: a forced HOLD contributes no gradient anyway, and a continuous target clamped
+    to 0 outside RTH would otherwise add the noise of an action without effect. The logged entropy, approx_kl and
+    clipfrac are means over the samples with a choice."""
+    log_prob, entropy, value = evaluate_actions(network, params, tr.obs, tr.action, tr.mask)
+    logratio = log_prob - tr.log_prob
+    ratio = jnp.exp(logratio)
+    adv = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    surrogate = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef))
+    pg_loss = jnp.where(tr.choice, surrogate, 0.0).mean()
+    v_loss_unclipped = (value - targets) ** 2
+    v_clipped = tr.value + jnp.clip(value - tr.value, -args.clip_coef, args.clip_coef)
+    v_loss = 0.5 * (jnp.maximum(v_loss_unclipped, (v_clipped - targets) ** 2) if args.clip_vloss else v_loss_unclipped).mean()
+    loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
+    approx_kl = masked_mean((ratio - 1) - logratio, tr.choice)
+    clipfrac = masked_mean((jnp.abs(ratio - 1) > args.clip_coef).astype(jnp.float32), tr.choice)
+    return loss, (pg_loss, v_loss, masked_mean(entropy, tr.choice), approx_kl, clipfrac)
+
+
 def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None, transfer: Optional[tuple] = None):
-    """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics)).
+    """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics), number of
+    updates, network).
 
     With a `mesh` (axes "seed", "env"), every minibatch is split over the "env" devices: each computes the
     loss on its share and XLA sums the gradients across them (the same gradient as on one device).
@@ -844,9 +942,7 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
     num_updates = math.ceil(args.total_timesteps / (args.num_envs * args.num_steps) / args.chunk_updates) * args.chunk_updates
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
     network = make_network(args)
-    continuous = args.action_space == "continuous"
     obs_dim = obs_size(args.window, data.features.shape[-1], args.phase)
-    num_markets = data.market_weights.shape[0]
 
     def in_force(update):
         """(env_params, data, curriculum values) for this update: the real ones unless --curriculum (then traced)."""
@@ -868,7 +964,9 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
         params0, data0, _ = in_force(jnp.int32(0))
         obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), params0, data0)
-        norm = ObsNorm.create(obs_dim).update(obs) if transfer is None else grow_norm(transfer[1], obs_dim)
+        # mean 0, variance 1 until the first rollout's statistics: reset observations alone (flat accounts) would give
+        # the position features a variance near 0 and blow any open position up to the clip
+        norm = ObsNorm.create(obs_dim) if transfer is None else grow_norm(transfer[1], obs_dim)
         return RunnerState(train_state, env_state, obs, norm, rng, jnp.int32(0))
 
     def _update_step(runner: RunnerState, _):
@@ -876,34 +974,8 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
         env_params_t, data_t, curriculum = in_force(runner.update)
 
         # COLLECT TRAJECTORIES
-        def _env_step(runner: RunnerState, _):
-            train_state, env_state, last_obs, norm, rng, update = runner
-            rng, k_act, k_env = jax.random.split(rng, 3)
-            mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params_t, data_t)
-            obs_n = norm(last_obs)
-            logits, value = network.apply(train_state.params, obs_n)
-            if continuous:
-                pi = squashed_gaussian(logits)
-                action = pi.distribution.sample(seed=k_act)
-                log_prob = squashed_log_prob(pi, action)
-                env_action = jnp.tanh(action)
-            else:
-                pi = masked_policy(logits, mask)
-                action = pi.sample(seed=k_act)
-                log_prob = pi.log_prob(action)
-                env_action = action
-            obs, env_state, reward, term, trunc, info = jax.vmap(step, in_axes=(0, 0, 0, None, None))(
-                jax.random.split(k_env, args.num_envs), env_state, env_action, env_params_t, data_t)
-            _, final_value = network.apply(train_state.params, norm(info["final_obs"]))
-            tr = Transition(obs_n, action, log_prob, value, reward, term, trunc, final_value, mask)
-            done = term | trunc
-            ep = (jnp.sum(done * info["episode_return"]), jnp.sum(done * info["episode_length"]), jnp.sum(done), jnp.sum(term))
-            by_market = jax.nn.one_hot(info["market"], num_markets) * done[:, None]  # [N, M]: the market of each episode that ended
-            ep = ep + (by_market.sum(0), (by_market * info["episode_return"][:, None]).sum(0), (by_market * info["episode_length"][:, None]).sum(0),
-                       (by_market * term[:, None]).sum(0))
-            return RunnerState(train_state, env_state, obs, norm, rng, update), (tr, ep, obs)
-
-        runner, (traj, ep, raw_obs) = jax.lax.scan(_env_step, runner, None, args.num_steps)
+        collect = functools.partial(rollout_step, network, env_params_t, data_t)
+        runner, (traj, stats, raw_obs) = jax.lax.scan(collect, runner, None, args.num_steps)
         train_state, env_state, last_obs, norm, rng, update = runner
 
         # CALCULATE ADVANTAGE
@@ -922,33 +994,7 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
                 tr, adv, tgt = jax.tree.map(lambda x: jnp.take(x, mb_idx, axis=0), batch)
                 if mesh is not None:  # the shuffle is global (same minibatches as on one device); each device then works on its part
                     tr, adv, tgt = jax.lax.with_sharding_constraint((tr, adv, tgt), NamedSharding(mesh, P("env")))
-
-                def _loss(params):
-                    logits, value = network.apply(params, tr.obs)
-                    if continuous:
-                        pi = squashed_gaussian(logits)
-                        log_prob = squashed_log_prob(pi, tr.action)
-                    else:
-                        pi = masked_policy(logits, tr.mask)
-                        log_prob = pi.log_prob(tr.action)
-                    logratio = log_prob - tr.log_prob
-                    ratio = jnp.exp(logratio)
-                    mb_adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                    pg_loss1 = -mb_adv * ratio
-                    pg_loss2 = -mb_adv * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                    pg_loss = jnp.maximum(pg_loss1, pg_loss2).mean()
-                    v_loss_unclipped = (value - tgt) ** 2
-                    v_clipped = tr.value + jnp.clip(value - tr.value, -args.clip_coef, args.clip_coef)
-                    v_loss_clipped = (v_clipped - tgt) ** 2
-                    v_loss = 0.5 * (jnp.maximum(v_loss_unclipped, v_loss_clipped) if args.clip_vloss else v_loss_unclipped).mean()
-                    # continuous: the pre-squash Gaussian's entropy (the squashed one has no closed form)
-                    entropy = (pi.distribution.entropy() if continuous else pi.entropy()).mean()
-                    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
-                    return loss, (pg_loss, v_loss, entropy, approx_kl, clipfrac)
-
-                grads, aux = jax.grad(_loss, has_aux=True)(train_state.params)
+                grads, aux = jax.grad(ppo_loss, has_aux=True)(train_state.params, network, args, tr, adv, tgt)
                 return train_state.apply_gradients(grads=grads), aux
 
             train_state, aux = jax.lax.scan(_update_minibatch, train_state, perm.reshape(args.num_minibatches, minibatch))
@@ -956,13 +1002,15 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
 
         (train_state, rng), aux = jax.lax.scan(_update_epoch, (train_state, rng), None, args.update_epochs)
         norm = norm.update(raw_obs.reshape(-1, raw_obs.shape[-1]))
-        ep_ret, ep_len, n_done, n_term, m_done, m_ret, m_len, m_term = (x.sum(0) for x in ep)
+        totals = jax.tree.map(lambda x: x.sum(0), stats)
         metrics = dict(
-            episodic_return=ep_ret / jnp.maximum(n_done, 1), episodic_length=ep_len / jnp.maximum(n_done, 1), episodes=n_done, breaches=n_term,
+            episodic_return=totals.returns / jnp.maximum(totals.episodes, 1), episodic_length=totals.lengths / jnp.maximum(totals.episodes, 1),
+            episodes=totals.episodes, breaches=totals.breaches,
             policy_loss=aux[0].mean(), value_loss=aux[1].mean(), entropy=aux[2].mean(), approx_kl=aux[3].mean(), clipfrac=aux[4].mean(),
             learning_rate=args.learning_rate * (1.0 - update / num_updates if args.anneal_lr else 1.0),
             explained_variance=1 - jnp.var(targets - traj.value) / (jnp.var(targets) + 1e-8),
-            market_episodes=m_done, market_return_sum=m_ret, market_length_sum=m_len, market_breaches=m_term,  # [M] each
+            market_episodes=totals.market_episodes, market_return_sum=totals.market_returns, market_length_sum=totals.market_lengths,
+            market_breaches=totals.market_breaches,  # [M] each
             **{f"curriculum_{k}": v for k, v in curriculum.items()},
         )
         return RunnerState(train_state, env_state, last_obs, norm, rng, update + 1), metrics

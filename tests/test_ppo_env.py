@@ -279,7 +279,7 @@ def test_sampled_backtest_policy_draws_legal_actions_with_the_policy_probabiliti
 
     cnet = pt.ActorCritic(1, 16, continuous=True)
     cparams = cnet.init(jax.random.PRNGKey(0), obs)
-    cparams["params"]["Dense_2"]["bias"] = jnp.array([0.8])  # mean about 0.8, std exp(-0.7): an asymmetric, narrow target law
+    cparams["params"]["policy_head"]["bias"] = jnp.array([0.8])  # mean about 0.8, std exp(-0.7): an asymmetric, narrow target law
     cparams["params"]["log_std"] = jnp.array([-0.7])
     targets = np.asarray(jax.vmap(pt.sampled_policy(cnet), in_axes=(None, 0, None, None))((cparams, norm), keys, obs, mask), np.float64)
     mean, log_std = np.asarray(cnet.apply(cparams, obs)[0], np.float64)
@@ -395,7 +395,8 @@ def test_gae_scan_matches_python_loop():
     last_value = rng.normal(size=N)
     traj = pt.Transition(obs=jnp.zeros((T, N, 1)), action=jnp.zeros((T, N), jnp.int32), log_prob=jnp.zeros((T, N)), value=jnp.asarray(value, jnp.float32),
                          reward=jnp.asarray(reward, jnp.float32), terminated=jnp.asarray(term), truncated=jnp.asarray(trunc),
-                         final_value=jnp.asarray(final_value, jnp.float32), mask=jnp.ones((T, N, 3), bool))
+                         final_value=jnp.asarray(final_value, jnp.float32), mask=jnp.ones((T, N, 3), bool),
+                         choice=jnp.ones((T, N), bool))
     adv, targets = pt.compute_gae(traj, jnp.asarray(last_value, jnp.float32), 0.99, 0.95)
     expect = np.stack([gae_loop(reward[:, i], value[:, i], term[:, i], trunc[:, i], final_value[:, i], last_value[i], 0.99, 0.95) for i in range(N)], 1)
     np.testing.assert_allclose(np.asarray(adv), expect, rtol=1e-4, atol=1e-5)
@@ -414,7 +415,7 @@ def test_init_from_keeps_phase1_probabilities(tmp_path):
     p1, p2 = pt.env_params_from_args(args1), pt.env_params_from_args(pt.Args(window=4, phase=2))
     net1 = pt.ActorCritic(3, 32)
     params1 = net1.init(jax.random.PRNGKey(0), jnp.zeros(pt.obs_size(4, F, 1)))
-    params1 = jax.tree_util.tree_map_with_path(lambda path, x: x * 150.0 if "Dense_2" in str(path) else x, params1)  # logits of a few units
+    params1 = jax.tree_util.tree_map_with_path(lambda path, x: x * 150.0 if "policy_head" in str(path) else x, params1)  # logits of a few units
     # a phase 1 normaliser fitted on random-play observations
     obs, states = jax.vmap(pt.reset, in_axes=(0, None, None))(jax.random.split(jax.random.PRNGKey(1), 256), p1, data)
 
