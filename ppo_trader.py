@@ -964,10 +964,25 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
         params0, data0, _ = in_force(jnp.int32(0))
         obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), params0, data0)
-        # mean 0, variance 1 until the first rollout's statistics: reset observations alone (flat accounts) would give
-        # the position features a variance near 0 and blow any open position up to the clip
-        norm = ObsNorm.create(obs_dim) if transfer is None else grow_norm(transfer[1], obs_dim)
+        # statistics of a random-policy rollout, positions included: reset observations alone (flat accounts) would give
+        # the position features a variance near 0 and blow any open position up to the clip in the first rollout
+        norm = warm_up_norm(obs, env_state, params0, data0, jax.random.fold_in(k_env, 1)) if transfer is None else grow_norm(transfer[1], obs_dim)
         return RunnerState(train_state, env_state, obs, norm, rng, jnp.int32(0))
+
+    def warm_up_norm(obs, env_state, params0: EnvParams, data0: MarketData, key) -> ObsNorm:
+        """An observation normaliser fitted on `num_steps` steps of uniformly random legal actions from the reset states."""
+        random_action = random_target_policy if args.action_space == "continuous" else random_policy
+
+        def play(carry, k):
+            obs, states = carry
+            k_act, k_env = jax.random.split(k)
+            mask = jax.vmap(legal_mask, in_axes=(0, None, None))(states, params0, data0)
+            action = jax.vmap(random_action, in_axes=(None, 0, 0, 0))(None, jax.random.split(k_act, args.num_envs), obs, mask)
+            obs, states, *_ = jax.vmap(step, in_axes=(0, 0, 0, None, None))(jax.random.split(k_env, args.num_envs), states, action, params0, data0)
+            return (obs, states), obs
+
+        _, played = jax.lax.scan(play, (obs, env_state), jax.random.split(key, args.num_steps))
+        return ObsNorm.create(obs_dim).update(jnp.concatenate([obs, played.reshape(-1, obs_dim)]))
 
     def _update_step(runner: RunnerState, _):
         # CURRICULUM: the env rules in force are computed from the update counter (no recompilation)
