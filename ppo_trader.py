@@ -3,7 +3,8 @@
     python ppo_trader.py                                   # EURUSD 1h sample, a few minutes on a 2-core CPU
     python ppo_trader.py --num-envs 4096 --num-steps 64    # GPU-sized
     python ppo_trader.py --eval-only --checkpoint runs/NAME/best.msgpack
-    python ppo_trader.py --run-name p1 && python ppo_trader.py --phase 2 --init-from runs/p1/best.msgpack   # phase 2 from phase 1
+    python ppo_trader.py --run-name p1                                       # phase 1, then phase 2 from it:
+    python ppo_trader.py --phase 2 --init-from runs/p1/best.msgpack
     python ppo_trader.py --action-space continuous --max-contracts 3  # target positions instead of BUY/SELL
 
 The file reads top to bottom as the data flows: args, data arrays, env (gymnax style: pure `reset` and
@@ -84,11 +85,13 @@ class Args:
     hidden: int = 128
     """units per hidden layer (two layers, tanh) of actor and critic"""
     train_end: str = "0.7"
-    """end of the training split: a date (YYYY-MM-DD, exclusive) or a fraction of all markets' bars on one common timeline (one cut for every market)"""
+    """end of the training split: a date (YYYY-MM-DD, exclusive) or a fraction of all markets' bars on one common
+    timeline (one cut for every market)"""
     val_end: str = "0.85"
     """end of the validation split (the test split is the rest); one window of bars is embargoed between splits"""
     market_weights: Optional[tuple[float, ...]] = None
-    """probability of drawing each market at an episode's reset, one number per market of --data (normalised to sum 1; default: in proportion to each market's training bars)"""
+    """probability of drawing each market at an episode's reset, one number per market of --data (normalised to sum 1;
+    default: in proportion to each market's training bars)"""
     window: int = 16
     """bars of market features in an observation"""
     contracts: int = 1
@@ -116,7 +119,8 @@ class Args:
     flatten_at_close: bool = True
     """close any position at the session end's close"""
     action_space: str = "discrete"
-    """discrete: the actions of --phase; continuous (phase 1 only): a target position in [-1, 1] x --max-contracts (squashed Gaussian), rounded to whole contracts"""
+    """discrete: the actions of --phase; continuous (phase 1 only): a target position in [-1, 1] x --max-contracts
+    (squashed Gaussian), rounded to whole contracts"""
     max_contracts: int = 1
     """--action-space continuous: the largest position, in contracts (the policy's +-1)"""
     phase: int = 1
@@ -124,11 +128,13 @@ class Args:
     trail_atr_mult: float = 1.0
     """phase 2: a trailing stop sits this many ATR (of the decision bar) behind the best price since entry"""
     init_from: Optional[str] = None
-    """phase 2: start from this phase 1 policy (runs/NAME/best.msgpack or final.msgpack): weights, grown policy head, obs normaliser"""
+    """phase 2: start from this phase 1 policy (runs/NAME/best.msgpack or final.msgpack): weights, grown policy head,
+    obs normaliser"""
     new_action_mass: float = 0.01
     """with --init-from: each new action starts with about this probability relative to HOLD"""
     curriculum: bool = False
-    """ease the rules at the start of training: dd limit and commission move linearly from the start values below to the real ones"""
+    """ease the rules at the start of training: dd limit and commission move linearly from the start values below to
+    the real ones"""
     curriculum_dd_start: Optional[float] = None
     """--curriculum: trailing drawdown limit at the start of training (default: 2 x --dd-limit)"""
     curriculum_commission_start: float = 0.0
@@ -202,7 +208,8 @@ def split_time(text: str, all_ts: np.ndarray, flag: str) -> int:
     try:
         return int(np.datetime64(text, "ns").astype(np.int64))
     except ValueError:
-        raise DataError(f"{flag} '{text}' is neither a fraction in (0, 1) nor a date YYYY-MM-DD. Fix: e.g. {flag} 2017-09-01") from None
+        raise DataError(f"{flag} '{text}' is neither a fraction in (0, 1) nor a date YYYY-MM-DD. "
+                        f"Fix: e.g. {flag} 2017-09-01") from None
 
 
 def scheduled_closes(ts: np.ndarray, rth: np.ndarray, rth_window: str, tz: str, rollover: str) -> np.ndarray:
@@ -215,7 +222,8 @@ def scheduled_closes(ts: np.ndarray, rth: np.ndarray, rth_window: str, tz: str, 
     end = (rollover if rth_window == "none" else rth_window.split("-")[1]).split(":")
     end_offset = pd.Timedelta(hours=int(end[0]), minutes=int(end[1]))
     # a 24 h session belongs to the day of the rollover that ends it
-    session_day = (local + (pd.Timedelta(days=1) - end_offset) if rth_window == "none" else local).normalize().tz_localize(None)
+    session_day = local + (pd.Timedelta(days=1) - end_offset) if rth_window == "none" else local
+    session_day = session_day.normalize().tz_localize(None)
     closes = (pd.DatetimeIndex(np.unique(session_day.to_numpy())) + end_offset).tz_localize(tz).tz_convert("UTC")
     return np.sort(closes.as_unit("ns").asi8)
 
@@ -239,9 +247,11 @@ def market_weights(args: Args, names: list, bounds: list, path: Path) -> np.ndar
         return (lens / lens.sum()).astype(np.float32)
     w = np.asarray(args.market_weights, np.float64)
     if len(w) != len(names):
-        raise DataError(f"--market-weights has {len(w)} numbers, {path} holds {len(names)} markets ({' '.join(names)}). Fix: pass one weight per market, in that order")
+        raise DataError(f"--market-weights has {len(w)} numbers, {path} holds {len(names)} markets ({' '.join(names)}). Fix: "
+                        "pass one weight per market, in that order")
     if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-        raise DataError(f"--market-weights {' '.join(map(str, args.market_weights))}: weights must be finite, >= 0 and not all 0. Fix: e.g. --market-weights {' '.join(['1'] * len(names))}")
+        raise DataError(f"--market-weights {' '.join(map(str, args.market_weights))}: weights must be finite, >= 0 and not "
+                        f"all 0. Fix: e.g. --market-weights {' '.join(['1'] * len(names))}")
     return (w / w.sum()).astype(np.float32)
 
 
@@ -262,7 +272,8 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
         raise DataError(f"{path}: not a readable .npz ({type(e).__name__}). Fix: rebuild it with data_prep.py") from None
     meta = json.loads(str(raw.get("meta", "{}")))
     if meta.get("kind") != "intraday":
-        raise DataError(f"{path}: kind is '{meta.get('kind')}', ppo_trader needs intraday bars. Fix: use data_prep.py intraday (or erl_trader.py for daily data)")
+        raise DataError(f"{path}: kind is '{meta.get('kind')}', ppo_trader needs intraday bars. Fix: use data_prep.py "
+                        "intraday (or erl_trader.py for daily data)")
     need = ("timestamps", "open", "high", "low", "close", "atr", "rth", "session_end", "features", "market", "length")
     missing = [k for k in need if k not in raw]
     if missing:
@@ -278,38 +289,47 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
         ts = raw["timestamps"][m][:n]
         spec = specs.get(str(raw["market"][m]), {})
         bar_ns = int(spec.get("bar_seconds", np.median(np.diff(ts)) / 1e9)) * 1_000_000_000
-        closes = scheduled_closes(ts, raw["rth"][m][:n], spec.get("rth", "none"), meta.get("tz", "America/New_York"), meta.get("rollover", "17:00"))
+        closes = scheduled_closes(ts, raw["rth"][m][:n], spec.get("rth", "none"), meta.get("tz", "America/New_York"),
+                                  meta.get("rollover", "17:00"))
         bars[m, :n], hours[m, :n] = calendar_arrays(ts, closes, bar_ns)
         bars[m, n:], hours[m, n:] = T, 24.0
         i1, i2 = (int(np.searchsorted(raw["timestamps"][m][:n], cut)) for cut in (cut1, cut2))
         b = {"train": (0, i1), "val": (i1 + W, i2), "test": (i2 + W, n)}
         for name, (lo, hi) in b.items():
             if hi - lo < W + args.episode_bars // 4 + 1:
-                raise DataError(f"{path}: market {raw['market'][m]} has {max(hi - lo, 0)} bars in the {name} split, fewer than window + a quarter episode ({W + args.episode_bars // 4 + 1}). "
+                raise DataError(f"{path}: market {raw['market'][m]} has {max(hi - lo, 0)} bars in the {name} split, fewer "
+                                f"than window + a quarter episode ({W + args.episode_bars // 4 + 1}). "
                                 "Fix: move --train-end/--val-end, or lower --window/--episode-bars")
         bounds.append(b)
     train_mask = np.zeros((M, T), bool)
     for m, b in enumerate(bounds):
         train_mask[m, : b["train"][1]] = True
     f = raw["features"].astype(np.float64)
-    mu, sd = (f[train_mask].mean(0), f[train_mask].std(0)) if feature_stats is None else (np.asarray(feature_stats[0]), np.asarray(feature_stats[1]))
+    mu, sd = (f[train_mask].mean(0), f[train_mask].std(0)) if feature_stats is None else (np.asarray(feature_stats[0]),
+                                                                                          np.asarray(feature_stats[1]))
     if mu.shape != (f.shape[-1],):
-        raise DataError(f"{path}: {f.shape[-1]} features, the policy was trained on {mu.shape[0]}. Fix: evaluate on data built the same way")
+        raise DataError(f"{path}: {f.shape[-1]} features, the policy was trained on {mu.shape[0]}. Fix: evaluate on data "
+                        "built the same way")
     feats = ((f - mu) / np.where(sd > 1e-12, sd, 1.0)).clip(-10, 10).astype(np.float32)
     names = [str(x) for x in raw["market"]]
     for n in names:
         sp = specs.get(n)
         if sp is None or not (sp["point_value"] > 0 and sp["tick_size"] > 0 and sp["commission"] >= 0):
-            raise DataError(f"{path}: market {n} has no valid spec in meta (point value > 0, tick size > 0, commission >= 0). Fix: rebuild it with data_prep.py and --point-value/--tick-size/--commission")
+            raise DataError(f"{path}: market {n} has no valid spec in meta (point value > 0, tick size > 0, commission >= "
+                            "0). Fix: rebuild it with data_prep.py and --point-value/--tick-size/--commission")
     pv = np.array([specs[n]["point_value"] for n in names], np.float32)
     tick = np.array([specs[n]["tick_size"] for n in names], np.float32)
     comm = np.array([args.commission if args.commission is not None else specs[n]["commission"] for n in names], np.float32)
     weights = market_weights(args, names, bounds, path)
     # the bar arrays go to the device once and are shared by the three splits (which differ in starts and bounds)
-    shared = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
-                  close=jnp.asarray(raw["close"], jnp.float32), atr=jnp.asarray(raw["atr"], jnp.float32), rth=jnp.asarray(raw["rth"]),
-                  session_end=jnp.asarray(raw["session_end"]), bars_to_close=jnp.asarray(bars), hours_to_close=jnp.asarray(hours),
-                  features=jnp.asarray(feats), point_value=jnp.asarray(pv), tick_size=jnp.asarray(tick), commission=jnp.asarray(comm))
+    shared = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32),
+                  low=jnp.asarray(raw["low"], jnp.float32),
+                  close=jnp.asarray(raw["close"], jnp.float32), atr=jnp.asarray(raw["atr"], jnp.float32),
+                  rth=jnp.asarray(raw["rth"]),
+                  session_end=jnp.asarray(raw["session_end"]), bars_to_close=jnp.asarray(bars),
+                  hours_to_close=jnp.asarray(hours),
+                  features=jnp.asarray(feats), point_value=jnp.asarray(pv), tick_size=jnp.asarray(tick),
+                  commission=jnp.asarray(comm))
     out = {}
     for name in ("train", "val", "test"):
         starts = []
@@ -391,10 +411,14 @@ class EnvState:
 
 def env_params_from_args(args: Args) -> EnvParams:
     """EnvParams from the CLI flags."""
-    return EnvParams(window=args.window, episode_bars=args.episode_bars, no_entry_bars=args.no_entry_bars, flatten_at_close=args.flatten_at_close,
-                     contracts=float(args.contracts), sl_atr_mult=args.sl_atr_mult, tp_atr_mult=args.tp_atr_mult, slippage_ticks=args.slippage_ticks,
-                     initial_balance=args.initial_balance, dd_limit=args.dd_limit, dd_lock_offset=args.dd_lock_offset, breach_penalty=args.breach_penalty,
-                     phase=args.phase, trail_atr_mult=args.trail_atr_mult, action_space=args.action_space, max_contracts=args.max_contracts)
+    return EnvParams(window=args.window, episode_bars=args.episode_bars, no_entry_bars=args.no_entry_bars,
+                     flatten_at_close=args.flatten_at_close,
+                     contracts=float(args.contracts), sl_atr_mult=args.sl_atr_mult, tp_atr_mult=args.tp_atr_mult,
+                     slippage_ticks=args.slippage_ticks,
+                     initial_balance=args.initial_balance, dd_limit=args.dd_limit, dd_lock_offset=args.dd_lock_offset,
+                     breach_penalty=args.breach_penalty,
+                     phase=args.phase, trail_atr_mult=args.trail_atr_mult, action_space=args.action_space,
+                     max_contracts=args.max_contracts)
 
 
 def dd_threshold(peak: jax.Array, params: EnvParams) -> jax.Array:
@@ -405,7 +429,8 @@ def dd_threshold(peak: jax.Array, params: EnvParams) -> jax.Array:
 def reset_at(market: jax.Array, start: jax.Array) -> EnvState:
     """A flat account at decision bar `start` of `market`."""
     z, zi = jnp.float32(0.0), jnp.int32(0)
-    return EnvState(market=jnp.int32(market), t=jnp.int32(start), steps=zi, dir=zi, entry=z, sl=z, tp=z, bars_in_pos=zi, size=zi, trail=jnp.bool_(False), best=z,
+    return EnvState(market=jnp.int32(market), t=jnp.int32(start), steps=zi, dir=zi, entry=z, sl=z, tp=z, bars_in_pos=zi,
+                    size=zi, trail=jnp.bool_(False), best=z,
                     pnl=z, peak=z, equity=z, episode_return=z)
 
 
@@ -462,7 +487,8 @@ def get_obs(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
         data.hours_to_close[m, t] / 24.0,
     ])
     if params.phase == 2:
-        pos = jnp.concatenate([pos, jnp.stack([in_pos & ((state.sl - state.entry) * d >= 0), in_pos & state.trail]).astype(jnp.float32)])
+        pos = jnp.concatenate([pos, jnp.stack([in_pos & ((state.sl - state.entry) * d >= 0),
+                                               in_pos & state.trail]).astype(jnp.float32)])
     return jnp.concatenate([window, pos.astype(jnp.float32)])
 
 
@@ -476,7 +502,8 @@ class BarCosts(NamedTuple):
 
 
 def bar_costs(market: jax.Array, params: EnvParams, data: MarketData) -> BarCosts:
-    return BarCosts(data.point_value[market], params.slippage_ticks * data.tick_size[market], data.commission[market], data.tick_size[market])
+    return BarCosts(data.point_value[market], params.slippage_ticks * data.tick_size[market], data.commission[market],
+                    data.tick_size[market])
 
 
 def round_to_tick(price: jax.Array, tick: jax.Array) -> jax.Array:
@@ -511,7 +538,8 @@ def close_lots(pos: Position, lots: jax.Array, price: jax.Array, when: jax.Array
     """Closing `lots` of `pos` at `price` where `when` (nothing elsewhere)."""
     lots = jnp.where(when, lots, 0.0)
     booked = ((price - pos.entry) * pos.direction * costs.point_value - costs.commission) * lots
-    return Closed(price=jnp.where(when, price, jnp.nan), entry=jnp.where(when, pos.entry, jnp.nan), direction=jnp.where(when, pos.direction, 0),
+    return Closed(price=jnp.where(when, price, jnp.nan), entry=jnp.where(when, pos.entry, jnp.nan),
+                  direction=jnp.where(when, pos.direction, 0),
                   lots=lots, booked=booked, round_trip=booked - costs.commission * lots)
 
 
@@ -531,7 +559,8 @@ def play_bar(state: EnvState, pos: Position, params: EnvParams, data: MarketData
     tp_gap = (long & (o >= pos.tp)) | (short & (o <= pos.tp))
     stop_hit = (long & (l <= pos.sl)) | (short & (h >= pos.sl))
     tp_hit = (long & (h >= pos.tp)) | (short & (l <= pos.tp))
-    level_px = jnp.select([stop_gap, tp_gap, stop_hit, tp_hit], [o - d * costs.slip, o, pos.sl - d * costs.slip, pos.tp], c - d * costs.slip)
+    level_px = jnp.select([stop_gap, tp_gap, stop_hit, tp_hit], [o - d * costs.slip, o, pos.sl - d * costs.slip, pos.tp],
+                          c - d * costs.slip)
     at_level = stop_gap | tp_gap | stop_hit | tp_hit
     flatten = (pos.direction != 0) & ~at_level & params.flatten_at_close & data.session_end[m, u]
     exited = close_lots(pos, pos.lots, level_px, at_level | flatten, costs)
@@ -549,7 +578,8 @@ def play_bar(state: EnvState, pos: Position, params: EnvParams, data: MarketData
     closed = jax.tree.map(lambda a, b: jnp.where(liquidated.lots > 0, b, a), exited, liquidated)  # one of them at most
     open_after = still_open & ~terminated
     after = Position(direction=jnp.where(open_after, pos.direction, 0), lots=jnp.where(open_after, pos.lots, 0.0),
-                     entry=jnp.where(open_after, pos.entry, 0.0), sl=jnp.where(open_after, pos.sl, 0.0), tp=jnp.where(open_after, pos.tp, 0.0),
+                     entry=jnp.where(open_after, pos.entry, 0.0), sl=jnp.where(open_after, pos.sl, 0.0),
+                     tp=jnp.where(open_after, pos.tp, 0.0),
                      bars_in_pos=jnp.where(open_after, pos.bars_in_pos + 1, 0), pnl=pnl)
     return after, closed, equity, peak, reward, terminated
 
@@ -579,11 +609,14 @@ def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: Marke
         best, trail = jnp.float32(0.0), jnp.bool_(False)
     else:  # phase 2: the best price since entry, the entry bar included, for the trailing stop
         best = jnp.where(state.dir == 0, data.open[m, u], state.best)
-        best = jnp.where(after.direction == 1, jnp.maximum(best, data.high[m, u]), jnp.where(after.direction == -1, jnp.minimum(best, data.low[m, u]), 0.0))
+        best = jnp.where(after.direction == 1, jnp.maximum(best, data.high[m, u]),
+                         jnp.where(after.direction == -1, jnp.minimum(best, data.low[m, u]), 0.0))
         trail = trail & (after.direction != 0)
     size = after.lots.astype(jnp.int32) if params.action_space == "continuous" else state.size
-    new_state = EnvState(market=m, t=u, steps=state.steps + 1, dir=after.direction, entry=after.entry, sl=after.sl, tp=after.tp,
-                         bars_in_pos=after.bars_in_pos, size=size, trail=trail, best=best, pnl=after.pnl, peak=peak, equity=equity,
+    new_state = EnvState(market=m, t=u, steps=state.steps + 1, dir=after.direction, entry=after.entry, sl=after.sl,
+                         tp=after.tp,
+                         bars_in_pos=after.bars_in_pos, size=size, trail=trail, best=best, pnl=after.pnl, peak=peak,
+                         equity=equity,
                          episode_return=state.episode_return + reward)
     closed = jax.tree.map(lambda a, b: jnp.stack([a, b]), at_open, in_bar)
     info = dict(mask=legal_mask(state, params, data), action=action_taken, entry_price=entry_px,
@@ -611,10 +644,13 @@ def enter_or_manage(state: EnvState, action: jax.Array, params: EnvParams, data:
     d = jnp.where(enter, jnp.where(a == BUY, 1, -1), state.dir)
     entry_px = o + d.astype(jnp.float32) * costs.slip
     pos = Position(
-        direction=d, lots=jnp.where(d != 0, jnp.asarray(params.contracts, jnp.float32), 0.0), entry=jnp.where(enter, entry_px, state.entry),
+        direction=d, lots=jnp.where(d != 0, jnp.asarray(params.contracts, jnp.float32), 0.0),
+        entry=jnp.where(enter, entry_px, state.entry),
         sl=jnp.where(enter, round_to_tick(entry_px - d * params.sl_atr_mult * atr, costs.tick), sl),
         tp=jnp.where(enter, round_to_tick(entry_px + d * params.tp_atr_mult * atr, costs.tick), state.tp),
-        bars_in_pos=jnp.where(enter, 0, state.bars_in_pos), pnl=state.pnl - jnp.where(enter, costs.commission * params.contracts, 0.0))
+        bars_in_pos=jnp.where(enter, 0, state.bars_in_pos), pnl=state.pnl - jnp.where(enter,
+                                                                                      costs.commission * params.contracts,
+                                                                                      0.0))
     return pos, jnp.where(enter, entry_px, jnp.nan), a, trail
 
 
@@ -648,12 +684,14 @@ def change_position(state: EnvState, action: jax.Array, params: EnvParams, data:
     d = jnp.where(kept > 0, state.dir, jnp.sign(target)).astype(jnp.int32)
     add = n_add > 0
     entry_px = o + d * costs.slip
-    entry = jnp.where(add, (kept * state.entry + n_add * entry_px) / jnp.maximum(kept + n_add, 1), jnp.where(kept > 0, state.entry, 0.0))
+    entry = jnp.where(add, (kept * state.entry + n_add * entry_px) / jnp.maximum(kept + n_add, 1),
+                      jnp.where(kept > 0, state.entry, 0.0))
     lots = kept + n_add
     pos = Position(direction=jnp.where(lots > 0, d, 0), lots=lots.astype(jnp.float32), entry=entry,
                    sl=jnp.where(add, round_to_tick(entry - d * params.sl_atr_mult * atr, costs.tick), state.sl),
                    tp=jnp.where(add, round_to_tick(entry + d * params.tp_atr_mult * atr, costs.tick), state.tp),
-                   bars_in_pos=jnp.where(kept > 0, state.bars_in_pos, 0), pnl=state.pnl + at_open.booked - costs.commission * n_add)
+                   bars_in_pos=jnp.where(kept > 0, state.bars_in_pos, 0),
+                   pnl=state.pnl + at_open.booked - costs.commission * n_add)
     return pos, at_open, jnp.where(add, entry_px, jnp.nan), target
 
 
@@ -693,14 +731,16 @@ class ActorCritic(nn.Module):
         ortho = nn.initializers.orthogonal
         a = x
         for i in range(2):
-            a = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros, name=f"actor_hidden_{i}")(a))
+            a = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros,
+                                 name=f"actor_hidden_{i}")(a))
         logits = nn.Dense(self.num_actions, kernel_init=ortho(0.01), bias_init=nn.initializers.zeros, name="policy_head")(a)
         if self.continuous:
             log_std = self.param("log_std", nn.initializers.zeros, (1,))
             logits = jnp.concatenate([logits, jnp.broadcast_to(log_std, logits.shape)], axis=-1)
         v = x
         for i in range(2):
-            v = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros, name=f"critic_hidden_{i}")(v))
+            v = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros,
+                                 name=f"critic_hidden_{i}")(v))
         value = nn.Dense(1, kernel_init=ortho(1.0), bias_init=nn.initializers.zeros, name="value_head")(v)
         return logits, jnp.squeeze(value, -1)
 
@@ -818,7 +858,8 @@ def grow_norm(norm: ObsNorm, obs_dim: int) -> ObsNorm:
     """The phase 1 observation normaliser for the longer phase 2 observation: the phase 1 entries keep their
     statistics; the new flags start at mean 0, variance 1 (they enter the network as 0/1) and share the count."""
     k = obs_dim - norm.mean.shape[0]
-    return ObsNorm(mean=jnp.concatenate([norm.mean, jnp.zeros(k)]), var=jnp.concatenate([norm.var, jnp.ones(k)]), count=norm.count)
+    return ObsNorm(mean=jnp.concatenate([norm.mean, jnp.zeros(k)]), var=jnp.concatenate([norm.var, jnp.ones(k)]),
+                   count=norm.count)
 
 
 def curriculum_in_force(args: Args, env_params: EnvParams, data: MarketData, progress: jax.Array):
@@ -884,9 +925,12 @@ class EpisodeStats(NamedTuple):
 
 def episode_stats(done, terminated, info: dict, num_markets: int) -> EpisodeStats:
     ended = jax.nn.one_hot(info["market"], num_markets) * done[:, None]  # [N, M]: the market of each episode that ended
-    return EpisodeStats(returns=jnp.sum(done * info["episode_return"]), lengths=jnp.sum(done * info["episode_length"]), episodes=jnp.sum(done),
-                        breaches=jnp.sum(terminated), market_episodes=ended.sum(0), market_returns=(ended * info["episode_return"][:, None]).sum(0),
-                        market_lengths=(ended * info["episode_length"][:, None]).sum(0), market_breaches=(ended * terminated[:, None]).sum(0))
+    return EpisodeStats(returns=jnp.sum(done * info["episode_return"]), lengths=jnp.sum(done * info["episode_length"]),
+                        episodes=jnp.sum(done),
+                        breaches=jnp.sum(terminated), market_episodes=ended.sum(0),
+                        market_returns=(ended * info["episode_return"][:, None]).sum(0),
+                        market_lengths=(ended * info["episode_length"][:, None]).sum(0),
+                        market_breaches=(ended * terminated[:, None]).sum(0))
 
 
 def rollout_step(network: ActorCritic, env_params: EnvParams, data: MarketData, runner, _):
@@ -932,7 +976,8 @@ def ppo_loss(params, network: ActorCritic, args: Args, tr: Transition, advantage
     return loss, (pg_loss, v_loss, masked_mean(entropy, tr.choice), approx_kl, clipfrac)
 
 
-def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None, transfer: Optional[tuple] = None):
+def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None,
+               transfer: Optional[tuple] = None):
     """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics), number of
     updates, network).
 
@@ -966,7 +1011,10 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
         obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), params0, data0)
         # statistics of a random-policy rollout, positions included: reset observations alone (flat accounts) would give
         # the position features a variance near 0 and blow any open position up to the clip in the first rollout
-        norm = warm_up_norm(obs, env_state, params0, data0, jax.random.fold_in(k_env, 1)) if transfer is None else grow_norm(transfer[1], obs_dim)
+        if transfer is None:
+            norm = warm_up_norm(obs, env_state, params0, data0, jax.random.fold_in(k_env, 1))
+        else:
+            norm = grow_norm(transfer[1], obs_dim)
         return RunnerState(train_state, env_state, obs, norm, rng, jnp.int32(0))
 
     def warm_up_norm(obs, env_state, params0: EnvParams, data0: MarketData, key) -> ObsNorm:
@@ -978,7 +1026,9 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
             k_act, k_env = jax.random.split(k)
             mask = jax.vmap(legal_mask, in_axes=(0, None, None))(states, params0, data0)
             action = jax.vmap(random_action, in_axes=(None, 0, 0, 0))(None, jax.random.split(k_act, args.num_envs), obs, mask)
-            obs, states, *_ = jax.vmap(step, in_axes=(0, 0, 0, None, None))(jax.random.split(k_env, args.num_envs), states, action, params0, data0)
+            obs, states, *_ = jax.vmap(step, in_axes=(0, 0, 0, None,
+                                                      None))(jax.random.split(k_env, args.num_envs), states, action, params0,
+                                                             data0)
             return (obs, states), obs
 
         _, played = jax.lax.scan(play, (obs, env_state), jax.random.split(key, args.num_steps))
@@ -1007,7 +1057,8 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
             def _update_minibatch(train_state, mb_idx):
                 # each minibatch gathers its rows when it runs: no shuffled copy of the whole rollout per epoch
                 tr, adv, tgt = jax.tree.map(lambda x: jnp.take(x, mb_idx, axis=0), batch)
-                if mesh is not None:  # the shuffle is global (same minibatches as on one device); each device then works on its part
+                # the shuffle is global (same minibatches as on one device); each device then works on its part
+                if mesh is not None:
                     tr, adv, tgt = jax.lax.with_sharding_constraint((tr, adv, tgt), NamedSharding(mesh, P("env")))
                 grads, aux = jax.grad(ppo_loss, has_aux=True)(train_state.params, network, args, tr, adv, tgt)
                 return train_state.apply_gradients(grads=grads), aux
@@ -1019,12 +1070,15 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
         norm = norm.update(raw_obs.reshape(-1, raw_obs.shape[-1]))
         totals = jax.tree.map(lambda x: x.sum(0), stats)
         metrics = dict(
-            episodic_return=totals.returns / jnp.maximum(totals.episodes, 1), episodic_length=totals.lengths / jnp.maximum(totals.episodes, 1),
+            episodic_return=totals.returns / jnp.maximum(totals.episodes, 1),
+            episodic_length=totals.lengths / jnp.maximum(totals.episodes, 1),
             episodes=totals.episodes, breaches=totals.breaches,
-            policy_loss=aux[0].mean(), value_loss=aux[1].mean(), entropy=aux[2].mean(), approx_kl=aux[3].mean(), clipfrac=aux[4].mean(),
+            policy_loss=aux[0].mean(), value_loss=aux[1].mean(), entropy=aux[2].mean(), approx_kl=aux[3].mean(),
+            clipfrac=aux[4].mean(),
             learning_rate=args.learning_rate * (1.0 - update / num_updates if args.anneal_lr else 1.0),
             explained_variance=1 - jnp.var(targets - traj.value) / (jnp.var(targets) + 1e-8),
-            market_episodes=totals.market_episodes, market_return_sum=totals.market_returns, market_length_sum=totals.market_lengths,
+            market_episodes=totals.market_episodes, market_return_sum=totals.market_returns,
+            market_length_sum=totals.market_lengths,
             market_breaches=totals.market_breaches,  # [M] each
             **{f"curriculum_{k}": v for k, v in curriculum.items()},
         )
@@ -1055,7 +1109,8 @@ def chunk_summary(m: dict, markets: list) -> tuple[dict, dict]:
         n_m = float(m["market_episodes"][:, i].sum())
         by_market[market] = dict(episodic_return=float(m["market_return_sum"][:, i].sum() / n_m) if n_m else None,
                                  episodic_length=float(m["market_length_sum"][:, i].sum() / n_m) if n_m else None,
-                                 episodes=float(m["market_episodes"][:, i].mean()), breaches=float(m["market_breaches"][:, i].mean()))
+                                 episodes=float(m["market_episodes"][:, i].mean()),
+                                 breaches=float(m["market_breaches"][:, i].mean()))
     return out, by_market
 def init_distributed(args: Args) -> None:
     """Multi-host: every process runs the same command with its own --process-id; jax.distributed.initialize
@@ -1064,10 +1119,13 @@ def init_distributed(args: Args) -> None:
     if all(f is None for f in flags):
         return
     if any(f is None for f in flags):
-        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all three (see README)")
+        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all "
+                        "three (see README)")
     if not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
-        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number the processes 0..P-1")
-    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
+        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number "
+                        "the processes 0..P-1")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
 
 
 def make_mesh(args: Args) -> Mesh:
@@ -1076,14 +1134,17 @@ def make_mesh(args: Args) -> Mesh:
     local = jax.local_devices()
     n = len(local) if args.devices is None else args.devices
     if not 1 <= n <= len(local):
-        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices between 1 and {len(local)}")
+        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices "
+                        f"between 1 and {len(local)}")
     devices = [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:n]]
     n_seed = math.gcd(args.num_seeds, len(devices))
     n_env = len(devices) // n_seed
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
     if args.num_envs % n_env or minibatch % n_env:
-        raise DataError(f"--num-envs {args.num_envs} (and the minibatch of {minibatch}) must divide over {n_env} devices per seed "
-                        f"({len(devices)} devices, --num-seeds {args.num_seeds}). Fix: pass a multiple of {n_env} to --num-envs, or change --devices")
+        raise DataError(f"--num-envs {args.num_envs} (and the minibatch of {minibatch}) must divide over {n_env} devices per "
+                        "seed "
+                        f"({len(devices)} devices, --num-seeds {args.num_seeds}). Fix: pass a multiple of {n_env} to "
+                        "--num-envs, or change --devices")
     return Mesh(np.array(devices).reshape(n_seed, n_env), ("seed", "env"))
 
 
@@ -1091,7 +1152,8 @@ def runner_shardings(runner: RunnerState, mesh: Mesh) -> RunnerState:
     """Where each part of the (seed-stacked) runner state lives: env states and observations split by seed and
     env, everything else (params, optimiser, normaliser, RNG) split by seed and copied over a seed's env devices."""
     by_seed, by_env = NamedSharding(mesh, P("seed")), NamedSharding(mesh, P("seed", "env"))
-    return RunnerState(jax.tree.map(lambda _: by_seed, runner.train_state), jax.tree.map(lambda _: by_env, runner.env_state), by_env,
+    return RunnerState(jax.tree.map(lambda _: by_seed, runner.train_state), jax.tree.map(lambda _: by_env, runner.env_state),
+                       by_env,
                        jax.tree.map(lambda _: by_seed, runner.obs_norm), by_seed, by_seed)
 
 
@@ -1101,7 +1163,8 @@ def place(tree, shardings):
         return jax.device_put(tree, shardings)
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree,
+                        shardings)
 
 
 def fetch(tree):
@@ -1137,7 +1200,8 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint. Fix: pass a .msgpack written by ppo_trader.py") from None
     except Exception as e:
-        raise DataError(f"{path}: checkpoint does not match this configuration ({type(e).__name__}: {str(e).splitlines()[0][:120]}). "
+        raise DataError(f"{path}: checkpoint does not match this configuration ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}). "
                         "Fix: use the flags the checkpoint was trained with (see its run's config.json)") from None
     shapes_ok = jax.tree.all(jax.tree.map(lambda a, b: jnp.shape(a) == jnp.shape(b), runner, template))
     if not shapes_ok:
@@ -1166,7 +1230,8 @@ def policy_config(path: str) -> tuple[dict, tuple]:
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
     except Exception:
-        raise DataError(f"{path}: not a ppo_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+        raise DataError(f"{path}: not a ppo_trader policy checkpoint. "
+                        "Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
 
 
 def load_policy(path: str, args: Args, obs_dim: int):
@@ -1178,21 +1243,26 @@ def load_policy(path: str, args: Args, obs_dim: int):
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
     except Exception:
-        raise DataError(f"{path}: not a ppo_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+        raise DataError(f"{path}: not a ppo_trader policy checkpoint. "
+                        "Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
     if cfg.get("action_space", "discrete") != args.action_space:
-        raise DataError(f"{path}: a policy for --action-space {cfg.get('action_space', 'discrete')}, this run has --action-space {args.action_space}. Fix: use a checkpoint of the same action space")
+        raise DataError(f"{path}: a policy for --action-space {cfg.get('action_space', 'discrete')}, this run has "
+                        f"--action-space {args.action_space}. Fix: use a checkpoint of the same action space")
     network = make_network(dataclasses.replace(args, hidden=cfg["hidden"]))
     n_need = network.num_actions
     if n_act != n_need:
-        raise DataError(f"{path}: policy has {n_act} actions, this run needs {n_need}. Fix: use a checkpoint of the same phase")
+        raise DataError(f"{path}: policy has {n_act} actions, this run needs {n_need}. Fix: use a checkpoint of the same "
+                        "phase")
     template = network.init(jax.random.PRNGKey(0), jnp.zeros(obs_dim))
     try:
         params = flax.serialization.from_state_dict(template, payload["params"])
         norm = flax.serialization.from_state_dict(ObsNorm.create(obs_dim), payload["obs_norm"])
     except Exception:
-        raise DataError(f"{path}: network does not fit this configuration. Fix: pass the --window/--hidden it was trained with") from None
+        raise DataError(f"{path}: network does not fit this configuration. Fix: pass the --window/--hidden it was trained "
+                        "with") from None
     if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, template) or norm.mean.shape != (obs_dim,):
-        raise DataError(f"{path}: observation size differs (window {cfg['window']}). Fix: pass --window {cfg['window']} and the same data features")
+        raise DataError(f"{path}: observation size differs (window {cfg['window']}). Fix: pass --window {cfg['window']} and "
+                        "the same data features")
     return network, params, norm, cfg
 
 
@@ -1200,10 +1270,12 @@ def load_transfer(path: str, args: Args, num_features: int) -> tuple:
     """(params, obs normaliser) of the phase 1 policy `path` for --init-from, checked against this run."""
     cfg, _ = policy_config(path)
     if cfg.get("phase", 1) != 1:
-        raise DataError(f"{path}: a phase {cfg.get('phase')} policy; --init-from needs a phase 1 policy. Fix: pass the best.msgpack of a phase 1 run")
+        raise DataError(f"{path}: a phase {cfg.get('phase')} policy; --init-from needs a phase 1 policy. Fix: pass the "
+                        "best.msgpack of a phase 1 run")
     for flag in ("window", "hidden"):
         if cfg.get(flag) != getattr(args, flag):
-            raise DataError(f"{path}: trained with --{flag} {cfg.get(flag)}, this run has --{flag} {getattr(args, flag)}. Fix: pass --{flag} {cfg.get(flag)}")
+            raise DataError(f"{path}: trained with --{flag} {cfg.get(flag)}, this run has --{flag} {getattr(args, flag)}. "
+                            f"Fix: pass --{flag} {cfg.get(flag)}")
     _, params, norm, _ = load_policy(path, dataclasses.replace(args, phase=1), obs_size(args.window, num_features, 1))
     return params, norm
 
@@ -1225,7 +1297,8 @@ def make_backtest(env_params: EnvParams, data: MarketData):
     `closed_*` [.., 2]: the contracts closed at the open by the action and inside the bar, see `step_core`).
     """
     window = env_params.window
-    num_steps = int(np.max(np.asarray(data.hi) - np.asarray(data.lo))) - window  # the longest market's split; shorter ones idle at the end
+    # the longest market's split; shorter ones idle at the end
+    num_steps = int(np.max(np.asarray(data.hi) - np.asarray(data.lo))) - window
     first_bar = data.lo + window - 1
     # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar;
     # the entry rule counts bars to the nearer of the session end and the split's last bar
@@ -1257,7 +1330,8 @@ def make_backtest(env_params: EnvParams, data: MarketData):
         carry = tuple((start, jnp.ones(markets.shape, bool), keys) for _ in policies)
 
         def body(carry, _):
-            steps = [jax.vmap(functools.partial(bt_step, policy, args))(*c) for policy, args, c in zip(policies, policy_args, carry)]
+            steps = [jax.vmap(functools.partial(bt_step, policy, args))(*c) for policy, args,
+                     c in zip(policies, policy_args, carry)]
             return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
 
         _, outs = jax.lax.scan(body, carry, None, num_steps)
@@ -1268,7 +1342,8 @@ def make_backtest(env_params: EnvParams, data: MarketData):
 
 def no_close_pair(closed: Closed) -> Closed:
     """The value of `closed` when nothing closed."""
-    return Closed(*(jnp.full_like(x, jnp.nan) if name in ("price", "entry") else jnp.zeros_like(x) for name, x in closed._asdict().items()))
+    return Closed(*(jnp.full_like(x, jnp.nan) if name in ("price", "entry") else jnp.zeros_like(x) for name,
+                    x in closed._asdict().items()))
 
 
 def play_one(backtest, policy, policy_args, market: int, key) -> dict:
@@ -1331,7 +1406,8 @@ def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_
     max_dd = float(dd.max()) if len(dd) else 0.0
     return dict(total_return=float(total), annualised_return=float(ann), annualised_volatility=float(vol),
                 sharpe=float(rets.mean() / rets.std() * np.sqrt(periods_per_year)) if rets.std() > 0 else 0.0,
-                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year)) if len(down) else 0.0,
+                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year))
+                if len(down) else 0.0,
                 max_drawdown=max_dd, calmar=float(ann / max_dd) if max_dd > 0 else 0.0, days=int(len(rets)))
 
 
@@ -1344,7 +1420,8 @@ def trade_metrics(out: dict) -> dict:
     live = out["live"]
     profit_factor = float(wins.sum() / -losses.sum()) if losses.sum() < 0 else (None if len(wins) else 0.0)
     return dict(trades=int(closed.sum()), win_rate=float((pnl > 0).mean()) if len(pnl) else 0.0, profit_factor=profit_factor,
-                average_trade=float(pnl.mean()) if len(pnl) else 0.0, exposure=float((out["dir"][live] != 0).mean()) if live.any() else 0.0)
+                average_trade=float(pnl.mean()) if len(pnl) else 0.0,
+                exposure=float((out["dir"][live] != 0).mean()) if live.any() else 0.0)
 
 
 def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> tuple[np.ndarray, bool]:
@@ -1371,7 +1448,8 @@ def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> tuple[
     return equity, bool(len(breach))
 
 
-def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict, seed: int) -> tuple[dict, dict]:
+def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict,
+                    seed: int) -> tuple[dict, dict]:
     """Plays every policy on every market of a split (one call); returns (report, live outputs per policy and market)."""
     report = {"split": split, "annualisation": "per-session returns (equity at each session's last bar), 252 sessions a year"}
     names = list(policies)
@@ -1385,14 +1463,17 @@ def backtest_report(backtest, data: MarketData, info: dict, split: str, env_para
         for name, out in zip(names, outs):
             out = {k: np.asarray(v[m]) for k, v in out.items()}
             out = {k: v[out["live"]] for k, v in out.items()}
-            rows[name] = dict(period_metrics(out["equity"], session_id[out["t"]], env_params.initial_balance), **trade_metrics(out),
-                              final_equity=float(env_params.initial_balance + out["equity"][-1]), breached=bool(out["breach"].any()))
+            rows[name] = dict(period_metrics(out["equity"], session_id[out["t"]], env_params.initial_balance),
+                              **trade_metrics(out),
+                              final_equity=float(env_params.initial_balance + out["equity"][-1]),
+                              breached=bool(out["breach"].any()))
             raws[name][market] = out
         bh, bh_breached = buy_and_hold(data, m, env_params)
         t_bh = np.arange(lo + env_params.window, hi)
         rows["buy_and_hold"] = dict(period_metrics(bh, session_id[t_bh], env_params.initial_balance), trades=1,
                                     final_equity=float(env_params.initial_balance + bh[-1]), breached=bh_breached)
-        report[market] = dict(bars=int(hi - lo), start=str(np.datetime64(int(ts[lo]), "ns")), end=str(np.datetime64(int(ts[hi - 1]), "ns")), **rows)
+        report[market] = dict(bars=int(hi - lo), start=str(np.datetime64(int(ts[lo]), "ns")),
+                              end=str(np.datetime64(int(ts[hi - 1]), "ns")), **rows)
     return report, raws
 
 
@@ -1408,7 +1489,8 @@ def trade_rows(out: dict, market: str, ts: np.ndarray) -> list[str]:
             if np.isfinite(out["closed_price"][i, slot]):
                 side = "long" if out["closed_direction"][i, slot] > 0 else "short"
                 rows.append(f"{market},{np.datetime64(int(opened_at), 'ns')},{np.datetime64(int(fill_time), 'ns')},{side},"
-                            f"{out['closed_entry'][i, slot]:.6g},{out['closed_price'][i, slot]:.6g},{out['closed_round_trip'][i, slot]:.2f}")
+                            f"{out['closed_entry'][i, slot]:.6g},{out['closed_price'][i, slot]:.6g},"
+                            f"{out['closed_round_trip'][i, slot]:.2f}")
         prev_dir = out["dir"][i]
     return rows
 
@@ -1452,7 +1534,8 @@ def evaluate(args: Args, network, params, norm, datasets, info, env_params, run_
     data = datasets[split]
     backtest = make_backtest(env_params, data)
     random = random_target_policy if args.action_space == "continuous" else random_policy
-    policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)), "random": (random, None)}
+    policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)),
+                "random": (random, None)}
     report, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed)
     report.update(initial_balance=env_params.initial_balance, **extra)
     write_backtest_outputs(run_dir, report, raws, info)
@@ -1472,11 +1555,14 @@ def hparam_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
 
 
-LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes", "process_id")  # how to run, not what: a resume picks its own
+LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes",
+                "process_id")  # how to run, not what: a resume picks its own
 RESUME_FLAGS = ("resume", "stop_after") + LAYOUT_FLAGS  # the only flags a resumed run takes from the command line
-EVAL_FLAGS = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "seed")  # what and where --eval-only plays
+EVAL_FLAGS = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name",
+              "seed")  # what and where --eval-only plays
 # --eval-only overrides of the policy's own values: costs, env rules and splits (stated in the report)
-EVAL_OVERRIDES = ("slippage_ticks", "commission", "initial_balance", "dd_limit", "dd_lock_offset", "contracts", "sl_atr_mult", "tp_atr_mult",
+EVAL_OVERRIDES = ("slippage_ticks", "commission", "initial_balance", "dd_limit", "dd_lock_offset", "contracts", "sl_atr_mult",
+                  "tp_atr_mult",
                   "trail_atr_mult", "no_entry_bars", "flatten_at_close", "train_end", "val_end")
 
 
@@ -1508,7 +1594,8 @@ def resume_setup(args: Args) -> RunSetup:
     run_dir = Path(args.resume)
     ignored = [name for name in given_flags(args) if name not in RESUME_FLAGS]
     if ignored:
-        raise DataError(f"{flag(ignored[0])} cannot change a resumed run ({run_dir} continues with the flags of its config.json). "
+        raise DataError(f"{flag(ignored[0])} cannot change a resumed run ({run_dir} continues with the flags of its "
+                        "config.json). "
                         f"Fix: drop {' '.join(flag(n) for n in ignored)}, or start a new run with them")
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
@@ -1526,11 +1613,14 @@ def eval_only_setup(args: Args) -> RunSetup:
     given = given_flags(args)
     ignored = [name for name in given if name not in EVAL_FLAGS + EVAL_OVERRIDES]
     if ignored:
-        raise DataError(f"{flag(ignored[0])} does not apply to --eval-only (the policy's own value is used). Fix: drop {' '.join(flag(n) for n in ignored)}")
+        raise DataError(f"{flag(ignored[0])} does not apply to --eval-only (the policy's own value is used). Fix: drop "
+                        f"{' '.join(flag(n) for n in ignored)}")
     saved, feature_stats = policy_config(args.checkpoint)
     overrides = {name: getattr(args, name) for name in given if name in EVAL_OVERRIDES}
-    keep = tuple(name for name in EVAL_FLAGS if name != "data" or name in given) + tuple(overrides) + RESUME_FLAGS  # no --data: the policy's own
-    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k not in keep and k in Args.__dataclass_fields__}
+    # from the command line: what to play (the policy's own data without --data), where, the overrides
+    keep = tuple(name for name in EVAL_FLAGS if name != "data" or name in given) + tuple(overrides) + RESUME_FLAGS
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+             if k not in keep and k in Args.__dataclass_fields__}
     args = dataclasses.replace(args, **dict(saved, market_weights=None))  # backtests play every market
     default_dir = Path(args.checkpoint).parent / f"eval_{args.eval_split}_{Path(args.data).stem}"
     run_dir = default_dir if args.run_name is None else Path(args.out_dir) / args.run_name
@@ -1540,7 +1630,8 @@ def eval_only_setup(args: Args) -> RunSetup:
 
 def new_run_setup(args: Args) -> RunSetup:
     if args.checkpoint:
-        raise DataError("--checkpoint is only read by --eval-only (training starts from scratch or --init-from). Fix: add --eval-only or drop --checkpoint")
+        raise DataError("--checkpoint is only read by --eval-only (training starts from scratch or --init-from). Fix: add "
+                        "--eval-only or drop --checkpoint")
     args = dataclasses.replace(args, run_name=args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
     run_dir = Path(args.out_dir) / args.run_name
     refuse_non_empty(run_dir, "or continue that run with --resume")
@@ -1590,12 +1681,13 @@ def build_trainer(args: Args, run_dir: Path, env_params: EnvParams, train_data: 
         runner, extra = load_checkpoint(ckpt, runner)
     runner = place(runner, shardings)
     if not args.resume:
-        save_checkpoint(ckpt, runner, extra)  # the state before training: a NaN in the first chunk still leaves a good checkpoint
+        save_checkpoint(ckpt, runner, extra)  # the state before training: a NaN in the first chunk leaves a good checkpoint
     compiled = chunk_fn.lower(runner).compile()
     num_chunks = num_updates // args.chunk_updates
-    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps {num_updates * args.num_envs * args.num_steps:,} per seed  "
-          f"devices {mesh.devices.size} ({mesh.shape['seed']} seed x {mesh.shape['env']} env, {jax.process_count()} process(es))  "
-          f"compile {time.time() - t0:.1f}s", flush=True)
+    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps "
+          f"{num_updates * args.num_envs * args.num_steps:,} per seed  "
+          f"devices {mesh.devices.size} ({mesh.shape['seed']} seed x {mesh.shape['env']} env, "
+          f"{jax.process_count()} process(es))  compile {time.time() - t0:.1f}s", flush=True)
     steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps * args.num_seeds
     return Trainer(compiled, network, num_chunks, steps_per_chunk, ckpt), runner, extra
 
@@ -1621,15 +1713,18 @@ def log_chunk(writer, metrics_file, row: dict, seed0: dict, by_market: dict, ste
 
 
 def progress_line(args: Args, row: dict, seed0: dict, by_market: dict, num_updates: int, eta: float) -> str:
-    markets = "".join(f"  {mk} {v['episodic_return']:+.3f}" for mk, v in by_market.items() if len(by_market) > 1 and v["episodic_return"] is not None)
-    return (f"update {row['update']:5d}/{num_updates}  steps {row['global_step']:>10,}  return {seed0['episodic_return']:+.3f}" + markets
+    markets = "".join(f"  {mk} {v['episodic_return']:+.3f}" for mk,
+                      v in by_market.items() if len(by_market) > 1 and v["episodic_return"] is not None)
+    return (f"update {row['update']:5d}/{num_updates}  steps {row['global_step']:>10,}  return "
+            f"{seed0['episodic_return']:+.3f}" + markets
             + (f"  dd_limit {seed0['curriculum_dd_limit']:.0f}" if args.curriculum else "")
             + f"  pg {seed0['policy_loss']:+.4f}  v {seed0['value_loss']:.4f}  ent {seed0['entropy']:.3f}"
             + (f"  val {row['val_return']:+.4f}" if "val_return" in row else "")
             + f"  SPS {row['sps']:,.0f}  elapsed {row['elapsed']:.0f}s  ETA {eta:.0f}s")
 
 
-def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dict, validate, markets: list) -> tuple[str, object, dict]:
+def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dict, validate,
+                 markets: list) -> tuple[str, object, dict]:
     """The chunk loop: train, log, validate every --eval-every chunks (best.msgpack by validation return),
     checkpoint; stops early on NaN/inf losses, --stop-after or Ctrl-C. Returns (status, runner, extra)."""
     from tensorboardX import SummaryWriter
@@ -1650,29 +1745,32 @@ def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dic
             metrics = fetch(metrics)  # [seeds, chunk_updates]
             if not all(np.isfinite(metrics[k]).all() for k in ("policy_loss", "value_loss", "entropy")):
                 status = "nan"
-                print(f"error: NaN/inf in the losses at chunk {chunk + 1}; stopping. The last good checkpoint is {trainer.checkpoint}. "
+                print(f"error: NaN/inf in the losses at chunk {chunk + 1}; stopping. The last good checkpoint is "
+                      f"{trainer.checkpoint}. "
                       "Fix: start a new run with a lower --learning-rate, or check the data", file=sys.stderr, flush=True)
                 break
             runner = new_runner
             sps = trainer.steps_per_chunk / (time.time() - tc)
             seed0, by_market = chunk_summary({k: v[0] for k, v in metrics.items()}, markets)
             update = (chunk + 1) * args.chunk_updates
-            row = dict(chunk=chunk + 1, update=update, global_step=update * args.num_envs * args.num_steps, sps=sps, **seed0, markets=by_market)
+            row = dict(chunk=chunk + 1, update=update, global_step=update * args.num_envs * args.num_steps, sps=sps, **seed0,
+                       markets=by_market)
             if (chunk + 1) % args.eval_every == 0 or chunk + 1 == trainer.num_chunks:
-                tv = time.time()
+                started = time.time()
                 row["val_return"], improved = validate(runner, extra["best_val"])
-                row["val_seconds"] = time.time() - tv
+                extra["val_seconds"] = extra.get("val_seconds", 0.0) + time.time() - started
                 if improved:
                     extra["best_val"] = row["val_return"]
             row["elapsed"] = elapsed0 + time.time() - t_start
             eta = (time.time() - t_start) / (chunk + 1 - start_chunk) * (trainer.num_chunks - chunk - 1)
             log_chunk(writer, metrics_file, row, seed0, by_market, row["global_step"])
             print(progress_line(args, row, seed0, by_market, trainer.num_chunks * args.chunk_updates, eta), flush=True)
-            extra = dict(extra, chunk=chunk + 1, elapsed=row["elapsed"], val_seconds=extra.get("val_seconds", 0.0) + row.get("val_seconds", 0.0))
+            extra = dict(extra, chunk=chunk + 1, elapsed=row["elapsed"])
             save_checkpoint(trainer.checkpoint, runner, extra)
             if interrupted["flag"] or (args.stop_after is not None and chunk + 1 - start_chunk >= args.stop_after):
                 status = "stopped"
-                print(f"stopped after chunk {chunk + 1}; checkpoint saved. Continue with: python ppo_trader.py --resume {run_dir}", flush=True)
+                print(f"stopped after chunk {chunk + 1}; checkpoint saved. Continue with: python ppo_trader.py --resume "
+                      f"{run_dir}", flush=True)
                 break
     finally:
         signal.signal(signal.SIGINT, old_handler)
@@ -1682,7 +1780,8 @@ def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dic
 
 
 def train_and_report(args: Args) -> dict:
-    """The whole job: resolve the run (new, --resume or --eval-only), load data, train in chunks, backtest best.msgpack on the test split."""
+    """The whole job: resolve the run (new, --resume or --eval-only), load data, train in chunks, backtest best.msgpack
+    on the test split."""
     setup = resume_setup(args) if args.resume else eval_only_setup(args) if args.eval_only else new_run_setup(args)
     if args.eval_only:
         return run_eval_only(setup)
@@ -1691,7 +1790,8 @@ def train_and_report(args: Args) -> dict:
     datasets, info = load_data(args)
     env_params = env_params_from_args(args)
     obs_dim = obs_size(args.window, datasets["train"].features.shape[-1], args.phase)
-    transfer = load_transfer(args.init_from, args, datasets["train"].features.shape[-1]) if args.init_from and not args.resume else None
+    num_features = datasets["train"].features.shape[-1]
+    transfer = load_transfer(args.init_from, args, num_features) if args.init_from and not args.resume else None
     main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
     run_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume and main_process:
@@ -1717,7 +1817,7 @@ def train_and_report(args: Args) -> dict:
     network = trainer.network
     if main_process:
         network, params, norm, _ = load_policy(str(run_dir / "best.msgpack"), args, obs_dim)
-    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
+    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split, process 0 writes
         params, norm = multihost_utils.broadcast_one_to_all((params, norm))
     report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, "test",
                       extra={"selected_by": "best validation return (best.msgpack)"})
@@ -1753,29 +1853,37 @@ def parse_args(argv) -> Args:
 
 def check_args(args: Args) -> None:
     """Flag combinations that cannot work, caught before any compilation."""
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "window", "episode_bars", "chunk_updates", "eval_every", "hidden", "contracts"):
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "window", "episode_bars",
+                 "chunk_updates", "eval_every", "hidden", "contracts"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if (args.num_envs * args.num_steps) % args.num_minibatches:
-        raise DataError(f"--num-envs x --num-steps ({args.num_envs * args.num_steps}) is not divisible by --num-minibatches {args.num_minibatches}. Fix: change one of them")
+        raise DataError(f"--num-envs x --num-steps ({args.num_envs * args.num_steps}) is not divisible by --num-minibatches "
+                        f"{args.num_minibatches}. Fix: change one of them")
     if args.no_entry_bars < 0 or args.sl_atr_mult <= 0 or args.tp_atr_mult <= 0 or args.slippage_ticks < 0:
-        raise DataError("--no-entry-bars and --slippage-ticks must be >= 0, --sl-atr-mult and --tp-atr-mult > 0. Fix: pass valid values")
+        raise DataError("--no-entry-bars and --slippage-ticks must be >= 0, --sl-atr-mult and --tp-atr-mult > 0. Fix: pass "
+                        "valid values")
     if args.dd_limit <= 0:
         raise DataError("--dd-limit must be > 0. Fix: pass the account's trailing drawdown in account currency")
     if args.phase not in (1, 2):
-        raise DataError(f"--phase {args.phase}: must be 1 (entries) or 2 (entries and position management). Fix: pass --phase 1 or --phase 2")
+        raise DataError(f"--phase {args.phase}: must be 1 (entries) or 2 (entries and position management). Fix: pass "
+                        "--phase 1 or --phase 2")
     if args.init_from and args.phase != 2:
         raise DataError("--init-from starts phase 2 from a phase 1 policy. Fix: add --phase 2")
     if args.trail_atr_mult <= 0 or not 0 < args.new_action_mass < 1:
         raise DataError("--trail-atr-mult must be > 0 and --new-action-mass in (0, 1). Fix: pass valid values")
     if args.curriculum and not (0 < args.curriculum_end <= 1 and args.curriculum_commission_start >= 0
                                 and (args.curriculum_dd_start is None or args.curriculum_dd_start > 0)):
-        raise DataError(f"--curriculum-end must be in (0, 1], --curriculum-commission-start >= 0 and --curriculum-dd-start > 0 (got {args.curriculum_end}, "
-                        f"{args.curriculum_commission_start}, {args.curriculum_dd_start}). Fix: e.g. --curriculum-end 0.8 --curriculum-commission-start 0 --curriculum-dd-start 4000")
+        raise DataError("--curriculum-end must be in (0, 1], --curriculum-commission-start >= 0 and --curriculum-dd-start > "
+                        f"0 (got {args.curriculum_end}, "
+                        f"{args.curriculum_commission_start}, {args.curriculum_dd_start}). Fix: e.g. --curriculum-end 0.8 "
+                        "--curriculum-commission-start 0 --curriculum-dd-start 4000")
     if args.action_space not in ("discrete", "continuous") or args.max_contracts < 1:
-        raise DataError(f"--action-space '{args.action_space}' must be discrete or continuous and --max-contracts >= 1 (got {args.max_contracts}). Fix: e.g. --action-space continuous --max-contracts 3")
+        raise DataError(f"--action-space '{args.action_space}' must be discrete or continuous and --max-contracts >= 1 (got "
+                        f"{args.max_contracts}). Fix: e.g. --action-space continuous --max-contracts 3")
     if args.action_space == "continuous" and args.phase != 1:
-        raise DataError("--action-space continuous sets the position directly; it has no phase 2 (break-even, trailing). Fix: drop --phase 2 or use --action-space discrete")
+        raise DataError("--action-space continuous sets the position directly; it has no phase 2 (break-even, trailing). "
+                        "Fix: drop --phase 2 or use --action-space discrete")
     if args.eval_split not in ("train", "val", "test"):
         raise DataError(f"--eval-split '{args.eval_split}' is not train, val or test. Fix: pick one of them")
 

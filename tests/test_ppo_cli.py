@@ -23,7 +23,7 @@ def test_tiny_run_writes_every_output(tiny_run):
     run_dir, r = tiny_run
     rows = assert_run_outputs(run_dir)
     assert [x["update"] for x in rows] == [2, 4, 6, 8]
-    for key in ("episodic_return", "policy_loss", "value_loss", "entropy", "sps", "val_return", "val_seconds"):
+    for key in ("episodic_return", "policy_loss", "value_loss", "entropy", "sps", "val_return"):
         assert key in rows[-1]
     report = json.loads((run_dir / "report.json").read_text())
     eur = report[MARKET]
@@ -35,7 +35,7 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert report["split"] == "test"
     trades = (run_dir / "trades.csv").read_text().splitlines()
     assert trades[0] == "market,entry_time,exit_time,direction,entry_price,exit_price,pnl" and len(trades) - 1 == eur["policy"]["trades"]
-    assert "update" in r.stdout and "SPS" in r.stdout and "ETA" in r.stdout
+    assert "update" in r.stdout and "SPS" in r.stdout and "ETA" in r.stdout and "validation backtests:" in r.stdout
 
 
 def test_tensorboard_tags(tiny_run):
