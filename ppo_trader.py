@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 class Args:
     """Masked PPO on intraday bars; every flag below is documented in --help."""
 
-    data: str = "data/eurusd_1h.npz"
+    data: str = "data/spy_1min.npz"
     """intraday .npz written by data_prep.py (one or several markets)"""
     seed: int = 1
     """random seed (same seed, same result)"""

@@ -9,7 +9,7 @@ from flax.serialization import msgpack_restore, msgpack_serialize
 from conftest import (assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error, assert_run_outputs, run_script,
                       tiny_run_dir)
 
-DATA_STEM, MARKET = "eurusd_1h", "EURUSD"  # the default --data
+DATA_STEM, MARKET = "spy_1min", "SPY"  # the default --data
 TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
         "--window", "8", "--episode-bars", "64", "--hidden", "32"]
 
