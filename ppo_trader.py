@@ -1,6 +1,6 @@
 """ppo_trader.py: masked PPO on an intraday futures/forex environment, in one file, jitted end to end.
 
-    python ppo_trader.py                                   # EURUSD 1h sample, a few minutes on a 2-core CPU
+    python ppo_trader.py                                   # SPY 1-minute RTH sample, a few minutes on a 2-core CPU
     python ppo_trader.py --num-envs 4096 --num-steps 64    # GPU-sized
     python ppo_trader.py --eval-only --checkpoint runs/NAME/best.msgpack
     python ppo_trader.py --run-name p1                                       # phase 1, then phase 2 from it:
