@@ -925,6 +925,9 @@ SAMPLE_COMMANDS = {
     "sp500_daily.npz": ["daily", "--src", "{raw}/sp500_dataset.csv.gz", "{raw}/sp500_index.csv.gz", "--context", "SP500", "--out", "{out}/sp500_daily.npz"],
     "eurusd_1h.npz": ["intraday", "--src", "{raw}/FOREX_EURUSD_1H_ASK.csv", "--market", "EURUSD", "--rth", "none", "--rollover", "17:00",
                       "--src-tz", "UTC", "--out", "{out}/eurusd_1h.npz"],
+    "spy_1min.npz": ["intraday", "--src", "{raw}/spy_1min_2018_2019.csv.gz", "--market", "SPY", "--point-value", "500", "--tick-size", "0.01",
+                     "--commission", "2.25", "--rth", "09:30-16:00", "--src-tz", "America/New_York", "--timestamps", "open",
+                     "--out", "{out}/spy_1min.npz"],
 }
 
 

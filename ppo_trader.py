@@ -1,9 +1,10 @@
 """ppo_trader.py: masked PPO on an intraday futures/forex environment, in one file, jitted end to end.
 
-    python ppo_trader.py                                   # EURUSD 1h sample, a few minutes on a 2-core CPU
+    python ppo_trader.py                                   # SPY 1-minute RTH sample, a few minutes on a 2-core CPU
     python ppo_trader.py --num-envs 4096 --num-steps 64    # GPU-sized
     python ppo_trader.py --eval-only --checkpoint runs/NAME/best.msgpack
-    python ppo_trader.py --run-name p1 && python ppo_trader.py --phase 2 --init-from runs/p1/best.msgpack   # phase 2 from phase 1
+    python ppo_trader.py --run-name p1                                       # phase 1, then phase 2 from it:
+    python ppo_trader.py --phase 2 --init-from runs/p1/best.msgpack
     python ppo_trader.py --action-space continuous --max-contracts 3  # target positions instead of BUY/SELL
 
 The file reads top to bottom as the data flows: args, data arrays, env (gymnax style: pure `reset` and
@@ -45,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 class Args:
     """Masked PPO on intraday bars; every flag below is documented in --help."""
 
-    data: str = "data/eurusd_1h.npz"
+    data: str = "data/spy_1min.npz"
     """intraday .npz written by data_prep.py (one or several markets)"""
     seed: int = 1
     """random seed (same seed, same result)"""
@@ -84,11 +85,13 @@ class Args:
     hidden: int = 128
     """units per hidden layer (two layers, tanh) of actor and critic"""
     train_end: str = "0.7"
-    """end of the training split: a date (YYYY-MM-DD, exclusive) or a fraction of all markets' bars on one common timeline (one cut for every market)"""
+    """end of the training split: a date (YYYY-MM-DD, exclusive) or a fraction of all markets' bars on one common
+    timeline (one cut for every market)"""
     val_end: str = "0.85"
     """end of the validation split (the test split is the rest); one window of bars is embargoed between splits"""
     market_weights: Optional[tuple[float, ...]] = None
-    """probability of drawing each market at an episode's reset, one number per market of --data (normalised to sum 1; default: in proportion to each market's training bars)"""
+    """probability of drawing each market at an episode's reset, one number per market of --data (normalised to sum 1;
+    default: in proportion to each market's training bars)"""
     window: int = 16
     """bars of market features in an observation"""
     contracts: int = 1
@@ -110,13 +113,14 @@ class Args:
     breach_penalty: float = 0.0
     """extra negative reward when the drawdown limit is breached"""
     episode_bars: int = 256
-    """bars per episode (truncation); episodes start at a random session start"""
+    """bars per episode (truncation); episodes start at a random RTH bar of the training split"""
     no_entry_bars: int = 2
     """no new entries this many bars (or fewer) before the session end"""
     flatten_at_close: bool = True
     """close any position at the session end's close"""
     action_space: str = "discrete"
-    """discrete: the actions of --phase; continuous (phase 1 only): a target position in [-1, 1] x --max-contracts (squashed Gaussian), rounded to whole contracts"""
+    """discrete: the actions of --phase; continuous (phase 1 only): a target position in [-1, 1] x --max-contracts
+    (squashed Gaussian), rounded to whole contracts"""
     max_contracts: int = 1
     """--action-space continuous: the largest position, in contracts (the policy's +-1)"""
     phase: int = 1
@@ -124,11 +128,13 @@ class Args:
     trail_atr_mult: float = 1.0
     """phase 2: a trailing stop sits this many ATR (of the decision bar) behind the best price since entry"""
     init_from: Optional[str] = None
-    """phase 2: start from this phase 1 policy (runs/NAME/best.msgpack or final.msgpack): weights, grown policy head, obs normaliser"""
+    """phase 2: start from this phase 1 policy (runs/NAME/best.msgpack or final.msgpack): weights, grown policy head,
+    obs normaliser"""
     new_action_mass: float = 0.01
     """with --init-from: each new action starts with about this probability relative to HOLD"""
     curriculum: bool = False
-    """ease the rules at the start of training: dd limit and commission move linearly from the start values below to the real ones"""
+    """ease the rules at the start of training: dd limit and commission move linearly from the start values below to
+    the real ones"""
     curriculum_dd_start: Optional[float] = None
     """--curriculum: trailing drawdown limit at the start of training (default: 2 x --dd-limit)"""
     curriculum_commission_start: float = 0.0
@@ -180,7 +186,7 @@ class MarketData:
     bars_to_close: jax.Array  # bars until the session end (0 on it), int32
     hours_to_close: jax.Array  # hours until the session end's bar, clipped to [0, 24]
     features: jax.Array  # [M, T, F]
-    starts: jax.Array  # [M, S] episode start bars (session starts inside the split), padded
+    starts: jax.Array  # [M, S] episode start bars (every RTH bar inside the split), padded
     n_starts: jax.Array  # [M]
     lo: jax.Array  # [M] first bar of the split
     hi: jax.Array  # [M] end of the split (exclusive)
@@ -202,18 +208,35 @@ def split_time(text: str, all_ts: np.ndarray, flag: str) -> int:
     try:
         return int(np.datetime64(text, "ns").astype(np.int64))
     except ValueError:
-        raise DataError(f"{flag} '{text}' is neither a fraction in (0, 1) nor a date YYYY-MM-DD. Fix: e.g. {flag} 2017-09-01") from None
+        raise DataError(f"{flag} '{text}' is neither a fraction in (0, 1) nor a date YYYY-MM-DD. "
+                        f"Fix: e.g. {flag} 2017-09-01") from None
 
 
-def calendar_arrays(session_end: np.ndarray, ts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """bars_to_close (bars until the next session-end bar, T if none) and hours_to_close (clipped to 24)."""
-    T = len(session_end)
-    idx = np.arange(T)
-    nxt = np.where(session_end, idx, T)
-    nxt = np.minimum.accumulate(nxt[::-1])[::-1]
-    bars = (nxt - idx).astype(np.int32)
-    end_ts = ts[np.minimum(nxt, T - 1)]
-    hours = np.where(nxt < T, np.clip((end_ts - ts) / 3.6e12, 0.0, 24.0), 24.0)
+def scheduled_closes(ts: np.ndarray, rth: np.ndarray, rth_window: str, tz: str, rollover: str) -> np.ndarray:
+    """UTC nanoseconds of every session's scheduled close, sorted: the RTH end (`rth_window` 'HH:MM-HH:MM' in the
+    exchange zone `tz`, DST handled) of each day with an RTH bar, or for a 24 h market ('none') the `rollover`
+    that ends each session. The exchange calendar, known in advance: a gap in the bars does not move a close."""
+    import pandas as pd
+
+    local = pd.DatetimeIndex(ts[rth]).tz_localize("UTC").tz_convert(tz)
+    end = (rollover if rth_window == "none" else rth_window.split("-")[1]).split(":")
+    end_offset = pd.Timedelta(hours=int(end[0]), minutes=int(end[1]))
+    # a 24 h session belongs to the day of the rollover that ends it
+    session_day = local + (pd.Timedelta(days=1) - end_offset) if rth_window == "none" else local
+    session_day = session_day.normalize().tz_localize(None)
+    closes = (pd.DatetimeIndex(np.unique(session_day.to_numpy())) + end_offset).tz_localize(tz).tz_convert("UTC")
+    return np.sort(closes.as_unit("ns").asi8)
+
+
+def calendar_arrays(ts: np.ndarray, closes: np.ndarray, bar_ns: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per bar, from the scheduled closes: bars_to_close (whole bars after this one until the next close, 0 on the
+    bar that closes at it; int32, T if none) and hours_to_close (from the bar's close, clipped to [0, 24]; 24 if none)."""
+    bar_close = ts + bar_ns
+    i = np.searchsorted(closes, bar_close)
+    has = i < len(closes)
+    remaining = np.where(has, closes[np.minimum(i, len(closes) - 1)] - bar_close, 0)
+    bars = np.where(has, -(-remaining // bar_ns), len(ts)).astype(np.int32)
+    hours = np.where(has, np.clip(remaining / 3.6e12, 0.0, 24.0), 24.0)
     return bars, hours.astype(np.float32)
 
 
@@ -224,9 +247,11 @@ def market_weights(args: Args, names: list, bounds: list, path: Path) -> np.ndar
         return (lens / lens.sum()).astype(np.float32)
     w = np.asarray(args.market_weights, np.float64)
     if len(w) != len(names):
-        raise DataError(f"--market-weights has {len(w)} numbers, {path} holds {len(names)} markets ({' '.join(names)}). Fix: pass one weight per market, in that order")
+        raise DataError(f"--market-weights has {len(w)} numbers, {path} holds {len(names)} markets ({' '.join(names)}). Fix: "
+                        "pass one weight per market, in that order")
     if not (np.isfinite(w).all() and (w >= 0).all() and w.sum() > 0):
-        raise DataError(f"--market-weights {' '.join(map(str, args.market_weights))}: weights must be finite, >= 0 and not all 0. Fix: e.g. --market-weights {' '.join(['1'] * len(names))}")
+        raise DataError(f"--market-weights {' '.join(map(str, args.market_weights))}: weights must be finite, >= 0 and not "
+                        f"all 0. Fix: e.g. --market-weights {' '.join(['1'] * len(names))}")
     return (w / w.sum()).astype(np.float32)
 
 
@@ -247,7 +272,8 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
         raise DataError(f"{path}: not a readable .npz ({type(e).__name__}). Fix: rebuild it with data_prep.py") from None
     meta = json.loads(str(raw.get("meta", "{}")))
     if meta.get("kind") != "intraday":
-        raise DataError(f"{path}: kind is '{meta.get('kind')}', ppo_trader needs intraday bars. Fix: use data_prep.py intraday (or erl_trader.py for daily data)")
+        raise DataError(f"{path}: kind is '{meta.get('kind')}', ppo_trader needs intraday bars. Fix: use data_prep.py "
+                        "intraday (or erl_trader.py for daily data)")
     need = ("timestamps", "open", "high", "low", "close", "atr", "rth", "session_end", "features", "market", "length")
     missing = [k for k in need if k not in raw]
     if missing:
@@ -257,46 +283,60 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
     bars, hours, bounds = np.zeros((M, T), np.int32), np.zeros((M, T), np.float32), []
     all_ts = np.unique(np.concatenate([raw["timestamps"][m][: int(raw["length"][m])] for m in range(M)]))
     cut1, cut2 = split_time(args.train_end, all_ts, "--train-end"), split_time(args.val_end, all_ts, "--val-end")
+    specs = meta.get("markets", {})
     for m in range(M):
         n = int(raw["length"][m])
-        bars[m], hours[m] = calendar_arrays(raw["session_end"][m], raw["timestamps"][m], n)
+        ts = raw["timestamps"][m][:n]
+        spec = specs.get(str(raw["market"][m]), {})
+        bar_ns = int(spec.get("bar_seconds", np.median(np.diff(ts)) / 1e9)) * 1_000_000_000
+        closes = scheduled_closes(ts, raw["rth"][m][:n], spec.get("rth", "none"), meta.get("tz", "America/New_York"),
+                                  meta.get("rollover", "17:00"))
+        bars[m, :n], hours[m, :n] = calendar_arrays(ts, closes, bar_ns)
+        bars[m, n:], hours[m, n:] = T, 24.0
         i1, i2 = (int(np.searchsorted(raw["timestamps"][m][:n], cut)) for cut in (cut1, cut2))
         b = {"train": (0, i1), "val": (i1 + W, i2), "test": (i2 + W, n)}
         for name, (lo, hi) in b.items():
             if hi - lo < W + args.episode_bars // 4 + 1:
-                raise DataError(f"{path}: market {raw['market'][m]} has {max(hi - lo, 0)} bars in the {name} split, fewer than window + a quarter episode ({W + args.episode_bars // 4 + 1}). "
+                raise DataError(f"{path}: market {raw['market'][m]} has {max(hi - lo, 0)} bars in the {name} split, fewer "
+                                f"than window + a quarter episode ({W + args.episode_bars // 4 + 1}). "
                                 "Fix: move --train-end/--val-end, or lower --window/--episode-bars")
         bounds.append(b)
     train_mask = np.zeros((M, T), bool)
     for m, b in enumerate(bounds):
         train_mask[m, : b["train"][1]] = True
     f = raw["features"].astype(np.float64)
-    mu, sd = (f[train_mask].mean(0), f[train_mask].std(0)) if feature_stats is None else (np.asarray(feature_stats[0]), np.asarray(feature_stats[1]))
+    mu, sd = (f[train_mask].mean(0), f[train_mask].std(0)) if feature_stats is None else (np.asarray(feature_stats[0]),
+                                                                                          np.asarray(feature_stats[1]))
     if mu.shape != (f.shape[-1],):
-        raise DataError(f"{path}: {f.shape[-1]} features, the policy was trained on {mu.shape[0]}. Fix: evaluate on data built the same way")
+        raise DataError(f"{path}: {f.shape[-1]} features, the policy was trained on {mu.shape[0]}. Fix: evaluate on data "
+                        "built the same way")
     feats = ((f - mu) / np.where(sd > 1e-12, sd, 1.0)).clip(-10, 10).astype(np.float32)
-    specs = meta.get("markets", {})
     names = [str(x) for x in raw["market"]]
     for n in names:
         sp = specs.get(n)
         if sp is None or not (sp["point_value"] > 0 and sp["tick_size"] > 0 and sp["commission"] >= 0):
-            raise DataError(f"{path}: market {n} has no valid spec in meta (point value > 0, tick size > 0, commission >= 0). Fix: rebuild it with data_prep.py and --point-value/--tick-size/--commission")
+            raise DataError(f"{path}: market {n} has no valid spec in meta (point value > 0, tick size > 0, commission >= "
+                            "0). Fix: rebuild it with data_prep.py and --point-value/--tick-size/--commission")
     pv = np.array([specs[n]["point_value"] for n in names], np.float32)
     tick = np.array([specs[n]["tick_size"] for n in names], np.float32)
     comm = np.array([args.commission if args.commission is not None else specs[n]["commission"] for n in names], np.float32)
     weights = market_weights(args, names, bounds, path)
-    first_rth = raw["rth"] & ~np.concatenate([np.zeros((M, 1), bool), raw["rth"][:, :-1] & ~raw["session_end"][:, :-1]], axis=1)
     # the bar arrays go to the device once and are shared by the three splits (which differ in starts and bounds)
-    shared = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
-                  close=jnp.asarray(raw["close"], jnp.float32), atr=jnp.asarray(raw["atr"], jnp.float32), rth=jnp.asarray(raw["rth"]),
-                  session_end=jnp.asarray(raw["session_end"]), bars_to_close=jnp.asarray(bars), hours_to_close=jnp.asarray(hours),
-                  features=jnp.asarray(feats), point_value=jnp.asarray(pv), tick_size=jnp.asarray(tick), commission=jnp.asarray(comm))
+    shared = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32),
+                  low=jnp.asarray(raw["low"], jnp.float32),
+                  close=jnp.asarray(raw["close"], jnp.float32), atr=jnp.asarray(raw["atr"], jnp.float32),
+                  rth=jnp.asarray(raw["rth"]),
+                  session_end=jnp.asarray(raw["session_end"]), bars_to_close=jnp.asarray(bars),
+                  hours_to_close=jnp.asarray(hours),
+                  features=jnp.asarray(feats), point_value=jnp.asarray(pv), tick_size=jnp.asarray(tick),
+                  commission=jnp.asarray(comm))
     out = {}
     for name in ("train", "val", "test"):
         starts = []
         for m, b in enumerate(bounds):
             lo, hi = b[name]
-            s = np.flatnonzero(first_rth[m, :hi])
+            # every RTH bar of the split can start an episode, so training plays every time of the session
+            s = np.flatnonzero(raw["rth"][m, :hi])
             starts.append(s[(s >= lo + W - 1) & (s + 1 < hi)])
             if len(starts[-1]) == 0:
                 starts[-1] = np.array([lo + W - 1])
@@ -371,10 +411,14 @@ class EnvState:
 
 def env_params_from_args(args: Args) -> EnvParams:
     """EnvParams from the CLI flags."""
-    return EnvParams(window=args.window, episode_bars=args.episode_bars, no_entry_bars=args.no_entry_bars, flatten_at_close=args.flatten_at_close,
-                     contracts=float(args.contracts), sl_atr_mult=args.sl_atr_mult, tp_atr_mult=args.tp_atr_mult, slippage_ticks=args.slippage_ticks,
-                     initial_balance=args.initial_balance, dd_limit=args.dd_limit, dd_lock_offset=args.dd_lock_offset, breach_penalty=args.breach_penalty,
-                     phase=args.phase, trail_atr_mult=args.trail_atr_mult, action_space=args.action_space, max_contracts=args.max_contracts)
+    return EnvParams(window=args.window, episode_bars=args.episode_bars, no_entry_bars=args.no_entry_bars,
+                     flatten_at_close=args.flatten_at_close,
+                     contracts=float(args.contracts), sl_atr_mult=args.sl_atr_mult, tp_atr_mult=args.tp_atr_mult,
+                     slippage_ticks=args.slippage_ticks,
+                     initial_balance=args.initial_balance, dd_limit=args.dd_limit, dd_lock_offset=args.dd_lock_offset,
+                     breach_penalty=args.breach_penalty,
+                     phase=args.phase, trail_atr_mult=args.trail_atr_mult, action_space=args.action_space,
+                     max_contracts=args.max_contracts)
 
 
 def dd_threshold(peak: jax.Array, params: EnvParams) -> jax.Array:
@@ -385,12 +429,13 @@ def dd_threshold(peak: jax.Array, params: EnvParams) -> jax.Array:
 def reset_at(market: jax.Array, start: jax.Array) -> EnvState:
     """A flat account at decision bar `start` of `market`."""
     z, zi = jnp.float32(0.0), jnp.int32(0)
-    return EnvState(market=jnp.int32(market), t=jnp.int32(start), steps=zi, dir=zi, entry=z, sl=z, tp=z, bars_in_pos=zi, size=zi, trail=jnp.bool_(False), best=z,
+    return EnvState(market=jnp.int32(market), t=jnp.int32(start), steps=zi, dir=zi, entry=z, sl=z, tp=z, bars_in_pos=zi,
+                    size=zi, trail=jnp.bool_(False), best=z,
                     pnl=z, peak=z, equity=z, episode_return=z)
 
 
 def reset(key: jax.Array, params: EnvParams, data: MarketData) -> tuple[jax.Array, EnvState]:
-    """Draws a market (by `market_weights`) and a session start inside the split; returns (obs, state)."""
+    """Draws a market (by `market_weights`) and a start bar (any RTH bar inside the split); returns (obs, state)."""
     # both draws from one pair of uniforms (one threefry block): step calls reset for every env at every step,
     # and random.split + choice + randint cost ~6 blocks, more than the env rules themselves
     u = jax.random.uniform(key, (2,))
@@ -401,12 +446,18 @@ def reset(key: jax.Array, params: EnvParams, data: MarketData) -> tuple[jax.Arra
     return get_obs(state, params, data), state
 
 
+def can_add(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
+    """New exposure is allowed: inside RTH and more than no_entry_bars before the session end."""
+    m, t = state.market, state.t
+    return data.rth[m, t] & (data.bars_to_close[m, t] > params.no_entry_bars)
+
+
 def legal_mask(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
     """[3] bool: HOLD always; BUY/SELL when flat, inside RTH and more than no_entry_bars before the close.
     Phase 2, [6]: MOVE_SL_TO_BE in a position with open profit at the close and the stop still short of
     the entry; ENABLE_TRAIL in a position with trailing off; DISABLE_TRAIL with trailing on."""
     m, t = state.market, state.t
-    entry_ok = (state.dir == 0) & data.rth[m, t] & (data.bars_to_close[m, t] > params.no_entry_bars)
+    entry_ok = (state.dir == 0) & can_add(state, params, data)
     if params.phase == 1:
         return jnp.array([True, entry_ok, entry_ok])
     d = state.dir.astype(jnp.float32)
@@ -436,203 +487,212 @@ def get_obs(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
         data.hours_to_close[m, t] / 24.0,
     ])
     if params.phase == 2:
-        pos = jnp.concatenate([pos, jnp.stack([in_pos & ((state.sl - state.entry) * d >= 0), in_pos & state.trail]).astype(jnp.float32)])
+        pos = jnp.concatenate([pos, jnp.stack([in_pos & ((state.sl - state.entry) * d >= 0),
+                                               in_pos & state.trail]).astype(jnp.float32)])
     return jnp.concatenate([window, pos.astype(jnp.float32)])
 
 
-def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: MarketData):
-    """The rules of DESIGN 2a for one decision: fill at t+1's open, stops/targets, flatten, drawdown.
+class BarCosts(NamedTuple):
+    """Per-contract money of market `m`: point value, slippage in price units, commission per side, the tick."""
 
-    Returns (state at t+1, reward, terminated, info) without any reset; info holds the entry and exit
-    prices of this step (NaN when none) and the P&L booked.
-    """
-    if params.action_space == "continuous":
-        return step_core_continuous(state, action, params, data)
-    m, t = state.market, state.t
-    u = t + 1
+    point_value: jax.Array
+    slip: jax.Array
+    commission: jax.Array
+    tick: jax.Array
+
+
+def bar_costs(market: jax.Array, params: EnvParams, data: MarketData) -> BarCosts:
+    return BarCosts(data.point_value[market], params.slippage_ticks * data.tick_size[market], data.commission[market],
+                    data.tick_size[market])
+
+
+def round_to_tick(price: jax.Array, tick: jax.Array) -> jax.Array:
+    return jnp.round(price / tick) * tick
+
+
+class Position(NamedTuple):
+    """An open position (or none: direction 0) while bar u plays out; `lots` contracts, `entry` their average price."""
+
+    direction: jax.Array  # int32: -1, 0, +1
+    lots: jax.Array  # float32 contracts held (0 flat)
+    entry: jax.Array
+    sl: jax.Array
+    tp: jax.Array
+    bars_in_pos: jax.Array
+    pnl: jax.Array  # realised P&L (balance - initial balance), commissions included
+
+
+class Closed(NamedTuple):
+    """Contracts closed in one step: price (NaN if none), their average entry, direction and lots, the P&L
+    booked at the exit (exit commission included) and the round trip's P&L (both commissions)."""
+
+    price: jax.Array
+    entry: jax.Array
+    direction: jax.Array
+    lots: jax.Array
+    booked: jax.Array
+    round_trip: jax.Array
+
+
+def close_lots(pos: Position, lots: jax.Array, price: jax.Array, when: jax.Array, costs: BarCosts) -> Closed:
+    """Closing `lots` of `pos` at `price` where `when` (nothing elsewhere)."""
+    lots = jnp.where(when, lots, 0.0)
+    booked = ((price - pos.entry) * pos.direction * costs.point_value - costs.commission) * lots
+    return Closed(price=jnp.where(when, price, jnp.nan), entry=jnp.where(when, pos.entry, jnp.nan),
+                  direction=jnp.where(when, pos.direction, 0),
+                  lots=lots, booked=booked, round_trip=booked - costs.commission * lots)
+
+
+def play_bar(state: EnvState, pos: Position, params: EnvParams, data: MarketData):
+    """The rules both action spaces share, once the orders of bar u = t + 1's open are filled: a stop or target
+    inside bar u (a gap through a level fills at the open; both inside the bar: the stop first), the flatten at
+    the session end's close, the mark to market at u's close, the trailing drawdown (a breach liquidates at the
+    close and terminates) and the reward (change in equity / dd_limit, minus the breach penalty).
+
+    Returns (position after bar u, Closed inside bar u, equity, peak, reward, terminated)."""
+    m, u = state.market, state.t + 1
     o, h, l, c = data.open[m, u], data.high[m, u], data.low[m, u], data.close[m, u]
-    tick = data.tick_size[m]
-    pv = data.point_value[m] * params.contracts
-    slip = params.slippage_ticks * tick
-    comm = data.commission[m] * params.contracts
-    mask = legal_mask(state, params, data)
-    a = jnp.where(mask[action], action, HOLD)
-    round_tick = lambda x: jnp.round(x / tick) * tick  # noqa: E731
+    costs = bar_costs(m, params, data)
+    d = pos.direction.astype(jnp.float32)
+    long, short = pos.direction == 1, pos.direction == -1
+    stop_gap = (long & (o <= pos.sl)) | (short & (o >= pos.sl))
+    tp_gap = (long & (o >= pos.tp)) | (short & (o <= pos.tp))
+    stop_hit = (long & (l <= pos.sl)) | (short & (h >= pos.sl))
+    tp_hit = (long & (h >= pos.tp)) | (short & (l <= pos.tp))
+    level_px = jnp.select([stop_gap, tp_gap, stop_hit, tp_hit], [o - d * costs.slip, o, pos.sl - d * costs.slip, pos.tp],
+                          c - d * costs.slip)
+    at_level = stop_gap | tp_gap | stop_hit | tp_hit
+    flatten = (pos.direction != 0) & ~at_level & params.flatten_at_close & data.session_end[m, u]
+    exited = close_lots(pos, pos.lots, level_px, at_level | flatten, costs)
+    still_open = (pos.direction != 0) & ~(at_level | flatten)
 
-    # MANAGE the open position (phase 2), for bar u: break-even, trailing on/off, then a trailing stop
-    # ratchets to the best price since entry -/+ trail_atr_mult x ATR of the decision bar, never loosening
-    sl, trail = state.sl, state.trail
-    if params.phase == 2:
-        d0 = state.dir.astype(jnp.float32)
-        sl = jnp.where(a == MOVE_SL_TO_BE, state.entry, sl)
-        trail = jnp.where(a == ENABLE_TRAIL, True, jnp.where(a == DISABLE_TRAIL, False, trail))
-        level = round_tick(state.best - d0 * params.trail_atr_mult * data.atr[m, t])
-        sl = jnp.where(trail, jnp.where(state.dir == 1, jnp.maximum(sl, level), jnp.minimum(sl, level)), sl)
-
-    # ENTRY at the next open, slippage against the trader; levels from the decision bar's ATR
-    enter = (state.dir == 0) & ((a == BUY) | (a == SELL))
-    new_dir = jnp.where(a == BUY, 1, -1)
-    d = jnp.where(enter, new_dir, state.dir)
-    df = d.astype(jnp.float32)
-    entry_px = o + df * slip
-    entry = jnp.where(enter, entry_px, state.entry)
-    sl = jnp.where(enter, round_tick(entry_px - df * params.sl_atr_mult * data.atr[m, t]), sl)
-    tp = jnp.where(enter, round_tick(entry_px + df * params.tp_atr_mult * data.atr[m, t]), state.tp)
-    best = jnp.where(enter, o, state.best)
-    pnl = state.pnl - jnp.where(enter, comm, 0.0)
-    bars_in_pos = jnp.where(enter, 0, state.bars_in_pos)
-
-    # STOP / TARGET inside bar u: a gap through a level fills at the open; both inside -> stop first
-    long, short = d == 1, d == -1
-    stop_gap = (long & (o <= sl)) | (short & (o >= sl))
-    tp_gap = (long & (o >= tp)) | (short & (o <= tp))
-    stop_hit = (long & (l <= sl)) | (short & (h >= sl))
-    tp_hit = (long & (h >= tp)) | (short & (l <= tp))
-    exit_px = jnp.select([stop_gap, tp_gap, stop_hit, tp_hit], [o - df * slip, o, sl - df * slip, tp], jnp.nan)
-    exits = stop_gap | tp_gap | stop_hit | tp_hit
-    # FLATTEN at the session end's close
-    flat_close = (d != 0) & ~exits & params.flatten_at_close & data.session_end[m, u]
-    exit_px = jnp.where(flat_close, c - df * slip, exit_px)
-    exits = exits | flat_close
-    booked = jnp.where(exits, (exit_px - entry) * df * pv - comm, 0.0)
-    pnl = pnl + booked
-    d = jnp.where(exits, 0, d)
-    bars_in_pos = jnp.where(d != 0, bars_in_pos + 1, 0)
-    best = jnp.where(d == 1, jnp.maximum(best, h), jnp.where(d == -1, jnp.minimum(best, l), 0.0))
-
-    # MARK TO MARKET, trailing drawdown and breach
-    df = d.astype(jnp.float32)
-    equity = pnl + jnp.where(d != 0, (c - entry) * df * pv, 0.0)
+    # MARK TO MARKET at u's close, trailing drawdown and breach
+    pnl = pos.pnl + exited.booked
+    equity = pnl + jnp.where(still_open, (c - pos.entry) * d * costs.point_value * pos.lots, 0.0)
     peak = jnp.maximum(state.peak, equity)
     terminated = equity <= dd_threshold(peak, params)
-    liquidate = terminated & (d != 0)
-    liq_px = c - df * slip
-    liq_booked = jnp.where(liquidate, (liq_px - entry) * df * pv - comm, 0.0)
-    pnl = pnl + liq_booked
-    exit_px = jnp.where(liquidate, liq_px, exit_px)
+    liquidated = close_lots(pos, pos.lots, c - d * costs.slip, terminated & still_open, costs)
+    pnl = pnl + liquidated.booked
     equity = jnp.where(terminated, pnl, equity)
-    d = jnp.where(terminated, 0, d)
-    bars_in_pos = jnp.where(d != 0, bars_in_pos, 0)
-    flat = d == 0
     reward = (equity - state.equity) / params.dd_limit - jnp.where(terminated, params.breach_penalty, 0.0)
+    closed = jax.tree.map(lambda a, b: jnp.where(liquidated.lots > 0, b, a), exited, liquidated)  # one of them at most
+    open_after = still_open & ~terminated
+    after = Position(direction=jnp.where(open_after, pos.direction, 0), lots=jnp.where(open_after, pos.lots, 0.0),
+                     entry=jnp.where(open_after, pos.entry, 0.0), sl=jnp.where(open_after, pos.sl, 0.0),
+                     tp=jnp.where(open_after, pos.tp, 0.0),
+                     bars_in_pos=jnp.where(open_after, pos.bars_in_pos + 1, 0), pnl=pnl)
+    return after, closed, equity, peak, reward, terminated
 
-    new_state = EnvState(
-        market=m, t=u, steps=state.steps + 1, dir=d, entry=jnp.where(flat, 0.0, entry), sl=jnp.where(flat, 0.0, sl),
-        tp=jnp.where(flat, 0.0, tp), bars_in_pos=bars_in_pos, size=state.size, trail=trail & ~flat, best=jnp.where(flat, 0.0, best), pnl=pnl, peak=peak, equity=equity,
-        episode_return=state.episode_return + reward,
-    )
-    closed = exits | liquidate
-    info = dict(mask=mask, action=a, entry_price=jnp.where(enter, entry_px, jnp.nan), exit_price=exit_px,
-                exit_dir=jnp.where(closed, jnp.where(enter, new_dir, state.dir), 0),
-                trade_pnl=jnp.where(closed, booked + liq_booked - comm, 0.0))  # both commissions of the round trip
+
+def no_close(pos: Position) -> Closed:
+    """Nothing closed (the discrete action space never closes at the open)."""
+    nan, zero = jnp.full_like(pos.pnl, jnp.nan), jnp.zeros_like(pos.pnl)
+    return Closed(price=nan, entry=nan, direction=jnp.zeros_like(pos.direction), lots=zero, booked=zero, round_trip=zero)
+
+
+def step_core(state: EnvState, action: jax.Array, params: EnvParams, data: MarketData):
+    """The rules of DESIGN 2a for one decision: orders at t+1's open, then `play_bar` (stops/targets, flatten, drawdown).
+
+    Returns (state at t+1, reward, terminated, info) without any reset. info: the mask and the action taken,
+    `entry_price` (a fill that opened or added contracts, NaN when none), `exit_price` (the step's last exit, NaN
+    when none) and `closed`: a `Closed` with a leading axis of 2, the contracts closed at u's open by the action
+    (continuous actions only) and those closed inside bar u.
+    """
+    if params.action_space == "continuous":
+        pos, at_open, entry_px, action_taken = change_position(state, action, params, data)
+    else:
+        pos, entry_px, action_taken, trail = enter_or_manage(state, action, params, data)
+        at_open = no_close(pos)
+    after, in_bar, equity, peak, reward, terminated = play_bar(state, pos, params, data)
+    m, u = state.market, state.t + 1
+    if params.action_space == "continuous" or params.phase == 1:
+        best, trail = jnp.float32(0.0), jnp.bool_(False)
+    else:  # phase 2: the best price since entry, the entry bar included, for the trailing stop
+        best = jnp.where(state.dir == 0, data.open[m, u], state.best)
+        best = jnp.where(after.direction == 1, jnp.maximum(best, data.high[m, u]),
+                         jnp.where(after.direction == -1, jnp.minimum(best, data.low[m, u]), 0.0))
+        trail = trail & (after.direction != 0)
+    size = after.lots.astype(jnp.int32) if params.action_space == "continuous" else state.size
+    new_state = EnvState(market=m, t=u, steps=state.steps + 1, dir=after.direction, entry=after.entry, sl=after.sl,
+                         tp=after.tp,
+                         bars_in_pos=after.bars_in_pos, size=size, trail=trail, best=best, pnl=after.pnl, peak=peak,
+                         equity=equity,
+                         episode_return=state.episode_return + reward)
+    closed = jax.tree.map(lambda a, b: jnp.stack([a, b]), at_open, in_bar)
+    info = dict(mask=legal_mask(state, params, data), action=action_taken, entry_price=entry_px,
+                exit_price=jnp.where(jnp.isnan(in_bar.price), at_open.price, in_bar.price), closed=closed)
     return new_state, reward, terminated, info
+
+
+def enter_or_manage(state: EnvState, action: jax.Array, params: EnvParams, data: MarketData):
+    """Discrete actions at u's open: an illegal action is HOLD; phase 2 manages the open position (break-even,
+    trailing on/off, then the trailing stop ratchets to the best price since entry -/+ trail_atr_mult x ATR of the
+    decision bar, never loosening); BUY/SELL open `contracts` at the open with slippage against the trader, the stop
+    and target from the decision bar's ATR. Returns (Position, entry fill price or NaN, action taken, trailing flag)."""
+    m, t = state.market, state.t
+    costs = bar_costs(m, params, data)
+    atr, o = data.atr[m, t], data.open[m, t + 1]
+    a = jnp.where(legal_mask(state, params, data)[action], action, HOLD)
+    sl, trail = state.sl, state.trail
+    if params.phase == 2:
+        held = state.dir.astype(jnp.float32)
+        sl = jnp.where(a == MOVE_SL_TO_BE, state.entry, sl)
+        trail = jnp.where(a == ENABLE_TRAIL, True, jnp.where(a == DISABLE_TRAIL, False, trail))
+        level = round_to_tick(state.best - held * params.trail_atr_mult * atr, costs.tick)
+        sl = jnp.where(trail, jnp.where(state.dir == 1, jnp.maximum(sl, level), jnp.minimum(sl, level)), sl)
+    enter = (state.dir == 0) & ((a == BUY) | (a == SELL))
+    d = jnp.where(enter, jnp.where(a == BUY, 1, -1), state.dir)
+    entry_px = o + d.astype(jnp.float32) * costs.slip
+    pos = Position(
+        direction=d, lots=jnp.where(d != 0, jnp.asarray(params.contracts, jnp.float32), 0.0),
+        entry=jnp.where(enter, entry_px, state.entry),
+        sl=jnp.where(enter, round_to_tick(entry_px - d * params.sl_atr_mult * atr, costs.tick), sl),
+        tp=jnp.where(enter, round_to_tick(entry_px + d * params.tp_atr_mult * atr, costs.tick), state.tp),
+        bars_in_pos=jnp.where(enter, 0, state.bars_in_pos), pnl=state.pnl - jnp.where(enter,
+                                                                                      costs.commission * params.contracts,
+                                                                                      0.0))
+    return pos, jnp.where(enter, entry_px, jnp.nan), a, trail
 
 
 def target_contracts(state: EnvState, action: jax.Array, params: EnvParams, data: MarketData) -> jax.Array:
     """Continuous action space: the signed whole-contract target round(clip(action, -1, 1) x max_contracts).
     Where discrete entries are masked (outside RTH, no_entry_bars or fewer before the session end) the target
     is clamped between 0 and the current position: it may reduce or close, never add or reverse."""
-    m, t = state.market, state.t
-    q = state.dir * state.size
+    held = state.dir * state.size
     target = jnp.round(jnp.clip(action, -1.0, 1.0) * params.max_contracts).astype(jnp.int32)
-    can_add = data.rth[m, t] & (data.bars_to_close[m, t] > params.no_entry_bars)
-    return jnp.where(can_add, target, jnp.clip(target, jnp.minimum(q, 0), jnp.maximum(q, 0)))
+    return jnp.where(can_add(state, params, data), target, jnp.clip(target, jnp.minimum(held, 0), jnp.maximum(held, 0)))
 
 
-def step_core_continuous(state: EnvState, action: jax.Array, params: EnvParams, data: MarketData):
-    """`step_core` for --action-space continuous: `action` in [-1, 1] is a target position (see `target_contracts`).
-
-    At t+1's open the position moves to the target: a smaller target on the same side closes the difference
-    (the entry and levels stay); a larger one adds contracts (the entry becomes the average entry price and the
-    stop and target are set again around it with the decision bar's ATR); a target of 0 or on the other side
-    closes everything first, then opens the new side. Fills at the open with slippage against the trader,
-    commission per contract per side. Stops, targets, the session-end flatten and the drawdown act on the whole
-    position, as in `step_core`.
-    """
+def change_position(state: EnvState, action: jax.Array, params: EnvParams, data: MarketData):
+    """Continuous actions (`action` in [-1, 1], see `target_contracts`) at u's open. A smaller target on the same
+    side closes the difference (the entry and levels stay); a larger one adds contracts (the entry becomes the
+    average entry price and the stop and target are set again around it with the decision bar's ATR); a target
+    of 0 or on the other side closes everything first, then opens the new side. Fills at the open with slippage
+    against the trader, commission per contract per side. Returns (Position, Closed at the open, entry fill price
+    or NaN, target)."""
     m, t = state.market, state.t
-    u = t + 1
-    o, h, l, c = data.open[m, u], data.high[m, u], data.low[m, u], data.close[m, u]
-    tick = data.tick_size[m]
-    pv = data.point_value[m]  # per contract
-    slip = params.slippage_ticks * tick
-    comm = data.commission[m]  # per contract per side
-    round_tick = lambda x: jnp.round(x / tick) * tick  # noqa: E731
+    costs = bar_costs(m, params, data)
+    atr, o = data.atr[m, t], data.open[m, t + 1]
     target = target_contracts(state, action, params, data)
-
-    # CHANGE THE POSITION at the open of u: close what goes (all of it on a reversal or a target of 0) ...
-    d0, size0 = state.dir, state.size
-    d0f = d0.astype(jnp.float32)
-    same_side = target * d0 > 0
-    n_close = jnp.where(d0 == 0, 0, jnp.where(same_side, jnp.maximum(size0 - jnp.abs(target), 0), size0))
-    open_exit_px = o - d0f * slip
-    booked = jnp.where(n_close > 0, ((open_exit_px - state.entry) * d0f * pv - comm) * n_close, 0.0)
-    size = size0 - n_close
-    # ... then add what comes, at the average entry price, with new levels around it
-    n_add = jnp.maximum(jnp.abs(target) - size, 0)
-    d = jnp.where(size > 0, d0, jnp.sign(target)).astype(jnp.int32)
-    df = d.astype(jnp.float32)
+    held = Position(direction=state.dir, lots=state.size.astype(jnp.float32), entry=state.entry, sl=state.sl, tp=state.tp,
+                    bars_in_pos=state.bars_in_pos, pnl=state.pnl)
+    same_side = target * state.dir > 0
+    n_close = jnp.where(same_side, jnp.maximum(state.size - jnp.abs(target), 0), state.size)
+    at_open = close_lots(held, n_close.astype(jnp.float32), o - state.dir * costs.slip, n_close > 0, costs)
+    kept = state.size - n_close
+    n_add = jnp.maximum(jnp.abs(target) - kept, 0)
+    d = jnp.where(kept > 0, state.dir, jnp.sign(target)).astype(jnp.int32)
     add = n_add > 0
-    entry_px = o + df * slip
-    entry = jnp.where(add, (size * state.entry + n_add * entry_px) / jnp.maximum(size + n_add, 1), jnp.where(size > 0, state.entry, 0.0))
-    sl = jnp.where(add, round_tick(entry - df * params.sl_atr_mult * data.atr[m, t]), state.sl)
-    tp = jnp.where(add, round_tick(entry + df * params.tp_atr_mult * data.atr[m, t]), state.tp)
-    bars_in_pos = jnp.where(size > 0, state.bars_in_pos, 0)
-    size = size + n_add
-    d = jnp.where(size > 0, d, 0)
-    df = d.astype(jnp.float32)
-    pnl = state.pnl + booked - comm * n_add
-    exit_px = jnp.where(n_close > 0, open_exit_px, jnp.nan)
-    exit_dir = jnp.where(n_close > 0, d0, 0)
-    closed_n = n_close
-
-    # STOP / TARGET inside bar u on the whole position: a gap through a level fills at the open; both inside -> stop first
-    long, short = d == 1, d == -1
-    stop_gap = (long & (o <= sl)) | (short & (o >= sl))
-    tp_gap = (long & (o >= tp)) | (short & (o <= tp))
-    stop_hit = (long & (l <= sl)) | (short & (h >= sl))
-    tp_hit = (long & (h >= tp)) | (short & (l <= tp))
-    level_px = jnp.select([stop_gap, tp_gap, stop_hit, tp_hit], [o - df * slip, o, sl - df * slip, tp], jnp.nan)
-    exits = stop_gap | tp_gap | stop_hit | tp_hit
-    # FLATTEN at the session end's close
-    flat_close = (d != 0) & ~exits & params.flatten_at_close & data.session_end[m, u]
-    level_px = jnp.where(flat_close, c - df * slip, level_px)
-    exits = exits | flat_close
-    booked2 = jnp.where(exits, ((level_px - entry) * df * pv - comm) * size, 0.0)
-    pnl = pnl + booked2
-    exit_px = jnp.where(exits, level_px, exit_px)
-    exit_dir = jnp.where(exits, d, exit_dir)
-    closed_n = closed_n + jnp.where(exits, size, 0)
-    d = jnp.where(exits, 0, d)
-    size = jnp.where(exits, 0, size)
-    bars_in_pos = jnp.where(d != 0, bars_in_pos + 1, 0)
-
-    # MARK TO MARKET, trailing drawdown and breach
-    df = d.astype(jnp.float32)
-    equity = pnl + jnp.where(d != 0, (c - entry) * df * pv * size, 0.0)
-    peak = jnp.maximum(state.peak, equity)
-    terminated = equity <= dd_threshold(peak, params)
-    liquidate = terminated & (d != 0)
-    liq_px = c - df * slip
-    liq_booked = jnp.where(liquidate, ((liq_px - entry) * df * pv - comm) * size, 0.0)
-    pnl = pnl + liq_booked
-    exit_px = jnp.where(liquidate, liq_px, exit_px)
-    exit_dir = jnp.where(liquidate, d, exit_dir)
-    closed_n = closed_n + jnp.where(liquidate, size, 0)
-    equity = jnp.where(terminated, pnl, equity)
-    d = jnp.where(terminated, 0, d)
-    size = jnp.where(terminated, 0, size)
-    bars_in_pos = jnp.where(d != 0, bars_in_pos, 0)
-    flat = d == 0
-    reward = (equity - state.equity) / params.dd_limit - jnp.where(terminated, params.breach_penalty, 0.0)
-
-    new_state = EnvState(
-        market=m, t=u, steps=state.steps + 1, dir=d, entry=jnp.where(flat, 0.0, entry), sl=jnp.where(flat, 0.0, sl), tp=jnp.where(flat, 0.0, tp),
-        bars_in_pos=bars_in_pos, size=size, trail=jnp.bool_(False), best=jnp.float32(0.0), pnl=pnl, peak=peak, equity=equity,
-        episode_return=state.episode_return + reward,
-    )
-    info = dict(mask=legal_mask(state, params, data), action=target, entry_price=jnp.where(add, entry_px, jnp.nan), exit_price=exit_px,
-                exit_dir=exit_dir, trade_pnl=booked + booked2 + liq_booked - comm * closed_n)  # both commissions of the contracts closed
-    return new_state, reward, terminated, info
+    entry_px = o + d * costs.slip
+    entry = jnp.where(add, (kept * state.entry + n_add * entry_px) / jnp.maximum(kept + n_add, 1),
+                      jnp.where(kept > 0, state.entry, 0.0))
+    lots = kept + n_add
+    pos = Position(direction=jnp.where(lots > 0, d, 0), lots=lots.astype(jnp.float32), entry=entry,
+                   sl=jnp.where(add, round_to_tick(entry - d * params.sl_atr_mult * atr, costs.tick), state.sl),
+                   tp=jnp.where(add, round_to_tick(entry + d * params.tp_atr_mult * atr, costs.tick), state.tp),
+                   bars_in_pos=jnp.where(kept > 0, state.bars_in_pos, 0),
+                   pnl=state.pnl + at_open.booked - costs.commission * n_add)
+    return pos, at_open, jnp.where(add, entry_px, jnp.nan), target
 
 
 def step(key: jax.Array, state: EnvState, action: jax.Array, params: EnvParams, data: MarketData):
@@ -670,16 +730,18 @@ class ActorCritic(nn.Module):
     def __call__(self, x):
         ortho = nn.initializers.orthogonal
         a = x
-        for _ in range(2):
-            a = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros)(a))
-        logits = nn.Dense(self.num_actions, kernel_init=ortho(0.01), bias_init=nn.initializers.zeros)(a)
+        for i in range(2):
+            a = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros,
+                                 name=f"actor_hidden_{i}")(a))
+        logits = nn.Dense(self.num_actions, kernel_init=ortho(0.01), bias_init=nn.initializers.zeros, name="policy_head")(a)
         if self.continuous:
             log_std = self.param("log_std", nn.initializers.zeros, (1,))
             logits = jnp.concatenate([logits, jnp.broadcast_to(log_std, logits.shape)], axis=-1)
         v = x
-        for _ in range(2):
-            v = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros)(v))
-        value = nn.Dense(1, kernel_init=ortho(1.0), bias_init=nn.initializers.zeros)(v)
+        for i in range(2):
+            v = nn.tanh(nn.Dense(self.hidden, kernel_init=ortho(np.sqrt(2)), bias_init=nn.initializers.zeros,
+                                 name=f"critic_hidden_{i}")(v))
+        value = nn.Dense(1, kernel_init=ortho(1.0), bias_init=nn.initializers.zeros, name="value_head")(v)
         return logits, jnp.squeeze(value, -1)
 
 
@@ -717,6 +779,7 @@ class Transition(NamedTuple):
     truncated: jax.Array
     final_value: jax.Array  # V(final obs), used only where truncated
     mask: jax.Array
+    choice: jax.Array  # the action could change anything (discrete: more than one legal action; continuous: see `has_choice`)
 
 
 @struct.dataclass
@@ -771,30 +834,32 @@ def compute_gae(traj: Transition, last_value: jax.Array, gamma: float, lam: floa
 def grow_params(fresh, phase1, new_action_mass: float):
     """Phase 2 network params from a phase 1 network's (`fresh`: a phase 2 init, same hidden size).
 
-    Every phase 1 weight is copied. The first layers of actor and critic get zero weights for the new
+    Layers are found by name. Every phase 1 weight is copied. The first layers of actor and critic get zero weights for the new
     observation entries (the break-even and trailing flags), so the phase 1 features drive the network
     exactly as before. The policy head grows from 3 to 6 logits: the first 3 copied; each new one is
     HOLD's logit + log(new_action_mass) + the fresh init's small (orthogonal, scale 0.01) logit, so a new
     action starts with about `new_action_mass` times HOLD's probability in every state.
     """
 
-    def grow(new, old):
-        if new.shape == old.shape:
-            return old
-        if new.ndim == 2 and new.shape[1] == old.shape[1]:  # first layer: rows for the new observation entries
-            return new.at[: old.shape[0]].set(old).at[old.shape[0]:].set(0.0)
-        if new.ndim == 2:  # policy head kernel [hidden, 6]
-            return jnp.concatenate([old, old[:, HOLD:HOLD + 1] + new[:, old.shape[1]:]], axis=1)
-        return jnp.concatenate([old, jnp.full(new.shape[0] - old.shape[0], old[HOLD] + math.log(new_action_mass))])  # head bias
-
-    return jax.tree.map(grow, fresh, phase1)
+    old, new = phase1["params"], fresh["params"]
+    grown = dict(old)
+    for layer in ("actor_hidden_0", "critic_hidden_0"):  # rows for the new observation entries
+        rows = old[layer]["kernel"].shape[0]
+        grown[layer] = dict(old[layer], kernel=new[layer]["kernel"].at[:rows].set(old[layer]["kernel"]).at[rows:].set(0.0))
+    kernel, bias = old["policy_head"]["kernel"], old["policy_head"]["bias"]
+    n_old, n_new = kernel.shape[1], new["policy_head"]["kernel"].shape[1]
+    grown["policy_head"] = dict(
+        kernel=jnp.concatenate([kernel, kernel[:, HOLD:HOLD + 1] + new["policy_head"]["kernel"][:, n_old:]], axis=1),
+        bias=jnp.concatenate([bias, jnp.full(n_new - n_old, bias[HOLD] + math.log(new_action_mass))]))
+    return {"params": grown}
 
 
 def grow_norm(norm: ObsNorm, obs_dim: int) -> ObsNorm:
     """The phase 1 observation normaliser for the longer phase 2 observation: the phase 1 entries keep their
     statistics; the new flags start at mean 0, variance 1 (they enter the network as 0/1) and share the count."""
     k = obs_dim - norm.mean.shape[0]
-    return ObsNorm(mean=jnp.concatenate([norm.mean, jnp.zeros(k)]), var=jnp.concatenate([norm.var, jnp.ones(k)]), count=norm.count)
+    return ObsNorm(mean=jnp.concatenate([norm.mean, jnp.zeros(k)]), var=jnp.concatenate([norm.var, jnp.ones(k)]),
+                   count=norm.count)
 
 
 def curriculum_in_force(args: Args, env_params: EnvParams, data: MarketData, progress: jax.Array):
@@ -813,8 +878,108 @@ def curriculum_in_force(args: Args, env_params: EnvParams, data: MarketData, pro
             dict(dd_limit=dd_limit, commission_scale=commission_scale))
 
 
-def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None, transfer: Optional[tuple] = None):
-    """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics)).
+def has_choice(state: EnvState, mask: jax.Array, params: EnvParams, data: MarketData) -> jax.Array:
+    """The action could change anything: discrete, more than one legal action; continuous, a position is open or
+    new exposure is allowed (flat outside RTH the target is clamped to 0 whatever the policy draws)."""
+    if params.action_space == "continuous":
+        return (state.dir != 0) | can_add(state, params, data)
+    return mask.sum() > 1
+
+
+def policy_action(network: ActorCritic, params, obs: jax.Array, mask: jax.Array, key: jax.Array):
+    """A sampled action of the policy: (action stored for the loss, its log-prob, the env's action, V(obs)).
+    Continuous: the stored action is the pre-squash Gaussian sample, the env gets its tanh."""
+    logits, value = network.apply(params, obs)
+    if network.continuous:
+        pi = squashed_gaussian(logits)
+        action = pi.distribution.sample(seed=key)
+        return action, squashed_log_prob(pi, action), jnp.tanh(action), value
+    pi = masked_policy(logits, mask)
+    action = pi.sample(seed=key)
+    return action, pi.log_prob(action), action, value
+
+
+def evaluate_actions(network: ActorCritic, params, obs: jax.Array, action: jax.Array, mask: jax.Array):
+    """(log-prob of stored actions, entropy, value) under `params`; continuous: the pre-squash Gaussian's entropy
+    (the squashed one has no closed form)."""
+    logits, value = network.apply(params, obs)
+    if network.continuous:
+        pi = squashed_gaussian(logits)
+        return squashed_log_prob(pi, action), pi.distribution.entropy(), value
+    pi = masked_policy(logits, mask)
+    return pi.log_prob(action), pi.entropy(), value
+
+
+class EpisodeStats(NamedTuple):
+    """Sums over the episodes that ended in one env step (all envs); the market_ fields are [M] arrays."""
+
+    returns: jax.Array
+    lengths: jax.Array
+    episodes: jax.Array
+    breaches: jax.Array
+    market_episodes: jax.Array
+    market_returns: jax.Array
+    market_lengths: jax.Array
+    market_breaches: jax.Array
+
+
+def episode_stats(done, terminated, info: dict, num_markets: int) -> EpisodeStats:
+    ended = jax.nn.one_hot(info["market"], num_markets) * done[:, None]  # [N, M]: the market of each episode that ended
+    return EpisodeStats(returns=jnp.sum(done * info["episode_return"]), lengths=jnp.sum(done * info["episode_length"]),
+                        episodes=jnp.sum(done),
+                        breaches=jnp.sum(terminated), market_episodes=ended.sum(0),
+                        market_returns=(ended * info["episode_return"][:, None]).sum(0),
+                        market_lengths=(ended * info["episode_length"][:, None]).sum(0),
+                        market_breaches=(ended * terminated[:, None]).sum(0))
+
+
+def rollout_step(network: ActorCritic, env_params: EnvParams, data: MarketData, runner, _):
+    """One vmapped env step of every env with the policy sampling; returns (runner, (Transition, EpisodeStats, raw obs))."""
+    train_state, env_state, last_obs, norm, rng, update = runner
+    num_envs = last_obs.shape[0]
+    rng, k_act, k_env = jax.random.split(rng, 3)
+    mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params, data)
+    choice = jax.vmap(has_choice, in_axes=(0, 0, None, None))(env_state, mask, env_params, data)
+    obs_n = norm(last_obs)
+    action, log_prob, env_action, value = policy_action(network, train_state.params, obs_n, mask, k_act)
+    obs, env_state, reward, term, trunc, info = jax.vmap(step, in_axes=(0, 0, 0, None, None))(
+        jax.random.split(k_env, num_envs), env_state, env_action, env_params, data)
+    _, final_value = network.apply(train_state.params, norm(info["final_obs"]))
+    transition = Transition(obs_n, action, log_prob, value, reward, term, trunc, final_value, mask, choice)
+    stats = episode_stats(term | trunc, term, info, data.market_weights.shape[0])
+    return RunnerState(train_state, env_state, obs, norm, rng, update), (transition, stats, obs)
+
+
+def masked_mean(x: jax.Array, where: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(where, x, 0.0)) / jnp.maximum(jnp.sum(where), 1)
+
+
+def ppo_loss(params, network: ActorCritic, args: Args, tr: Transition, advantages: jax.Array, targets: jax.Array):
+    """Clipped PPO loss of a minibatch; returns (loss, (policy loss, value loss, entropy, approx_kl, clipfrac)).
+
+    The policy loss is the mean over all samples of the clipped surrogate where the action could change anything
+    (`Transition.choice`), 0 elsewhere: a forced HOLD contributes no gradient anyway, and a continuous target clamped
+    to 0 outside RTH would otherwise add the noise of an action without effect. The logged entropy, approx_kl and
+    clipfrac are means over the samples with a choice."""
+    log_prob, entropy, value = evaluate_actions(network, params, tr.obs, tr.action, tr.mask)
+    logratio = log_prob - tr.log_prob
+    ratio = jnp.exp(logratio)
+    adv = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    surrogate = jnp.maximum(-adv * ratio, -adv * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef))
+    pg_loss = jnp.where(tr.choice, surrogate, 0.0).mean()
+    v_loss_unclipped = (value - targets) ** 2
+    v_clipped = tr.value + jnp.clip(value - tr.value, -args.clip_coef, args.clip_coef)
+    v_loss = 0.5 * (jnp.maximum(v_loss_unclipped, (v_clipped - targets) ** 2) if args.clip_vloss else v_loss_unclipped).mean()
+    loss = pg_loss - args.ent_coef * entropy.mean() + args.vf_coef * v_loss
+    approx_kl = masked_mean((ratio - 1) - logratio, tr.choice)
+    clipfrac = masked_mean((jnp.abs(ratio - 1) > args.clip_coef).astype(jnp.float32), tr.choice)
+    return loss, (pg_loss, v_loss, masked_mean(entropy, tr.choice), approx_kl, clipfrac)
+
+
+def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None,
+               transfer: Optional[tuple] = None):
+    """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics), number of
+    updates, network).
 
     With a `mesh` (axes "seed", "env"), every minibatch is split over the "env" devices: each computes the
     loss on its share and XLA sums the gradients across them (the same gradient as on one device).
@@ -822,9 +987,7 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
     num_updates = math.ceil(args.total_timesteps / (args.num_envs * args.num_steps) / args.chunk_updates) * args.chunk_updates
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
     network = make_network(args)
-    continuous = args.action_space == "continuous"
     obs_dim = obs_size(args.window, data.features.shape[-1], args.phase)
-    num_markets = data.market_weights.shape[0]
 
     def in_force(update):
         """(env_params, data, curriculum values) for this update: the real ones unless --curriculum (then traced)."""
@@ -846,42 +1009,38 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
         params0, data0, _ = in_force(jnp.int32(0))
         obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), params0, data0)
-        norm = ObsNorm.create(obs_dim).update(obs) if transfer is None else grow_norm(transfer[1], obs_dim)
+        # statistics of a random-policy rollout, positions included: reset observations alone (flat accounts) would give
+        # the position features a variance near 0 and blow any open position up to the clip in the first rollout
+        if transfer is None:
+            norm = warm_up_norm(obs, env_state, params0, data0, jax.random.fold_in(k_env, 1))
+        else:
+            norm = grow_norm(transfer[1], obs_dim)
         return RunnerState(train_state, env_state, obs, norm, rng, jnp.int32(0))
+
+    def warm_up_norm(obs, env_state, params0: EnvParams, data0: MarketData, key) -> ObsNorm:
+        """An observation normaliser fitted on `num_steps` steps of uniformly random legal actions from the reset states."""
+        random_action = random_target_policy if args.action_space == "continuous" else random_policy
+
+        def play(carry, k):
+            obs, states = carry
+            k_act, k_env = jax.random.split(k)
+            mask = jax.vmap(legal_mask, in_axes=(0, None, None))(states, params0, data0)
+            action = jax.vmap(random_action, in_axes=(None, 0, 0, 0))(None, jax.random.split(k_act, args.num_envs), obs, mask)
+            obs, states, *_ = jax.vmap(step, in_axes=(0, 0, 0, None,
+                                                      None))(jax.random.split(k_env, args.num_envs), states, action, params0,
+                                                             data0)
+            return (obs, states), obs
+
+        _, played = jax.lax.scan(play, (obs, env_state), jax.random.split(key, args.num_steps))
+        return ObsNorm.create(obs_dim).update(jnp.concatenate([obs, played.reshape(-1, obs_dim)]))
 
     def _update_step(runner: RunnerState, _):
         # CURRICULUM: the env rules in force are computed from the update counter (no recompilation)
         env_params_t, data_t, curriculum = in_force(runner.update)
 
         # COLLECT TRAJECTORIES
-        def _env_step(runner: RunnerState, _):
-            train_state, env_state, last_obs, norm, rng, update = runner
-            rng, k_act, k_env = jax.random.split(rng, 3)
-            mask = jax.vmap(legal_mask, in_axes=(0, None, None))(env_state, env_params_t, data_t)
-            obs_n = norm(last_obs)
-            logits, value = network.apply(train_state.params, obs_n)
-            if continuous:
-                pi = squashed_gaussian(logits)
-                action = pi.distribution.sample(seed=k_act)
-                log_prob = squashed_log_prob(pi, action)
-                env_action = jnp.tanh(action)
-            else:
-                pi = masked_policy(logits, mask)
-                action = pi.sample(seed=k_act)
-                log_prob = pi.log_prob(action)
-                env_action = action
-            obs, env_state, reward, term, trunc, info = jax.vmap(step, in_axes=(0, 0, 0, None, None))(
-                jax.random.split(k_env, args.num_envs), env_state, env_action, env_params_t, data_t)
-            _, final_value = network.apply(train_state.params, norm(info["final_obs"]))
-            tr = Transition(obs_n, action, log_prob, value, reward, term, trunc, final_value, mask)
-            done = term | trunc
-            ep = (jnp.sum(done * info["episode_return"]), jnp.sum(done * info["episode_length"]), jnp.sum(done), jnp.sum(term))
-            by_market = jax.nn.one_hot(info["market"], num_markets) * done[:, None]  # [N, M]: the market of each episode that ended
-            ep = ep + (by_market.sum(0), (by_market * info["episode_return"][:, None]).sum(0), (by_market * info["episode_length"][:, None]).sum(0),
-                       (by_market * term[:, None]).sum(0))
-            return RunnerState(train_state, env_state, obs, norm, rng, update), (tr, ep, obs)
-
-        runner, (traj, ep, raw_obs) = jax.lax.scan(_env_step, runner, None, args.num_steps)
+        collect = functools.partial(rollout_step, network, env_params_t, data_t)
+        runner, (traj, stats, raw_obs) = jax.lax.scan(collect, runner, None, args.num_steps)
         train_state, env_state, last_obs, norm, rng, update = runner
 
         # CALCULATE ADVANTAGE
@@ -898,35 +1057,10 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
             def _update_minibatch(train_state, mb_idx):
                 # each minibatch gathers its rows when it runs: no shuffled copy of the whole rollout per epoch
                 tr, adv, tgt = jax.tree.map(lambda x: jnp.take(x, mb_idx, axis=0), batch)
-                if mesh is not None:  # the shuffle is global (same minibatches as on one device); each device then works on its part
+                # the shuffle is global (same minibatches as on one device); each device then works on its part
+                if mesh is not None:
                     tr, adv, tgt = jax.lax.with_sharding_constraint((tr, adv, tgt), NamedSharding(mesh, P("env")))
-
-                def _loss(params):
-                    logits, value = network.apply(params, tr.obs)
-                    if continuous:
-                        pi = squashed_gaussian(logits)
-                        log_prob = squashed_log_prob(pi, tr.action)
-                    else:
-                        pi = masked_policy(logits, tr.mask)
-                        log_prob = pi.log_prob(tr.action)
-                    logratio = log_prob - tr.log_prob
-                    ratio = jnp.exp(logratio)
-                    mb_adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-                    pg_loss1 = -mb_adv * ratio
-                    pg_loss2 = -mb_adv * jnp.clip(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                    pg_loss = jnp.maximum(pg_loss1, pg_loss2).mean()
-                    v_loss_unclipped = (value - tgt) ** 2
-                    v_clipped = tr.value + jnp.clip(value - tr.value, -args.clip_coef, args.clip_coef)
-                    v_loss_clipped = (v_clipped - tgt) ** 2
-                    v_loss = 0.5 * (jnp.maximum(v_loss_unclipped, v_loss_clipped) if args.clip_vloss else v_loss_unclipped).mean()
-                    # continuous: the pre-squash Gaussian's entropy (the squashed one has no closed form)
-                    entropy = (pi.distribution.entropy() if continuous else pi.entropy()).mean()
-                    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
-                    approx_kl = ((ratio - 1) - logratio).mean()
-                    clipfrac = (jnp.abs(ratio - 1) > args.clip_coef).mean()
-                    return loss, (pg_loss, v_loss, entropy, approx_kl, clipfrac)
-
-                grads, aux = jax.grad(_loss, has_aux=True)(train_state.params)
+                grads, aux = jax.grad(ppo_loss, has_aux=True)(train_state.params, network, args, tr, adv, tgt)
                 return train_state.apply_gradients(grads=grads), aux
 
             train_state, aux = jax.lax.scan(_update_minibatch, train_state, perm.reshape(args.num_minibatches, minibatch))
@@ -934,13 +1068,18 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
 
         (train_state, rng), aux = jax.lax.scan(_update_epoch, (train_state, rng), None, args.update_epochs)
         norm = norm.update(raw_obs.reshape(-1, raw_obs.shape[-1]))
-        ep_ret, ep_len, n_done, n_term, m_done, m_ret, m_len, m_term = (x.sum(0) for x in ep)
+        totals = jax.tree.map(lambda x: x.sum(0), stats)
         metrics = dict(
-            episodic_return=ep_ret / jnp.maximum(n_done, 1), episodic_length=ep_len / jnp.maximum(n_done, 1), episodes=n_done, breaches=n_term,
-            policy_loss=aux[0].mean(), value_loss=aux[1].mean(), entropy=aux[2].mean(), approx_kl=aux[3].mean(), clipfrac=aux[4].mean(),
+            episodic_return=totals.returns / jnp.maximum(totals.episodes, 1),
+            episodic_length=totals.lengths / jnp.maximum(totals.episodes, 1),
+            episodes=totals.episodes, breaches=totals.breaches,
+            policy_loss=aux[0].mean(), value_loss=aux[1].mean(), entropy=aux[2].mean(), approx_kl=aux[3].mean(),
+            clipfrac=aux[4].mean(),
             learning_rate=args.learning_rate * (1.0 - update / num_updates if args.anneal_lr else 1.0),
             explained_variance=1 - jnp.var(targets - traj.value) / (jnp.var(targets) + 1e-8),
-            market_episodes=m_done, market_return_sum=m_ret, market_length_sum=m_len, market_breaches=m_term,  # [M] each
+            market_episodes=totals.market_episodes, market_return_sum=totals.market_returns,
+            market_length_sum=totals.market_lengths,
+            market_breaches=totals.market_breaches,  # [M] each
             **{f"curriculum_{k}": v for k, v in curriculum.items()},
         )
         return RunnerState(train_state, env_state, last_obs, norm, rng, update + 1), metrics
@@ -970,7 +1109,8 @@ def chunk_summary(m: dict, markets: list) -> tuple[dict, dict]:
         n_m = float(m["market_episodes"][:, i].sum())
         by_market[market] = dict(episodic_return=float(m["market_return_sum"][:, i].sum() / n_m) if n_m else None,
                                  episodic_length=float(m["market_length_sum"][:, i].sum() / n_m) if n_m else None,
-                                 episodes=float(m["market_episodes"][:, i].mean()), breaches=float(m["market_breaches"][:, i].mean()))
+                                 episodes=float(m["market_episodes"][:, i].mean()),
+                                 breaches=float(m["market_breaches"][:, i].mean()))
     return out, by_market
 def init_distributed(args: Args) -> None:
     """Multi-host: every process runs the same command with its own --process-id; jax.distributed.initialize
@@ -979,10 +1119,13 @@ def init_distributed(args: Args) -> None:
     if all(f is None for f in flags):
         return
     if any(f is None for f in flags):
-        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all three (see README)")
+        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all "
+                        "three (see README)")
     if not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
-        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number the processes 0..P-1")
-    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
+        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number "
+                        "the processes 0..P-1")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
 
 
 def make_mesh(args: Args) -> Mesh:
@@ -991,14 +1134,17 @@ def make_mesh(args: Args) -> Mesh:
     local = jax.local_devices()
     n = len(local) if args.devices is None else args.devices
     if not 1 <= n <= len(local):
-        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices between 1 and {len(local)}")
+        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices "
+                        f"between 1 and {len(local)}")
     devices = [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:n]]
     n_seed = math.gcd(args.num_seeds, len(devices))
     n_env = len(devices) // n_seed
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
     if args.num_envs % n_env or minibatch % n_env:
-        raise DataError(f"--num-envs {args.num_envs} (and the minibatch of {minibatch}) must divide over {n_env} devices per seed "
-                        f"({len(devices)} devices, --num-seeds {args.num_seeds}). Fix: pass a multiple of {n_env} to --num-envs, or change --devices")
+        raise DataError(f"--num-envs {args.num_envs} (and the minibatch of {minibatch}) must divide over {n_env} devices per "
+                        "seed "
+                        f"({len(devices)} devices, --num-seeds {args.num_seeds}). Fix: pass a multiple of {n_env} to "
+                        "--num-envs, or change --devices")
     return Mesh(np.array(devices).reshape(n_seed, n_env), ("seed", "env"))
 
 
@@ -1006,7 +1152,8 @@ def runner_shardings(runner: RunnerState, mesh: Mesh) -> RunnerState:
     """Where each part of the (seed-stacked) runner state lives: env states and observations split by seed and
     env, everything else (params, optimiser, normaliser, RNG) split by seed and copied over a seed's env devices."""
     by_seed, by_env = NamedSharding(mesh, P("seed")), NamedSharding(mesh, P("seed", "env"))
-    return RunnerState(jax.tree.map(lambda _: by_seed, runner.train_state), jax.tree.map(lambda _: by_env, runner.env_state), by_env,
+    return RunnerState(jax.tree.map(lambda _: by_seed, runner.train_state), jax.tree.map(lambda _: by_env, runner.env_state),
+                       by_env,
                        jax.tree.map(lambda _: by_seed, runner.obs_norm), by_seed, by_seed)
 
 
@@ -1016,7 +1163,8 @@ def place(tree, shardings):
         return jax.device_put(tree, shardings)
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree,
+                        shardings)
 
 
 def fetch(tree):
@@ -1052,7 +1200,8 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint. Fix: pass a .msgpack written by ppo_trader.py") from None
     except Exception as e:
-        raise DataError(f"{path}: checkpoint does not match this configuration ({type(e).__name__}: {str(e).splitlines()[0][:120]}). "
+        raise DataError(f"{path}: checkpoint does not match this configuration ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}). "
                         "Fix: use the flags the checkpoint was trained with (see its run's config.json)") from None
     shapes_ok = jax.tree.all(jax.tree.map(lambda a, b: jnp.shape(a) == jnp.shape(b), runner, template))
     if not shapes_ok:
@@ -1081,7 +1230,8 @@ def policy_config(path: str) -> tuple[dict, tuple]:
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
     except Exception:
-        raise DataError(f"{path}: not a ppo_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+        raise DataError(f"{path}: not a ppo_trader policy checkpoint. "
+                        "Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
 
 
 def load_policy(path: str, args: Args, obs_dim: int):
@@ -1093,21 +1243,26 @@ def load_policy(path: str, args: Args, obs_dim: int):
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
     except Exception:
-        raise DataError(f"{path}: not a ppo_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+        raise DataError(f"{path}: not a ppo_trader policy checkpoint. "
+                        "Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
     if cfg.get("action_space", "discrete") != args.action_space:
-        raise DataError(f"{path}: a policy for --action-space {cfg.get('action_space', 'discrete')}, this run has --action-space {args.action_space}. Fix: use a checkpoint of the same action space")
+        raise DataError(f"{path}: a policy for --action-space {cfg.get('action_space', 'discrete')}, this run has "
+                        f"--action-space {args.action_space}. Fix: use a checkpoint of the same action space")
     network = make_network(dataclasses.replace(args, hidden=cfg["hidden"]))
     n_need = network.num_actions
     if n_act != n_need:
-        raise DataError(f"{path}: policy has {n_act} actions, this run needs {n_need}. Fix: use a checkpoint of the same phase")
+        raise DataError(f"{path}: policy has {n_act} actions, this run needs {n_need}. Fix: use a checkpoint of the same "
+                        "phase")
     template = network.init(jax.random.PRNGKey(0), jnp.zeros(obs_dim))
     try:
         params = flax.serialization.from_state_dict(template, payload["params"])
         norm = flax.serialization.from_state_dict(ObsNorm.create(obs_dim), payload["obs_norm"])
     except Exception:
-        raise DataError(f"{path}: network does not fit this configuration. Fix: pass the --window/--hidden it was trained with") from None
+        raise DataError(f"{path}: network does not fit this configuration. Fix: pass the --window/--hidden it was trained "
+                        "with") from None
     if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, template) or norm.mean.shape != (obs_dim,):
-        raise DataError(f"{path}: observation size differs (window {cfg['window']}). Fix: pass --window {cfg['window']} and the same data features")
+        raise DataError(f"{path}: observation size differs (window {cfg['window']}). Fix: pass --window {cfg['window']} and "
+                        "the same data features")
     return network, params, norm, cfg
 
 
@@ -1115,63 +1270,87 @@ def load_transfer(path: str, args: Args, num_features: int) -> tuple:
     """(params, obs normaliser) of the phase 1 policy `path` for --init-from, checked against this run."""
     cfg, _ = policy_config(path)
     if cfg.get("phase", 1) != 1:
-        raise DataError(f"{path}: a phase {cfg.get('phase')} policy; --init-from needs a phase 1 policy. Fix: pass the best.msgpack of a phase 1 run")
+        raise DataError(f"{path}: a phase {cfg.get('phase')} policy; --init-from needs a phase 1 policy. Fix: pass the "
+                        "best.msgpack of a phase 1 run")
     for flag in ("window", "hidden"):
         if cfg.get(flag) != getattr(args, flag):
-            raise DataError(f"{path}: trained with --{flag} {cfg.get(flag)}, this run has --{flag} {getattr(args, flag)}. Fix: pass --{flag} {cfg.get(flag)}")
+            raise DataError(f"{path}: trained with --{flag} {cfg.get(flag)}, this run has --{flag} {getattr(args, flag)}. "
+                            f"Fix: pass --{flag} {cfg.get(flag)}")
     _, params, norm, _ = load_policy(path, dataclasses.replace(args, phase=1), obs_size(args.window, num_features, 1))
     return params, norm
 
 
 # ---- BACKTEST ----
 def make_backtest(env_params: EnvParams, data: MarketData):
-    """Jitted contiguous pass over one market's split with `policy(policy_args, key, obs, mask) -> action`.
-
-    `policy` is static (one compilation per policy function), `policy_args` (e.g. network params) is traced,
-    so evaluating new parameters does not recompile.
+    """Jitted contiguous pass over a split: `play(policies, policy_args, key)` plays every policy (a tuple of
+    `policy(policy_args, key, obs, mask) -> action`, static: one compilation per tuple) on every market at once
+    (vmapped, the market index traced), in one scan of the split's length; `policy_args` (e.g. network params)
+    are traced, so evaluating new parameters does not recompile. Returns one dict per policy of [M, steps] arrays.
 
     No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
-    drawdown breach the account stops trading and stays flat to the end of the split.
+    drawdown breach the account stops trading and stays flat to the end of the split. The observation is the
+    training one (`get_obs` with `env_params`).
     The split's last bar acts as a session end, with or without `flatten_at_close`: a position still open is
     closed at its close (slippage, commission), so the last equity is realised and every trade is closed, and
     no entry is allowed in the `no_entry_bars` before it (an entry there could only be closed at once).
-    Returns per-step arrays for reports and trades (`live`: the step is inside the split; `breach`: the step
-    breached the drawdown limit).
+    Per-step outputs (`live`: the step is inside the split; `breach`: the step breached the drawdown limit;
+    `closed_*` [.., 2]: the contracts closed at the open by the action and inside the bar, see `step_core`).
     """
-    bt_params = env_params.replace(episode_bars=1 << 30, flatten_at_close=True)
+    window = env_params.window
+    # the longest market's split; shorter ones idle at the end
+    num_steps = int(np.max(np.asarray(data.hi) - np.asarray(data.lo))) - window
+    first_bar = data.lo + window - 1
+    # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar;
+    # the entry rule counts bars to the nearer of the session end and the split's last bar
+    bar = jnp.arange(data.session_end.shape[1])[None]
+    last = data.hi[:, None] - 1
+    rules = env_params.replace(flatten_at_close=True)
+    rules_data = data.replace(session_end=(data.session_end & env_params.flatten_at_close) | (bar == last),
+                              bars_to_close=jnp.minimum(data.bars_to_close, jnp.maximum(last - bar, 0)))
 
-    def run(policy, policy_args, market: int, key):
-        lo, hi = data.lo[market], data.hi[market]
-        # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar;
-        # the entry rule counts bars to the nearer of the session end and the split's last bar (the observation's
-        # hours_to_close stays the data's)
-        t = jnp.arange(data.session_end.shape[1])
-        closes = (data.session_end[market] & env_params.flatten_at_close) | (t == hi - 1)
-        bars_to_close = jnp.minimum(data.bars_to_close[market], jnp.maximum(hi - 1 - t, 0))
-        bt_data = data.replace(session_end=data.session_end.at[market].set(closes), bars_to_close=data.bars_to_close.at[market].set(bars_to_close))
-        state0 = reset_at(market, lo + env_params.window - 1)
-        n = data.open.shape[1] - env_params.window  # static length; steps past the split end are masked out
+    def bt_step(policy, policy_args, state, alive, key):
+        key, k = jax.random.split(key)
+        in_split = state.t + 1 < data.hi[state.market]
+        live = alive & in_split
+        mask = legal_mask(state, rules, rules_data)
+        action = jnp.where(live, policy(policy_args, k, get_obs(state, env_params, data), mask), HOLD)
+        nxt, reward, term, info = step_core(state, action, rules, rules_data)
+        nxt = jax.tree.map(lambda a, b: jnp.where(live, a, b), nxt, state)
+        nxt = nxt.replace(t=jnp.where(in_split, state.t + 1, state.t))  # after a breach the clock runs on, flat
+        closed = jax.tree.map(lambda x, empty: jnp.where(live, x, empty), info["closed"], no_close_pair(info["closed"]))
+        out = dict(t=nxt.t, live=in_split, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0), action=action,
+                   entry_price=jnp.where(live, info["entry_price"], jnp.nan), breach=live & term,
+                   **{f"closed_{k}": v for k, v in closed._asdict().items()})
+        return (nxt, alive & ~(live & term), key), out
 
-        def _bt_step(carry, _):
-            state, alive, key = carry
-            key, k = jax.random.split(key)
-            in_split = state.t + 1 < hi
-            live = alive & in_split
-            mask = legal_mask(state, bt_params, bt_data)
-            action = jnp.where(live, policy(policy_args, k, get_obs(state, bt_params, bt_data), mask), HOLD)
-            nxt, reward, term, info = step_core(state, action, bt_params, bt_data)
-            nxt = jax.tree.map(lambda a, b: jnp.where(live, a, b), nxt, state)
-            nxt = nxt.replace(t=jnp.where(in_split, state.t + 1, state.t))  # after a breach the clock runs on, flat
-            out = dict(t=nxt.t, live=in_split, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0),
-                       entry_price=jnp.where(live, info["entry_price"], jnp.nan), exit_price=jnp.where(live, info["exit_price"], jnp.nan),
-                       exit_dir=jnp.where(live, info["exit_dir"], 0), trade_pnl=jnp.where(live, info["trade_pnl"], 0.0), action=action,
-                       breach=live & term)
-            return (nxt, alive & ~(live & term), key), out
+    def play(policies, policy_args, key):
+        markets = jnp.arange(data.lo.shape[0])
+        start = jax.vmap(reset_at)(markets, first_bar)
+        keys = jnp.broadcast_to(key, markets.shape + key.shape)
+        carry = tuple((start, jnp.ones(markets.shape, bool), keys) for _ in policies)
 
-        _, out = jax.lax.scan(_bt_step, (state0, jnp.bool_(True), key), None, n)
-        return out
+        def body(carry, _):
+            steps = [jax.vmap(functools.partial(bt_step, policy, args))(*c) for policy, args,
+                     c in zip(policies, policy_args, carry)]
+            return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
 
-    return jax.jit(run, static_argnums=(0, 2))
+        _, outs = jax.lax.scan(body, carry, None, num_steps)
+        return tuple(jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out) for out in outs)  # [steps, M, ...] -> [M, steps, ...]
+
+    return jax.jit(play, static_argnums=0)
+
+
+def no_close_pair(closed: Closed) -> Closed:
+    """The value of `closed` when nothing closed."""
+    return Closed(*(jnp.full_like(x, jnp.nan) if name in ("price", "entry") else jnp.zeros_like(x) for name,
+                    x in closed._asdict().items()))
+
+
+def play_one(backtest, policy, policy_args, market: int, key) -> dict:
+    """One policy on one market of a `make_backtest` split, as host arrays of the split's live steps."""
+    out = backtest((policy,), (policy_args,), key)[0]
+    out = {k: np.asarray(v[market]) for k, v in out.items()}
+    return {k: v[out["live"]] for k, v in out.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -1227,58 +1406,100 @@ def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_
     max_dd = float(dd.max()) if len(dd) else 0.0
     return dict(total_return=float(total), annualised_return=float(ann), annualised_volatility=float(vol),
                 sharpe=float(rets.mean() / rets.std() * np.sqrt(periods_per_year)) if rets.std() > 0 else 0.0,
-                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year)) if len(down) else 0.0,
+                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year))
+                if len(down) else 0.0,
                 max_drawdown=max_dd, calmar=float(ann / max_dd) if max_dd > 0 else 0.0, days=int(len(rets)))
 
 
 def trade_metrics(out: dict) -> dict:
-    """Counts and quality of closed trades, and exposure (fraction of live bars in a position)."""
-    closed = ~np.isnan(out["exit_price"])
-    pnl = out["trade_pnl"][closed]
+    """Counts and quality of closed trades, and exposure (fraction of live bars in a position). A profit factor
+    without a losing trade is undefined: null (with no trade at all, 0)."""
+    closed = np.isfinite(out["closed_price"])
+    pnl = out["closed_round_trip"][closed]
     wins, losses = pnl[pnl > 0], pnl[pnl <= 0]
     live = out["live"]
-    return dict(trades=int(closed.sum()), win_rate=float((pnl > 0).mean()) if len(pnl) else 0.0,
-                profit_factor=float(wins.sum() / -losses.sum()) if losses.sum() < 0 else (float("inf") if len(wins) else 0.0),
-                average_trade=float(pnl.mean()) if len(pnl) else 0.0, exposure=float((out["dir"][live] != 0).mean()) if live.any() else 0.0)
+    profit_factor = float(wins.sum() / -losses.sum()) if losses.sum() < 0 else (None if len(wins) else 0.0)
+    return dict(trades=int(closed.sum()), win_rate=float((pnl > 0).mean()) if len(pnl) else 0.0, profit_factor=profit_factor,
+                average_trade=float(pnl.mean()) if len(pnl) else 0.0,
+                exposure=float((out["dir"][live] != 0).mean()) if live.any() else 0.0)
 
 
-def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> np.ndarray:
-    """Equity (relative) of holding `contracts` (continuous actions: `max_contracts`) long from the first decision
-    bar's next open to the split's last close, with the policy's costs: slippage and commission on both fills."""
-    lo, hi, W = int(data.lo[market]), int(data.hi[market]), env_params.window
-    close = np.asarray(data.close[market][lo + W: hi], np.float64)
+def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> tuple[np.ndarray, bool]:
+    """(equity relative to the initial balance at each bar, breached) of holding `contracts` (continuous actions:
+    `max_contracts`) long from the first decision bar's next open to the split's last close, with the policy's
+    costs (slippage and commission on both fills) and its prop-firm rule: equity marked at each close at or below
+    the trailing threshold sells at that close and the account stays flat."""
+    lo, hi, window = int(data.lo[market]), int(data.hi[market]), env_params.window
+    close = np.asarray(data.close[market][lo + window: hi], np.float64)
     slip = env_params.slippage_ticks * float(data.tick_size[market])
-    entry = float(data.open[market][lo + W]) + slip
+    entry = float(data.open[market][lo + window]) + slip
     lots = env_params.max_contracts if env_params.action_space == "continuous" else env_params.contracts
-    pv = float(data.point_value[market]) * lots
-    comm = float(data.commission[market]) * lots
-    eq = (close - entry) * pv - comm
-    eq[-1] -= comm + slip * pv
-    return eq
+    point_value = float(data.point_value[market]) * lots
+    commission = float(data.commission[market]) * lots
+    exit_cost = commission + slip * point_value
+    equity = (close - entry) * point_value - commission
+    equity[-1] -= exit_cost  # sold at the split's last close
+    peak = np.maximum.accumulate(np.maximum(equity, 0.0))
+    threshold = np.minimum(peak - env_params.dd_limit, env_params.dd_lock_offset)
+    breach = np.flatnonzero(equity <= threshold)
+    if len(breach):
+        i = breach[0]
+        equity[i:] = equity[i] - (exit_cost if i < len(equity) - 1 else 0.0)
+    return equity, bool(len(breach))
 
 
-def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict, seed: int) -> tuple[dict, dict]:
-    """Runs each policy on each market of a split; returns (report, raw outputs of the first policy)."""
-    report, raws = {"split": split, "annualisation": "per-session returns (equity at each session's last bar), 252 sessions a year"}, {}
+def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict,
+                    seed: int) -> tuple[dict, dict]:
+    """Plays every policy on every market of a split (one call); returns (report, live outputs per policy and market)."""
+    report = {"split": split, "annualisation": "per-session returns (equity at each session's last bar), 252 sessions a year"}
+    names = list(policies)
+    outs = backtest(tuple(policies[n][0] for n in names), tuple(policies[n][1] for n in names), jax.random.PRNGKey(seed))
+    raws = {name: {} for name in names}
     for m, market in enumerate(info["markets"]):
         lo, hi = info["bounds"][m][split]
         ts = info["timestamps"][m]
         session_id = np.r_[0, np.cumsum(np.asarray(data.session_end[m])[:-1])]  # a period = one trading session
         rows = {}
-        for name, (policy, policy_args) in policies.items():
-            out = {k: np.asarray(v) for k, v in backtest(policy, policy_args, m, jax.random.PRNGKey(seed)).items()}
-            live = out["live"]
-            out = {k: v[live] for k, v in out.items()}
-            day = session_id[out["t"]]
-            rows[name] = dict(period_metrics(out["equity"], day, env_params.initial_balance), **trade_metrics(out),
-                              final_equity=float(env_params.initial_balance + out["equity"][-1]), breached=bool(out["breach"].any()))
-            raws.setdefault(name, {})[market] = out
-        bh = buy_and_hold(data, m, env_params)
+        for name, out in zip(names, outs):
+            out = {k: np.asarray(v[m]) for k, v in out.items()}
+            out = {k: v[out["live"]] for k, v in out.items()}
+            rows[name] = dict(period_metrics(out["equity"], session_id[out["t"]], env_params.initial_balance),
+                              **trade_metrics(out),
+                              final_equity=float(env_params.initial_balance + out["equity"][-1]),
+                              breached=bool(out["breach"].any()))
+            raws[name][market] = out
+        bh, bh_breached = buy_and_hold(data, m, env_params)
         t_bh = np.arange(lo + env_params.window, hi)
-        rows["buy_and_hold"] = dict(period_metrics(bh, session_id[t_bh], env_params.initial_balance),
-                                    trades=1, final_equity=float(env_params.initial_balance + bh[-1]))
-        report[market] = dict(bars=int(hi - lo), start=str(np.datetime64(int(ts[lo]), "ns")), end=str(np.datetime64(int(ts[hi - 1]), "ns")), **rows)
+        rows["buy_and_hold"] = dict(period_metrics(bh, session_id[t_bh], env_params.initial_balance), trades=1,
+                                    final_equity=float(env_params.initial_balance + bh[-1]), breached=bh_breached)
+        report[market] = dict(bars=int(hi - lo), start=str(np.datetime64(int(ts[lo]), "ns")),
+                              end=str(np.datetime64(int(ts[hi - 1]), "ns")), **rows)
     return report, raws
+
+
+def trade_rows(out: dict, market: str, ts: np.ndarray) -> list[str]:
+    """trades.csv rows of one market's backtest: per closed lot group, the time its position was opened, the exit
+    time, direction, average entry price (the one the P&L uses), exit price and P&L with both commissions."""
+    rows, opened_at, prev_dir = [], None, 0
+    for i in range(len(out["t"])):
+        fill_time = ts[out["t"][i]]
+        for slot in (0, 1):  # closed at the open by the action, then inside the bar
+            if slot == 1 and np.isfinite(out["entry_price"][i]) and (prev_dir == 0 or out["closed_lots"][i, 0] > 0):
+                opened_at = fill_time  # a position opened from flat, or the new side of a reversal, at this open
+            if np.isfinite(out["closed_price"][i, slot]):
+                side = "long" if out["closed_direction"][i, slot] > 0 else "short"
+                rows.append(f"{market},{np.datetime64(int(opened_at), 'ns')},{np.datetime64(int(fill_time), 'ns')},{side},"
+                            f"{out['closed_entry'][i, slot]:.6g},{out['closed_price'][i, slot]:.6g},"
+                            f"{out['closed_round_trip'][i, slot]:.2f}")
+        prev_dir = out["dir"][i]
+    return rows
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (no NaN or Infinity), written to a temporary file and renamed."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    os.replace(tmp, path)
 
 
 def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) -> None:
@@ -1290,19 +1511,12 @@ def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(run_dir / "report.json", report)
     lines = ["market,entry_time,exit_time,direction,entry_price,exit_price,pnl"]
     fig, ax = plt.subplots(figsize=(10, 4))
     for m, market in enumerate(info["markets"]):
         ts = info["timestamps"][m]
-        out = raws["policy"][market]
-        entry_time = None
-        for i in range(len(out["t"])):
-            if not np.isnan(out["entry_price"][i]):
-                entry_time, entry_px = ts[out["t"][i]], out["entry_price"][i]
-            if not np.isnan(out["exit_price"][i]):
-                lines.append(f"{market},{np.datetime64(int(entry_time), 'ns')},{np.datetime64(int(ts[out['t'][i]]), 'ns')},"
-                             f"{'long' if out['exit_dir'][i] > 0 else 'short'},{entry_px:.6g},{out['exit_price'][i]:.6g},{out['trade_pnl'][i]:.2f}")
+        lines += trade_rows(raws["policy"][market], market, ts)
         for name in raws:
             times = ts[raws[name][market]["t"]].astype("datetime64[ns]")
             ax.plot(times, report["initial_balance"] + raws[name][market]["equity"], label=f"{market} {name}", lw=1)
@@ -1314,27 +1528,26 @@ def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) 
     (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
 
 
-def evaluate(args: Args, network, params, norm, datasets, info, env_params, run_dir: Path, split: str) -> dict:
+def evaluate(args: Args, network, params, norm, datasets, info, env_params, run_dir: Path, split: str, extra: dict) -> dict:
     """Backtests the policy (greedy, and sampling its actions), a random legal policy and buy-and-hold on a
-    split; writes the report files (trades and the selection are the greedy policy's)."""
+    split; writes the report files (trades and the selection are the greedy policy's) with `extra` in the report."""
     data = datasets[split]
     backtest = make_backtest(env_params, data)
     random = random_target_policy if args.action_space == "continuous" else random_policy
-    policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)), "random": (random, None)}
+    policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)),
+                "random": (random, None)}
     report, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed)
-    report["initial_balance"] = env_params.initial_balance
+    report.update(initial_balance=env_params.initial_balance, **extra)
     write_backtest_outputs(run_dir, report, raws, info)
     return report
 
 
-def validation_return(args, network, params, norm, datasets, info, env_params, backtest) -> float:
+def validation_return(args, network, params, norm, env_params, backtest) -> float:
     """Mean total return of the greedy policy over the markets of the validation split (model selection)."""
-    rets = []
-    for m in range(len(info["markets"])):
-        out = backtest(greedy_policy(network), (params, norm), m, jax.random.PRNGKey(args.seed))
-        live = np.asarray(out["live"])
-        rets.append(float(np.asarray(out["equity"])[live][-1]) / env_params.initial_balance)
-    return float(np.mean(rets))
+    out = backtest((greedy_policy(network),), ((params, norm),), jax.random.PRNGKey(args.seed))[0]
+    equity, live = np.asarray(out["equity"]), np.asarray(out["live"])
+    last = np.array([equity[m][live[m]][-1] for m in range(len(equity))])
+    return float(np.mean(last / env_params.initial_balance))
 
 
 # ---- MAIN ----
@@ -1342,52 +1555,119 @@ def hparam_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
 
 
-LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes", "process_id")  # how to run, not what: a resume picks its own
+LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes",
+                "process_id")  # how to run, not what: a resume picks its own
+RESUME_FLAGS = ("resume", "stop_after") + LAYOUT_FLAGS  # the only flags a resumed run takes from the command line
+EVAL_FLAGS = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name",
+              "seed")  # what and where --eval-only plays
+# --eval-only overrides of the policy's own values: costs, env rules and splits (stated in the report)
+EVAL_OVERRIDES = ("slippage_ticks", "commission", "initial_balance", "dd_limit", "dd_lock_offset", "contracts", "sl_atr_mult",
+                  "tp_atr_mult",
+                  "trail_atr_mult", "no_entry_bars", "flatten_at_close", "train_end", "val_end")
 
 
-def train_and_report(args: Args) -> dict:
-    """The whole job: load data, train in chunks (logging, checkpoints, validation), backtest on the test split."""
-    from tensorboardX import SummaryWriter
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.json"
-        if not cfg_path.is_file():
-            raise DataError(f"{run_dir}: no config.json. Fix: pass a run folder written by ppo_trader.py")
-        saved = json.loads(cfg_path.read_text())
-        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint") + LAYOUT_FLAGS})
-    elif args.eval_only:
-        if not args.checkpoint:
-            raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
-        # the policy's own window, network, env rules and splits; data, split to play and output folder from the command line
-        keep = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "seed", "market_weights")  # backtests play every market
-        saved, feature_stats = policy_config(args.checkpoint)
-        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in keep and k in Args.__dataclass_fields__})
-        run_dir = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
-    else:
-        args = dataclasses.replace(args, run_name=args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
-        run_dir = Path(args.out_dir) / args.run_name
 
-    mesh = None if args.eval_only else make_mesh(args)  # a layout that cannot work fails before anything is written
-    datasets, info = load_data(args, feature_stats if args.eval_only else None)
-    env_params = env_params_from_args(args)
+def given_flags(args: Args) -> list[str]:
+    """The fields of `args` that differ from their defaults (the flags given on the command line, as far as they matter)."""
+    defaults = Args()
+    return [f.name for f in dataclasses.fields(Args) if getattr(args, f.name) != getattr(defaults, f.name)]
+
+
+def refuse_non_empty(run_dir: Path, how: str) -> None:
+    """No output of an earlier run is overwritten."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise DataError(f"{run_dir} already holds a run's files. Fix: pass another --run-name, {how}")
+
+
+class RunSetup(NamedTuple):
+    args: Args  # the configuration that runs (a resumed or evaluated run's saved flags, with what the command line may change)
+    run_dir: Path
+    feature_stats: Optional[tuple]  # --eval-only: the training split's feature statistics stored in the policy
+    overrides: dict  # --eval-only: the policy's values the command line replaced
+
+
+def resume_setup(args: Args) -> RunSetup:
+    """--resume: the saved flags; any other flag given is refused (it could not change the run)."""
+    run_dir = Path(args.resume)
+    ignored = [name for name in given_flags(args) if name not in RESUME_FLAGS]
+    if ignored:
+        raise DataError(f"{flag(ignored[0])} cannot change a resumed run ({run_dir} continues with the flags of its "
+                        "config.json). "
+                        f"Fix: drop {' '.join(flag(n) for n in ignored)}, or start a new run with them")
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise DataError(f"{run_dir}: no config.json. Fix: pass a run folder written by ppo_trader.py")
+    saved = json.loads(cfg_path.read_text())
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k not in RESUME_FLAGS}
+    return RunSetup(dataclasses.replace(args, **saved), run_dir, None, {})
+
+
+def eval_only_setup(args: Args) -> RunSetup:
+    """--eval-only: the policy's own window, network, env rules and splits, with the costs, rules and splits given on
+    the command line instead; its own output folder (runs/NAME/eval_<split>_<data>/ beside the checkpoint by default)."""
+    if not args.checkpoint:
+        raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
+    given = given_flags(args)
+    ignored = [name for name in given if name not in EVAL_FLAGS + EVAL_OVERRIDES]
+    if ignored:
+        raise DataError(f"{flag(ignored[0])} does not apply to --eval-only (the policy's own value is used). Fix: drop "
+                        f"{' '.join(flag(n) for n in ignored)}")
+    saved, feature_stats = policy_config(args.checkpoint)
+    overrides = {name: getattr(args, name) for name in given if name in EVAL_OVERRIDES}
+    # from the command line: what to play (the policy's own data without --data), where, the overrides
+    keep = tuple(name for name in EVAL_FLAGS if name != "data" or name in given) + tuple(overrides) + RESUME_FLAGS
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+             if k not in keep and k in Args.__dataclass_fields__}
+    args = dataclasses.replace(args, **dict(saved, market_weights=None))  # backtests play every market
+    default_dir = Path(args.checkpoint).parent / f"eval_{args.eval_split}_{Path(args.data).stem}"
+    run_dir = default_dir if args.run_name is None else Path(args.out_dir) / args.run_name
+    refuse_non_empty(run_dir, "or delete that folder")
+    return RunSetup(args, run_dir, feature_stats, overrides)
+
+
+def new_run_setup(args: Args) -> RunSetup:
+    if args.checkpoint:
+        raise DataError("--checkpoint is only read by --eval-only (training starts from scratch or --init-from). Fix: add "
+                        "--eval-only or drop --checkpoint")
+    args = dataclasses.replace(args, run_name=args.run_name or f"ppo_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
+    run_dir = Path(args.out_dir) / args.run_name
+    refuse_non_empty(run_dir, "or continue that run with --resume")
+    return RunSetup(args, run_dir, None, {})
+
+
+def run_eval_only(setup: RunSetup) -> dict:
+    """Backtests the policy of --checkpoint on --eval-split into its own folder."""
+    args = setup.args
+    datasets, info = load_data(args, setup.feature_stats)
     obs_dim = obs_size(args.window, datasets["train"].features.shape[-1], args.phase)
-    transfer = load_transfer(args.init_from, args, datasets["train"].features.shape[-1]) if args.init_from and not (args.resume or args.eval_only) else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.eval_only:
-        network, params, norm, _ = load_policy(args.checkpoint, args, obs_dim)
-        report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, args.eval_split)
-        print(json.dumps(summary_rows(report), indent=1))
-        return report
-    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
-    if not args.resume and main_process:
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    network, params, norm, _ = load_policy(args.checkpoint, args, obs_dim)
+    setup.run_dir.mkdir(parents=True, exist_ok=True)
+    report = evaluate(args, network, params, norm, datasets, info, env_params_from_args(args), setup.run_dir, args.eval_split,
+                      extra={"checkpoint": str(args.checkpoint), "overrides": setup.overrides})
+    print(json.dumps(summary_rows(report), indent=1))
+    if setup.overrides:
+        print("overrides of the policy's values: " + " ".join(f"{flag(k)} {v}" for k, v in setup.overrides.items()))
+    return report
 
-    train_data = place(datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
-    init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh, transfer)
-    seeds = jnp.arange(args.num_seeds) + args.seed
-    rngs = jax.vmap(jax.random.PRNGKey)(seeds)
+
+class Trainer(NamedTuple):
+    """What the chunk loop needs, built once per run."""
+
+    compiled: object  # the jitted, compiled chunk: runner -> (runner, metrics)
+    network: ActorCritic
+    num_chunks: int
+    steps_per_chunk: int  # env steps of one chunk, all seeds
+    checkpoint: Path
+
+
+def build_trainer(args: Args, run_dir: Path, env_params: EnvParams, train_data: MarketData, mesh: Mesh, transfer):
+    """Compiles the chunk and builds (or restores, with --resume) the runner state; returns (Trainer, runner, extra)."""
     t0 = time.time()
+    init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh, transfer)
+    rngs = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.num_seeds) + args.seed)
     # one init per seed, stacked: vmapping flax's orthogonal initialisers (batched QR) can deadlock XLA:CPU's thread pool
     init_one = jax.jit(init)
     runner = jax.tree.map(lambda *x: jnp.stack(x), *[init_one(k) for k in rngs])
@@ -1401,91 +1681,146 @@ def train_and_report(args: Args) -> dict:
         runner, extra = load_checkpoint(ckpt, runner)
     runner = place(runner, shardings)
     if not args.resume:
-        save_checkpoint(ckpt, runner, extra)  # the state before training: a NaN in the first chunk still leaves a good checkpoint
+        save_checkpoint(ckpt, runner, extra)  # the state before training: a NaN in the first chunk leaves a good checkpoint
+    compiled = chunk_fn.lower(runner).compile()
     num_chunks = num_updates // args.chunk_updates
+    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps "
+          f"{num_updates * args.num_envs * args.num_steps:,} per seed  "
+          f"devices {mesh.devices.size} ({mesh.shape['seed']} seed x {mesh.shape['env']} env, "
+          f"{jax.process_count()} process(es))  compile {time.time() - t0:.1f}s", flush=True)
     steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps * args.num_seeds
+    return Trainer(compiled, network, num_chunks, steps_per_chunk, ckpt), runner, extra
+
+
+def log_chunk(writer, metrics_file, row: dict, seed0: dict, by_market: dict, step_count: int) -> None:
+    """TensorBoard scalars and the metrics.jsonl line of one chunk."""
+    for tag in ("episodic_return", "episodic_length", "learning_rate", "breaches"):
+        writer.add_scalar(f"charts/{tag}", seed0[tag], step_count)
+    for market, values in by_market.items():
+        for tag, value in values.items():
+            if value is not None:  # no episode of this market ended in the chunk: no return or length to log
+                writer.add_scalar(f"charts/{market}/{tag}", value, step_count)
+    for tag in ("dd_limit", "commission_scale"):
+        if f"curriculum_{tag}" in seed0:
+            writer.add_scalar(f"curriculum/{tag}", seed0[f"curriculum_{tag}"], step_count)
+    for tag in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
+        writer.add_scalar(f"losses/{tag}", seed0[tag], step_count)
+    if "val_return" in row:
+        writer.add_scalar("eval/val_return", row["val_return"], step_count)
+    writer.add_scalar("perf/SPS", row["sps"], step_count)
+    metrics_file.write(json.dumps(row) + "\n")
+    metrics_file.flush()
+
+
+def progress_line(args: Args, row: dict, seed0: dict, by_market: dict, num_updates: int, eta: float) -> str:
+    markets = "".join(f"  {mk} {v['episodic_return']:+.3f}" for mk,
+                      v in by_market.items() if len(by_market) > 1 and v["episodic_return"] is not None)
+    return (f"update {row['update']:5d}/{num_updates}  steps {row['global_step']:>10,}  return "
+            f"{seed0['episodic_return']:+.3f}" + markets
+            + (f"  dd_limit {seed0['curriculum_dd_limit']:.0f}" if args.curriculum else "")
+            + f"  pg {seed0['policy_loss']:+.4f}  v {seed0['value_loss']:.4f}  ent {seed0['entropy']:.3f}"
+            + (f"  val {row['val_return']:+.4f}" if "val_return" in row else "")
+            + f"  SPS {row['sps']:,.0f}  elapsed {row['elapsed']:.0f}s  ETA {eta:.0f}s")
+
+
+def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dict, validate,
+                 markets: list) -> tuple[str, object, dict]:
+    """The chunk loop: train, log, validate every --eval-every chunks (best.msgpack by validation return),
+    checkpoint; stops early on NaN/inf losses, --stop-after or Ctrl-C. Returns (status, runner, extra)."""
+    from tensorboardX import SummaryWriter
+
+    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
     writer = SummaryWriter(str(run_dir), write_to_disk=main_process)
     if not args.resume:
         writer.add_text("hyperparameters", hparam_table(args))
-    compiled = chunk_fn.lower(runner).compile()
-    compile_s = time.time() - t0
-    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps {num_updates * args.num_envs * args.num_steps:,} per seed  "
-          f"devices {mesh.devices.size} ({mesh.shape['seed']} seed x {mesh.shape['env']} env, {jax.process_count()} process(es))  compile {compile_s:.1f}s", flush=True)
-    val_backtest = make_backtest(env_params, datasets["val"])
     metrics_file = open(run_dir / "metrics.jsonl" if main_process else os.devnull, "a")
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     start_chunk, elapsed0, t_start = extra["chunk"], extra["elapsed"], time.time()
     status = "done"
     try:
-        for chunk in range(start_chunk, num_chunks):
+        for chunk in range(start_chunk, trainer.num_chunks):
             tc = time.time()
-            new_runner, metrics = compiled(runner)
+            new_runner, metrics = trainer.compiled(runner)
             metrics = fetch(metrics)  # [seeds, chunk_updates]
             if not all(np.isfinite(metrics[k]).all() for k in ("policy_loss", "value_loss", "entropy")):
                 status = "nan"
-                print(f"error: NaN/inf in the losses at chunk {chunk + 1}; stopping. The last good checkpoint is {ckpt}. "
-                      "Fix: lower --learning-rate or check the data", file=sys.stderr, flush=True)
+                print(f"error: NaN/inf in the losses at chunk {chunk + 1}; stopping. The last good checkpoint is "
+                      f"{trainer.checkpoint}. "
+                      "Fix: start a new run with a lower --learning-rate, or check the data", file=sys.stderr, flush=True)
                 break
             runner = new_runner
-            dt = time.time() - tc
-            step_count = (chunk + 1) * args.chunk_updates * args.num_envs * args.num_steps
-            sps = steps_per_chunk / dt
-            elapsed = elapsed0 + time.time() - t_start
-            eta = (time.time() - t_start) / (chunk + 1 - start_chunk) * (num_chunks - chunk - 1)
-            seed0, by_market = chunk_summary({k: v[0] for k, v in metrics.items()}, info["markets"])
-            row = dict(chunk=chunk + 1, update=(chunk + 1) * args.chunk_updates, global_step=step_count, sps=sps, elapsed=elapsed, **seed0, markets=by_market)
-            if (chunk + 1) % args.eval_every == 0 or chunk + 1 == num_chunks:
-                params, norm = policy_params(runner)
-                row["val_return"] = validation_return(args, network, params, norm, datasets, info, env_params, val_backtest)
-                writer.add_scalar("eval/val_return", row["val_return"], step_count)
-                if row["val_return"] > extra["best_val"]:
+            sps = trainer.steps_per_chunk / (time.time() - tc)
+            seed0, by_market = chunk_summary({k: v[0] for k, v in metrics.items()}, markets)
+            update = (chunk + 1) * args.chunk_updates
+            row = dict(chunk=chunk + 1, update=update, global_step=update * args.num_envs * args.num_steps, sps=sps, **seed0,
+                       markets=by_market)
+            if (chunk + 1) % args.eval_every == 0 or chunk + 1 == trainer.num_chunks:
+                started = time.time()
+                row["val_return"], improved = validate(runner, extra["best_val"])
+                extra["val_seconds"] = extra.get("val_seconds", 0.0) + time.time() - started
+                if improved:
                     extra["best_val"] = row["val_return"]
-                    save_policy(run_dir / "best.msgpack", params, norm, args, info)
-            for tag in ("episodic_return", "episodic_length", "learning_rate", "breaches"):
-                writer.add_scalar(f"charts/{tag}", seed0[tag], step_count)
-            for market, values in by_market.items():
-                for tag, value in values.items():
-                    if value is not None:  # no episode of this market ended in the chunk: no return or length to log
-                        writer.add_scalar(f"charts/{market}/{tag}", value, step_count)
-            for tag in ("dd_limit", "commission_scale"):
-                if f"curriculum_{tag}" in seed0:
-                    writer.add_scalar(f"curriculum/{tag}", seed0[f"curriculum_{tag}"], step_count)
-            for tag in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
-                writer.add_scalar(f"losses/{tag}", seed0[tag], step_count)
-            writer.add_scalar("perf/SPS", sps, step_count)
-            metrics_file.write(json.dumps(row) + "\n")
-            metrics_file.flush()
-            print(f"update {row['update']:5d}/{num_updates}  steps {step_count:>10,}  return {seed0['episodic_return']:+.3f}"
-                  + "".join(f"  {mk} {v['episodic_return']:+.3f}" for mk, v in by_market.items() if len(by_market) > 1 and v["episodic_return"] is not None)
-                  + (f"  dd_limit {seed0['curriculum_dd_limit']:.0f}" if args.curriculum else "")
-                  + f"  pg {seed0['policy_loss']:+.4f}  v {seed0['value_loss']:.4f}  ent {seed0['entropy']:.3f}"
-                  + (f"  val {row['val_return']:+.4f}" if "val_return" in row else "")
-                  + f"  SPS {sps:,.0f}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
-            extra = dict(extra, chunk=chunk + 1, elapsed=elapsed)
-            save_checkpoint(ckpt, runner, extra)
+            row["elapsed"] = elapsed0 + time.time() - t_start
+            eta = (time.time() - t_start) / (chunk + 1 - start_chunk) * (trainer.num_chunks - chunk - 1)
+            log_chunk(writer, metrics_file, row, seed0, by_market, row["global_step"])
+            print(progress_line(args, row, seed0, by_market, trainer.num_chunks * args.chunk_updates, eta), flush=True)
+            extra = dict(extra, chunk=chunk + 1, elapsed=row["elapsed"])
+            save_checkpoint(trainer.checkpoint, runner, extra)
             if interrupted["flag"] or (args.stop_after is not None and chunk + 1 - start_chunk >= args.stop_after):
                 status = "stopped"
-                print(f"stopped after chunk {chunk + 1}; checkpoint saved. Continue with: python ppo_trader.py --resume {run_dir}", flush=True)
+                print(f"stopped after chunk {chunk + 1}; checkpoint saved. Continue with: python ppo_trader.py --resume "
+                      f"{run_dir}", flush=True)
                 break
     finally:
         signal.signal(signal.SIGINT, old_handler)
         metrics_file.close()
         writer.close()
+    return status, runner, extra
+
+
+def train_and_report(args: Args) -> dict:
+    """The whole job: resolve the run (new, --resume or --eval-only), load data, train in chunks, backtest best.msgpack
+    on the test split."""
+    setup = resume_setup(args) if args.resume else eval_only_setup(args) if args.eval_only else new_run_setup(args)
+    if args.eval_only:
+        return run_eval_only(setup)
+    args, run_dir = setup.args, setup.run_dir
+    mesh = make_mesh(args)  # a layout that cannot work fails before anything is written
+    datasets, info = load_data(args)
+    env_params = env_params_from_args(args)
+    obs_dim = obs_size(args.window, datasets["train"].features.shape[-1], args.phase)
+    num_features = datasets["train"].features.shape[-1]
+    transfer = load_transfer(args.init_from, args, num_features) if args.init_from and not args.resume else None
+    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume and main_process:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    train_data = place(datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
+    trainer, runner, extra = build_trainer(args, run_dir, env_params, train_data, mesh, transfer)
+    val_backtest = make_backtest(env_params, datasets["val"])
+
+    def validate(runner, best_val: float) -> tuple[float, bool]:
+        """The greedy policy's validation return; a new best is saved as best.msgpack."""
+        params, norm = policy_params(runner)
+        val_return = validation_return(args, trainer.network, params, norm, env_params, val_backtest)
+        if val_return > best_val:
+            save_policy(run_dir / "best.msgpack", params, norm, args, info)
+        return val_return, val_return > best_val
+
+    status, runner, extra = train_chunks(args, run_dir, trainer, runner, extra, validate, info["markets"])
     if status != "done":
         return {"status": status, "run_dir": str(run_dir)}
-
+    print(f"validation backtests: {extra.get('val_seconds', 0.0):.1f}s of {extra['elapsed']:.1f}s of training", flush=True)
     params, norm = policy_params(runner)
     save_policy(run_dir / "final.msgpack", params, norm, args, info)
+    network = trainer.network
     if main_process:
         network, params, norm, _ = load_policy(str(run_dir / "best.msgpack"), args, obs_dim)
-    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
+    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split, process 0 writes
         params, norm = multihost_utils.broadcast_one_to_all((params, norm))
-    report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, "test")
-    report["selected_by"] = "best validation return (best.msgpack)"
-    report["initial_balance"] = env_params.initial_balance
-    if main_process:
-        (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, "test",
+                      extra={"selected_by": "best validation return (best.msgpack)"})
     print(json.dumps(summary_rows(report), indent=1))
     return report
 
@@ -1518,29 +1853,37 @@ def parse_args(argv) -> Args:
 
 def check_args(args: Args) -> None:
     """Flag combinations that cannot work, caught before any compilation."""
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "window", "episode_bars", "chunk_updates", "eval_every", "hidden", "contracts"):
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "window", "episode_bars",
+                 "chunk_updates", "eval_every", "hidden", "contracts"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if (args.num_envs * args.num_steps) % args.num_minibatches:
-        raise DataError(f"--num-envs x --num-steps ({args.num_envs * args.num_steps}) is not divisible by --num-minibatches {args.num_minibatches}. Fix: change one of them")
+        raise DataError(f"--num-envs x --num-steps ({args.num_envs * args.num_steps}) is not divisible by --num-minibatches "
+                        f"{args.num_minibatches}. Fix: change one of them")
     if args.no_entry_bars < 0 or args.sl_atr_mult <= 0 or args.tp_atr_mult <= 0 or args.slippage_ticks < 0:
-        raise DataError("--no-entry-bars and --slippage-ticks must be >= 0, --sl-atr-mult and --tp-atr-mult > 0. Fix: pass valid values")
+        raise DataError("--no-entry-bars and --slippage-ticks must be >= 0, --sl-atr-mult and --tp-atr-mult > 0. Fix: pass "
+                        "valid values")
     if args.dd_limit <= 0:
         raise DataError("--dd-limit must be > 0. Fix: pass the account's trailing drawdown in account currency")
     if args.phase not in (1, 2):
-        raise DataError(f"--phase {args.phase}: must be 1 (entries) or 2 (entries and position management). Fix: pass --phase 1 or --phase 2")
+        raise DataError(f"--phase {args.phase}: must be 1 (entries) or 2 (entries and position management). Fix: pass "
+                        "--phase 1 or --phase 2")
     if args.init_from and args.phase != 2:
         raise DataError("--init-from starts phase 2 from a phase 1 policy. Fix: add --phase 2")
     if args.trail_atr_mult <= 0 or not 0 < args.new_action_mass < 1:
         raise DataError("--trail-atr-mult must be > 0 and --new-action-mass in (0, 1). Fix: pass valid values")
     if args.curriculum and not (0 < args.curriculum_end <= 1 and args.curriculum_commission_start >= 0
                                 and (args.curriculum_dd_start is None or args.curriculum_dd_start > 0)):
-        raise DataError(f"--curriculum-end must be in (0, 1], --curriculum-commission-start >= 0 and --curriculum-dd-start > 0 (got {args.curriculum_end}, "
-                        f"{args.curriculum_commission_start}, {args.curriculum_dd_start}). Fix: e.g. --curriculum-end 0.8 --curriculum-commission-start 0 --curriculum-dd-start 4000")
+        raise DataError("--curriculum-end must be in (0, 1], --curriculum-commission-start >= 0 and --curriculum-dd-start > "
+                        f"0 (got {args.curriculum_end}, "
+                        f"{args.curriculum_commission_start}, {args.curriculum_dd_start}). Fix: e.g. --curriculum-end 0.8 "
+                        "--curriculum-commission-start 0 --curriculum-dd-start 4000")
     if args.action_space not in ("discrete", "continuous") or args.max_contracts < 1:
-        raise DataError(f"--action-space '{args.action_space}' must be discrete or continuous and --max-contracts >= 1 (got {args.max_contracts}). Fix: e.g. --action-space continuous --max-contracts 3")
+        raise DataError(f"--action-space '{args.action_space}' must be discrete or continuous and --max-contracts >= 1 (got "
+                        f"{args.max_contracts}). Fix: e.g. --action-space continuous --max-contracts 3")
     if args.action_space == "continuous" and args.phase != 1:
-        raise DataError("--action-space continuous sets the position directly; it has no phase 2 (break-even, trailing). Fix: drop --phase 2 or use --action-space discrete")
+        raise DataError("--action-space continuous sets the position directly; it has no phase 2 (break-even, trailing). "
+                        "Fix: drop --phase 2 or use --action-space discrete")
     if args.eval_split not in ("train", "val", "test"):
         raise DataError(f"--eval-split '{args.eval_split}' is not train, val or test. Fix: pick one of them")
 

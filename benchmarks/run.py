@@ -162,7 +162,7 @@ def peak_matmul_flops(repeats: int) -> tuple[float, int]:
 
 # ---- PPO_TRADER ENV ----
 def ppo_setup(**overrides):
-    args = dataclasses.replace(pt.Args(), **overrides)
+    args = dataclasses.replace(pt.Args(data="data/eurusd_1h.npz"), **overrides)  # the data the peers play
     datasets, info = pt.load_data(args)
     return args, pt.env_params_from_args(args), datasets, info
 

@@ -138,7 +138,7 @@ def test_several_markets_are_padded(tmp_path):
 def test_samples_rebuild_byte_identical(tmp_path):
     r = run_script("data_prep.py", "samples", "--out-dir", tmp_path)
     assert r.returncode == 0, r.stderr
-    for name in ("sp500_daily.npz", "eurusd_1h.npz"):
+    for name in ("sp500_daily.npz", "eurusd_1h.npz", "spy_1min.npz"):
         assert (tmp_path / name).read_bytes() == (ROOT / "data" / name).read_bytes(), name
 
 
@@ -151,7 +151,13 @@ def test_shipped_samples_follow_the_contract():
     assert b["rth"].all() and b["market"].tolist() == ["EURUSD"] and meta["markets"]["EURUSD"]["point_value"] == 100_000
     local = pd.to_datetime(b["timestamps"][0][b["session_end"][0]]).tz_localize("UTC").tz_convert("America/New_York")
     assert np.mean(local.hour == 16) > 0.95  # the last hourly bar before the 17:00 rollover opens at 16:00 NY
-    for arrays in (a, b):
+    c, meta = dp.load_npz(ROOT / "data" / "spy_1min.npz")
+    assert c["market"].tolist() == ["SPY"] and meta["markets"]["SPY"]["point_value"] == 500
+    local = pd.to_datetime(c["timestamps"][0]).tz_localize("UTC").tz_convert("America/New_York")
+    minute = local.hour * 60 + local.minute
+    # New York wall-clock bar opens, summer and winter: RTH 09:30-15:59, the 16:00 bar after the close
+    assert (c["rth"][0] == ((minute >= 570) & (minute < 960))).all() and np.mean(minute[c["session_end"][0]] == 959) > 0.95
+    for arrays in (a, b, c):
         for k, v in arrays.items():
             if v.dtype.kind == "f":
                 assert np.isfinite(v).all(), k

@@ -9,6 +9,7 @@ from flax.serialization import msgpack_restore, msgpack_serialize
 from conftest import (assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error, assert_run_outputs, run_script,
                       tiny_run_dir)
 
+DATA_STEM, MARKET = "spy_1min", "SPY"  # the default --data
 TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
         "--window", "8", "--episode-bars", "64", "--hidden", "32"]
 
@@ -25,7 +26,7 @@ def test_tiny_run_writes_every_output(tiny_run):
     for key in ("episodic_return", "policy_loss", "value_loss", "entropy", "sps", "val_return"):
         assert key in rows[-1]
     report = json.loads((run_dir / "report.json").read_text())
-    eur = report["EURUSD"]
+    eur = report[MARKET]
     for who in ("policy", "sampled", "random", "buy_and_hold"):
         for k in ("total_return", "annualised_return", "annualised_volatility", "sharpe", "sortino", "max_drawdown", "calmar"):
             assert np.isfinite(eur[who][k]), (who, k)
@@ -34,7 +35,7 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert report["split"] == "test"
     trades = (run_dir / "trades.csv").read_text().splitlines()
     assert trades[0] == "market,entry_time,exit_time,direction,entry_price,exit_price,pnl" and len(trades) - 1 == eur["policy"]["trades"]
-    assert "update" in r.stdout and "SPS" in r.stdout and "ETA" in r.stdout
+    assert "update" in r.stdout and "SPS" in r.stdout and "ETA" in r.stdout and "validation backtests:" in r.stdout
 
 
 def test_tensorboard_tags(tiny_run):
@@ -46,13 +47,56 @@ def test_tensorboard_tags(tiny_run):
         assert tag in tags, tag
 
 
-def test_eval_only_reproduces_the_report(tiny_run):
+def test_eval_only_reproduces_the_report_in_its_own_folder(tiny_run):
+    """--eval-only plays best.msgpack again into runs/NAME/eval_test_<data>/ and leaves the training run's files as
+    they were; a second eval-only into the same folder is refused."""
     run_dir, _ = tiny_run
-    before = json.loads((run_dir / "report.json").read_text())
+    before = {f: (run_dir / f).read_bytes() for f in ("report.json", "trades.csv", "equity.png")}
     r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack")
     assert r.returncode == 0, r.stderr[-2000:]
-    after = json.loads((run_dir / "report.json").read_text())
-    assert after["EURUSD"] == before["EURUSD"]
+    eval_dir = run_dir / f"eval_test_{DATA_STEM}"
+    after = json.loads((eval_dir / "report.json").read_text())
+    assert after[MARKET] == json.loads(before["report.json"])[MARKET] and after["overrides"] == {}
+    assert {f: (run_dir / f).read_bytes() for f in before} == before
+    assert (eval_dir / "trades.csv").read_text() == before["trades.csv"].decode()
+    assert_one_line_error(run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack"), str(eval_dir))
+
+
+def test_eval_only_takes_cost_overrides_and_states_them(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack", "--slippage-ticks", "50", "--commission", "100",
+                   "--out-dir", tmp_path, "--run-name", "stress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    plain = json.loads((run_dir / "report.json").read_text())[MARKET]
+    stress = json.loads((tmp_path / "stress" / "report.json").read_text())
+    assert stress["overrides"] == {"slippage_ticks": 50.0, "commission": 100.0} and "--commission 100" in r.stdout
+    # the same policy pays more: every trade and buy-and-hold lose the extra costs
+    assert stress[MARKET]["buy_and_hold"]["final_equity"] < plain["buy_and_hold"]["final_equity"]
+    if plain["policy"]["trades"]:
+        assert stress[MARKET]["policy"]["average_trade"] < plain["policy"]["average_trade"]
+
+
+def test_reports_are_strict_json(tiny_run):
+    """No NaN or Infinity (a profit factor without losing trades is null); buy-and-hold reports its breach."""
+    run_dir, _ = tiny_run
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in report.json")
+
+    report = json.loads((run_dir / "report.json").read_text(), parse_constant=refuse)
+    assert isinstance(report[MARKET]["buy_and_hold"]["breached"], bool)
+
+
+def test_flags_a_run_cannot_use_are_refused(tiny_run, tmp_path):
+    run_dir, _ = tiny_run
+    config = (run_dir / "config.json").read_bytes()
+    assert_one_line_error(run_script("ppo_trader.py", "--resume", run_dir, "--learning-rate", "1e30"), "--learning-rate")
+    assert_one_line_error(run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack", "--learning-rate", "1"),
+                          "--learning-rate")
+    assert_one_line_error(run_script("ppo_trader.py", "--checkpoint", run_dir / "best.msgpack"), "--eval-only")
+    # a run folder that holds a run is not reused
+    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--out-dir", run_dir.parent, "--run-name", run_dir.name), "--resume")
+    assert (run_dir / "config.json").read_bytes() == config
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -106,10 +150,10 @@ def test_phase2_from_phase1_writes_every_output(phase2_run):
     assert json.loads((run_dir / "config.json").read_text())["phase"] == 2
     assert msgpack_restore((run_dir / "best.msgpack").read_bytes())["num_actions"] == 6
     report = json.loads((run_dir / "report.json").read_text())
-    assert np.isfinite(report["EURUSD"]["policy"]["total_return"])
+    assert np.isfinite(report[MARKET]["policy"]["total_return"])
     r2 = run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack")
     assert r2.returncode == 0, r2.stderr[-2000:]
-    assert json.loads((run_dir / "report.json").read_text())["EURUSD"] == report["EURUSD"]
+    assert json.loads((run_dir / f"eval_test_{DATA_STEM}" / "report.json").read_text())[MARKET] == report[MARKET]
 
 
 def test_init_from_bad_checkpoints_give_one_line(tiny_run, phase2_run, tmp_path):

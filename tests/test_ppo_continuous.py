@@ -220,7 +220,7 @@ def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     oracles = {th: oracle_policy(th, 8, F) for th in (0.0, 0.25, 0.5, 1.0, 1.5)}
     best = max(oracles, key=lambda th: split_return(val_bt, oracles[th]))
     oracle_test = split_return(test_bt, oracles[best])
-    print(f"continuous PPO {ppo_test:+.0f}  oracle {oracle_test:+.0f}  random targets {random_test:+.0f}")
+    print(f"continuous PPO {ppo_test:+.0f} ({ppo_test / oracle_test:.0%} of the oracle)  oracle {oracle_test:+.0f}  random targets {random_test:+.0f}")
     assert oracle_test > 5_000, oracle_test
     assert ppo_test >= 0.8 * oracle_test, (ppo_test, oracle_test)
     assert random_test < 0.2 * oracle_test, (random_test, oracle_test)

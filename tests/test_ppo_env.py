@@ -5,6 +5,7 @@ from functools import lru_cache
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 
 import data_prep as dp
@@ -208,14 +209,14 @@ def test_backtest_closes_the_open_position_at_the_split_end(flatten_at_close):
     rows = SPLIT_END_ROWS
     p = ref.default_params(flatten_at_close=flatten_at_close)
     data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
-    out = {k: np.asarray(v) for k, v in pt.make_backtest(env_params(p), data)(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
-    live = out["live"]
-    np.testing.assert_array_equal(out["t"][live], [2, 3, 4, 5])
-    np.testing.assert_array_equal(out["dir"][live], [1, 1, 1, 0])
-    np.testing.assert_allclose(out["exit_price"][live], [np.nan, np.nan, np.nan, 101.25])
+    out = pt.play_one(pt.make_backtest(env_params(p), data), _buy_when_legal, None, 0, jax.random.PRNGKey(0))
+    np.testing.assert_array_equal(out["t"], [2, 3, 4, 5])
+    np.testing.assert_array_equal(out["dir"], [1, 1, 1, 0])
+    np.testing.assert_allclose(out["closed_price"][:, 1], [np.nan, np.nan, np.nan, 101.25])
+    assert np.isnan(out["closed_price"][:, 0]).all()  # discrete actions never close at the open
     # (101.25 - 100.25) x 50 - 2 x 2 commissions = 46, realised: the last equity holds no open position
-    np.testing.assert_allclose(out["trade_pnl"][live], [0, 0, 0, 46.0])
-    np.testing.assert_allclose(out["equity"][live], [-2 + 0.25 * 50, -2 + 0.75 * 50, -2 + 1.25 * 50, 46.0])
+    np.testing.assert_allclose(out["closed_round_trip"][:, 1], [0, 0, 0, 46.0])
+    np.testing.assert_allclose(out["equity"], [-2 + 0.25 * 50, -2 + 0.75 * 50, -2 + 1.25 * 50, 46.0])
 
 
 def test_backtest_keeps_a_position_through_a_session_end_without_flatten_at_close():
@@ -226,10 +227,10 @@ def test_backtest_keeps_a_position_through_a_session_end_without_flatten_at_clos
     for flatten, exits in ((False, [np.nan, np.nan, np.nan, 101.25]), (True, [np.nan, 100.75, np.nan, np.nan])):
         data = market_data(ref.make_data_ohlc(rows, session_end=session_end), ref.default_spec(), 1, 6)
         bt = pt.make_backtest(env_params(ref.default_params(flatten_at_close=flatten)), data)
-        out = {k: np.asarray(v) for k, v in bt(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
+        out = pt.play_one(bt, _buy_when_legal, None, 0, jax.random.PRNGKey(0))
         # flatten on: closed at bar 3 (101 - 0.25); BUY at t=4 (1 bar before the split's last) is illegal
-        np.testing.assert_allclose(out["exit_price"][out["live"]], exits)
-        np.testing.assert_array_equal(np.isfinite(out["entry_price"][out["live"]]), [True, False, False, False])
+        np.testing.assert_allclose(out["closed_price"][:, 1], exits)
+        np.testing.assert_array_equal(np.isfinite(out["entry_price"]), [True, False, False, False])
 
 
 def test_backtest_split_end_close_of_a_continuous_position():
@@ -238,11 +239,10 @@ def test_backtest_split_end_close_of_a_continuous_position():
     rows = SPLIT_END_ROWS
     params = env_params(ref.default_params(flatten_at_close=False)).replace(action_space="continuous", max_contracts=2)
     data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
-    out = {k: np.asarray(v) for k, v in pt.make_backtest(params, data)(lambda *a: jnp.float32(1.0), None, 0, jax.random.PRNGKey(0)).items()}
-    live = out["live"]
-    np.testing.assert_allclose(out["exit_price"][live], [np.nan, np.nan, np.nan, 101.25])
-    np.testing.assert_allclose(out["trade_pnl"][live], [0, 0, 0, 92.0])
-    np.testing.assert_allclose(out["equity"][live][-1], 92.0)
+    out = pt.play_one(pt.make_backtest(params, data), lambda *a: jnp.float32(1.0), None, 0, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(out["closed_price"][:, 1], [np.nan, np.nan, np.nan, 101.25])
+    np.testing.assert_allclose(out["closed_round_trip"].sum(1), [0, 0, 0, 92.0])
+    np.testing.assert_allclose(out["equity"][-1], 92.0)
 
 
 def test_backtest_breach_caused_by_the_split_end_close_is_reported():
@@ -253,10 +253,9 @@ def test_backtest_breach_caused_by_the_split_end_close_is_reported():
     p = ref.default_params(dd_limit=14.0)
     data = market_data(ref.make_data_ohlc(rows, session_end=[False] * 7), ref.default_spec(), 1, 6)
     bt = pt.make_backtest(env_params(p), data)
-    out = {k: np.asarray(v) for k, v in bt(_buy_when_legal, None, 0, jax.random.PRNGKey(0)).items()}
-    live = out["live"]
-    np.testing.assert_allclose(out["equity"][live], [10.5, 35.5, 60.5, 46.0])
-    np.testing.assert_array_equal(out["breach"][live], [False, False, False, True])
+    out = pt.play_one(bt, _buy_when_legal, None, 0, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(out["equity"], [10.5, 35.5, 60.5, 46.0])
+    np.testing.assert_array_equal(out["breach"], [False, False, False, True])
     info = dict(markets=["X"], bounds=[{"test": (0, 6)}], timestamps=[np.arange(7, dtype=np.int64) * 3_600_000_000_000])
     report, _ = pt.backtest_report(bt, data, info, "test", env_params(p), {"policy": (_buy_when_legal, None)}, 0)
     assert report["X"]["policy"]["breached"] is True and report["X"]["policy"]["trades"] == 1
@@ -281,7 +280,7 @@ def test_sampled_backtest_policy_draws_legal_actions_with_the_policy_probabiliti
 
     cnet = pt.ActorCritic(1, 16, continuous=True)
     cparams = cnet.init(jax.random.PRNGKey(0), obs)
-    cparams["params"]["Dense_2"]["bias"] = jnp.array([0.8])  # mean about 0.8, std exp(-0.7): an asymmetric, narrow target law
+    cparams["params"]["policy_head"]["bias"] = jnp.array([0.8])  # mean about 0.8, std exp(-0.7): an asymmetric, narrow target law
     cparams["params"]["log_std"] = jnp.array([-0.7])
     targets = np.asarray(jax.vmap(pt.sampled_policy(cnet), in_axes=(None, 0, None, None))((cparams, norm), keys, obs, mask), np.float64)
     mean, log_std = np.asarray(cnet.apply(cparams, obs)[0], np.float64)
@@ -296,7 +295,7 @@ def test_sampled_backtest_policy_draws_legal_actions_with_the_policy_probabiliti
 
 
 # ---- NO LOOK-AHEAD ----
-def test_changing_bars_after_t_leaves_the_past_unchanged():
+def test_changing_bars_and_calendar_after_t_leaves_the_past_unchanged():
     d = synthetic_market()
     spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
     params = ref.default_params(window=4, episode_bars=2000, dd_limit=5000.0, no_entry_bars=3)
@@ -311,6 +310,12 @@ def test_changing_bars_after_t_leaves_the_past_unchanged():
         alt[key][k] = alt[key][k] * scale
     alt["atr"][k] *= 3.0
     alt["features"][k] = rng.normal(size=alt["features"][k].shape)
+    # the calendar arrays too: a decision at t reads them at bars up to t only
+    n_after = len(alt["open"][k])
+    alt["session_end"][k] = rng.random(n_after) < 0.05
+    alt["rth"][k] = rng.random(n_after) < 0.7
+    alt["bars_to_close"][k] = rng.integers(0, 400, n_after)
+    alt["hours_to_close"][k] = rng.uniform(0, 24, n_after)
     changed = jax_run_episode(alt, spec, params, start, len(d["open"]), r["actions"])
     n_past = t_cut - start  # steps whose played bar u <= t_cut
     np.testing.assert_array_equal(changed["obs"][:n_past], base["obs"][:n_past])
@@ -397,7 +402,8 @@ def test_gae_scan_matches_python_loop():
     last_value = rng.normal(size=N)
     traj = pt.Transition(obs=jnp.zeros((T, N, 1)), action=jnp.zeros((T, N), jnp.int32), log_prob=jnp.zeros((T, N)), value=jnp.asarray(value, jnp.float32),
                          reward=jnp.asarray(reward, jnp.float32), terminated=jnp.asarray(term), truncated=jnp.asarray(trunc),
-                         final_value=jnp.asarray(final_value, jnp.float32), mask=jnp.ones((T, N, 3), bool))
+                         final_value=jnp.asarray(final_value, jnp.float32), mask=jnp.ones((T, N, 3), bool),
+                         choice=jnp.ones((T, N), bool))
     adv, targets = pt.compute_gae(traj, jnp.asarray(last_value, jnp.float32), 0.99, 0.95)
     expect = np.stack([gae_loop(reward[:, i], value[:, i], term[:, i], trunc[:, i], final_value[:, i], last_value[i], 0.99, 0.95) for i in range(N)], 1)
     np.testing.assert_allclose(np.asarray(adv), expect, rtol=1e-4, atol=1e-5)
@@ -416,7 +422,7 @@ def test_init_from_keeps_phase1_probabilities(tmp_path):
     p1, p2 = pt.env_params_from_args(args1), pt.env_params_from_args(pt.Args(window=4, phase=2))
     net1 = pt.ActorCritic(3, 32)
     params1 = net1.init(jax.random.PRNGKey(0), jnp.zeros(pt.obs_size(4, F, 1)))
-    params1 = jax.tree_util.tree_map_with_path(lambda path, x: x * 150.0 if "Dense_2" in str(path) else x, params1)  # logits of a few units
+    params1 = jax.tree_util.tree_map_with_path(lambda path, x: x * 150.0 if "policy_head" in str(path) else x, params1)  # logits of a few units
     # a phase 1 normaliser fitted on random-play observations
     obs, states = jax.vmap(pt.reset, in_axes=(0, None, None))(jax.random.split(jax.random.PRNGKey(1), 256), p1, data)
 
@@ -465,3 +471,166 @@ def test_init_from_keeps_phase1_probabilities(tmp_path):
     assert 0.005 < new_mass[~flat].min() and new_mass[~flat].max() < 0.03, (new_mass[~flat].min(), new_mass[~flat].max())
     # flat states with a confident phase 1 policy: the transfer is not trivially uniform
     assert prob1[flat].max() > 0.8
+
+
+# ---- WHAT TRAINING SEES ----
+def test_training_visits_every_bars_to_close_value_the_backtest_plays(tmp_path):
+    """Episodes start at any RTH bar of the training split: random play over the learning test's data visits every
+    bars-to-the-close value of the test split's RTH decision bars, the last minutes of a session included."""
+    path = tmp_path / "syn.npz"
+    assert dp.main(["synthetic-intraday", "--out", str(path), "--days", "60", "--seed", "0", "--signal-strength", "2"]) == 0
+    args = pt.Args(data=str(path), window=8)
+    datasets, _ = pt.load_data(args)
+    params, train = pt.env_params_from_args(args), datasets["train"]
+    num_envs = 256
+
+    @jax.jit
+    def visited(key):
+        obs, states = jax.vmap(pt.reset, in_axes=(0, None, None))(jax.random.split(key, num_envs), params, train)
+
+        def body(carry, k):
+            obs, states = carry
+            k1, k2 = jax.random.split(k)
+            mask = jax.vmap(pt.legal_mask, in_axes=(0, None, None))(states, params, train)
+            action = jax.vmap(pt.random_policy, in_axes=(None, 0, 0, 0))(None, jax.random.split(k1, num_envs), obs, mask)
+            obs, states, *_ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(jax.random.split(k2, num_envs), states, action, params, train)
+            return (obs, states), (states.market, states.t)
+
+        return jax.lax.scan(body, (obs, states), jax.random.split(key, 512))[1]
+
+    market, t = (np.asarray(x).ravel() for x in visited(jax.random.PRNGKey(0)))
+    rth, bars_to_close = np.asarray(train.rth), np.asarray(train.bars_to_close)
+    trained = set(bars_to_close[market, t][rth[market, t]].tolist())
+    test = datasets["test"]
+    lo, hi = int(test.lo[0]) + args.window - 1, int(test.hi[0]) - 1
+    decision = np.arange(lo, hi)
+    played = set(bars_to_close[0, decision][rth[0, decision]].tolist())
+    assert min(played) == 0 and max(played) == 389  # the test split's RTH bars: every minute of the session
+    assert played <= trained, sorted(played - trained)[:10]
+
+
+def test_backtest_observation_is_the_training_observation():
+    """The position features the backtest shows the policy are `get_obs`'s with the training EnvParams: bars in
+    position / --episode-bars (64 here), not over an episode length of its own. A long is held; the policy's raw
+    output records the feature it saw (0.9 - 0.01 x feature: always rounded to a target of 1 contract)."""
+    d = synthetic_market()
+    spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
+    window, episode_bars = 3, 64
+    params = env_params(ref.default_params(window=window, episode_bars=episode_bars, dd_limit=1e6)).replace(action_space="continuous")
+    data = market_data(d, spec, window - 1, 1500)
+    index = window * d["features"].shape[1] + 4  # bars in position / episode_bars
+
+    def policy(policy_args, key, obs, mask):
+        return 0.9 - 0.01 * obs[index]
+
+    out = pt.play_one(pt.make_backtest(params, data), policy, None, 0, jax.random.PRNGKey(0))
+    held = out["dir"] != 0
+    run = np.zeros(len(held), int)  # bars in position after each step
+    for i in range(len(held)):
+        run[i] = run[i - 1] + 1 if held[i] and i > 0 else int(held[i])
+    seen = (0.9 - out["action"].astype(np.float64)) / 0.01
+    expected = np.r_[0, run[:-1]] / episode_bars
+    np.testing.assert_allclose(seen, expected, atol=1e-4)
+    assert expected.max() > 0.25  # positions held for many bars: a feature far from 0
+
+
+def test_buy_and_hold_is_held_to_the_trailing_drawdown():
+    """1 contract long from bar 2's open (100 + 0.25 slippage), point value 50, commission 2 a side. Limit 100: the
+    close of bar 4 (97) marks -164.5 <= 10.5 - 100, so it sells at 97 - 0.25 and stays flat: -164.5 - 2 - 12.5 = -179.
+    Limit 1000: no breach, sold at the split's last close 106 - 0.25: 5.75 x 50 - 2 - 2 - 12.5 = 271."""
+    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100.5), (100.5, 100.5, 98.5, 99), (99, 99, 96.5, 97),
+            (97, 105.5, 97, 105), (105, 106.5, 104.5, 106)]
+    data = market_data(ref.make_data_ohlc(rows), ref.default_spec(), 1, 7)
+    equity, breached = pt.buy_and_hold(data, 0, env_params(ref.default_params(dd_limit=100.0)))
+    np.testing.assert_allclose(equity, [10.5, -64.5, -179.0, -179.0, -179.0])
+    assert breached
+    equity, breached = pt.buy_and_hold(data, 0, env_params(ref.default_params(dd_limit=1000.0)))
+    np.testing.assert_allclose(equity, [10.5, -64.5, -164.5, 235.5, 271.0])
+    assert not breached
+
+
+def test_trades_of_a_scale_in_and_a_reversal():
+    """Continuous targets by decision bar t (read from the default features 10 t + f): +1 contract at t=1, +2 at t=2,
+    -1 at t=3, 0 at t=4. Fills at the next opens with 0.25 slippage: long 100.25 then 100.75 (average 100.5); the
+    reversal sells both at 100.25 (2 x (-0.25 x 50 - 2) - 2 x 2 = -33) and shorts at 100.25; closed at bar 5's open."""
+    rows = [(100, 100.5, 99.5, 100)] * 3 + [(100.5, 101, 100, 100.5)] * 2 + [(100, 100.5, 99.5, 100)] * 2
+    data = market_data(ref.make_data_ohlc(rows), ref.default_spec(), 1, 7)
+    params = env_params(ref.default_params()).replace(action_space="continuous", max_contracts=2)
+    targets = jnp.array([0.0, 0.5, 1.0, -0.5, 0.0, 0.0, 0.0])
+
+    def policy(policy_args, key, obs, mask):
+        return targets[(obs[2] / 10).astype(jnp.int32)]  # obs[2]: feature 0 of the decision bar = 10 t
+
+    out = pt.play_one(pt.make_backtest(params, data), policy, None, 0, jax.random.PRNGKey(0))
+    hour = np.arange(7, dtype=np.int64) * 3_600_000_000_000
+    rows_csv = pt.trade_rows(out, "X", hour)
+    stamp = lambda h: str(np.datetime64(int(hour[h]), "ns"))  # noqa: E731
+    assert rows_csv == [f"X,{stamp(2)},{stamp(4)},long,100.5,100.25,-33.00", f"X,{stamp(4)},{stamp(5)},short,100.25,100.25,-4.00"], rows_csv
+    assert pt.trade_metrics(out)["trades"] == 2
+
+
+def test_hours_and_bars_to_close_come_from_the_calendar(tmp_path):
+    """A session whose bars stop at 14:14 (a gap in the data) shows at 09:30 the same 6.48 hours and 389 bars to the
+    close as a complete session: the scheduled 16:00 close, not the last bar present."""
+    frame, _, _ = dp.synthetic_intraday_frame(6, 0, 1.0, 30.0, "2024-03-04")
+    local = frame.index.tz_localize("UTC").tz_convert("America/New_York") if frame.index.tz is None else frame.index.tz_convert("America/New_York")
+    gap_day = sorted(set(local.date))[2]
+    drop = (local.date == gap_day) & (local.hour * 60 + local.minute >= 14 * 60 + 15)
+    arrays, specs = dp.build_intraday([("ES", frame[~drop], 60, dp.MARKETS["ES"])], "America/New_York", None, "17:00", 1, {})
+    path = tmp_path / "gap.npz"
+    dp.save_npz(path, arrays, dict(kind="intraday", tz="America/New_York", markets=specs))
+    datasets, info = pt.load_data(pt.Args(data=str(path), window=4, episode_bars=64, train_end="0.9", val_end="0.95"))
+    ts = info["timestamps"][0]
+    opens = np.flatnonzero(pd.DatetimeIndex(ts).tz_localize("UTC").tz_convert("America/New_York").strftime("%H:%M") == "09:30")
+    hours, bars = np.asarray(datasets["train"].hours_to_close)[0, opens], np.asarray(datasets["train"].bars_to_close)[0, opens]
+    np.testing.assert_allclose(hours, 389 / 60, rtol=1e-6)
+    np.testing.assert_array_equal(bars, 389)
+    assert np.asarray(datasets["train"].session_end)[0].sum() == 6  # the gapped session still ends at its last bar (flatten)
+
+
+def test_observation_normaliser_starts_from_a_random_policy_rollout():
+    """The normaliser of a fresh run is fitted on random legal play, open positions included: fitted on reset
+    observations alone (flat accounts) the position features would get a variance near 0, and the first rollout
+    would see every open position at the +-10 clip."""
+    d = synthetic_market()
+    spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
+    data = market_data(d, spec, 300, len(d["open"])).replace(starts=jnp.arange(300, 2300, 20, dtype=jnp.int32)[None],
+                                                             n_starts=jnp.array([100], jnp.int32))
+    args = pt.Args(window=3, num_envs=16, num_steps=32, hidden=16)
+    params = env_params(ref.default_params(window=3))
+    init, _, _, _ = pt.make_train(args, params, data)
+    norm = jax.jit(init)(jax.random.PRNGKey(0)).obs_norm
+    direction = 3 * d["features"].shape[1]
+    assert float(norm.var[direction]) > 0.1, float(norm.var[direction])  # random play holds longs and shorts
+    long = pt.reset_at(0, 1000).replace(dir=jnp.int32(1), entry=jnp.float32(d["close"][1000]), sl=jnp.float32(d["close"][1000] - 3),
+                                        tp=jnp.float32(d["close"][1000] + 6), bars_in_pos=jnp.int32(5))
+    position = np.asarray(norm(pt.get_obs(long, params, data)))[direction:]
+    assert np.abs(position).max() < 10, position  # an ordinary open position is not at the clip
+
+
+@pytest.mark.parametrize("phase, action_space", [(1, "discrete"), (2, "discrete"), (1, "continuous")])
+def test_rollout_log_probs_equal_the_loss_log_probs(phase, action_space):
+    """At the parameters that collected a rollout, the loss recomputes the stored log-probs: ratio 1, approx_kl and
+    clipfrac 0 (stored normalised observations, masks and pre-squash actions are what the loss reads)."""
+    d = synthetic_market()
+    spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
+    data = market_data(d, spec, 300, len(d["open"])).replace(starts=jnp.arange(300, 2300, 20, dtype=jnp.int32)[None],
+                                                             n_starts=jnp.array([100], jnp.int32))
+    args = pt.Args(window=3, num_envs=32, num_steps=64, hidden=16, phase=phase, action_space=action_space)
+    params = env_params(ref.default_params(window=3, phase=phase)).replace(action_space=action_space)
+    init, _, _, network = pt.make_train(args, params, data)
+    runner = jax.jit(init)(jax.random.PRNGKey(0))
+    scaled = jax.tree.map(lambda x: x * 3.0, runner.train_state.params)  # a policy far from uniform
+    runner = runner._replace(train_state=runner.train_state.replace(params=scaled))
+    collect = jax.jit(lambda r: jax.lax.scan(lambda c, x: pt.rollout_step(network, params, data, c, x), r, None, args.num_steps))
+    _, (traj, _, _) = collect(runner)
+    batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), traj)
+    log_prob, _, _ = pt.evaluate_actions(network, scaled, batch.obs, batch.action, batch.mask)
+    np.testing.assert_allclose(np.asarray(log_prob), np.asarray(batch.log_prob), atol=2e-5)
+    adv = jax.random.normal(jax.random.PRNGKey(1), batch.reward.shape)
+    _, (_, _, _, approx_kl, clipfrac) = pt.ppo_loss(scaled, network, args, batch, adv, adv)
+    assert abs(float(approx_kl)) < 1e-6 and float(clipfrac) == 0.0
+    choice = np.asarray(batch.choice)
+    assert choice.any() and (~choice).any()  # forced samples (flat outside RTH, or only HOLD legal) are present
+    if action_space == "discrete":
+        assert (np.asarray(batch.action)[choice] != pt.HOLD).any()

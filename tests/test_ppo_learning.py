@@ -12,8 +12,7 @@ from conftest import run_script
 
 
 def split_return(backtest, policy) -> float:
-    out = {k: np.asarray(v) for k, v in backtest(policy, None, 0, jax.random.PRNGKey(0)).items()}
-    return float(out["equity"][out["live"]][-1])
+    return float(pt.play_one(backtest, policy, None, 0, jax.random.PRNGKey(0))["equity"][-1])
 
 
 def oracle_policy(threshold: float, window: int, n_features: int):
@@ -48,6 +47,7 @@ def test_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     oracles = {th: oracle_policy(th, 8, F) for th in (0.0, 0.25, 0.5, 1.0, 1.5)}
     best = max(oracles, key=lambda th: split_return(val_bt, oracles[th]))
     oracle_test = split_return(test_bt, oracles[best])
+    print(f"PPO greedy {ppo_test:+.0f} ({ppo_test / oracle_test:.0%} of the oracle)  oracle {oracle_test:+.0f}  random {random_test:+.0f}")
 
     assert oracle_test > 5_000, oracle_test  # the planted signal is worth trading after costs
     assert ppo_test >= 0.8 * oracle_test, (ppo_test, oracle_test)
@@ -78,12 +78,11 @@ def test_phase2_from_phase1_beats_phase1_when_managing_pays(tmp_path):
     backtest = pt.make_backtest(pt.env_params_from_args(args), datasets["test"])
     greedy = pt.greedy_policy(network)
     entries_only = lambda policy_args, key, obs, mask: greedy(policy_args, key, obs, mask & (jnp.arange(6) < 3))  # noqa: E731
-    out = {k: np.asarray(v) for k, v in backtest(greedy, (params, norm), 0, jax.random.PRNGKey(0)).items()}
-    live = out["live"]
-    trades, trails = int(np.isfinite(out["exit_price"][live]).sum()), int((out["action"][live] == pt.ENABLE_TRAIL).sum())
-    out_u = {k: np.asarray(v) for k, v in backtest(entries_only, (params, norm), 0, jax.random.PRNGKey(0)).items()}
-    managed, unmanaged = float(out["equity"][live][-1]), float(out_u["equity"][out_u["live"]][-1])
+    out = pt.play_one(backtest, greedy, (params, norm), 0, jax.random.PRNGKey(0))
+    trades, trails = int(np.isfinite(out["closed_price"]).sum()), int((out["action"] == pt.ENABLE_TRAIL).sum())
+    out_u = pt.play_one(backtest, entries_only, (params, norm), 0, jax.random.PRNGKey(0))
+    managed, unmanaged = float(out["equity"][-1]), float(out_u["equity"][-1])
     print(f"phase 1 {p1['total_return']:+.3f}  phase 2 {p2['total_return']:+.3f}  trades {trades}  trail enables {trails}  "
           f"phase 2 without management {unmanaged / 50_000:+.3f}")
-    assert trades > 20 and trails > 0.2 * trades, (trades, np.bincount(out["action"][live], minlength=6))
+    assert trades > 20 and trails > 0.2 * trades, (trades, np.bincount(out["action"], minlength=6))
     assert managed > unmanaged + 0.1 * 50_000 * p1["total_return"], (managed, unmanaged)

@@ -196,13 +196,13 @@ def test_backtests_use_the_real_rules(two_market_run):
     for params, data, same, markets in ((real, datasets["test"], True, info["markets"]), (eased, eased_data, False, info["markets"][:1])):
         bt = pt.make_backtest(params, data)
         for m, market in enumerate(markets):
-            o = {k: np.asarray(v) for k, v in bt(pt.random_policy, None, m, jax.random.PRNGKey(args.seed)).items()}
-            total = float(o["equity"][o["live"]][-1]) / real.initial_balance
+            o = pt.play_one(bt, pt.random_policy, None, m, jax.random.PRNGKey(args.seed))
+            total = float(o["equity"][-1]) / real.initial_balance
             assert np.isclose(total, report[market]["random"]["total_return"], rtol=1e-5, atol=1e-9) == same, (market, same)
     # the last validation return: final.msgpack's, with the real rules
     obs_dim = args.window * datasets["train"].features.shape[-1] + pt.NUM_POSITION_FEATURES
     network, params, norm, _ = pt.load_policy(str(run_dir / "final.msgpack"), args, obs_dim)
-    val = pt.validation_return(args, network, params, norm, datasets, info, real, pt.make_backtest(real, datasets["val"]))
+    val = pt.validation_return(args, network, params, norm, real, pt.make_backtest(real, datasets["val"]))
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     np.testing.assert_allclose(val, last["val_return"], rtol=1e-6)
 

@@ -87,7 +87,7 @@ def chain(script: str, module: str, arrays: str, flags: list, out) -> tuple[dict
 
 
 # ---- PPO ----
-PPO_ARRAYS = "dict(env_t=r.env_state.t, last_obs=r.last_obs, kernel=r.train_state.params['params']['Dense_0']['kernel'], rng=r.rng)"
+PPO_ARRAYS = "dict(env_t=r.env_state.t, last_obs=r.last_obs, kernel=r.train_state.params['params']['actor_hidden_0']['kernel'], rng=r.rng)"
 
 
 @pytest.fixture(scope="module")
