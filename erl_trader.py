@@ -172,7 +172,8 @@ class Args:
     out_dir: str = "runs"
     """parent folder of run folders"""
     devices: Optional[int] = None
-    """devices per process to shard over (default: all local devices); the population (and the TD3 batch) is split across them"""
+    """devices per process to shard over (default: all local devices); the population (and the TD3 batch) is split
+    across them"""
     coordinator_address: Optional[str] = None
     """multi-host: HOST:PORT of process 0 (calls jax.distributed.initialize; run the same command on every host)"""
     num_processes: Optional[int] = None
@@ -213,7 +214,8 @@ def split_point(text: str, dates: np.ndarray, flag: str) -> int:
     try:
         day = np.datetime64(text, "D").astype(np.int64)
     except ValueError:
-        raise DataError(f"{flag} '{text}' is neither a date YYYY-MM-DD nor a fraction in (0, 1). Fix: e.g. {flag} 2013-01-01") from None
+        raise DataError(f"{flag} '{text}' is neither a date YYYY-MM-DD nor a fraction in (0, 1). "
+                        f"Fix: e.g. {flag} 2013-01-01") from None
     return int(np.searchsorted(dates, day))
 
 
@@ -236,7 +238,8 @@ def load_data(args: Args) -> tuple[dict, dict]:
         raise DataError(f"{path}: not a readable .npz ({type(e).__name__}). Fix: rebuild it with data_prep.py") from None
     meta = json.loads(str(raw.get("meta", "{}")))
     if meta.get("kind") != "daily":
-        raise DataError(f"{path}: kind is '{meta.get('kind')}', erl_trader needs a daily universe. Fix: use data_prep.py daily (or ppo_trader.py for intraday bars)")
+        raise DataError(f"{path}: kind is '{meta.get('kind')}', erl_trader needs a daily universe. Fix: use data_prep.py "
+                        f"daily (or ppo_trader.py for intraday bars)")
     need = ("dates", "tickers", "investable", "open", "high", "low", "close", "valid", "feature_valid", "features")
     missing = [k for k in need if k not in raw]
     if missing:
@@ -247,12 +250,15 @@ def load_data(args: Args) -> tuple[dict, dict]:
     bounds = split_bounds(len(dates), train_end, val_end, args.window)
     for name, (first, end) in bounds.items():
         if end - first < episode_days + 1:
-            raise DataError(f"{path}: the {name} split has {max(end - first, 0)} decision days, fewer than trading + settlement days + 1 "
+            raise DataError(f"{path}: the {name} split has {max(end - first, 0)} decision days, fewer than trading + "
+                            f"settlement days + 1 "
                             f"({episode_days + 1}). Fix: move --train-end/--val-end or shorten --window/--trading-days")
     inv = np.flatnonzero(raw["investable"]).astype(np.int32)
-    base = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
+    base = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32),
+                low=jnp.asarray(raw["low"], jnp.float32),
                 close=jnp.asarray(raw["close"], jnp.float32), valid=jnp.asarray(raw["valid"]),
-                feature_valid=jnp.asarray(raw["feature_valid"] & raw["valid"]), features=jnp.asarray(raw["features"], jnp.float32),
+                feature_valid=jnp.asarray(raw["feature_valid"] & raw["valid"]),
+                features=jnp.asarray(raw["features"], jnp.float32),
                 inv=jnp.asarray(inv))
     out = {name: MarketData(**base, lo=jnp.int32(first), hi=jnp.int32(end)) for name, (first, end) in bounds.items()}
     info = dict(path=str(path), meta=meta, tickers=[str(t) for t in raw["tickers"]], dates=dates, bounds=bounds,
@@ -310,9 +316,11 @@ class EnvState:
 
 
 def env_params_from_args(args: Args) -> EnvParams:
-    return EnvParams(window=args.window, max_positions=args.max_positions, trading_days=args.trading_days, settlement_days=args.settlement_days,
+    return EnvParams(window=args.window, max_positions=args.max_positions, trading_days=args.trading_days,
+                     settlement_days=args.settlement_days,
                      max_holding_days=args.max_holding_days, coef_max=args.coef_max, coef_threshold=args.coef_threshold,
-                     target_min=args.target_min, target_max=args.target_max, cost_bps=args.cost_bps, hurdle_pct=args.hurdle_pct,
+                     target_min=args.target_min, target_max=args.target_max, cost_bps=args.cost_bps,
+                     hurdle_pct=args.hurdle_pct,
                      inaction_penalty=args.inaction_penalty)
 
 
@@ -347,7 +355,7 @@ def scale_action(a: jax.Array, params: EnvParams) -> tuple[jax.Array, jax.Array]
 
 
 SMALL_PER_STOCK = 5  # held, unrealised gain, coefficient at entry, days held, distance to the target
-SLOT_WIDTH = 1 + SMALL_PER_STOCK  # a slot as stored in the replay memory: its stock (investable index, -1 if free), then the five
+SLOT_WIDTH = 1 + SMALL_PER_STOCK  # a slot in the replay memory: its stock (investable index, -1 if free), then the five
 
 
 def slot_state(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
@@ -389,55 +397,57 @@ def step(state: EnvState, coef: jax.Array, target: jax.Array, params: EnvParams,
 
     Returns (state, reward, done, info); info has the column opened (-1 if none) and per-slot exits.
     """
-    t, k = state.t, state.k
-    u = t + 1
-    K = params.max_positions
-    c = params.cost_bps / 10_000.0
+    today, step_index = state.t, state.k
+    next_day = today + 1  # the day the decision plays out: fills, exits, marking
+    cost = params.cost_bps / 10_000.0
     inv = data.inv
-    last = k == params.trading_days + params.settlement_days - 1
+    trading_day = step_index < params.trading_days
+    last = step_index == params.trading_days + params.settlement_days - 1
 
     # OPEN: the best-coefficient investable stock with valid features today and not held, into the first free slot
     held_col = jnp.zeros(data.open.shape[1], bool).at[state.col].max(state.held)
-    cand = data.feature_valid[t, inv] & ~held_col[inv]
-    j = jnp.argmax(jnp.where(cand, coef, -jnp.inf))
-    col = inv[j]
+    candidate = data.feature_valid[today, inv] & ~held_col[inv]
+    best = jnp.argmax(jnp.where(candidate, coef, -jnp.inf))
+    col = inv[best]
     free = ~state.held
-    slot = jnp.argmax(free)
-    do_open = (k < params.trading_days) & cand.any() & (coef[j] > params.coef_threshold) & free.any() & data.valid[u, col]
-    entry = data.open[u, col]
-    alloc = jnp.minimum(state.cash, state.equity / K)
-    opened = jnp.arange(K) == slot
-    op = opened & do_open
-    held = state.held | op
-    s_col = jnp.where(op, col, state.col)
-    s_entry = jnp.where(op, entry, state.entry)
-    s_day = jnp.where(op, u, state.day)
-    s_coef = jnp.where(op, coef[j], state.coef)
-    s_target = jnp.where(op, entry * (1 + target[j] / 100.0), state.target)
-    s_shares = jnp.where(op, alloc * (1 - c) / entry, state.shares)
+    do_open = (trading_day & candidate.any() & (coef[best] > params.coef_threshold) & free.any()
+               & data.valid[next_day, col])
+    entry = data.open[next_day, col]
+    alloc = jnp.minimum(state.cash, state.equity / params.max_positions)
+    opening = (jnp.arange(params.max_positions) == jnp.argmax(free)) & do_open  # the slot that opens, if any
+    held = state.held | opening
+    slot_col = jnp.where(opening, col, state.col)
+    slot_entry = jnp.where(opening, entry, state.entry)
+    slot_day = jnp.where(opening, next_day, state.day)
+    slot_coef = jnp.where(opening, coef[best], state.coef)
+    slot_target = jnp.where(opening, entry * (1 + target[best] / 100.0), state.target)
+    slot_shares = jnp.where(opening, alloc * (1 - cost) / entry, state.shares)
     cash = state.cash - jnp.where(do_open, alloc, 0.0)
 
-    # EXITS on day u: delisting, target, max holding; the last step closes everything
-    o, h, cl, val = data.open[u, s_col], data.high[u, s_col], data.close[u, s_col], data.valid[u, s_col]
-    old = held & (s_day < u)
-    delist = old & ~val
-    hit = old & val & (h >= s_target)
-    maxh = old & val & ~hit & (u - s_day >= params.max_holding_days)
-    end = held & last & ~(delist | hit | maxh)
-    exits = delist | hit | maxh | end
-    price = jnp.where(hit, jnp.maximum(s_target, o), cl)
-    gain_pct = (price / jnp.where(exits, s_entry, 1.0) - 1) * 100
-    exit_reward = jnp.where(exits, s_coef / params.coef_max * (gain_pct - params.hurdle_pct) - 2 * params.cost_bps / 100, 0.0)
-    cash = cash + jnp.sum(jnp.where(exits, s_shares * price * (1 - c), 0.0))
+    # EXITS on the next day: delisting, target, max holding; the last step closes everything
+    day_open, day_high = data.open[next_day, slot_col], data.high[next_day, slot_col]
+    day_close, day_valid = data.close[next_day, slot_col], data.valid[next_day, slot_col]
+    held_before = held & (slot_day < next_day)  # a position opened on the next day is not checked that day
+    delisted = held_before & ~day_valid
+    target_hit = held_before & day_valid & (day_high >= slot_target)
+    held_too_long = held_before & day_valid & ~target_hit & (next_day - slot_day >= params.max_holding_days)
+    episode_end = held & last & ~(delisted | target_hit | held_too_long)
+    exits = delisted | target_hit | held_too_long | episode_end
+    price = jnp.where(target_hit, jnp.maximum(slot_target, day_open), day_close)
+    gain_pct = (price / jnp.where(exits, slot_entry, 1.0) - 1) * 100
+    trade_reward = slot_coef / params.coef_max * (gain_pct - params.hurdle_pct) - 2 * params.cost_bps / 100
+    exit_reward = jnp.where(exits, trade_reward, 0.0)
+    cash = cash + jnp.sum(jnp.where(exits, slot_shares * price * (1 - cost), 0.0))
     held = held & ~exits
 
-    reward = exit_reward.sum() - jnp.where((k < params.trading_days) & ~held.any(), params.inaction_penalty, 0.0)
-    equity = cash + jnp.sum(jnp.where(held, s_shares * data.close[u, s_col], 0.0))
-    zero = lambda x: jnp.where(held, x, jnp.zeros_like(x))  # noqa: E731
-    new = EnvState(held=held, col=zero(s_col), entry=zero(s_entry), day=zero(s_day), coef=zero(s_coef), target=zero(s_target),
-                   shares=zero(s_shares), cash=cash, equity=equity, t=u, k=k + 1)
-    info = dict(opened=jnp.where(do_open, col, -1), exits=exits, exit_col=s_col, exit_price=price, exit_entry=s_entry, exit_day=s_day,
-                exit_reward=exit_reward, n_exits=exits.sum())
+    reward = exit_reward.sum() - jnp.where(trading_day & ~held.any(), params.inaction_penalty, 0.0)
+    equity = cash + jnp.sum(jnp.where(held, slot_shares * day_close, 0.0))
+    if_held = lambda x: jnp.where(held, x, jnp.zeros_like(x))  # noqa: E731
+    new = EnvState(held=held, col=if_held(slot_col), entry=if_held(slot_entry), day=if_held(slot_day), coef=if_held(slot_coef),
+                   target=if_held(slot_target), shares=if_held(slot_shares), cash=cash, equity=equity, t=next_day,
+                   k=step_index + 1)
+    info = dict(opened=jnp.where(do_open, col, -1), exits=exits, exit_col=slot_col, exit_price=price, exit_entry=slot_entry,
+                exit_day=slot_day, exit_reward=exit_reward, n_exits=exits.sum())
     return new, reward, last, info
 
 
@@ -508,6 +518,15 @@ class Actor(nn.Module):
         return nn.sigmoid(per_stock(2, name=STOCK_HEAD)(h))
 
 
+def critic_opening_rule(small: jax.Array, args: Args) -> tuple[jax.Array, jax.Array]:
+    """The env's opening rule as the critic reads it from its state (`small_state`): (a slot is free on a trading
+    day, [n] the stock is not held). The env then opens the not-held stock with the highest coefficient if that
+    coefficient exceeds the threshold; the critic's softmax and sigmoid are the differentiable version of this."""
+    held, progress = small[:-1].reshape(-1, SMALL_PER_STOCK)[:, 0], small[-1]
+    trading_day = progress < args.trading_days / (args.trading_days + args.settlement_days)
+    return (held.sum() < args.max_positions) & trading_day, held == 0
+
+
 class Critic(nn.Module):
     """Twin Q networks (TD3) built the way the env uses an action.
 
@@ -523,7 +542,14 @@ class Critic(nn.Module):
     target, and V(s) the value of the positions already held plus the rest of the episode. A generic MLP on
     [state, action] has to learn the product coef x gain from noisy rewards, and in practice does not.
     Each investable column is encoded from its window (a shared dense layer: far cheaper than the actor's
-    extractor, and the critic runs on every replay batch) and its open position, with weights shared by all stocks."""
+    extractor, and the critic runs on every replay batch) and its open position, with weights shared by all stocks.
+
+    CHANGING THE ENV? This critic hard-codes two of its rules (`critic_opening_rule`): which stock an action opens,
+    and that a trade's exit reward is linear in the coefficient it was opened with (coef / coef_max x (gain -
+    hurdle) - costs: the gain-dependent part is coef x g_i; the per-trade cost, the same for any coefficient, is
+    left to g_i and V). It ignores validity (it assumes every investable stock can be bought). A new opening rule
+    or a reward that is not linear in the coefficient needs a new critic; tests/test_erl_env.py
+    (test_critic_rules_match_the_env) fails when the env and these rules disagree."""
 
     args: Args
     inv: tuple
@@ -534,8 +560,8 @@ class Critic(nn.Module):
         inv = jnp.asarray(self.inv)
         cols = obs.transpose(1, 0, 2).reshape(obs.shape[1], -1)  # [N, W * C]
         positions = small[:-1].reshape(n, SMALL_PER_STOCK)
-        held, progress = positions[:, 0], small[-1]
-        can_open = (held.sum() < args.max_positions) & (progress < args.trading_days / (args.trading_days + args.settlement_days))
+        held = positions[:, 0]
+        can_open, _ = critic_opening_rule(small, args)
         coef, target = action[:, 0], action[:, 1]
         qs = []
         for q in range(2):
@@ -558,7 +584,7 @@ class Replay(NamedTuple):
     """Replay memory of what cannot be recomputed: observations are gathered from `data` at day t / t + n_step."""
 
     t: jax.Array  # [cap] decision day
-    slots: jax.Array  # [cap, K * 6 + 1] open positions (slot_state) at t: K-sized, the critic's per-stock view is rebuilt per batch
+    slots: jax.Array  # [cap, K * 6 + 1] open positions (slot_state) at t; the critic's per-stock view is rebuilt per batch
     action: jax.Array  # [cap, n, 2] network action in [0, 1]
     reward: jax.Array  # [cap] discounted sum of the n_step rewards from t
     done: jax.Array  # [cap] the episode ends within those n_step steps (nothing to bootstrap)
@@ -643,10 +669,12 @@ def mutate(key: jax.Array, params: dict, args: Args) -> dict:
     # threefry: per-tensor draws made the GA most of the generation's compile time)
     w, unravel = ravel_pytree(params)
     k_u, k_n = jax.random.split(key)
-    sel, sup, reset = jax.random.uniform(k_u, (3,) + w.shape) < jnp.array([args.mutation_frac, args.super_mutation_prob, args.reset_prob])[:, None]
+    rates = jnp.array([args.mutation_frac, args.super_mutation_prob, args.reset_prob])[:, None]
+    perturbed, super_mutated, reset = jax.random.uniform(k_u, (3,) + w.shape) < rates
     noise, fresh = jax.random.normal(k_n, (2,) + w.shape)
-    new = jnp.where(reset, fresh * 0.1, w + noise * args.mutation_strength * jnp.abs(w) * jnp.where(sup, 10.0, 1.0))
-    return unravel(jnp.clip(jnp.where(sel, new, w), -args.weight_clip, args.weight_clip))
+    strength = args.mutation_strength * jnp.abs(w) * jnp.where(super_mutated, 10.0, 1.0)
+    new = jnp.where(reset, fresh * 0.1, w + noise * strength)
+    return unravel(jnp.clip(jnp.where(perturbed, new, w), -args.weight_clip, args.weight_clip))
 
 
 def ga_step(key: jax.Array, pop: dict, fitness: jax.Array, args: Args) -> tuple[dict, jax.Array]:
@@ -663,9 +691,9 @@ def ga_step(key: jax.Array, pop: dict, fitness: jax.Array, args: Args) -> tuple[
         return jax.tree.map(lambda x, y: jnp.where(pm, x, y), mutate(km, c, args), c)
 
     take = lambda idx: jax.tree.map(lambda x: x[idx], pop)  # noqa: E731
-    children = jax.vmap(child)(jax.random.split(k_x, n), jax.random.split(k_m, n),
-                               jax.random.bernoulli(k_px, args.crossover_prob, (n,)), jax.random.bernoulli(k_pm, args.mutation_prob, (n,)),
-                               take(pa), take(pb))
+    crossed = jax.random.bernoulli(k_px, args.crossover_prob, (n,))
+    mutated = jax.random.bernoulli(k_pm, args.mutation_prob, (n,))
+    children = jax.vmap(child)(jax.random.split(k_x, n), jax.random.split(k_m, n), crossed, mutated, take(pa), take(pb))
     return jax.tree.map(lambda e, c: jnp.concatenate([e, c]), take(elites), children), elites
 
 
@@ -689,11 +717,14 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
     into the compiled program: slow to compile and to run). With a `mesh` (axis "d"), the population and
     each TD3 batch are split over its devices; XLA gathers what selection needs (every fitness) and sums
     the TD3 gradients across devices (the same gradient as on one device)."""
-    shard = (lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec("d")))) if mesh is not None else (lambda x: x)  # noqa: E731
+
+    def shard(x):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec("d")))
+
     actor, critic = Actor(args, inv), Critic(args, inv)
     L = args.trading_days + args.settlement_days
     E, P = args.episodes_per_agent, args.pop_size
-    inject_slot = P - 1  # the learner's actor replaces the last individual: a child of the GA, never an elite (elites come first)
+    inject_slot = P - 1  # the learner's actor replaces the last individual: a GA child, never an elite (elites come first)
     obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, data_shapes)
     small_dim, slots_dim = n_inv * SMALL_PER_STOCK + 1, args.max_positions * SLOT_WIDTH + 1
     actor_tx = optax.adam(args.actor_lr)
@@ -701,11 +732,13 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
 
     def init(rng) -> RunnerState:
         rng, k_pop, k_a, k_c = jax.random.split(rng, 4)
-        init_actor = jax.jit(actor.init)  # one init per individual: vmapped flax inits (orthogonal LSTM kernels) can deadlock XLA:CPU
+        # one init per individual: vmapped flax inits (orthogonal LSTM kernels) can deadlock XLA:CPU
+        init_actor = jax.jit(actor.init)
         pop = jax.tree.map(lambda *x: jnp.stack(x), *[init_actor(k, obs_dummy) for k in jax.random.split(k_pop, P)])
         a_params = init_actor(k_a, obs_dummy)
         c_params = jax.jit(critic.init)(k_c, obs_dummy, jnp.zeros(small_dim), jnp.zeros((n_inv, 2)))
-        learner = Learner(a_params, c_params, a_params, c_params, actor_tx.init(a_params), critic_tx.init(c_params), jnp.int32(0))
+        learner = Learner(a_params, c_params, a_params, c_params, actor_tx.init(a_params), critic_tx.init(c_params),
+                          jnp.int32(0))
         cap = args.buffer_size
         replay = Replay(t=jnp.zeros(cap, jnp.int32), slots=jnp.zeros((cap, slots_dim)), action=jnp.zeros((cap, n_inv, 2)),
                         reward=jnp.zeros(cap), done=jnp.zeros(cap, bool), next_slots=jnp.zeros((cap, slots_dim)),
@@ -744,7 +777,8 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
         n = t.size
         idx = (replay.ptr + jnp.arange(n)) % args.buffer_size
         write = lambda memory, x: memory.at[idx].set(x.reshape((n,) + memory.shape[1:]))  # noqa: E731
-        return Replay(write(replay.t, t), write(replay.slots, slots), write(replay.action, action), write(replay.reward, reward),
+        return Replay(write(replay.t, t), write(replay.slots, slots), write(replay.action, action),
+                      write(replay.reward, reward),
                       write(replay.done, done), write(replay.next_slots, next_slots), (replay.ptr + n) % args.buffer_size,
                       jnp.minimum(replay.size + n, args.buffer_size))
 
@@ -778,13 +812,16 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
             a_upd, actor_opt = actor_tx.update(a_grads, learner.actor_opt)
             actor_params = optax.apply_updates(learner.actor, a_upd)
             soft = lambda tgt, src: jax.tree.map(lambda x, y: (1 - args.tau) * x + args.tau * y, tgt, src)  # noqa: E731
-            return actor_params, actor_opt, soft(learner.actor_target, actor_params), soft(learner.critic_target, critic_params), a_loss
+            actor_target, critic_target = soft(learner.actor_target, actor_params), soft(learner.critic_target, critic_params)
+            return actor_params, actor_opt, actor_target, critic_target, a_loss
 
         def _skip(_):
             return learner.actor, learner.actor_opt, learner.actor_target, learner.critic_target, jnp.float32(jnp.nan)
 
-        actor_params, actor_opt, actor_target, critic_target, a_loss = jax.lax.cond(learner.updates % args.policy_delay == 0, _actor_step, _skip, None)
-        return Learner(actor_params, critic_params, actor_target, critic_target, actor_opt, critic_opt, learner.updates + 1), (c_loss, a_loss)
+        actor_turn = learner.updates % args.policy_delay == 0
+        actor_params, actor_opt, actor_target, critic_target, a_loss = jax.lax.cond(actor_turn, _actor_step, _skip, None)
+        return Learner(actor_params, critic_params, actor_target, critic_target, actor_opt, critic_opt,
+                       learner.updates + 1), (c_loss, a_loss)
 
     def generation(runner: RunnerState, data: MarketData):
         pop, learner, replay, rng, gen = runner
@@ -799,7 +836,8 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
         starts = jax.vmap(sample_start, in_axes=(0, None, None))(jax.random.split(k_start, E), env_params, data)
         play_keys = jax.random.split(k_play, E)
         play_all = jax.vmap(play, in_axes=(None, 0, 0, None, None))
-        pop_returns, pop_tr = jax.vmap(play_all, in_axes=(0, None, None, None, None))(pop, starts, play_keys, 0.0, data)  # [P, E]
+        play_population = jax.vmap(play_all, in_axes=(0, None, None, None, None))
+        pop_returns, pop_tr = play_population(pop, starts, play_keys, 0.0, data)  # [P, E]
         learner_returns, learner_tr = play_all(learner.actor, starts, play_keys, 0.0, data)
         fitness = worst_k_mean(pop_returns, args.worst_k)
         learner_fitness = worst_k_mean(learner_returns, args.worst_k)
@@ -814,7 +852,8 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
         def _rl_step(learner, key):
             k_idx, k_upd = jax.random.split(key)
             idx = jax.random.randint(k_idx, (args.batch_size,), 0, replay.size)
-            batch = (replay.t[idx], replay.slots[idx], replay.action[idx], replay.reward[idx], replay.done[idx].astype(jnp.float32),
+            batch = (replay.t[idx], replay.slots[idx], replay.action[idx], replay.reward[idx],
+                     replay.done[idx].astype(jnp.float32),
                      replay.next_slots[idx])
             batch = shard(batch)  # each device computes the losses of its share of the batch
             return td3_update(learner, batch, k_upd, data)
@@ -824,9 +863,12 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
         # EVOLVE
         new_pop, elites = ga_step(k_ga, pop, fitness, args)
         new_pop = shard(new_pop)  # the next generation stays split over the devices (each plays its slice)
-        metrics = dict(fitness_mean=fitness.mean(), fitness_max=fitness.max(), fitness_min=fitness.min(), learner_fitness=learner_fitness,
-                       explore_return=explore_returns.mean(), critic_loss=c_loss.mean(), actor_loss=jnp.nanmean(a_loss), injected=do_inject,
-                       injected_is_elite=do_inject & jnp.any(elites == inject_slot), champion_fitness=fitness.max(), replay_size=replay.size)
+        metrics = dict(fitness_mean=fitness.mean(), fitness_max=fitness.max(), fitness_min=fitness.min(),
+                       learner_fitness=learner_fitness,
+                       explore_return=explore_returns.mean(), critic_loss=c_loss.mean(), actor_loss=jnp.nanmean(a_loss),
+                       injected=do_inject,
+                       injected_is_elite=do_inject & jnp.any(elites == inject_slot), champion_fitness=fitness.max(),
+                       replay_size=replay.size)
         return RunnerState(new_pop, learner, replay, rng, gen + 1), metrics
 
     def chunk(runner: RunnerState, data: MarketData):
@@ -849,10 +891,13 @@ def init_distributed(args: Args) -> None:
     if all(f is None for f in flags):
         return
     if any(f is None for f in flags):
-        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all three (see README)")
+        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all "
+                        "three (see README)")
     if not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
-        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number the processes 0..P-1")
-    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
+        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number "
+                        f"the processes 0..P-1")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
 
 
 def make_mesh(args: Args) -> Mesh:
@@ -860,13 +905,16 @@ def make_mesh(args: Args) -> Mesh:
     local = jax.local_devices()
     n = len(local) if args.devices is None else args.devices
     if not 1 <= n <= len(local):
-        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices between 1 and {len(local)}")
+        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices "
+                        f"between 1 and {len(local)}")
     devices = [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:n]]
     D = len(devices)
     if args.pop_size % D:
-        raise DataError(f"--pop-size {args.pop_size} does not divide over {D} devices. Fix: pass a multiple of {D} to --pop-size, or a --devices that divides it")
+        raise DataError(f"--pop-size {args.pop_size} does not divide over {D} devices. Fix: pass a multiple of {D} to "
+                        f"--pop-size, or a --devices that divides it")
     if args.batch_size % D:
-        raise DataError(f"--batch-size {args.batch_size} does not divide over {D} devices. Fix: pass a multiple of {D} to --batch-size, or change --devices")
+        raise DataError(f"--batch-size {args.batch_size} does not divide over {D} devices. Fix: pass a multiple of {D} to "
+                        f"--batch-size, or change --devices")
     return Mesh(np.array(devices), ("d",))
 
 
@@ -883,7 +931,8 @@ def place(tree, shardings):
         return jax.device_put(tree, shardings)
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]),
+                        tree, shardings)
 
 
 def fetch(tree):
@@ -920,7 +969,8 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint. Fix: pass a run folder written by erl_trader.py") from None
     except Exception as e:
-        raise DataError(f"{path}: checkpoint does not match this configuration ({type(e).__name__}). Fix: resume with the run's own config.json") from None
+        raise DataError(f"{path}: checkpoint does not match this configuration ({type(e).__name__}). Fix: resume with the "
+                        f"run's own config.json") from None
     return runner, json.loads(payload["extra"])
 
 
@@ -928,7 +978,8 @@ def save_policy(path: Path, params, args: Args) -> None:
     """A policy-only checkpoint (actor params + config) for --eval-only. Written by process 0 only."""
     if jax.process_index() != 0:
         return
-    payload = {"params": flax.serialization.to_state_dict(params), "config": json.dumps(dataclasses.asdict(args)), "kind": "erl_actor"}
+    payload = {"params": flax.serialization.to_state_dict(params), "config": json.dumps(dataclasses.asdict(args)),
+               "kind": "erl_actor"}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
     os.replace(tmp, path)
@@ -947,9 +998,11 @@ def load_policy(path: str, actor: Actor, obs_dummy: jax.Array):
     try:
         params = flax.serialization.from_state_dict(template, payload["params"])
     except Exception:
-        raise DataError(f"{path}: network does not fit this data/configuration. Fix: use the data and flags it was trained with") from None
+        raise DataError(f"{path}: network does not fit this data/configuration. Fix: use the data and flags it was trained "
+                        f"with") from None
     if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, template):
-        raise DataError(f"{path}: network shapes differ from this data/configuration. Fix: use the data and flags it was trained with")
+        raise DataError(f"{path}: network shapes differ from this data/configuration. Fix: use the data and flags it was "
+                        f"trained with")
     return params
 
 
@@ -1016,9 +1069,11 @@ def period_metrics(equity: np.ndarray, periods_per_year: float = 252.0) -> dict:
     dd = 1 - eq / np.maximum.accumulate(eq)
     max_dd = float(dd.max())
     sd = rets.std()
-    return dict(total_return=float(total), annualised_return=float(ann), annualised_volatility=float(sd * np.sqrt(periods_per_year)),
+    downside = np.sqrt((np.minimum(rets, 0) ** 2).mean())
+    return dict(total_return=float(total), annualised_return=float(ann),
+                annualised_volatility=float(sd * np.sqrt(periods_per_year)),
                 sharpe=float(rets.mean() / sd * np.sqrt(periods_per_year)) if sd > 0 else 0.0,
-                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year)) if len(down) else 0.0,
+                sortino=float(rets.mean() / downside * np.sqrt(periods_per_year)) if len(down) else 0.0,
                 max_drawdown=max_dd, calmar=float(ann / max_dd) if max_dd > 0 else 0.0, days=int(len(rets)))
 
 
@@ -1031,7 +1086,8 @@ def trade_list(out: dict, info: dict, cost_bps: float) -> list[dict]:
         for s in np.flatnonzero(out["exits"][d]):
             entry, price = float(out["exit_entry"][d][s]), float(out["exit_price"][d][s])
             c = cost_bps / 10_000
-            trades.append(dict(ticker=info["tickers"][int(out["exit_col"][d][s])], entry_date=day_str(int(out["exit_day"][d][s])),
+            trades.append(dict(ticker=info["tickers"][int(out["exit_col"][d][s])],
+                               entry_date=day_str(int(out["exit_day"][d][s])),
                                exit_date=day_str(int(out["t"][d])), entry_price=entry, exit_price=price,
                                return_pct=((price * (1 - c)) / (entry / (1 - c)) - 1) * 100))
     return trades
@@ -1060,7 +1116,8 @@ def buy_and_hold(data: MarketData, info: dict, split: str, args: Args) -> np.nda
     return eq
 
 
-def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str, args: Args, env_params: EnvParams, extra_policies=None):
+def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str, args: Args, env_params: EnvParams,
+                    extra_policies=None):
     """Champion vs random vs equal-weight buy-and-hold on one split: (report, champion's outputs, curves)."""
     data = datasets[split]
     n_days = split_days(info, split)
@@ -1068,9 +1125,11 @@ def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str
     n_inv = len(info["inv"])
     policies = {"champion": (actor_policy(actor), params), "random": (random_policy(n_inv), None)}
     policies.update(extra_policies or {})
-    report, curves, champion_out = {"split": split, "annualisation": "daily returns, x sqrt(252) and 252 trading days a year"}, {}, None
+    report = {"split": split, "annualisation": "daily returns, x sqrt(252) and 252 trading days a year"}
+    curves, champion_out = {}, None
     lo, hi = info["bounds"][split]
-    report["start"], report["end"] = str(np.datetime64(int(info["dates"][lo]), "D")), str(np.datetime64(int(info["dates"][hi - 1]), "D"))
+    day = lambda i: str(np.datetime64(int(info["dates"][i]), "D"))  # noqa: E731
+    report["start"], report["end"] = day(lo), day(hi - 1)  # the first decision day, the split's last day
     for name, (policy, policy_args) in policies.items():
         out = {k: np.asarray(v) for k, v in bt(policy, policy_args, jax.random.PRNGKey(args.seed)).items()}
         trades = trade_list(out, info, args.cost_bps)
@@ -1084,7 +1143,8 @@ def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str
     return report, champion_out, curves
 
 
-def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: dict, info: dict, split: str, args: Args) -> None:
+def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: dict, info: dict, split: str,
+                           args: Args) -> None:
     if jax.process_index() != 0:  # multi-host: process 0 writes
         return
     import matplotlib
@@ -1095,7 +1155,8 @@ def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: di
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     _, trades = champion_out
     lines = ["ticker,entry_date,exit_date,entry_price,exit_price,return_pct"]
-    lines += [f"{t['ticker']},{t['entry_date']},{t['exit_date']},{t['entry_price']:.6g},{t['exit_price']:.6g},{t['return_pct']:.4f}" for t in trades]
+    lines += [f"{t['ticker']},{t['entry_date']},{t['exit_date']},{t['entry_price']:.6g},{t['exit_price']:.6g},"
+              f"{t['return_pct']:.4f}" for t in trades]
     (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
     lo, _ = info["bounds"][split]
     fig, ax = plt.subplots(figsize=(10, 4))
@@ -1110,7 +1171,8 @@ def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: di
 
 
 def champion_params(runner: RunnerState):
-    """The population's first slot: after a GA step the best individual of the last evaluation (elites first), as host arrays."""
+    """The population's first slot: after a GA step the best individual of the last evaluation (elites first), as
+    host arrays."""
     return jax.tree.map(lambda x: x[0], fetch(runner.pop))
 
 
@@ -1138,22 +1200,28 @@ def transitions_per_generation(args: Args) -> int:
 
 def check_args(args: Args) -> None:
     """Flag combinations that cannot work, caught before any compilation."""
-    for name in ("pop_size", "generations", "episodes_per_agent", "worst_k", "tournament_size", "inject_every", "batch_size", "window",
-                 "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden", "policy_delay", "n_step"):
+    for name in ("pop_size", "generations", "episodes_per_agent", "worst_k", "tournament_size", "inject_every",
+                 "batch_size", "window",
+                 "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden",
+                 "policy_delay", "n_step"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if args.worst_k > args.episodes_per_agent:
-        raise DataError(f"--worst-k {args.worst_k} exceeds --episodes-per-agent {args.episodes_per_agent}. Fix: lower --worst-k")
+        raise DataError(f"--worst-k {args.worst_k} exceeds --episodes-per-agent {args.episodes_per_agent}. Fix: lower "
+                        f"--worst-k")
     for name in ("rl_updates", "settlement_days"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)}). Fix: pass 0 or more")
     if not 1 <= args.num_elites < args.pop_size:
-        raise DataError(f"--num-elites {args.num_elites} must be in [1, --pop-size): the champion is the best elite. Fix: pass 1 or more, "
+        raise DataError(f"--num-elites {args.num_elites} must be in [1, --pop-size): the champion is the best elite. Fix: "
+                        f"pass 1 or more, "
                         "below --pop-size")
     if args.generations % args.chunk_generations:
-        raise DataError(f"--generations {args.generations} is not a multiple of --chunk-generations {args.chunk_generations}. Fix: change one")
+        raise DataError(f"--generations {args.generations} is not a multiple of --chunk-generations "
+                        f"{args.chunk_generations}. Fix: change one")
     if args.eval_every % args.chunk_generations:
-        raise DataError(f"--eval-every {args.eval_every} is not a multiple of --chunk-generations {args.chunk_generations} (validation runs "
+        raise DataError(f"--eval-every {args.eval_every} is not a multiple of --chunk-generations {args.chunk_generations} "
+                        f"(validation runs "
                         "between chunks). Fix: pass a multiple of it")
     per_generation = transitions_per_generation(args)
     if args.buffer_size < per_generation:
@@ -1169,7 +1237,8 @@ def hparam_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
 
 
-LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes", "process_id")  # how to run, not what: a resume picks its own
+LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes",
+                "process_id")  # how to run, not what: a resume picks its own
 RESUME_FLAGS = ("resume", "stop_after") + LAYOUT_FLAGS
 EVAL_FLAGS = ("eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "data", "train_end", "val_end", "seed")
 EVAL_DATA_FLAGS = ("data", "train_end", "val_end", "seed")  # taken from the checkpoint unless given
@@ -1192,7 +1261,8 @@ def check_mode_flags(args: Args, given: set) -> None:
     elif args.eval_only:
         mode, allowed, why = "--eval-only", EVAL_FLAGS, "the checkpoint's config sets it"
     else:
-        mode, allowed, why = "training", set(Args.__dataclass_fields__) - {"checkpoint", "eval_split"}, "only --eval-only reads it"
+        allowed = set(Args.__dataclass_fields__) - {"checkpoint", "eval_split"}
+        mode, why = "training", "only --eval-only reads it"
     ignored = sorted(set(given) - set(allowed))
     if ignored:
         flag = "--" + ignored[0].replace("_", "-")
@@ -1202,7 +1272,8 @@ def check_mode_flags(args: Args, given: set) -> None:
 def resolve_run(args: Args) -> tuple[Args, Path]:
     """(the run's flags, its folder): a new run's, or a stopped run's own config.json for --resume."""
     if not args.resume:
-        args = dataclasses.replace(args, run_name=args.run_name or f"erl_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
+        run_name = args.run_name or f"erl_{Path(args.data).stem}_{args.seed}_{int(time.time())}"
+        args = dataclasses.replace(args, run_name=run_name)
         return args, Path(args.out_dir) / args.run_name
     run_dir = Path(args.resume)
     if not (run_dir / "config.json").is_file():
@@ -1220,8 +1291,10 @@ def check_out_of_sample(eval_args: Args, trained: Args, info: dict) -> None:
     first_read = info["bounds"]["test"][0] - eval_args.window + 1
     if first_read < selection_end:
         day = lambda i: str(np.datetime64(int(dates[min(i, len(dates) - 1)]), "D"))  # noqa: E731
-        raise DataError(f"--eval-split test from {day(info['bounds']['test'][0])} reads days from {day(first_read)}, inside the checkpoint's "
-                        f"training/validation period (before {day(selection_end)}) on the same data. Fix: drop --train-end/--val-end "
+        raise DataError(f"--eval-split test from {day(info['bounds']['test'][0])} reads days from {day(first_read)}, inside "
+                        f"the checkpoint's "
+                        f"training/validation period (before {day(selection_end)}) on the same data. Fix: drop "
+                        f"--train-end/--val-end "
                         f"(the checkpoint's splits) or pass a --val-end of {day(selection_end)} or later")
 
 
@@ -1230,7 +1303,8 @@ def eval_only(args: Args, given: set) -> dict:
     their own folder, `runs/NAME/eval_<split>_<data>/`, never over the training run's."""
     if not args.checkpoint:
         raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
-    trained = dataclasses.replace(args, **{k: v for k, v in policy_config(args.checkpoint).items() if k in Args.__dataclass_fields__})
+    saved = policy_config(args.checkpoint)
+    trained = dataclasses.replace(args, **{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
     kept = {k: getattr(args, k) for k in EVAL_FLAGS if k in given or k not in EVAL_DATA_FLAGS}
     eval_args = dataclasses.replace(trained, **kept)
     datasets, info = load_data(eval_args)
@@ -1241,12 +1315,14 @@ def eval_only(args: Args, given: set) -> dict:
     parent = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
     out_dir = parent / f"eval_{eval_args.eval_split}_{Path(eval_args.data).stem}"
     if out_dir.exists():
-        raise DataError(f"{out_dir} exists (an earlier evaluation). Fix: move it away, or pass --run-name NAME for a new folder")
+        raise DataError(f"{out_dir} exists (an earlier evaluation). Fix: move it away, or pass --run-name NAME for a new "
+                        f"folder")
     warn_if_close_only(info)
     report, champion_out, curves = backtest_report(actor, params, datasets, info, eval_args.eval_split, eval_args, env_params)
     report.update(checkpoint=str(args.checkpoint), data=eval_args.data)
     dates_from = "from --train-end/--val-end" if given & {"train_end", "val_end"} else "the checkpoint's"
-    print(f"eval-only: {args.checkpoint} on {eval_args.data}, {eval_args.eval_split} split ({dates_from} split dates): first decision "
+    print(f"eval-only: {args.checkpoint} on {eval_args.data}, {eval_args.eval_split} split ({dates_from} split dates): first "
+          f"decision "
           f"{report['start']}, last day {report['end']}; outputs in {out_dir}", flush=True)
     out_dir.mkdir(parents=True)
     write_backtest_outputs(out_dir, report, champion_out, curves, info, eval_args.eval_split, eval_args)
@@ -1280,8 +1356,10 @@ def compile_run(args: Args, run_dir: Path, datasets: dict, info: dict, env_param
     shardings, copy = runner_shardings(runner, mesh), NamedSharding(mesh, PartitionSpec())
     runner, train_data = place(runner, shardings), place(datasets["train"], copy)  # market data: a copy on every device
     if not args.resume:
-        save_checkpoint(run_dir / "checkpoint.msgpack", runner, extra, args)  # a NaN in the first chunk still leaves a good checkpoint
-    compiled = jax.jit(chunk, in_shardings=(shardings, copy), out_shardings=(shardings, copy)).lower(runner, train_data).compile()
+        save_checkpoint(run_dir / "checkpoint.msgpack", runner, extra,
+                        args)  # a NaN in the first chunk still leaves a good checkpoint
+    jitted = jax.jit(chunk, in_shardings=(shardings, copy), out_shardings=(shardings, copy))
+    compiled = jitted.lower(runner, train_data).compile()
     return runner, compiled, train_data, learner_at_start, extra, time.time() - t0
 
 
@@ -1306,10 +1384,14 @@ def log_generation(trainer: Trainer, row: dict, eta: float) -> None:
     writer.add_scalar("perf/SPS", row["sps"], step_count)
     trainer.metrics_file.write(json.dumps(row) + "\n")
     injected = ("elite" if row["injected_is_elite"] else "not elite") if row["injected"] else "-"
-    val = f"  val {row['champion_val_return']:+.4f} (learner {row['learner_val_return']:+.4f})" if "champion_val_return" in row else ""
-    print(f"gen {row['generation']:4d}/{trainer.args.generations}  fitness mean {row['fitness_mean']:+.3f} max {row['fitness_max']:+.3f} "
+    val = ""
+    if "champion_val_return" in row:
+        val = f"  val {row['champion_val_return']:+.4f} (learner {row['learner_val_return']:+.4f})"
+    print(f"gen {row['generation']:4d}/{trainer.args.generations}  fitness mean {row['fitness_mean']:+.3f} max "
+          f"{row['fitness_max']:+.3f} "
           f"min {row['fitness_min']:+.3f}  learner {row['learner_fitness']:+.3f}{val}  critic {row['critic_loss']:.4f} "
-          f"actor {row['actor_loss']:+.4f}  injected {injected}  env-steps/s {row['sps']:,.0f}  elapsed {row['elapsed']:.0f}s  "
+          f"actor {row['actor_loss']:+.4f}  injected {injected}  env-steps/s {row['sps']:,.0f}  elapsed "
+          f"{row['elapsed']:.0f}s  "
           f"ETA {eta:.0f}s", flush=True)
 
 
@@ -1362,12 +1444,13 @@ def final_report(args: Args, run_dir: Path, runner: RunnerState, learner_at_star
     save_policy(run_dir / "final.msgpack", final, args)
     obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, datasets["train"])
     params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy) if jax.process_index() == 0 else final
-    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
+    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split, process 0 writes
         params = multihost_utils.broadcast_one_to_all(params)
     learner_rows = {"td3_learner": (actor_policy(actor), fetch(runner.learner.actor)),
                     "td3_learner_at_start": (actor_policy(actor), fetch(learner_at_start))}
     report, champion_out, curves = backtest_report(actor, params, datasets, info, "test", args, env_params, learner_rows)
-    report["selected_by"] = f"best validation return of the population's champion and the TD3 actor (best.msgpack: the {extra['best_from']})"
+    report["selected_by"] = ("best validation return of the population's champion and the TD3 actor "
+                             f"(best.msgpack: the {extra['best_from']})")
     write_backtest_outputs(run_dir, report, champion_out, curves, info, "test", args)
     print(json.dumps(summary_rows(report), indent=1))
     return report
@@ -1385,14 +1468,20 @@ def train_and_report(args: Args) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume and main_process:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    runner, compiled, train_data, learner_at_start, extra, compile_s = compile_run(args, run_dir, datasets, info, env_params, mesh)
+    built = compile_run(args, run_dir, datasets, info, env_params, mesh)
+    runner, compiled, train_data, learner_at_start, extra, compile_s = built
     warn_if_close_only(info)
-    print(f"run {run_dir}  generations {args.generations}  pop {args.pop_size}  env steps/generation {transitions_per_generation(args)}  "
+    print(f"run {run_dir}  generations {args.generations}  pop {args.pop_size}  env steps/generation "
+          f"{transitions_per_generation(args)}  "
           f"replay {replay_bytes_per_transition(runner.replay)} bytes/transition  devices {mesh.devices.size} "
-          f"({args.pop_size // mesh.devices.size} actors each, {jax.process_count()} process(es))  compile {compile_s:.1f}s", flush=True)
+          f"({args.pop_size // mesh.devices.size} actors each, {jax.process_count()} process(es))  compile {compile_s:.1f}s",
+          flush=True)
     actor = Actor(args, tuple(info["inv"]))
     val_backtest = make_backtest(env_params, datasets["val"], split_days(info, "val"))
-    validate = lambda params: float(np.asarray(val_backtest(actor_policy(actor), params, jax.random.PRNGKey(args.seed))["equity"])[-1] - 1.0)  # noqa: E731
+    def validate(params) -> float:
+        equity = val_backtest(actor_policy(actor), params, jax.random.PRNGKey(args.seed))["equity"]
+        return float(np.asarray(equity)[-1] - 1.0)
+
     writer = SummaryWriter(str(run_dir), write_to_disk=main_process)
     if not args.resume:
         writer.add_text("hyperparameters", hparam_table(args))

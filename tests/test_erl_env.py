@@ -407,3 +407,48 @@ def test_small_state_describes_the_open_positions():
     np.testing.assert_allclose(per[2], expect, rtol=1e-4, atol=1e-5)
     assert not np.delete(per, 2, axis=0).any()
     assert abs(float(et.small_state(state, params, data)[-1]) - 2 / 12) < 1e-6
+
+
+# ---- CRITIC STRUCTURE ----
+def test_critic_rules_match_the_env():
+    """What the critic hard-codes is what the env does. Random play on days when every investable stock can be
+    bought (the critic ignores validity): the env opens a stock exactly when `critic_opening_rule` says a slot is
+    free on a trading day and the best coefficient among the stocks not held beats the threshold, and it opens
+    that stock. And the same trade opened with coefficients 60, 80 and 100 returns amounts on one line: the
+    reward is linear in the coefficient."""
+    d = synthetic_universe()
+    data = market_data(d)
+    args = et.Args(window=5, trading_days=10, settlement_days=3, max_positions=2, max_holding_days=4)
+    env_params = et.env_params_from_args(args)
+    inv, n = np.asarray(data.inv), int(data.inv.shape[0])
+    L = args.trading_days + args.settlement_days
+    tradable = d["feature_valid"][:, inv].all(1) & np.r_[d["valid"][1:, inv].all(1), False]
+    starts = [t for t in range(args.window - 1, len(tradable) - L - 1) if tradable[t: t + L + 1].all()]
+    assert len(starts) > 100
+    rng = np.random.default_rng(0)
+    opened = 0
+    for start in rng.choice(starts, 12, replace=False):
+        state = et.reset_at(jnp.int32(start), env_params)
+        for _ in range(L):
+            coef = rng.uniform(0, 100, n) * rng.choice([0.5, 1.0])  # some days nothing beats the threshold
+            may_open, not_held = (np.asarray(x) for x in et.critic_opening_rule(et.small_state(state, env_params, data), args))
+            action = coef / args.coef_max
+            best = int(np.argmax(np.where(not_held, action, -np.inf)))
+            expect = int(inv[best]) if may_open and action[best] > args.coef_threshold / args.coef_max else -1
+            state, _, _, info = jit_step(state, jnp.asarray(coef, jnp.float32), jnp.full(n, 5.0), env_params, data)
+            assert int(info["opened"]) == expect
+            opened += expect >= 0
+    assert opened > 30, opened
+
+    def trade_return(start, stock, coef_value):
+        state, total = et.reset_at(jnp.int32(start), env_params), 0.0
+        for k in range(L):
+            coef = jnp.zeros(n).at[stock].set(coef_value if k == 0 else 0.0)
+            state, reward, *_ = jit_step(state, coef, jnp.full(n, 3.0), env_params, data)
+            total += float(reward)
+        return total
+
+    for start, stock in zip(rng.choice(starts, 4, replace=False), rng.integers(0, n, 4)):
+        low, mid, high = (trade_return(int(start), int(stock), c) for c in (60.0, 80.0, 100.0))
+        assert abs(mid - low) > 1e-3  # the trade's gain is not nil, so the check means something
+        np.testing.assert_allclose(high - mid, mid - low, rtol=1e-3, atol=1e-5)
