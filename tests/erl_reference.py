@@ -7,7 +7,9 @@ NumPy.
 Conventions
 -----------
 * ``data``: dict with ``open high low close`` [T, N] (forward-filled after listing, 0 before),
-  ``valid`` [T, N] bool, ``investable`` [N] bool and ``features`` [T, N, F].
+  ``valid`` [T, N] bool (a real price), ``feature_valid`` [T, N] bool (valid and full-look-back
+  features: the stock may be bought, and shows as valid in the observation), ``investable`` [N]
+  bool and ``features`` [T, N, F].
 * ``params``: dict with ``window trading_days settlement_days max_positions max_holding_days
   coef_max coef_threshold cost_bps hurdle_pct inaction_penalty`` (short aliases W, D, S, K, H are
   used in the docstrings).
@@ -72,10 +74,10 @@ def default_features(T: int, N: int) -> np.ndarray:
     return np.stack([f0, f1], axis=-1)
 
 
-def make_data(open, high, low, close, valid=None, investable=None, features=None) -> dict:
+def make_data(open, high, low, close, valid=None, investable=None, features=None, feature_valid=None) -> dict:
     """Build a ``data`` dict from 2-D price lists [T][N].
 
-    ``valid`` defaults to ``close > 0``, ``investable`` to all True, ``features`` to
+    ``valid`` defaults to ``close > 0``, ``feature_valid`` to ``valid``, ``investable`` to all True, ``features`` to
     ``default_features(T, N)`` (F = 2). Checks shapes, that prices are > 0 and
     ``low <= open, close <= high`` on valid days (invalid days are not checked: they hold
     forward-filled or zero prices).
@@ -97,12 +99,34 @@ def make_data(open, high, low, close, valid=None, investable=None, features=None
         raise ValueError("prices must be > 0 on valid days")
     if np.any(h[v] < np.maximum(o, c)[v]) or np.any(l[v] > np.minimum(o, c)[v]):
         raise ValueError("inconsistent OHLC on a valid day")
-    return dict(open=o, high=h, low=l, close=c, valid=v, investable=inv, features=feats)
+    fv = v if feature_valid is None else np.asarray(feature_valid, dtype=bool) & v
+    if fv.shape != (T, N):
+        raise ValueError("feature_valid must be [T, N]")
+    return dict(open=o, high=h, low=l, close=c, valid=v, feature_valid=fv, investable=inv, features=feats)
 
 
 def investable_columns(data: dict) -> np.ndarray:
     """``I``: indices of the investable columns, in column order."""
     return np.flatnonzero(np.asarray(data["investable"], dtype=bool))
+
+
+# --------------------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------------------
+
+def split_decision_days(T: int, train_end: int, val_end: int, W: int) -> dict:
+    """Decision days of each split, as lists. Days ``[0, train_end)`` are training, ``[train_end,
+    val_end)`` validation, the rest test. Training decides from its first full window (day W - 1).
+    The first W days of validation and test are an embargo: no decision, only read by the
+    observations of the split's first decisions, so no validation observation reads a training day
+    and W days separate the last training day from the first validation decision. Every split's last
+    decision day is the day before its last day (a decision fills on the next day)."""
+    ranges = {"train": (0, train_end), "val": (train_end, val_end), "test": (val_end, T)}
+    out = {}
+    for name, (begin, end) in ranges.items():
+        first = W - 1 if name == "train" else begin + W
+        out[name] = [t for t in range(begin, end) if t >= first and t + 1 < end]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,14 +136,14 @@ def investable_columns(data: dict) -> np.ndarray:
 def observation(data: dict, t: int, W: int) -> np.ndarray:
     """Observation at day ``t``: [W, N, F+1]. Channels 0..F-1 are the features of days
     t-W+1..t (oldest first), each column and feature z-scored over its own window with the
-    population std plus ``OBS_EPS``; channel F is ``valid`` over the same days as 0/1."""
+    population std plus ``OBS_EPS``; channel F is ``feature_valid`` over the same days as 0/1."""
     if t - W + 1 < 0:
         raise ValueError("need W days of history")
     x = np.asarray(data["features"], dtype=np.float64)[t - W + 1: t + 1]     # [W, N, F]
     mean = x.mean(axis=0, keepdims=True)
     std = x.std(axis=0, keepdims=True)                                      # ddof 0
     z = (x - mean) / (std + OBS_EPS)
-    valid = np.asarray(data["valid"], dtype=np.float64)[t - W + 1: t + 1, :, None]
+    valid = np.asarray(data["feature_valid"], dtype=np.float64)[t - W + 1: t + 1, :, None]
     return np.concatenate([z, valid], axis=-1)
 
 
@@ -213,7 +237,7 @@ def step_state(state: EnvState, coef, target, data: dict, params: dict):
     opened, open_info = -1, None
     if k < D:
         held = held_columns(state, N)
-        cand = [i for i, j in enumerate(I) if valid[t, j] and not held[j]]
+        cand = [i for i, j in enumerate(I) if data["feature_valid"][t, j] and not held[j]]
         if cand:
             best = max(cand, key=lambda i: coef[i])   # max() keeps the first of equal coefs
             j_star = int(I[best])

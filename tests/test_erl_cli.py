@@ -12,11 +12,12 @@ from conftest import (assert_divergence_stops_and_keeps_the_last_good_checkpoint
 TINY = ["--pop-size", "4", "--generations", "4", "--episodes-per-agent", "2", "--worst-k", "1", "--num-elites", "1", "--rl-updates", "2",
         "--batch-size", "16", "--buffer-size", "2000", "--window", "8", "--trading-days", "6", "--settlement-days", "2", "--hidden", "8",
         "--conv-channels", "4", "--eval-every", "2"]
+SPLITS = ["--train-end", "2010-01-01", "--val-end", "2015-01-01"]  # not the defaults: --eval-only must take them from the checkpoint
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    return tiny_run_dir(tmp_path_factory, "erl_trader.py", TINY)
+    return tiny_run_dir(tmp_path_factory, "erl_trader.py", TINY + SPLITS)
 
 
 def test_tiny_run_writes_every_output(tiny_run):
@@ -25,7 +26,7 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert [x["generation"] for x in rows] == [1, 2, 3, 4]
     assert rows[1]["injected"] and not rows[0]["injected"] and "champion_val_return" in rows[1]
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["split"] == "test" and report["start"] >= "2017-01-01"
+    assert report["split"] == "test" and "2015-01-01" < report["start"] < "2015-03-01"  # the first decision, after the embargo
     for who in ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold"):
         for k in ("total_return", "annualised_return", "annualised_volatility", "sharpe", "sortino", "max_drawdown", "calmar", "trades"):
             assert np.isfinite(report[who][k]), (who, k)
@@ -46,14 +47,52 @@ def test_tensorboard_tags(tiny_run):
         assert tag in tags, tag
 
 
-def test_eval_only_reproduces_the_report(tiny_run):
+def test_eval_only_reproduces_the_report_in_its_own_folder(tiny_run):
+    """With no other flag, --eval-only plays the checkpoint's own test split (its data and dates), says which
+    dates, and writes into eval_test_<data>/, leaving the training run's outputs as they were; a second
+    evaluation into the same folder is refused."""
     run_dir, _ = tiny_run
-    before = json.loads((run_dir / "report.json").read_text())
+    outputs = {name: (run_dir / name).read_bytes() for name in ("report.json", "trades.csv", "equity.png")}
+    before = json.loads(outputs["report.json"])
     r = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack")
     assert r.returncode == 0, r.stderr[-2000:]
-    after = json.loads((run_dir / "report.json").read_text())
+    assert f"first decision {before['start']}, last day {before['end']}" in r.stdout, r.stdout[-2000:]
+    eval_dir = run_dir / "eval_test_sp500_daily"
+    after = json.loads((eval_dir / "report.json").read_text())
+    assert (after["start"], after["end"]) == (before["start"], before["end"])
     for who in ("champion", "random", "buy_and_hold"):
         assert after[who] == before[who]
+    assert (eval_dir / "trades.csv").read_bytes() == outputs["trades.csv"] and (eval_dir / "equity.png").is_file()
+    assert {name: (run_dir / name).read_bytes() for name in outputs} == outputs
+    again = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack")
+    assert_one_line_error(again, "eval_test_sp500_daily")
+
+
+def test_eval_only_refuses_a_test_split_inside_the_selection_period(tiny_run):
+    run_dir, _ = tiny_run
+    r = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack", "--val-end", "2013-01-01", "--run-name", "x",
+                   "--out-dir", run_dir)
+    assert_one_line_error(r, "--eval-split test")
+    assert not (run_dir / "x").exists()
+    later = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack", "--val-end", "2018-01-01", "--run-name", "y",
+                       "--out-dir", run_dir)
+    assert later.returncode == 0, later.stderr[-2000:]
+    assert json.loads((run_dir / "y" / "eval_test_sp500_daily" / "report.json").read_text())["start"] > "2018-01-01"
+
+
+def test_ga_only_run_with_a_checkpoint_without_replay_resumes(tmp_path):
+    """--rl-updates 0 (the GA alone) runs to the end; --no-checkpoint-replay leaves the memory out of the
+    checkpoint, and --resume continues from it with an empty memory."""
+    flags = [*TINY, "--rl-updates", "0", "--no-checkpoint-replay", "--out-dir", tmp_path, "--run-name", "ga"]
+    part = run_script("erl_trader.py", *flags, "--stop-after", "1")
+    assert part.returncode == 0, part.stderr[-2000:]
+    assert "replay" not in msgpack_restore((tmp_path / "ga" / "checkpoint.msgpack").read_bytes())["runner"]
+    resumed = run_script("erl_trader.py", "--resume", tmp_path / "ga")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "ga" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["generation"] for x in rows] == [1, 2, 3, 4] and all(np.isfinite(x["fitness_max"]) for x in rows)
+    assert json.loads((tmp_path / "ga" / "report.json").read_text())["td3_learner"] == \
+        json.loads((tmp_path / "ga" / "report.json").read_text())["td3_learner_at_start"]  # no TD3 step: the learner is its start
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -77,6 +116,14 @@ def test_resume_is_bit_identical(tmp_path):
     (["--generations", "5", "--chunk-generations", "2"], "--chunk-generations"),
     (["--train-end", "someday"], "--train-end"),
     (["--eval-only", "--checkpoint", "data/README.md"], "data/README.md"),
+    (["--eval-only", "--checkpoint", "runs/x/best.msgpack", "--cost-bps", "5"], "--cost-bps"),
+    (["--resume", "runs/x", "--generations", "8"], "--generations"),
+    (["--checkpoint", "runs/x/best.msgpack"], "--checkpoint"),
+    (["--num-elites", "0"], "--num-elites"),
+    (["--rl-updates", "-1"], "--rl-updates"),
+    (["--settlement-days", "-1"], "--settlement-days"),
+    (["--buffer-size", "100"], "--buffer-size"),
+    (["--generations", "4", "--chunk-generations", "2", "--eval-every", "3"], "--eval-every"),
 ])
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("erl_trader.py", *argv)

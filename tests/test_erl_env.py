@@ -17,7 +17,7 @@ from test_erl_reference import SCENARIOS
 def market_data(d: dict) -> et.MarketData:
     f32 = lambda k: jnp.asarray(np.asarray(d[k]), jnp.float32)  # noqa: E731
     return et.MarketData(open=f32("open"), high=f32("high"), low=f32("low"), close=f32("close"), valid=jnp.asarray(d["valid"]),
-                         features=f32("features"), inv=jnp.asarray(np.flatnonzero(d["investable"]), jnp.int32),
+                         feature_valid=jnp.asarray(d["feature_valid"]), features=f32("features"), inv=jnp.asarray(np.flatnonzero(d["investable"]), jnp.int32),
                          lo=jnp.int32(0), hi=jnp.int32(len(d["close"])))
 
 
@@ -65,7 +65,9 @@ def synthetic_universe():
     px = {k: np.maximum(np.round(a[k].astype(np.float64) * 64) / 64, 0.0) for k in ("open", "high", "low", "close")}
     px["high"] = np.maximum.reduce([px["high"], px["open"], px["close"]])
     px["low"] = np.minimum.reduce([px["low"], px["open"], px["close"]])
-    return dict(px, valid=a["valid"] & (px["close"] > 0), investable=a["investable"], features=a["features"][..., :4].astype(np.float64))
+    valid = a["valid"] & (px["close"] > 0)
+    return dict(px, valid=valid, feature_valid=a["feature_valid"] & valid, investable=a["investable"],
+                features=a["features"][..., :4].astype(np.float64))
 
 
 def test_parity_with_reference_on_random_episodes():
@@ -110,8 +112,9 @@ def test_changing_data_after_t_leaves_observations_and_actions_unchanged():
         alt[k][t_cut + 1:] *= rng.uniform(0.5, 1.5, alt[k][t_cut + 1:].shape)
     alt["features"] = d["features"].copy()
     alt["features"][t_cut + 1:] = rng.normal(size=alt["features"][t_cut + 1:].shape)
-    alt["valid"] = d["valid"].copy()
-    alt["valid"][t_cut + 1:, 3] = False
+    for k in ("valid", "feature_valid"):
+        alt[k] = d[k].copy()
+        alt[k][t_cut + 1:, 3] = False
     data_alt = market_data(alt)
     for extractor in ("conv", "lstm"):
         actor = et.Actor(dataclasses.replace(args, extractor=extractor), tuple(np.flatnonzero(d["investable"])))
@@ -125,6 +128,35 @@ def test_changing_data_after_t_leaves_observations_and_actions_unchanged():
         later = jax.vmap(et.get_obs, in_axes=(0, None, None))(jnp.arange(t_cut + 1, t_cut + 20), params, data)
         later_alt = jax.vmap(et.get_obs, in_axes=(0, None, None))(jnp.arange(t_cut + 1, t_cut + 20), params, data_alt)
         assert not np.array_equal(np.asarray(later), np.asarray(later_alt))
+
+
+@pytest.mark.parametrize("num_days,train_end,val_end,window", [(400, 200, 300, 20), (2000, 900, 1400, 151), (3000, 1000, 2008, 504)])
+def test_splits_match_the_reference_and_observations_never_read_the_previous_split(num_days, train_end, val_end, window):
+    """One embargo of `window` days: a split's decisions (first decision day to the day before its end) are the
+    reference's, a backtest covers all of them, and no observation of validation (test) reads a training
+    (validation) day."""
+    bounds = et.split_bounds(num_days, train_end, val_end, window)
+    expect = ref.split_decision_days(num_days, train_end, val_end, window)
+    previous_end = {"train": 0, "val": train_end, "test": val_end}
+    for name, (first, end) in bounds.items():
+        decisions = list(range(first, first + et.split_days({"bounds": bounds}, name)))
+        assert decisions == expect[name], name
+        assert decisions[0] - window + 1 >= previous_end[name], name  # the first observation's window
+        assert decisions[0] - window + 1 - previous_end[name] <= 1, name  # and no more than one embargo
+    assert bounds["val"][0] - (train_end - 1) == window + 1  # window days between the last training day and the first decision
+
+
+def test_changing_the_training_days_leaves_validation_observations_unchanged():
+    d = synthetic_universe()
+    T, window = len(d["close"]), 10
+    bounds = et.split_bounds(T, 200, 300, window)
+    alt = dict(d, features=d["features"].copy(), valid=d["valid"].copy(), feature_valid=d["feature_valid"].copy())
+    alt["features"][:200] = np.random.default_rng(0).normal(size=alt["features"][:200].shape)
+    alt["valid"][:200, 2] = alt["feature_valid"][:200, 2] = False
+    params = et.EnvParams(window=window)
+    days = jnp.arange(bounds["val"][0], bounds["val"][1])
+    obs, obs_alt = (jax.vmap(et.get_obs, in_axes=(0, None, None))(days, params, market_data(x)) for x in (d, alt))
+    np.testing.assert_array_equal(np.asarray(obs), np.asarray(obs_alt))
 
 
 # ---- GA ----
@@ -159,6 +191,32 @@ def test_mutation_touches_the_intended_fraction_and_respects_the_clip():
     assert np.median(rel) < 0.15  # relative to the weight's size (strength 0.1)
 
 
+@pytest.mark.parametrize("extractor", ["conv", "lstm"])
+def test_crossover_takes_whole_output_units_with_their_bias(extractor):
+    """Crossing an all-ones actor with an all-minus-ones one: in every layer each output unit (kernel column and
+    bias entry; per stock in the per-stock head) comes whole from one parent, and units come from both."""
+    args = et.Args(window=8, hidden=8, conv_channels=4, extractor=extractor)
+    actor = et.Actor(args, (0, 2, 3))
+    params = actor.init(jax.random.PRNGKey(0), jnp.zeros((8, 5, 3)))
+    ones = jax.tree.map(jnp.ones_like, params)
+    child = et.crossover(jax.random.PRNGKey(1), ones, jax.tree.map(lambda x: -x, ones))
+    from_first = []
+    for path, kernel in jax.tree_util.tree_flatten_with_path(child)[0]:
+        if str(path[-1].key) != "kernel":
+            continue
+        module = child
+        for key in path[:-1]:
+            module = module[key.key]
+        kernel = np.asarray(kernel)
+        input_axes = (1,) if et.STOCK_HEAD in str(path) else tuple(range(kernel.ndim - np.ndim(module.get("bias", np.zeros(1)))))
+        unit = kernel.take(0, axis=input_axes[0]) if len(input_axes) == 1 else kernel.reshape((-1,) + kernel.shape[len(input_axes):])[0]
+        assert (kernel == np.expand_dims(unit, input_axes)).all(), path  # a unit's inputs all from one parent
+        if "bias" in module:
+            np.testing.assert_array_equal(np.asarray(module["bias"]), unit, err_msg=str(path))
+        from_first.append((unit > 0).mean())
+    assert 0.3 < np.mean(from_first) < 0.7, from_first
+
+
 def test_tournament_prefers_fitter_individuals():
     fitness = jnp.arange(10.0)
     winners = np.asarray(et.tournament(jax.random.PRNGKey(0), fitness, 20_000, 3))
@@ -169,66 +227,161 @@ def test_tournament_prefers_fitter_individuals():
     assert np.all(np.diff(counts) > 0)
 
 
-def test_injection_replaces_the_worst():
-    pop = toy_population(P=6)
-    fitness = jnp.array([3.0, -1.0, 5.0, -7.0, 0.0, 2.0])
-    learner = {"w": jnp.zeros((40, 30)), "b": jnp.ones(30)}
-    new, fit, slot = et.inject(pop, fitness, learner, jnp.float32(4.0))
-    assert int(slot) == 3 and float(fit[3]) == 4.0
-    np.testing.assert_array_equal(np.asarray(new["b"][3]), np.ones(30))
-    for i in (0, 1, 2, 4, 5):
-        np.testing.assert_array_equal(np.asarray(new["w"][i]), np.asarray(pop["w"][i]))
+jit_step = jax.jit(et.step)
+
+
+def greedy_return(actor, params, start, env_params, data) -> float:
+    """The return of one episode played step by step from `start` with the actor's greedy actions."""
+    state, total, apply = et.reset_at(jnp.int32(start), env_params), 0.0, jax.jit(actor.apply)
+    for _ in range(env_params.trading_days + env_params.settlement_days):
+        coef, target = et.scale_action(apply(params, et.get_obs(state.t, env_params, data)), env_params)
+        state, reward, *_ = jit_step(state, coef, target, env_params, data)
+        total += float(reward)
+    return total
+
+
+def test_injected_actor_is_selected_on_its_own_fitness():
+    """The TD3 actor enters the population before the evaluation, so the fitness selection gives it is that of
+    the weights it carries. The population here never trades (zero weights: every coefficient at the threshold)
+    and pays a large inaction penalty, so the injected actor is the champion: slot 0 after the GA step holds
+    exactly the injected weights, and its logged fitness is the worst-k mean of their returns on the
+    generation's slices, not that of the learner after its TD3 updates."""
+    args = et.Args(pop_size=4, episodes_per_agent=3, worst_k=2, num_elites=1, inject_every=1, rl_updates=4, policy_delay=1, actor_lr=0.05,
+                   batch_size=16, buffer_size=1000, window=8, trading_days=6, settlement_days=2, hidden=8, conv_channels=4, inaction_penalty=1.0)
+    data = market_data(synthetic_universe())
+    env_params = et.env_params_from_args(args)
+    inv = tuple(np.asarray(data.inv).tolist())
+    erl = et.make_erl(args, env_params, data, len(inv), inv)
+    runner = erl.init(jax.random.PRNGKey(0))
+    runner = runner._replace(pop=jax.tree.map(jnp.zeros_like, runner.pop))
+    injected = runner.learner.actor
+    new, metrics = jax.jit(erl.generation)(runner, data)
+    idle_fitness = -args.inaction_penalty * args.trading_days
+    assert bool(metrics["injected"]) and float(metrics["champion_fitness"]) > idle_fitness + 0.5, metrics
+    assert bool(metrics["injected_is_elite"])
+    champion = jax.tree.map(lambda x: x[0], new.pop)
+    for a, b in zip(jax.tree.leaves(champion), jax.tree.leaves(injected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    L = args.trading_days + args.settlement_days
+    starts = np.asarray(new.replay.t[: args.episodes_per_agent * L: L])  # individual 0's episodes come first
+    fitness_of = lambda params: float(et.worst_k_mean(jnp.array([greedy_return(erl.actor, params, s, env_params, data)  # noqa: E731
+                                                               for s in starts]), args.worst_k))
+    np.testing.assert_allclose(float(metrics["champion_fitness"]), fitness_of(injected), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(float(metrics["learner_fitness"]), fitness_of(injected), rtol=1e-5, atol=1e-5)
+    # the TD3 updates after the evaluation changed the learner's play: its new weights have another fitness
+    assert abs(fitness_of(new.learner.actor) - float(metrics["champion_fitness"])) > 1e-3
 
 
 # ---- REPLAY ----
-def test_observation_rebuilt_from_replay_equals_the_one_seen():
-    args = et.Args(pop_size=3, episodes_per_agent=2, worst_k=1, rl_updates=2, batch_size=16, buffer_size=1000, window=8, trading_days=6,
-                   settlement_days=2, hidden=8, conv_channels=4, num_elites=1)
-    d = synthetic_universe()
-    data = market_data(d)
-    params = et.EnvParams(window=8, trading_days=6, settlement_days=2, max_positions=args.max_positions)
-    inv = tuple(np.flatnonzero(d["investable"]))
-    init, chunk, actor, _ = et.make_erl(args, params, data, len(inv), inv)
-    runner = init(jax.random.PRNGKey(0))
-    start = jnp.int32(40)
-    # play one episode recording what the actor saw, then rebuild from the stored day index
-    seen = []
-    state = et.reset_at(start, params)
-    prm = jax.tree.map(lambda x: x[0], runner.pop)
-    for _ in range(8):
-        o = et.get_obs(state.t, params, data)
-        seen.append((int(state.t), np.asarray(o), np.asarray(actor.apply(prm, o))))
-        coef, target = et.scale_action(actor.apply(prm, o), params)
-        state, *_ = et.step(state, coef, target, params, data)
-    runner, _ = jax.jit(chunk)(runner, data)
-    rp = runner.replay
-    assert int(rp.size) == (3 + 2) * 2 * 8
-    for t, obs, _ in seen:
-        rebuilt = np.asarray(et.get_obs(jnp.int32(t), params, data))
-        np.testing.assert_array_equal(rebuilt, obs)
-    # every stored transition's day lies in the training split and its next day is t + 1
-    ts = np.asarray(rp.t[: int(rp.size)])
-    assert ts.min() >= 7 and (ts + 1 < len(d["close"])).all()
-    # n-step transitions: individual 0's first episode (the first L entries) replayed by hand from its first day
-    L, n, gamma = 8, args.n_step, args.gamma
-    state = et.reset_at(rp.t[0], params)
-    rewards, smalls = [], [np.asarray(et.small_state(state, params, data))]
+REPLAY_ARGS = et.Args(pop_size=3, episodes_per_agent=2, worst_k=1, rl_updates=2, batch_size=16, buffer_size=1000, window=8, trading_days=6,
+                      settlement_days=2, hidden=8, conv_channels=4, num_elites=1)
+
+
+def replay_setup(args=REPLAY_ARGS):
+    data = market_data(synthetic_universe())
+    env_params = et.env_params_from_args(args)
+    inv = tuple(np.asarray(data.inv).tolist())
+    erl = et.make_erl(args, env_params, data, len(inv), inv)
+    return erl, erl.init(jax.random.PRNGKey(0)), env_params, data
+
+
+def test_replay_holds_what_the_actor_saw():
+    """Individual 0's first episode, played again by hand from the day the replay stored: each stored action is
+    the actor's output on the observation it saw then, and the observation rebuilt from the stored day (and the
+    one n days later, the bootstrap's) is that observation; rewards are n-step sums, done says whether the
+    episode ends within n steps, and the stored open positions spread per stock are the critic's state."""
+    args = REPLAY_ARGS
+    erl, runner, env_params, data = replay_setup()
+    params = jax.tree.map(lambda x: x[0], runner.pop)
+    runner_after, _ = jax.jit(erl.chunk)(runner, data)
+    replay = runner_after.replay
+    L, n, gamma = args.trading_days + args.settlement_days, args.n_step, args.gamma
+    assert int(replay.size) == (args.pop_size + 2) * args.episodes_per_agent * L
+    state = et.reset_at(replay.t[0], env_params)
+    seen_obs, seen_action, rewards, smalls = [], [], [], [np.asarray(et.small_state(state, env_params, data))]
     for _ in range(L):
-        coef, target = et.scale_action(actor.apply(prm, et.get_obs(state.t, params, data)), params)
-        state, reward, *_ = et.step(state, coef, target, params, data)
+        obs = et.get_obs(state.t, env_params, data)
+        action = jax.jit(erl.actor.apply)(params, obs)
+        seen_obs.append(np.asarray(obs))
+        seen_action.append(np.asarray(action))
+        state, reward, *_ = jit_step(state, *et.scale_action(action, env_params), env_params, data)
         rewards.append(float(reward))
-        smalls.append(np.asarray(et.small_state(state, params, data)))
-    np.testing.assert_array_equal(np.asarray(rp.t[:L]), int(rp.t[0]) + np.arange(L))
-    for k in range(L):
-        expect = sum(gamma**j * rewards[k + j] for j in range(n) if k + j < L)
-        np.testing.assert_allclose(float(rp.reward[k]), expect, rtol=1e-5, atol=1e-6)
-        assert bool(rp.done[k]) == (k + n >= L)
-        np.testing.assert_allclose(np.asarray(rp.next_small[k]), smalls[min(k + n, L)], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(rp.small[k]), smalls[k], rtol=1e-5, atol=1e-6)
+        smalls.append(np.asarray(et.small_state(state, env_params, data)))
     assert any(abs(r) > 0.02 for r in rewards), "the episode must contain exits for this check to mean something"
-    # memory per transition does not depend on the window
-    per = sum(x.dtype.itemsize * int(np.prod(x.shape[1:])) for x in rp[:6])
-    assert per == 4 + 4 * (len(inv) * et.SMALL_PER_STOCK + 1) * 2 + 4 * len(inv) * 2 + 4 + 1
+    np.testing.assert_array_equal(np.asarray(replay.t[:L]), int(replay.t[0]) + np.arange(L))
+    n_inv = int(data.inv.shape[0])
+    for k in range(L):
+        rebuilt = np.asarray(et.get_obs(replay.t[k], env_params, data))
+        np.testing.assert_array_equal(rebuilt, seen_obs[k])
+        # float32 rounding differs between the vmapped rollout and a single call: equal to the last bits
+        np.testing.assert_allclose(np.asarray(replay.action[k]), seen_action[k], rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(erl.actor.apply(params, rebuilt)), np.asarray(replay.action[k]), rtol=1e-6, atol=1e-7)
+        if k + n < L:
+            np.testing.assert_array_equal(np.asarray(et.get_obs(replay.t[k] + n, env_params, data)), seen_obs[k + n])
+        expect = sum(gamma**j * rewards[k + j] for j in range(n) if k + j < L)
+        np.testing.assert_allclose(float(replay.reward[k]), expect, rtol=1e-5, atol=1e-6)
+        assert bool(replay.done[k]) == (k + n >= L)
+        np.testing.assert_allclose(np.asarray(et.small_state_of_slots(replay.slots[k], n_inv)), smalls[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(et.small_state_of_slots(replay.next_slots[k], n_inv)), smalls[min(k + n, L)],
+                                   rtol=1e-5, atol=1e-6)
+    # memory per transition: the open positions take K slots, not the universe; nothing depends on the window
+    K = args.max_positions
+    assert et.replay_bytes_per_transition(replay) == 4 + 4 * (K * et.SLOT_WIDTH + 1) * 2 + 4 * n_inv * 2 + 4 + 1
+
+
+def test_replay_wraps_around():
+    """Writing past the end of the circular memory continues at its start; the size stops at the capacity."""
+    args = dataclasses.replace(REPLAY_ARGS, buffer_size=100)
+    erl, runner, _, _ = replay_setup(args)
+    replay = runner.replay._replace(ptr=jnp.int32(97), size=jnp.int32(97))
+    n_inv, width = replay.action.shape[1], replay.slots.shape[1]
+    days = jnp.arange(5, dtype=jnp.int32) + 500
+    batch = (days, jnp.ones((5, width)) * days[:, None], jnp.ones((5, n_inv, 2)), days.astype(jnp.float32), jnp.ones(5, bool),
+             jnp.zeros((5, width)))
+    out = erl.add_transitions(replay, batch)
+    np.testing.assert_array_equal(np.asarray(out.t[np.array([97, 98, 99, 0, 1])]), np.arange(500, 505))
+    np.testing.assert_array_equal(np.asarray(out.reward[np.array([97, 98, 99, 0, 1])]), np.arange(500, 505))
+    np.testing.assert_array_equal(np.asarray(out.t[2:97]), 0)
+    assert int(out.ptr) == 2 and int(out.size) == 100
+
+
+def test_td3_update_target_delay_and_soft_update():
+    """One TD3 step by hand: the critic loss is the twin regression to r + gamma^n (1 - done) min(Q1', Q2') of the
+    target critics at the target actor's action n days later (no smoothing noise here); the actor and the targets
+    move only every policy_delay-th step, the targets by tau towards the new weights."""
+    args = dataclasses.replace(REPLAY_ARGS, policy_noise=0.0, tau=0.3, policy_delay=2)
+    erl, runner, env_params, data = replay_setup(args)
+    runner, _ = jax.jit(erl.chunk)(runner, data)
+    perturb = lambda tree, seed: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed), x.shape), tree)  # noqa: E731
+    learner = runner.learner._replace(actor_target=perturb(runner.learner.actor_target, 1), critic_target=perturb(runner.learner.critic_target, 2))
+    replay, idx = runner.replay, jnp.arange(0, 48, 3)  # steps 0..7 of the episodes: some done, some not
+    batch = (replay.t[idx], replay.slots[idx], replay.action[idx], replay.reward[idx], replay.done[idx].astype(jnp.float32), replay.next_slots[idx])
+    n_inv = int(data.inv.shape[0])
+    y, q = [], []
+    for i in range(len(idx)):
+        obs, next_obs = (et.get_obs(batch[0][i] + lag, env_params, data) for lag in (0, args.n_step))
+        small, next_small = (et.small_state_of_slots(x[i], n_inv) for x in (batch[1], batch[5]))
+        next_action = erl.actor.apply(learner.actor_target, next_obs)
+        target = jnp.minimum(*erl.critic.apply(learner.critic_target, next_obs, next_small, next_action))
+        y.append(float(batch[3][i] + args.gamma**args.n_step * (1 - batch[4][i]) * target))
+        q.append([float(v) for v in erl.critic.apply(learner.critic, obs, small, batch[2][i])])
+    y, q = np.array(y), np.array(q)
+    expect_loss = ((q[:, 0] - y) ** 2).mean() + ((q[:, 1] - y) ** 2).mean()
+    assert bool(batch[4].any()) and not bool(batch[4].all()), "the batch must hold both done and bootstrapped transitions"
+
+    leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
+    for updates, actor_moves in ((0, True), (1, False)):
+        new, (critic_loss, actor_loss) = jax.jit(erl.td3_update)(learner._replace(updates=jnp.int32(updates)), batch, jax.random.PRNGKey(3), data)
+        np.testing.assert_allclose(float(critic_loss), expect_loss, rtol=1e-4)
+        assert int(new.updates) == updates + 1
+        assert not all(np.array_equal(a, b) for a, b in zip(leaves(new.critic), leaves(learner.critic)))
+        assert np.isfinite(float(actor_loss)) == actor_moves
+        same_actor = all(np.array_equal(a, b) for a, b in zip(leaves(new.actor), leaves(learner.actor)))
+        assert same_actor != actor_moves
+        for target, old_target, online in ((new.actor_target, learner.actor_target, new.actor),
+                                           (new.critic_target, learner.critic_target, new.critic)):
+            for a, b, c in zip(leaves(target), leaves(old_target), leaves(online)):
+                np.testing.assert_allclose(a, (1 - args.tau) * b + args.tau * c if actor_moves else b, rtol=1e-5, atol=1e-6)
 
 
 def test_small_state_describes_the_open_positions():
@@ -254,3 +407,48 @@ def test_small_state_describes_the_open_positions():
     np.testing.assert_allclose(per[2], expect, rtol=1e-4, atol=1e-5)
     assert not np.delete(per, 2, axis=0).any()
     assert abs(float(et.small_state(state, params, data)[-1]) - 2 / 12) < 1e-6
+
+
+# ---- CRITIC STRUCTURE ----
+def test_critic_rules_match_the_env():
+    """What the critic hard-codes is what the env does. Random play on days when every investable stock can be
+    bought (the critic ignores validity): the env opens a stock exactly when `critic_opening_rule` says a slot is
+    free on a trading day and the best coefficient among the stocks not held beats the threshold, and it opens
+    that stock. And the same trade opened with coefficients 60, 80 and 100 returns amounts on one line: the
+    reward is linear in the coefficient."""
+    d = synthetic_universe()
+    data = market_data(d)
+    args = et.Args(window=5, trading_days=10, settlement_days=3, max_positions=2, max_holding_days=4)
+    env_params = et.env_params_from_args(args)
+    inv, n = np.asarray(data.inv), int(data.inv.shape[0])
+    L = args.trading_days + args.settlement_days
+    tradable = d["feature_valid"][:, inv].all(1) & np.r_[d["valid"][1:, inv].all(1), False]
+    starts = [t for t in range(args.window - 1, len(tradable) - L - 1) if tradable[t: t + L + 1].all()]
+    assert len(starts) > 100
+    rng = np.random.default_rng(0)
+    opened = 0
+    for start in rng.choice(starts, 12, replace=False):
+        state = et.reset_at(jnp.int32(start), env_params)
+        for _ in range(L):
+            coef = rng.uniform(0, 100, n) * rng.choice([0.5, 1.0])  # some days nothing beats the threshold
+            may_open, not_held = (np.asarray(x) for x in et.critic_opening_rule(et.small_state(state, env_params, data), args))
+            action = coef / args.coef_max
+            best = int(np.argmax(np.where(not_held, action, -np.inf)))
+            expect = int(inv[best]) if may_open and action[best] > args.coef_threshold / args.coef_max else -1
+            state, _, _, info = jit_step(state, jnp.asarray(coef, jnp.float32), jnp.full(n, 5.0), env_params, data)
+            assert int(info["opened"]) == expect
+            opened += expect >= 0
+    assert opened > 30, opened
+
+    def trade_return(start, stock, coef_value):
+        state, total = et.reset_at(jnp.int32(start), env_params), 0.0
+        for k in range(L):
+            coef = jnp.zeros(n).at[stock].set(coef_value if k == 0 else 0.0)
+            state, reward, *_ = jit_step(state, coef, jnp.full(n, 3.0), env_params, data)
+            total += float(reward)
+        return total
+
+    for start, stock in zip(rng.choice(starts, 4, replace=False), rng.integers(0, n, 4)):
+        low, mid, high = (trade_return(int(start), int(stock), c) for c in (60.0, 80.0, 100.0))
+        assert abs(mid - low) > 1e-3  # the trade's gain is not nil, so the check means something
+        np.testing.assert_allclose(high - mid, mid - low, rtol=1e-3, atol=1e-5)

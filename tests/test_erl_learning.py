@@ -48,7 +48,7 @@ def test_erl_learns_the_planted_signal(tmp_path):
     datasets, info = et.load_data(args)
     env_params = et.env_params_from_args(args)
     signal = list(info["feature_names"]).index("signal")
-    bts = {s: et.make_backtest(env_params, datasets[s], et.split_days(info, s, args)) for s in ("val", "test")}
+    bts = {s: et.make_backtest(env_params, datasets[s], et.split_days(info, s)) for s in ("val", "test")}
 
     policy = oracle_policy(signal)
 

@@ -327,6 +327,22 @@ def scenario_order_not_filled(run):
     close(out["equity"], [1.0] * 7)
 
 
+def scenario_features_not_ready(run):
+    """A stock with a price but without full-look-back features (``feature_valid`` False, e.g. in its first
+    days after listing) is no candidate and shows 0 in the validity channel: stock 0 (coef 90) is passed
+    over for stock 1 (coef 80) while its features are not ready (t = 2, 3), and bought once they are (t = 4)."""
+    p = quiet(N=2)
+    ready = np.ones((10, 2), dtype=bool)
+    ready[:4, 0] = False
+    data = make_data(*p, feature_valid=ready)
+    coefs, targets = actions(2, {0: [90, 80], 1: [90, 0], 2: [90, 0]})
+    out = run(data, default_params(max_holding_days=10, **NO_FRICTION), START, coefs, targets)
+    same(out["opened"], [1, -1, 0, -1, -1, -1, -1])
+    close(out["obs0"][:, 0, -1], [0, 0, 0])          # days 0..2 of stock 0: a price, no features yet
+    close(out["obs0"][:, 1, -1], [1, 1, 1])
+    close(out["obs"][1][:, 0, -1], [0, 0, 1])         # day 4's window: days 2..4
+
+
 def scenario_allocation(run):
     """alloc = min(cash, equity_prev / K) with equity_prev marked at close[t]: after a rise the
     cash is the limit, after a fall equity / K is."""
@@ -468,6 +484,7 @@ SCENARIOS = [
     scenario_already_held,
     scenario_investable_order,
     scenario_order_not_filled,
+    scenario_features_not_ready,
     scenario_allocation,
     scenario_costs,
     scenario_hurdle,
@@ -487,7 +504,7 @@ def test_reference(scenario):
 # --------------------------------------------------------------------------------------------------
 
 def random_data(rng, T=40, N=6):
-    """A random universe: random-walk prices, column 3 lists on day 10, column 4 delists after
+    """A random universe: random-walk prices, column 3 lists on day 10 (features ready on day 14), column 4 delists after
     day 20 (prices carried forward), column 2 has a few untradable days, column 1 is not
     investable."""
     close_ = 100.0 * np.exp(np.cumsum(rng.normal(0, 0.03, (T, N)), axis=0))
@@ -508,7 +525,9 @@ def random_data(rng, T=40, N=6):
         for arr in (open_, high, low, close_):
             arr[g, 2] = close_[g - 1, 2]
     feats = rng.normal(0, 1, (T, N, 3))
-    return make_data(open_, high, low, close_, valid=valid,
+    feature_valid = valid.copy()
+    feature_valid[:14, 3] = False                     # column 3's features need four days after listing
+    return make_data(open_, high, low, close_, valid=valid, feature_valid=feature_valid,
                      investable=[True, False, True, True, True, True], features=feats)
 
 
@@ -559,7 +578,7 @@ def test_random_episodes_are_consistent(params):
             if info["open"] is not None:
                 j = info["open"]["col"]
                 i = int(np.flatnonzero(I == j)[0])
-                assert data["valid"][t, j] and data["valid"][u, j]
+                assert data["feature_valid"][t, j] and data["valid"][u, j]
                 assert out["coefs"][k, i] > params["coef_threshold"]
                 close(info["open"]["entry"], data["open"][u, j])
                 allocs.append(info["open"]["alloc"])
