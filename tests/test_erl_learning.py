@@ -33,7 +33,7 @@ def oracle_policy(signal: int):
     return policy
 
 
-@pytest.mark.xfail(strict=True, reason="known regression of this version: seed 1's champion reaches 15% of the oracle and the "
+@pytest.mark.xfail(run=False, reason="known regression of this version (run it with pytest --runxfail): seed 1's champion reaches 15% of the oracle and the "
                    "TD3 learner ends at 17% (the version before the injection, embargo, crossover, feature_valid and K-slot "
                    "replay changes: 78% and 66%); see the README's 'Learning on synthetic data'")
 def test_erl_learns_the_planted_signal(tmp_path):
