@@ -33,9 +33,12 @@ def oracle_policy(signal: int):
     return policy
 
 
-@pytest.mark.xfail(run=False, reason="known regression of this version (run it with pytest --runxfail): seed 1's champion reaches 15% of the oracle and the "
-                   "TD3 learner ends at 17% (the version before the injection, embargo, crossover, feature_valid and K-slot "
-                   "replay changes: 78% and 66%); see the README's 'Learning on synthetic data'")
+REGRESSION = ("known regression of this version (run it with pytest --runxfail): seed 1's champion reaches 15% of the "
+              "oracle and the TD3 learner ends at 17% (the version before the injection, embargo, crossover, "
+              "feature_valid and K-slot replay changes: 78% and 66%); see the README's 'Learning on synthetic data'")
+
+
+@pytest.mark.xfail(run=False, reason=REGRESSION)
 def test_erl_learns_the_planted_signal(tmp_path):
     """The champion reaches 70% of the oracle's test return (seed 1: 72%; seeds 2-4: 54%, 86%, 78%, see the
     README), the TD3 learner gains at least 30% of the oracle over its initial policy, a random policy stays
