@@ -30,7 +30,7 @@ import json, sys, jax
 import {module} as m
 seen = []
 save = m.save_checkpoint
-m.save_checkpoint = lambda path, runner, extra: (seen.append(runner), save(path, runner, extra))
+m.save_checkpoint = lambda *call: (seen.append(call[1]), save(*call))  # (path, runner, extra[, args])
 assert m.main(sys.argv[1:]) == 0
 r = seen[0]
 def layout(x):
@@ -44,13 +44,16 @@ def restore(path: str, key: str):
     return msgpack_restore(open(path, "rb").read())[key]
 
 
-def assert_close(a, b, what: str, atol: float = 1e-5) -> None:
-    """Same structure; integers equal; floats equal up to float32 reduction-order noise."""
+def assert_close(a, b, what: str, atol: float = 1e-5, skip: str = "\0") -> None:
+    """Same structure; integers equal; floats equal up to float32 reduction-order noise (leaves whose path holds
+    `skip` are not compared)."""
     pa, pb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)
     assert len(pa) == len(pb), what
     for (path, x), y in zip(pa, pb):
         x, y = np.asarray(x), np.asarray(y)
         name = f"{what}{jax.tree_util.keystr(path)}"
+        if skip in name:
+            continue
         if x.dtype.kind == "f":
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol, err_msg=name)
         else:
@@ -141,7 +144,7 @@ def test_ppo_two_processes_match_one_device_and_only_process_0_writes(ppo_chain,
 
 
 # ---- ERL ----
-ERL_ARRAYS = ("dict(pop=r.pop['params']['VmapDense_0']['kernel'], critic=r.learner.critic['params']['Dense_0']['kernel'], "
+ERL_ARRAYS = ("dict(pop=r.pop['params']['stock_head']['kernel'], critic=r.learner.critic['params']['Dense_0']['kernel'], "
               "replay=r.replay.reward, rng=r.rng)")
 
 
@@ -163,10 +166,13 @@ def test_erl_population_is_split_and_the_rest_copied(erl_chain):
 def test_erl_four_devices_match_one_and_checkpoints_move_between_device_counts(erl_chain):
     out = erl_chain[0]
     assert_rows_close(metric_rows(out / "chain"), metric_rows(out / "ref"))
-    # atol 1e-4: the attention's key bias has an exactly zero true gradient (softmax ignores a shift shared by
-    # all keys), so Adam turns float32 summation-order noise in it into steps of ~1e-5 that differ by device count
-    assert_close(restore(out / "chain" / "checkpoint.msgpack", "runner"), restore(out / "ref" / "checkpoint.msgpack", "runner"), "checkpoint", atol=1e-4)
-    assert_close(restore(out / "chain" / "final.msgpack", "params"), restore(out / "ref" / "final.msgpack", "params"), "final", atol=1e-4)
+    # the attention's key bias has an exactly zero true gradient (softmax ignores a shift shared by all keys), so
+    # Adam turns float32 summation-order noise in it into steps of ~1e-5..1e-4 that differ by device count: not compared
+    key_bias = "['key']['bias']"
+    chain, ref = (restore(out / name / "checkpoint.msgpack", "runner") for name in ("chain", "ref"))
+    assert_close(chain, ref, "checkpoint", atol=1e-4, skip=key_bias)
+    chain, ref = (restore(out / name / "final.msgpack", "params") for name in ("chain", "ref"))
+    assert_close(chain, ref, "final", atol=1e-4, skip=key_bias)
 
 
 # ---- BAD LAYOUTS ----
