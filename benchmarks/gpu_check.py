@@ -107,7 +107,8 @@ def run_step(step: Step, seconds_left: float) -> None:
         done = subprocess.run([sys.executable, *step.argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=cap)
         output, status = done.stdout + done.stderr, ("ok" if done.returncode == 0 else f"exit {done.returncode}")
     except subprocess.TimeoutExpired as stopped:
-        output = (stopped.stdout or b"").decode() if isinstance(stopped.stdout, bytes) else (stopped.stdout or "")
+        text = lambda part: part.decode() if isinstance(part, bytes) else (part or "")  # noqa: E731 (bytes on a timeout)
+        output = text(stopped.stdout) + text(stopped.stderr)
         status = f"stopped at its {cap:.0f} s cap"
     wall = time.time() - start
     compile_s = [float(x) for x in COMPILE.findall(output)]
