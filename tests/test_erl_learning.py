@@ -15,8 +15,10 @@ from conftest import run_script
 # 10 stocks, each with the planted signal (half-life 2 days); one window (20 days) sees it clearly after the
 # instance normalisation. Fitness is the mean of all 5 episodes (less noisy than the worst 2 on 25-day slices).
 # n-step 4 targets hold a trade's whole outcome (fill the next day, sale at the latest two days later).
-DATA = ["--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "2", "--signal-strength", "4", "--days", "2000", "--seed", "0"]
-FLAGS = ["--train-end", "0.6", "--val-end", "0.8", "--window", "20", "--max-holding-days", "2", "--worst-k", "5", "--rl-updates", "256", "--n-step", "4",
+DATA = ["--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "2", "--signal-strength", "4", "--days", "2000",
+        "--seed", "0"]
+FLAGS = ["--train-end", "0.6", "--val-end", "0.8", "--window", "20", "--max-holding-days", "2", "--worst-k", "5",
+         "--rl-updates", "256", "--n-step", "4",
          "--pop-size", "8", "--generations", "24", "--eval-every", "2", "--seed", "1"]
 
 
