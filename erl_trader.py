@@ -141,6 +141,15 @@ class Args:
     """per-stock feature extractor: temporal conv + LSTM, or conv only (much cheaper)"""
     bidirectional: bool = False
     """bidirectional LSTM (lstm extractor)"""
+    lstm_layers: int = 1
+    """stacked LSTM layers (lstm extractor), each bidirectional with --bidirectional"""
+    attention_heads: int = 2
+    """heads of the cross-attention from the learnable query over all columns (must divide --hidden)"""
+    layer_norm: bool = False
+    """a residual around the cross-attention (query + attention) and LayerNorm on it and on each stock's features"""
+    stock_layers: tuple[int, ...] = ()
+    """widths of the dense layers shared by all stocks between [stock features, context] and each stock's own output
+    layer; empty: one layer of --hidden (the original system: 256 128 64)"""
     remat: bool = False
     """recompute the extractor in the backward pass (jax.checkpoint) to save memory on long windows"""
     hidden: int = 32
@@ -180,6 +189,9 @@ class Args:
     """multi-host: number of processes (one per host)"""
     process_id: Optional[int] = None
     """multi-host: this process's index, 0..num_processes-1 (process 0 writes logs and checkpoints)"""
+
+    def __post_init__(self):
+        object.__setattr__(self, "stock_layers", tuple(self.stock_layers))  # a list from config.json, kept hashable
 
 
 # ---- DATA ----
@@ -469,6 +481,7 @@ class ConvLSTMExtractor(nn.Module):
     kernel: int
     kind: str
     bidirectional: bool
+    lstm_layers: int
     avg_last: int
 
     @nn.compact
@@ -477,19 +490,19 @@ class ConvLSTMExtractor(nn.Module):
         if self.kind == "conv":
             x = nn.relu(temporal_conv(x, self.hidden, self.kernel))
             return nn.Dense(self.hidden)(jnp.concatenate([x.mean(0), x[-1]]))
-        if self.bidirectional:
-            rnn = nn.Bidirectional(nn.RNN(nn.OptimizedLSTMCell(self.hidden)), nn.RNN(nn.OptimizedLSTMCell(self.hidden)))
-        else:
-            rnn = nn.RNN(nn.OptimizedLSTMCell(self.hidden))
-        y = rnn(x[None])[0]
-        return nn.Dense(self.hidden)(y[-self.avg_last:].mean(0))
+        y = x[None]
+        for _ in range(self.lstm_layers):
+            forward = nn.RNN(nn.OptimizedLSTMCell(self.hidden))
+            y = nn.Bidirectional(forward, nn.RNN(nn.OptimizedLSTMCell(self.hidden)))(y) if self.bidirectional else forward(y)
+        return nn.Dense(self.hidden)(y[0, -self.avg_last:].mean(0))
 
 
 def column_extractor(args: Args) -> nn.Module:
     """The extractor shared across columns: one set of weights, vmapped over the column axis of [W, N, C]."""
     base = nn.remat(ConvLSTMExtractor) if args.remat else ConvLSTMExtractor
     vmapped = nn.vmap(base, variable_axes={"params": None}, split_rngs={"params": False}, in_axes=1, out_axes=0)
-    return vmapped(args.hidden, args.conv_channels, args.kernel_size, args.extractor, args.bidirectional, args.avg_last)
+    return vmapped(args.hidden, args.conv_channels, args.kernel_size, args.extractor, args.bidirectional, args.lstm_layers,
+                   args.avg_last)
 
 
 STOCK_HEAD = "stock_head"  # the actor's per-stock output layer: its parameters have a leading stock axis
@@ -508,12 +521,17 @@ class Actor(nn.Module):
 
     @nn.compact
     def __call__(self, obs):  # obs [W, N, C]
-        feats = column_extractor(self.args)(obs)
-        query = self.param("query", nn.initializers.normal(0.1), (1, self.args.hidden))
-        context = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=self.args.hidden)(query, feats)[0]
+        args = self.args
+        feats = column_extractor(args)(obs)
+        query = self.param("query", nn.initializers.normal(0.1), (1, args.hidden))
+        attention = nn.MultiHeadDotProductAttention(num_heads=args.attention_heads, qkv_features=args.hidden)
+        context = attention(query, feats)[0]
+        if args.layer_norm:
+            feats, context = nn.LayerNorm()(feats), nn.LayerNorm()(query[0] + context)
         stock = feats[jnp.asarray(self.inv)]
         h = jnp.concatenate([stock, jnp.broadcast_to(context, stock.shape)], axis=-1)
-        h = nn.relu(nn.Dense(self.args.hidden)(h))  # shared by all stocks: every stock's gradient trains it
+        for width in args.stock_layers or (args.hidden,):
+            h = nn.relu(nn.Dense(width)(h))  # shared by all stocks: every stock's gradient trains it
         per_stock = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True})  # own weights per stock
         return nn.sigmoid(per_stock(2, name=STOCK_HEAD)(h))
 
@@ -1203,9 +1221,19 @@ def check_args(args: Args) -> None:
     for name in ("pop_size", "generations", "episodes_per_agent", "worst_k", "tournament_size", "inject_every",
                  "batch_size", "window",
                  "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden",
-                 "policy_delay", "n_step"):
+                 "policy_delay", "n_step", "lstm_layers", "attention_heads"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
+    if args.extractor == "conv" and (args.bidirectional or args.lstm_layers != 1):
+        flag = "--bidirectional" if args.bidirectional else "--lstm-layers"
+        raise DataError(f"{flag} would be ignored by --extractor conv (it has no LSTM). "
+                        f"Fix: pass --extractor lstm or drop {flag}")
+    if args.hidden % args.attention_heads:
+        raise DataError(f"--attention-heads {args.attention_heads} does not divide --hidden {args.hidden}. "
+                        "Fix: pass a divisor of --hidden")
+    if any(width < 1 for width in args.stock_layers):
+        widths = " ".join(map(str, args.stock_layers))
+        raise DataError(f"--stock-layers {widths}: every width must be >= 1. Fix: pass positive widths")
     if args.worst_k > args.episodes_per_agent:
         raise DataError(f"--worst-k {args.worst_k} exceeds --episodes-per-agent {args.episodes_per_agent}. Fix: lower "
                         f"--worst-k")

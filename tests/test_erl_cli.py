@@ -95,6 +95,21 @@ def test_ga_only_run_with_a_checkpoint_without_replay_resumes(tmp_path):
         json.loads((tmp_path / "ga" / "report.json").read_text())["td3_learner_at_start"]  # no TD3 step: the learner is its start
 
 
+def test_original_architecture_trains_end_to_end(tmp_path):
+    """The original system's network (2 bidirectional LSTM layers, 4-head attention with residual and LayerNorm,
+    a 3-layer stock path), recomputed in the backward pass (--remat), at toy widths: a run writes its outputs and
+    its best policy loads back into the same network for --eval-only."""
+    flags = ["--extractor", "lstm", "--bidirectional", "--lstm-layers", "2", "--attention-heads", "4", "--layer-norm",
+             "--stock-layers", "16", "12", "6", "--remat"]
+    run = run_script("erl_trader.py", *TINY, "--generations", "2", *flags, "--out-dir", tmp_path, "--run-name", "original")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads((tmp_path / "original" / "config.json").read_text())["stock_layers"] == [16, 12, 6]
+    evaluated = run_script("erl_trader.py", "--eval-only", "--checkpoint", tmp_path / "original" / "best.msgpack", "--eval-split", "val")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads((tmp_path / "original" / "eval_val_sp500_daily" / "report.json").read_text())
+    assert np.isfinite(report["champion"]["total_return"])
+
+
 def test_resume_is_bit_identical(tmp_path):
     full = run_script("erl_trader.py", *TINY, "--out-dir", tmp_path, "--run-name", "full")
     assert full.returncode == 0, full.stderr[-2000:]
@@ -124,6 +139,10 @@ def test_resume_is_bit_identical(tmp_path):
     (["--settlement-days", "-1"], "--settlement-days"),
     (["--buffer-size", "100"], "--buffer-size"),
     (["--generations", "4", "--chunk-generations", "2", "--eval-every", "3"], "--eval-every"),
+    (["--bidirectional"], "--bidirectional"),
+    (["--lstm-layers", "2"], "--lstm-layers"),
+    (["--attention-heads", "3"], "--attention-heads"),
+    (["--stock-layers", "16", "0"], "--stock-layers"),
 ])
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("erl_trader.py", *argv)

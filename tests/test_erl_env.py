@@ -191,11 +191,33 @@ def test_mutation_touches_the_intended_fraction_and_respects_the_clip():
     assert np.median(rel) < 0.15  # relative to the weight's size (strength 0.1)
 
 
-@pytest.mark.parametrize("extractor", ["conv", "lstm"])
-def test_crossover_takes_whole_output_units_with_their_bias(extractor):
+ORIGINAL_ARCHITECTURE = dict(extractor="lstm", bidirectional=True, lstm_layers=2, attention_heads=4, layer_norm=True,
+                             stock_layers=(16, 12, 6))  # the original system's network, at toy widths
+
+
+def test_original_architecture_has_its_layers():
+    """2 bidirectional LSTM layers (4 cells), LayerNorm on the context and the stock features, the stock path's
+    shared widths, 4 attention heads, per-stock outputs in [0, 1]."""
+    args = et.Args(window=8, hidden=8, conv_channels=4, **ORIGINAL_ARCHITECTURE)
+    actor = et.Actor(args, (0, 2, 3))
+    obs = jax.random.normal(jax.random.PRNGKey(2), (8, 5, 3))
+    params = actor.init(jax.random.PRNGKey(0), obs)["params"]
+    cells = [k for k in params["VmapConvLSTMExtractor_0"] if k.startswith("OptimizedLSTMCell")]
+    assert len(cells) == 4
+    assert [params[f"Dense_{i}"]["kernel"].shape[1] for i in range(3)] == [16, 12, 6]
+    assert params["stock_head"]["kernel"].shape == (3, 6, 2)
+    assert sum(k.startswith("LayerNorm") for k in params) == 2
+    assert params["MultiHeadDotProductAttention_0"]["query"]["kernel"].shape == (8, 4, 2)
+    action = np.asarray(actor.apply({"params": params}, obs))
+    assert action.shape == (3, 2) and ((action > 0) & (action < 1)).all()
+
+
+@pytest.mark.parametrize("network", [dict(extractor="conv"), dict(extractor="lstm"), ORIGINAL_ARCHITECTURE],
+                         ids=["conv", "lstm", "original"])
+def test_crossover_takes_whole_output_units_with_their_bias(network):
     """Crossing an all-ones actor with an all-minus-ones one: in every layer each output unit (kernel column and
     bias entry; per stock in the per-stock head) comes whole from one parent, and units come from both."""
-    args = et.Args(window=8, hidden=8, conv_channels=4, extractor=extractor)
+    args = et.Args(window=8, hidden=8, conv_channels=4, **network)
     actor = et.Actor(args, (0, 2, 3))
     params = actor.init(jax.random.PRNGKey(0), jnp.zeros((8, 5, 3)))
     ones = jax.tree.map(jnp.ones_like, params)
