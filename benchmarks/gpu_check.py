@@ -53,15 +53,23 @@ def erl_flags(pop: int, generations: int, sizes: dict) -> list:
 
 
 GPU = dict(ppo_envs=(4096, 16384, 65536), ppo_steps=64, ppo_env_steps_per_chunk=4_194_304, seeds=16, erl_pops=(64, 256),
-           erl_generations=12, erl_sizes=dict(episodes_per_agent=8, rl_updates=256, batch_size=512))
+           erl_generations=12, erl_sizes=dict(episodes_per_agent=8, rl_updates=256, batch_size=512),
+           # the original system's network (README, "The original architecture") on 108 stocks x 151 days, pop 16
+           original_stocks=108, original_days=2520, original_sizes=dict(
+               window=151, hidden=128, conv_channels=32, attention_heads=8, episodes_per_agent=2, worst_k=1, rl_updates=8,
+               batch_size=64), original_stock_layers=("256", "128", "64"))
 DRY_RUN = dict(ppo_envs=(8, 16, 32), ppo_steps=16, ppo_env_steps_per_chunk=256, seeds=2, erl_pops=(4, 8), erl_generations=4,
                erl_sizes=dict(episodes_per_agent=2, worst_k=1, num_elites=1, rl_updates=2, batch_size=16, buffer_size=4000,
                               window=8, trading_days=6, settlement_days=2, hidden=8, conv_channels=4),
-               ppo_extra=["--window", "8", "--episode-bars", "64", "--hidden", "32"])
+               ppo_extra=["--window", "8", "--episode-bars", "64", "--hidden", "32"],
+               original_stocks=12, original_days=400, original_sizes=dict(
+                   window=8, hidden=8, conv_channels=4, attention_heads=2, episodes_per_agent=2, worst_k=1, rl_updates=2,
+                   batch_size=16, trading_days=6, settlement_days=2), original_stock_layers=("8", "4"))
+ORIGINAL_NETWORK = ["--extractor", "lstm", "--bidirectional", "--lstm-layers", "2", "--layer-norm", "--remat"]
 # time caps per step; the whole check also stops starting steps past total_s (7.5 minutes of steps on the GPU, leaving
 # room for the wheel install in an 8-minute call). A CPU compiles the dry run's tiny programs slowly: long caps there.
-GPU_CAPS = dict(run_py=75.0, training=45.0, total_s=450.0)
-DRY_RUN_CAPS = dict(run_py=0.0, training=300.0, total_s=2400.0)
+GPU_CAPS = dict(run_py=75.0, training=40.0, data=15.0, total_s=450.0)
+DRY_RUN_CAPS = dict(run_py=0.0, training=300.0, data=60.0, total_s=2400.0)
 
 
 def steps(dry_run: bool, runs: Path, out: Path) -> list:
@@ -90,7 +98,19 @@ def steps(dry_run: bool, runs: Path, out: Path) -> list:
                ppo(f"ppo_continuous_{first}_envs", first, "--action-space", "continuous"),
                ppo(f"ppo_{size['seeds']}_seeds_{first}_envs", first, "--num-seeds", str(size["seeds"]))]
     listed += [erl(f"erl_pop_{pop}", pop, group="erl_trader training, pop-size", x=pop) for pop in size["erl_pops"]]
-    return listed
+    return listed + original_architecture_steps(size, caps, runs)
+
+
+def original_architecture_steps(size: dict, caps: dict, runs: Path) -> list:
+    """A synthetic universe of `original_stocks` stocks, then two generations of the original system's network on it."""
+    data = runs / "synthetic_original.npz"
+    make_data = Step("synthetic_universe", ["data_prep.py", "synthetic-daily", "--stocks", str(size["original_stocks"]),
+                                            "--days", str(size["original_days"]), "--out", str(data)], caps["data"])
+    sizes = [x for key, value in size["original_sizes"].items() for x in ("--" + key.replace("_", "-"), str(value))]
+    argv = ["erl_trader.py", "--data", str(data), "--train-end", "0.6", "--val-end", "0.8", "--pop-size", "16",
+            "--generations", "2", "--eval-every", "2", *ORIGINAL_NETWORK, "--stock-layers", *size["original_stock_layers"],
+            *sizes, "--out-dir", str(runs), "--run-name", "erl_original_architecture"]
+    return [make_data, Step("erl_original_architecture", argv, caps["training"])]
 
 
 def run_step(step: Step, seconds_left: float) -> None:

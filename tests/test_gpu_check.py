@@ -23,6 +23,11 @@ def test_gpu_steps_fit_the_call_and_cover_the_gpu_sizes(tmp_path):
     for pop in (64, 256):
         assert any(c.startswith(f"erl_trader.py --pop-size {pop} ") for c in commands), pop
     assert any(c.startswith("benchmarks/run.py --no-peers") for c in commands)
+    original = next(c for c in commands if "--run-name erl_original_architecture" in c)
+    for flags in ("--window 151", "--bidirectional --lstm-layers 2", "--stock-layers 256 128 64", "--attention-heads 8",
+                  "--hidden 128", "--conv-channels 32", "--remat"):
+        assert flags in original, flags
+    assert any("synthetic-daily --stocks 108" in c for c in commands)
 
 
 def test_dry_run_runs_the_gpu_commands_at_tiny_sizes(tmp_path):
