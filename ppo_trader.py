@@ -1963,6 +1963,7 @@ SUMMARY_POLICIES = ("policy", "sampled", "random", "buy_and_hold")
 
 
 def table_line(label: str, values) -> str:
+    """One line of the summary table: a label, then each value (or column name) right-aligned in 14 characters."""
     return f"{label:<36}" + "".join(f"{value:>14.4g}" if not isinstance(value, str) else f"{value:>14}" for value in values)
 
 
