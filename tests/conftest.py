@@ -26,8 +26,8 @@ def run_script(*args, cwd=ROOT, env=None, timeout=600):
 
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "best.msgpack", "final.msgpack", "report.json", "trades.csv", "equity.png")
 # ppo_trader.py: the policy files of seed k in seed<k>/
-PPO_RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "seed0/best.msgpack", "seed0/final.msgpack", "report.json", "trades.csv",
-                   "equity.png")
+PPO_RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "seed0/best.msgpack", "seed0/final.msgpack",
+                   "report.json", "trades.csv", "equity.png")
 
 
 def tiny_run_dir(tmp_path_factory, script: str, flags: list) -> tuple:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from conftest import (PPO_RUN_OUTPUTS, assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error, assert_run_outputs,
-                      run_script, tiny_run_dir)
+from conftest import (PPO_RUN_OUTPUTS, assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error,
+                      assert_run_outputs, run_script, tiny_run_dir)
 
 DATA_STEM, MARKET = "spy_1min", "SPY"  # the default --data
 TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
@@ -34,7 +34,8 @@ def test_tiny_run_writes_every_output(tiny_run):
         assert k in eur["policy"]
     assert report["split"] == "test"
     trades = (run_dir / "trades.csv").read_text().splitlines()
-    assert trades[0] == "seed,market,entry_time,exit_time,direction,entry_price,exit_price,pnl" and len(trades) - 1 == eur["policy"]["trades"]
+    assert trades[0] == "seed,market,entry_time,exit_time,direction,entry_price,exit_price,pnl"
+    assert len(trades) - 1 == eur["policy"]["trades"]
     assert "update" in r.stdout and "SPS" in r.stdout and "ETA" in r.stdout and "validation backtests:" in r.stdout
 
 
@@ -64,7 +65,8 @@ def test_eval_only_reproduces_the_report_in_its_own_folder(tiny_run):
 
 def test_eval_only_takes_cost_overrides_and_states_them(tiny_run, tmp_path):
     run_dir, _ = tiny_run
-    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack", "--slippage-ticks", "50", "--commission", "100",
+    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack",
+                   "--slippage-ticks", "50", "--commission", "100",
                    "--out-dir", tmp_path, "--run-name", "stress")
     assert r.returncode == 0, r.stderr[-2000:]
     plain = json.loads((run_dir / "report.json").read_text())["seeds"][0][MARKET]
@@ -91,8 +93,8 @@ def test_flags_a_run_cannot_use_are_refused(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     config = (run_dir / "config.json").read_bytes()
     assert_one_line_error(run_script("ppo_trader.py", "--resume", run_dir, "--learning-rate", "1e30"), "--learning-rate")
-    assert_one_line_error(run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack", "--learning-rate", "1"),
-                          "--learning-rate")
+    assert_one_line_error(run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack",
+                                     "--learning-rate", "1"), "--learning-rate")
     assert_one_line_error(run_script("ppo_trader.py", "--checkpoint", run_dir / "seed0" / "best.msgpack"), "--eval-only")
     # a run folder that holds a run is not reused
     assert_one_line_error(run_script("ppo_trader.py", *TINY, "--out-dir", run_dir.parent, "--run-name", run_dir.name), "--resume")
@@ -136,7 +138,8 @@ def test_bad_flags_and_data_give_one_line(argv, needle):
 @pytest.fixture(scope="module")
 def phase2_run(tiny_run, tmp_path_factory):
     """Phase 2 started from the tiny phase 1 run's best policy."""
-    return tiny_run_dir(tmp_path_factory, "ppo_trader.py", TINY + ["--phase", "2", "--init-from", str(tiny_run[0] / "seed0" / "best.msgpack")])
+    phase1 = tiny_run[0] / "seed0" / "best.msgpack"
+    return tiny_run_dir(tmp_path_factory, "ppo_trader.py", TINY + ["--phase", "2", "--init-from", str(phase1)])
 
 
 def test_phase2_from_phase1_writes_every_output(phase2_run):
@@ -148,7 +151,8 @@ def test_phase2_from_phase1_writes_every_output(phase2_run):
     assert np.isfinite(report[MARKET]["policy"]["total_return"])
     r2 = run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack")
     assert r2.returncode == 0, r2.stderr[-2000:]
-    assert json.loads((run_dir / "seed0" / f"eval_test_{DATA_STEM}" / "report.json").read_text())["seeds"][0][MARKET] == report[MARKET]
+    again = json.loads((run_dir / "seed0" / f"eval_test_{DATA_STEM}" / "report.json").read_text())
+    assert again["seeds"][0][MARKET] == report[MARKET]
 
 
 def test_init_from_bad_checkpoints_give_one_line(tiny_run, phase2_run, tmp_path):

@@ -116,7 +116,8 @@ def test_ppo_four_devices_match_one_and_checkpoints_move_between_device_counts(p
     assert_rows_close(metric_rows(out / "chain"), metric_rows(out / "ref"))
     assert_close(restore(out / "chain" / "checkpoint.msgpack", "runner"), restore(out / "ref" / "checkpoint.msgpack", "runner"), "checkpoint")
     for seed in ("seed0", "seed1"):  # each seed's own final policy
-        assert_close(restore(out / "chain" / seed / "final.msgpack", "params"), restore(out / "ref" / seed / "final.msgpack", "params"), seed)
+        chain_final, ref_final = (restore(out / run / seed / "final.msgpack", "params") for run in ("chain", "ref"))
+        assert_close(chain_final, ref_final, seed)
     config = json.loads((out / "chain" / "config.json").read_text())
     assert config["devices"] is None  # the layout is how a run ran, not part of the run: a resume picks its own
 
