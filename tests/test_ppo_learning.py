@@ -64,9 +64,11 @@ def test_phase2_from_phase1_beats_phase1_when_managing_pays(tmp_path):
              "--total-timesteps", "1000000", "--seed", "1", "--out-dir", tmp_path]
     r1 = run_script("ppo_trader.py", *flags, "--run-name", "phase1")
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run_script("ppo_trader.py", *flags, "--run-name", "phase2", "--phase", "2", "--init-from", tmp_path / "phase1" / "seed0" / "best.msgpack")
+    phase1 = tmp_path / "phase1" / "seed0" / "best.msgpack"
+    r2 = run_script("ppo_trader.py", *flags, "--run-name", "phase2", "--phase", "2", "--init-from", phase1)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    p1, p2 = (json.loads((tmp_path / run / "report.json").read_text())["seeds"][0]["SYN"]["policy"] for run in ("phase1", "phase2"))
+    p1, p2 = (json.loads((tmp_path / run / "report.json").read_text())["seeds"][0]["SYN"]["policy"]
+              for run in ("phase1", "phase2"))
     assert p1["total_return"] > 0.05, p1  # phase 1 learned to enter on the signal: the comparison is not against a no-trade policy
     assert p2["total_return"] > 1.3 * p1["total_return"], (p2, p1)
 
