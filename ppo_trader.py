@@ -60,8 +60,8 @@ class Args:
     num_steps: int = 128
     """steps per environment per rollout"""
     num_seeds: int = 1
-    """seeds trained at once with vmap: seed k (0..N-1) is the run of --seed SEED+k (the same run as --num-seeds 1
-    --seed SEED+k), with its own model selection, policy files runs/NAME/seed<k>/ and test backtest"""
+    """seeds trained at once with vmap: seed k (0..N-1) is the same run as --num-seeds 1 --seed SEED+k,
+    with its own model selection, policy files runs/NAME/seed<k>/ and test backtest"""
     learning_rate: float = 3e-4
     """Adam learning rate"""
     anneal_lr: bool = True
@@ -130,9 +130,9 @@ class Args:
     trail_atr_mult: float = 1.0
     """phase 2: a trailing stop sits this many ATR (of the decision bar) behind the best price since entry"""
     init_from: Optional[str] = None
-    """phase 2: start from a phase 1 policy file (runs/NAME/seed<k>/best.msgpack or final.msgpack; every seed starts from
-    it) or a phase 1 run folder runs/NAME with --num-seeds seeds (seed k starts from its seed k's best.msgpack): weights,
-    grown policy head, obs normaliser"""
+    """phase 2: start from a phase 1 policy's weights (policy head grown) and obs normaliser: a policy file
+    (runs/NAME/seed<k>/best.msgpack or final.msgpack) for every seed, or a phase 1 run folder runs/NAME with
+    --num-seeds seeds, seed k from its seed<k>/best.msgpack"""
     new_action_mass: float = 0.01
     """with --init-from: each new action starts with about this probability relative to HOLD"""
     curriculum: bool = False
