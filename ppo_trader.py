@@ -2,9 +2,10 @@
 
     python ppo_trader.py                                   # SPY 1-minute RTH sample, a few minutes on a 2-core CPU
     python ppo_trader.py --num-envs 4096 --num-steps 64    # GPU-sized
-    python ppo_trader.py --eval-only --checkpoint runs/NAME/best.msgpack
+    python ppo_trader.py --eval-only --checkpoint runs/NAME                  # every seed's best.msgpack
+    python ppo_trader.py --eval-only --checkpoint runs/NAME/seed0/best.msgpack     # one seed's
     python ppo_trader.py --run-name p1                                       # phase 1, then phase 2 from it:
-    python ppo_trader.py --phase 2 --init-from runs/p1/best.msgpack
+    python ppo_trader.py --phase 2 --init-from runs/p1/seed0/best.msgpack
     python ppo_trader.py --action-space continuous --max-contracts 3  # target positions instead of BUY/SELL
 
 The file reads top to bottom as the data flows: args, data arrays, env (gymnax style: pure `reset` and
@@ -49,7 +50,7 @@ class Args:
     data: str = "data/spy_1min.npz"
     """intraday .npz written by data_prep.py (one or several markets)"""
     seed: int = 1
-    """random seed (same seed, same result)"""
+    """random seed; with --num-seeds N, seed k uses SEED+k (same seed, same result on one machine)"""
     run_name: Optional[str] = None
     """name of the folder under runs/ (default: ppo_<data>_<seed>_<time>)"""
     total_timesteps: int = 2_000_000
@@ -59,7 +60,8 @@ class Args:
     num_steps: int = 128
     """steps per environment per rollout"""
     num_seeds: int = 1
-    """seeds trained at once with vmap (seed, seed+1, ...); the first one is backtested"""
+    """seeds trained at once with vmap: seed k (0..N-1) is the same run as --num-seeds 1 --seed SEED+k,
+    with its own model selection, policy files runs/NAME/seed<k>/ and test backtest"""
     learning_rate: float = 3e-4
     """Adam learning rate"""
     anneal_lr: bool = True
@@ -128,8 +130,9 @@ class Args:
     trail_atr_mult: float = 1.0
     """phase 2: a trailing stop sits this many ATR (of the decision bar) behind the best price since entry"""
     init_from: Optional[str] = None
-    """phase 2: start from this phase 1 policy (runs/NAME/best.msgpack or final.msgpack): weights, grown policy head,
-    obs normaliser"""
+    """phase 2: start from a phase 1 policy's weights (policy head grown) and obs normaliser: a policy file
+    (runs/NAME/seed<k>/best.msgpack or final.msgpack) for every seed, or a phase 1 run folder runs/NAME with
+    --num-seeds seeds, seed k from its seed<k>/best.msgpack"""
     new_action_mass: float = 0.01
     """with --init-from: each new action starts with about this probability relative to HOLD"""
     curriculum: bool = False
@@ -152,7 +155,8 @@ class Args:
     eval_only: bool = False
     """only backtest --checkpoint on --eval-split (no training)"""
     checkpoint: Optional[str] = None
-    """checkpoint (.msgpack) for --eval-only"""
+    """--eval-only: a policy file (runs/NAME/seed<k>/best.msgpack or final.msgpack: that seed) or a run folder
+    (runs/NAME: every seed's best.msgpack)"""
     eval_split: str = "test"
     """split backtested by --eval-only: train, val or test"""
     out_dir: str = "runs"
@@ -978,12 +982,13 @@ def ppo_loss(params, network: ActorCritic, args: Args, tr: Transition, advantage
 
 def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None,
                transfer: Optional[tuple] = None):
-    """PureJaxRL shape: returns (init(rng) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics), number of
-    updates, network).
+    """PureJaxRL shape: returns (init(rng, transfer) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics),
+    number of updates, network).
 
     With a `mesh` (axes "seed", "env"), every minibatch is split over the "env" devices: each computes the
     loss on its share and XLA sums the gradients across them (the same gradient as on one device).
-    `transfer` = (params, obs normaliser) of a phase 1 policy: phase 2 starts from them (`grow_params`)."""
+    `transfer` = (params, obs normaliser) of a phase 1 policy: phase 2 starts from them (`grow_params`); `init` takes
+    another one per seed as its second argument."""
     num_updates = math.ceil(args.total_timesteps / (args.num_envs * args.num_steps) / args.chunk_updates) * args.chunk_updates
     minibatch = args.num_envs * args.num_steps // args.num_minibatches
     network = make_network(args)
@@ -1001,20 +1006,20 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
 
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate=lr_schedule, eps=1e-5))
 
-    def init(rng) -> RunnerState:
+    def init(rng, seed_transfer: Optional[tuple] = transfer) -> RunnerState:
         rng, k_net, k_env = jax.random.split(rng, 3)
         params = network.init(k_net, jnp.zeros(obs_dim))
-        if transfer is not None:
-            params = grow_params(params, transfer[0], args.new_action_mass)
+        if seed_transfer is not None:
+            params = grow_params(params, seed_transfer[0], args.new_action_mass)
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
         params0, data0, _ = in_force(jnp.int32(0))
         obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), params0, data0)
         # statistics of a random-policy rollout, positions included: reset observations alone (flat accounts) would give
         # the position features a variance near 0 and blow any open position up to the clip in the first rollout
-        if transfer is None:
+        if seed_transfer is None:
             norm = warm_up_norm(obs, env_state, params0, data0, jax.random.fold_in(k_env, 1))
         else:
-            norm = grow_norm(transfer[1], obs_dim)
+            norm = grow_norm(seed_transfer[1], obs_dim)
         return RunnerState(train_state, env_state, obs, norm, rng, jnp.int32(0))
 
     def warm_up_norm(obs, env_state, params0: EnvParams, data0: MarketData, key) -> ObsNorm:
@@ -1172,11 +1177,31 @@ def fetch(tree):
     return multihost_utils.process_allgather(tree, tiled=True) if jax.process_count() > 1 else jax.device_get(tree)
 
 
-def policy_params(runner: RunnerState, seed_index: int = 0):
-    """Network params and observation normaliser of one seed (leading vmap axis), as host arrays."""
-    pick = lambda x: x[seed_index]  # noqa: E731
+def seed_policies(runner: RunnerState) -> list:
+    """(network params, observation normaliser) of every seed (the leading vmap axis), as host arrays."""
     params, norm = fetch((runner.train_state.params, runner.obs_norm))
-    return jax.tree.map(pick, params), jax.tree.map(pick, norm)
+    num_seeds = jax.tree.leaves(params)[0].shape[0]
+    return [jax.tree.map(lambda x, k=k: x[k], (params, norm)) for k in range(num_seeds)]
+
+
+def policy_file(run_dir: Path, seed_index: int, which: str) -> Path:
+    """A seed's policy file in a run folder: runs/NAME/seed<k>/best.msgpack or final.msgpack."""
+    return run_dir / f"seed{seed_index}" / f"{which}.msgpack"
+
+
+def run_policy_files(run_dir: Path, flag_name: str) -> list[Path]:
+    """seed<k>/best.msgpack of every seed of a training run folder (its config.json says how many seeds it has)."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise DataError(f"{flag_name} {run_dir}: a folder without config.json. Fix: pass a run folder written by "
+                        "ppo_trader.py, or a policy file runs/NAME/seed0/best.msgpack")
+    num_seeds = json.loads(cfg_path.read_text()).get("num_seeds", 1)
+    files = [policy_file(run_dir, k, "best") for k in range(num_seeds)]
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{flag_name} {run_dir}: {missing[0]} does not exist (the run has {num_seeds} seeds). Fix: pass a "
+                        "run folder whose training finished, or one policy file")
+    return files
 
 
 def save_checkpoint(path: Path, runner: RunnerState, extra: dict) -> None:
@@ -1209,42 +1234,43 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
     return runner, json.loads(payload["extra"])
 
 
-def save_policy(path: Path, params, norm: ObsNorm, args: Args, info: dict) -> None:
+def save_policy(path: Path, params, norm: ObsNorm, args: Args, info: dict, seed_index: int = 0) -> None:
     """A policy-only checkpoint (for --eval-only): network params, obs normaliser, the training split's
-    feature statistics and the config. Written by process 0 only."""
+    feature statistics, the run's config and the index of the seed it belongs to. Written by process 0 only."""
     if jax.process_index() != 0:
         return
     payload = {"params": flax.serialization.to_state_dict(params), "obs_norm": flax.serialization.to_state_dict(norm),
                "config": json.dumps(dataclasses.asdict(args)), "num_actions": make_network(args).num_actions,
-               "feature_stats": json.dumps([info["feature_mean"], info["feature_std"]])}
+               "feature_stats": json.dumps([info["feature_mean"], info["feature_std"]]), "seed_index": seed_index}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
     os.replace(tmp, path)
 
 
-def policy_config(path: str) -> tuple[dict, tuple]:
-    """The training config and feature statistics stored in a policy checkpoint."""
+def read_policy(path: str) -> dict:
+    """The payload of a policy checkpoint, its config and feature statistics decoded."""
     try:
         payload = flax.serialization.msgpack_restore(Path(path).read_bytes())
-        return json.loads(payload["config"]), tuple(json.loads(payload["feature_stats"]))
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+        return dict(payload, config=json.loads(payload["config"]), num_actions=int(payload["num_actions"]),
+                    feature_stats=tuple(json.loads(payload["feature_stats"])),
+                    seed_index=int(payload.get("seed_index", 0)))
+    except (FileNotFoundError, IsADirectoryError):
+        raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/seed0/best.msgpack or final.msgpack") from None
     except Exception:
         raise DataError(f"{path}: not a ppo_trader policy checkpoint. "
-                        "Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+                        "Fix: pass runs/NAME/seed0/best.msgpack or final.msgpack") from None
+
+
+def policy_config(path: str) -> tuple[dict, tuple, int]:
+    """The training config, feature statistics and seed index stored in a policy checkpoint."""
+    payload = read_policy(path)
+    return payload["config"], payload["feature_stats"], payload["seed_index"]
 
 
 def load_policy(path: str, args: Args, obs_dim: int):
     """Loads a policy checkpoint; checks its action count and observation size against this configuration."""
-    try:
-        payload = flax.serialization.msgpack_restore(Path(path).read_bytes())
-        cfg = json.loads(payload["config"])
-        n_act = int(payload["num_actions"])
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
-    except Exception:
-        raise DataError(f"{path}: not a ppo_trader policy checkpoint. "
-                        "Fix: pass runs/NAME/best.msgpack or final.msgpack") from None
+    payload = read_policy(path)
+    cfg, n_act = payload["config"], payload["num_actions"]
     if cfg.get("action_space", "discrete") != args.action_space:
         raise DataError(f"{path}: a policy for --action-space {cfg.get('action_space', 'discrete')}, this run has "
                         f"--action-space {args.action_space}. Fix: use a checkpoint of the same action space")
@@ -1268,16 +1294,29 @@ def load_policy(path: str, args: Args, obs_dim: int):
 
 def load_transfer(path: str, args: Args, num_features: int) -> tuple:
     """(params, obs normaliser) of the phase 1 policy `path` for --init-from, checked against this run."""
-    cfg, _ = policy_config(path)
+    cfg, _, _ = policy_config(path)
     if cfg.get("phase", 1) != 1:
-        raise DataError(f"{path}: a phase {cfg.get('phase')} policy; --init-from needs a phase 1 policy. Fix: pass the "
-                        "best.msgpack of a phase 1 run")
+        raise DataError(f"{path}: a phase {cfg.get('phase')} policy; --init-from needs a phase 1 policy. Fix: pass a phase 1 "
+                        "run folder or its seed0/best.msgpack")
     for flag in ("window", "hidden"):
         if cfg.get(flag) != getattr(args, flag):
             raise DataError(f"{path}: trained with --{flag} {cfg.get(flag)}, this run has --{flag} {getattr(args, flag)}. "
                             f"Fix: pass --{flag} {cfg.get(flag)}")
     _, params, norm, _ = load_policy(path, dataclasses.replace(args, phase=1), obs_size(args.window, num_features, 1))
     return params, norm
+
+
+def init_transfers(args: Args, num_features: int) -> list:
+    """--init-from: one (params, obs normaliser) per seed: a policy file's for every seed, or seed k's best.msgpack of a
+    phase 1 run folder for seed k (the folder must have --num-seeds seeds)."""
+    source = Path(args.init_from)
+    if not source.is_dir():
+        return [load_transfer(args.init_from, args, num_features)] * args.num_seeds
+    files = run_policy_files(source, "--init-from")
+    if len(files) != args.num_seeds:
+        raise DataError(f"--init-from {source} has {len(files)} seeds, this run has --num-seeds {args.num_seeds}. Fix: pass "
+                        f"--num-seeds {len(files)}, or one policy file (e.g. {files[0]}) to start every seed from it")
+    return [load_transfer(str(f), args, num_features) for f in files]
 
 
 # ---- BACKTEST ----
@@ -1450,8 +1489,9 @@ def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> tuple[
 
 def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict,
                     seed: int) -> tuple[dict, dict]:
-    """Plays every policy on every market of a split (one call); returns (report, live outputs per policy and market)."""
-    report = {"split": split, "annualisation": "per-session returns (equity at each session's last bar), 252 sessions a year"}
+    """Plays every policy on every market of a split (one call); returns ({market: rows}, live outputs per policy and
+    market)."""
+    report = {}
     names = list(policies)
     outs = backtest(tuple(policies[n][0] for n in names), tuple(policies[n][1] for n in names), jax.random.PRNGKey(seed))
     raws = {name: {} for name in names}
@@ -1502,8 +1542,9 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) -> None:
-    """report.json, trades.csv and equity.png for the policy's backtest (process 0 only)."""
+def write_backtest_outputs(run_dir: Path, report: dict, seed_raws: list, info: dict) -> None:
+    """report.json, trades.csv (the greedy policy's trades of every seed) and equity.png (every seed's greedy policy,
+    and the other policies of the first seed) for the backtests of `report["seeds"]` (process 0 only)."""
     if jax.process_index() != 0:
         return
     import matplotlib
@@ -1512,14 +1553,16 @@ def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) 
     import matplotlib.pyplot as plt
 
     write_json(run_dir / "report.json", report)
-    lines = ["market,entry_time,exit_time,direction,entry_price,exit_price,pnl"]
+    lines = ["seed,market,entry_time,exit_time,direction,entry_price,exit_price,pnl"]
     fig, ax = plt.subplots(figsize=(10, 4))
     for m, market in enumerate(info["markets"]):
         ts = info["timestamps"][m]
-        lines += trade_rows(raws["policy"][market], market, ts)
-        for name in raws:
-            times = ts[raws[name][market]["t"]].astype("datetime64[ns]")
-            ax.plot(times, report["initial_balance"] + raws[name][market]["equity"], label=f"{market} {name}", lw=1)
+        for row, raws in zip(report["seeds"], seed_raws):
+            lines += [f"{row['seed']},{line}" for line in trade_rows(raws["policy"][market], market, ts)]
+            for name in raws if row is report["seeds"][0] else ("policy",):
+                times = ts[raws[name][market]["t"]].astype("datetime64[ns]")
+                ax.plot(times, report["initial_balance"] + raws[name][market]["equity"], lw=1,
+                        label=f"{market} seed {row['seed']} {name}")
     ax.set_title(f"{report['split']} split equity")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -1528,23 +1571,51 @@ def write_backtest_outputs(run_dir: Path, report: dict, raws: dict, info: dict) 
     (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
 
 
-def evaluate(args: Args, network, params, norm, datasets, info, env_params, run_dir: Path, split: str, extra: dict) -> dict:
-    """Backtests the policy (greedy, and sampling its actions), a random legal policy and buy-and-hold on a
-    split; writes the report files (trades and the selection are the greedy policy's) with `extra` in the report."""
+def over_seeds(rows: list, markets: list) -> dict:
+    """{market: {policy: {metric: {median, min, max}}}} over the seeds' report rows, for every numeric metric (a metric
+    that is null for some seeds, like a profit factor without a losing trade, over the others; null if null for all)."""
+    out = {}
+    for market in markets:
+        out[market] = {}
+        for name, metrics in rows[0][market].items():
+            if not isinstance(metrics, dict):
+                continue
+            out[market][name] = {}
+            for metric in metrics:
+                values = [row[market][name][metric] for row in rows]
+                if any(isinstance(value, bool) for value in values):
+                    continue
+                numbers = [value for value in values if value is not None]
+                out[market][name][metric] = dict(median=float(np.median(numbers)), min=float(min(numbers)),
+                                                 max=float(max(numbers))) if numbers else None
+    return out
+
+
+def evaluate(args: Args, network, seeds: list, datasets, info, env_params, run_dir: Path, split: str, extra: dict) -> dict:
+    """Backtests each seed's policy (greedy, and sampling its actions), a random legal policy and buy-and-hold on a
+    split, seed k with the random key of --seed SEED+k; `seeds` = [(seed index, params, obs normaliser, checkpoint)].
+    Writes the report files (trades and the selection are the greedy policy's) with `extra` in the report."""
     data = datasets[split]
     backtest = make_backtest(env_params, data)
     random = random_target_policy if args.action_space == "continuous" else random_policy
-    policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)),
-                "random": (random, None)}
-    report, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed)
-    report.update(initial_balance=env_params.initial_balance, **extra)
-    write_backtest_outputs(run_dir, report, raws, info)
+    rows, seed_raws = [], []
+    for seed_index, params, norm, checkpoint in seeds:
+        policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)),
+                    "random": (random, None)}
+        markets, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed + seed_index)
+        rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, checkpoint=str(checkpoint), **markets))
+        seed_raws.append(raws)
+    report = dict(split=split, annualisation="per-session returns (equity at each session's last bar), 252 sessions a year",
+                  initial_balance=env_params.initial_balance, **extra, seeds=rows,
+                  over_seeds=over_seeds(rows, info["markets"]))
+    write_backtest_outputs(run_dir, report, seed_raws, info)
     return report
 
 
-def validation_return(args, network, params, norm, env_params, backtest) -> float:
-    """Mean total return of the greedy policy over the markets of the validation split (model selection)."""
-    out = backtest((greedy_policy(network),), ((params, norm),), jax.random.PRNGKey(args.seed))[0]
+def validation_return(args, network, params, norm, env_params, backtest, seed_index: int = 0) -> float:
+    """Mean total return of the greedy policy over the markets of the validation split (model selection), played with
+    the random key of --seed SEED+seed_index."""
+    out = backtest((greedy_policy(network),), ((params, norm),), jax.random.PRNGKey(args.seed + seed_index))[0]
     equity, live = np.asarray(out["equity"]), np.asarray(out["live"])
     last = np.array([equity[m][live[m]][-1] for m in range(len(equity))])
     return float(np.mean(last / env_params.initial_balance))
@@ -1587,6 +1658,7 @@ class RunSetup(NamedTuple):
     run_dir: Path
     feature_stats: Optional[tuple]  # --eval-only: the training split's feature statistics stored in the policy
     overrides: dict  # --eval-only: the policy's values the command line replaced
+    policy_files: tuple = ()  # --eval-only: (seed index, policy file) of each seed it plays
 
 
 def resume_setup(args: Args) -> RunSetup:
@@ -1606,26 +1678,33 @@ def resume_setup(args: Args) -> RunSetup:
 
 
 def eval_only_setup(args: Args) -> RunSetup:
-    """--eval-only: the policy's own window, network, env rules and splits, with the costs, rules and splits given on
-    the command line instead; its own output folder (runs/NAME/eval_<split>_<data>/ beside the checkpoint by default)."""
+    """--eval-only: the policy's own window, network, env rules, splits and seed, with the costs, rules, splits and seed
+    given on the command line instead; its own output folder (runs/NAME/eval_<split>_<data>/ inside a run folder
+    --checkpoint, beside a policy file --checkpoint, by default). A run folder plays every seed's best.msgpack."""
     if not args.checkpoint:
-        raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
+        raise DataError("--eval-only needs --checkpoint PATH. Fix: pass a run folder runs/NAME or a policy file "
+                        "runs/NAME/seed0/best.msgpack")
     given = given_flags(args)
     ignored = [name for name in given if name not in EVAL_FLAGS + EVAL_OVERRIDES]
     if ignored:
         raise DataError(f"{flag(ignored[0])} does not apply to --eval-only (the policy's own value is used). Fix: drop "
                         f"{' '.join(flag(n) for n in ignored)}")
-    saved, feature_stats = policy_config(args.checkpoint)
+    checkpoint = Path(args.checkpoint)
+    files = run_policy_files(checkpoint, "--checkpoint") if checkpoint.is_dir() else [checkpoint]
+    saved, feature_stats, seed_index = policy_config(str(files[0]))
+    policy_files = tuple(enumerate(files)) if checkpoint.is_dir() else ((seed_index, checkpoint),)
     overrides = {name: getattr(args, name) for name in given if name in EVAL_OVERRIDES}
-    # from the command line: what to play (the policy's own data without --data), where, the overrides
-    keep = tuple(name for name in EVAL_FLAGS if name != "data" or name in given) + tuple(overrides) + RESUME_FLAGS
+    # from the command line: what to play (the policy's own data and seed unless given), where, the overrides
+    from_policy = ("data", "seed")
+    keep = tuple(name for name in EVAL_FLAGS if name not in from_policy or name in given) + tuple(overrides) + RESUME_FLAGS
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
              if k not in keep and k in Args.__dataclass_fields__}
     args = dataclasses.replace(args, **dict(saved, market_weights=None))  # backtests play every market
-    default_dir = Path(args.checkpoint).parent / f"eval_{args.eval_split}_{Path(args.data).stem}"
+    eval_name = f"eval_{args.eval_split}_{Path(args.data).stem}"
+    default_dir = checkpoint / eval_name if checkpoint.is_dir() else checkpoint.parent / eval_name
     run_dir = default_dir if args.run_name is None else Path(args.out_dir) / args.run_name
     refuse_non_empty(run_dir, "or delete that folder")
-    return RunSetup(args, run_dir, feature_stats, overrides)
+    return RunSetup(args, run_dir, feature_stats, overrides, policy_files)
 
 
 def new_run_setup(args: Args) -> RunSetup:
@@ -1639,15 +1718,18 @@ def new_run_setup(args: Args) -> RunSetup:
 
 
 def run_eval_only(setup: RunSetup) -> dict:
-    """Backtests the policy of --checkpoint on --eval-split into its own folder."""
+    """Backtests the policy (or every seed's policy) of --checkpoint on --eval-split into its own folder."""
     args = setup.args
     datasets, info = load_data(args, setup.feature_stats)
     obs_dim = obs_size(args.window, datasets["train"].features.shape[-1], args.phase)
-    network, params, norm, _ = load_policy(args.checkpoint, args, obs_dim)
+    seeds = []
+    for seed_index, path in setup.policy_files:
+        network, params, norm, _ = load_policy(str(path), args, obs_dim)
+        seeds.append((seed_index, params, norm, path))
     setup.run_dir.mkdir(parents=True, exist_ok=True)
-    report = evaluate(args, network, params, norm, datasets, info, env_params_from_args(args), setup.run_dir, args.eval_split,
+    report = evaluate(args, network, seeds, datasets, info, env_params_from_args(args), setup.run_dir, args.eval_split,
                       extra={"checkpoint": str(args.checkpoint), "overrides": setup.overrides})
-    print(json.dumps(summary_rows(report), indent=1))
+    print(summary_table(report))
     if setup.overrides:
         print("overrides of the policy's values: " + " ".join(f"{flag(k)} {v}" for k, v in setup.overrides.items()))
     return report
@@ -1663,20 +1745,21 @@ class Trainer(NamedTuple):
     checkpoint: Path
 
 
-def build_trainer(args: Args, run_dir: Path, env_params: EnvParams, train_data: MarketData, mesh: Mesh, transfer):
-    """Compiles the chunk and builds (or restores, with --resume) the runner state; returns (Trainer, runner, extra)."""
+def build_trainer(args: Args, run_dir: Path, env_params: EnvParams, train_data: MarketData, mesh: Mesh, transfers: list):
+    """Compiles the chunk and builds (or restores, with --resume) the runner state; returns (Trainer, runner, extra).
+    `transfers`: per seed, the phase 1 (params, obs normaliser) it starts from, or None."""
     t0 = time.time()
-    init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh, transfer)
+    init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh)
     rngs = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.num_seeds) + args.seed)
     # one init per seed, stacked: vmapping flax's orthogonal initialisers (batched QR) can deadlock XLA:CPU's thread pool
     init_one = jax.jit(init)
-    runner = jax.tree.map(lambda *x: jnp.stack(x), *[init_one(k) for k in rngs])
+    runner = jax.tree.map(lambda *x: jnp.stack(x), *[init_one(key, transfer) for key, transfer in zip(rngs, transfers)])
     shardings = runner_shardings(runner, mesh)
     # vmap over seeds; spmd_axis_name puts the seed axis on the mesh's "seed" devices inside the chunk too
     chunk_fn = jax.jit(jax.vmap(train_chunk, spmd_axis_name="seed"), in_shardings=(shardings,),
                        out_shardings=(shardings, NamedSharding(mesh, P("seed"))))
     ckpt = run_dir / "checkpoint.msgpack"
-    extra = {"chunk": 0, "best_val": -1e30, "elapsed": 0.0}
+    extra = {"chunk": 0, "best_val": [-1e30] * args.num_seeds, "elapsed": 0.0}
     if args.resume:
         runner, extra = load_checkpoint(ckpt, runner)
     runner = place(runner, shardings)
@@ -1692,41 +1775,81 @@ def build_trainer(args: Args, run_dir: Path, env_params: EnvParams, train_data: 
     return Trainer(compiled, network, num_chunks, steps_per_chunk, ckpt), runner, extra
 
 
-def log_chunk(writer, metrics_file, row: dict, seed0: dict, by_market: dict, step_count: int) -> None:
-    """TensorBoard scalars and the metrics.jsonl line of one chunk."""
+SEED_TAGS = ("episodic_return", "episodic_length", "policy_loss", "value_loss", "entropy", "val_return")  # seeds/<tag>/seed<k>
+LOSS_KEYS = ("policy_loss", "value_loss", "entropy")  # a NaN/inf in any of them stops the run
+
+
+def mean_over_seeds(values: list) -> Optional[float]:
+    """The mean of the seeds' values that are not None (None if all are)."""
+    numbers = [value for value in values if value is not None]
+    return float(np.mean(numbers)) if numbers else None
+
+
+def seed_summaries(metrics: dict, markets: list) -> tuple[dict, list]:
+    """Chunk metrics of every seed ([seeds, chunk_updates, ...] arrays) -> (the mean over seeds of each total and of
+    each market's values, [per seed: its totals with its `markets`])."""
+    per_seed = [chunk_summary({k: v[s] for k, v in metrics.items()}, markets) for s in range(len(metrics["policy_loss"]))]
+    mean = {key: mean_over_seeds([totals[key] for totals, _ in per_seed]) for key in per_seed[0][0]}
+    mean["markets"] = {market: {key: mean_over_seeds([by_market[market][key] for _, by_market in per_seed])
+                                for key in per_seed[0][1][market]} for market in markets}
+    return mean, [dict(totals, markets=by_market) for totals, by_market in per_seed]
+
+
+def log_chunk(writer, metrics_file, row: dict, step_count: int) -> None:
+    """TensorBoard scalars (the mean over seeds under the usual tags, each seed's under seeds/<tag>/seed<k>) and the
+    metrics.jsonl line of one chunk."""
     for tag in ("episodic_return", "episodic_length", "learning_rate", "breaches"):
-        writer.add_scalar(f"charts/{tag}", seed0[tag], step_count)
-    for market, values in by_market.items():
+        writer.add_scalar(f"charts/{tag}", row[tag], step_count)
+    for market, values in row["markets"].items():
         for tag, value in values.items():
             if value is not None:  # no episode of this market ended in the chunk: no return or length to log
                 writer.add_scalar(f"charts/{market}/{tag}", value, step_count)
     for tag in ("dd_limit", "commission_scale"):
-        if f"curriculum_{tag}" in seed0:
-            writer.add_scalar(f"curriculum/{tag}", seed0[f"curriculum_{tag}"], step_count)
+        if f"curriculum_{tag}" in row:
+            writer.add_scalar(f"curriculum/{tag}", row[f"curriculum_{tag}"], step_count)
     for tag in ("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "explained_variance"):
-        writer.add_scalar(f"losses/{tag}", seed0[tag], step_count)
+        writer.add_scalar(f"losses/{tag}", row[tag], step_count)
     if "val_return" in row:
         writer.add_scalar("eval/val_return", row["val_return"], step_count)
+    for seed_index, seed_row in enumerate(row["seeds"]):
+        for tag in SEED_TAGS:
+            if tag in seed_row:
+                writer.add_scalar(f"seeds/{tag}/seed{seed_index}", seed_row[tag], step_count)
     writer.add_scalar("perf/SPS", row["sps"], step_count)
     metrics_file.write(json.dumps(row) + "\n")
     metrics_file.flush()
 
 
-def progress_line(args: Args, row: dict, seed0: dict, by_market: dict, num_updates: int, eta: float) -> str:
+def mean_and_spread(row: dict, key: str, fmt: str) -> str:
+    """A chunk value's mean over seeds, and with several seeds their range [min..max]."""
+    values = [seed_row[key] for seed_row in row["seeds"]]
+    text = format(row[key], fmt)
+    return text + (f" [{min(values):{fmt}}..{max(values):{fmt}}]" if len(values) > 1 else "")
+
+
+def progress_line(args: Args, row: dict, num_updates: int, eta: float) -> str:
+    """The chunk's progress: means over seeds, with the range over seeds of the training and validation returns."""
     markets = "".join(f"  {mk} {v['episodic_return']:+.3f}" for mk,
-                      v in by_market.items() if len(by_market) > 1 and v["episodic_return"] is not None)
+                      v in row["markets"].items() if len(row["markets"]) > 1 and v["episodic_return"] is not None)
     return (f"update {row['update']:5d}/{num_updates}  steps {row['global_step']:>10,}  return "
-            f"{seed0['episodic_return']:+.3f}" + markets
-            + (f"  dd_limit {seed0['curriculum_dd_limit']:.0f}" if args.curriculum else "")
-            + f"  pg {seed0['policy_loss']:+.4f}  v {seed0['value_loss']:.4f}  ent {seed0['entropy']:.3f}"
-            + (f"  val {row['val_return']:+.4f}" if "val_return" in row else "")
+            + mean_and_spread(row, "episodic_return", "+.3f") + markets
+            + (f"  dd_limit {row['curriculum_dd_limit']:.0f}" if args.curriculum else "")
+            + f"  pg {row['policy_loss']:+.4f}  v {row['value_loss']:.4f}  ent {row['entropy']:.3f}"
+            + (f"  val {mean_and_spread(row, 'val_return', '+.4f')}" if "val_return" in row else "")
             + f"  SPS {row['sps']:,.0f}  elapsed {row['elapsed']:.0f}s  ETA {eta:.0f}s")
+
+
+def diverged_seeds(metrics: dict) -> list[int]:
+    """Indices of the seeds with a NaN/inf loss in the chunk."""
+    finite = np.stack([np.isfinite(metrics[k]).reshape(len(metrics[k]), -1).all(1) for k in LOSS_KEYS]).all(0)
+    return [int(k) for k in np.flatnonzero(~finite)]
 
 
 def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dict, validate,
                  markets: list) -> tuple[str, object, dict]:
-    """The chunk loop: train, log, validate every --eval-every chunks (best.msgpack by validation return),
-    checkpoint; stops early on NaN/inf losses, --stop-after or Ctrl-C. Returns (status, runner, extra)."""
+    """The chunk loop: train, log, validate every --eval-every chunks (each seed's best.msgpack by its validation
+    return), checkpoint; stops early on NaN/inf losses in any seed, --stop-after or Ctrl-C. Returns (status, runner,
+    extra)."""
     from tensorboardX import SummaryWriter
 
     main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
@@ -1743,28 +1866,32 @@ def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dic
             tc = time.time()
             new_runner, metrics = trainer.compiled(runner)
             metrics = fetch(metrics)  # [seeds, chunk_updates]
-            if not all(np.isfinite(metrics[k]).all() for k in ("policy_loss", "value_loss", "entropy")):
+            diverged = diverged_seeds(metrics)
+            if diverged:
                 status = "nan"
-                print(f"error: NaN/inf in the losses at chunk {chunk + 1}; stopping. The last good checkpoint is "
-                      f"{trainer.checkpoint}. "
+                which = ", ".join(f"seed {k} (--seed {args.seed + k})" for k in diverged)
+                print(f"error: NaN/inf in the losses of {which} at chunk {chunk + 1}; stopping. The last good checkpoint "
+                      f"is {trainer.checkpoint}. "
                       "Fix: start a new run with a lower --learning-rate, or check the data", file=sys.stderr, flush=True)
                 break
             runner = new_runner
             sps = trainer.steps_per_chunk / (time.time() - tc)
-            seed0, by_market = chunk_summary({k: v[0] for k, v in metrics.items()}, markets)
+            mean, seed_rows = seed_summaries(metrics, markets)
             update = (chunk + 1) * args.chunk_updates
-            row = dict(chunk=chunk + 1, update=update, global_step=update * args.num_envs * args.num_steps, sps=sps, **seed0,
-                       markets=by_market)
+            row = dict(chunk=chunk + 1, update=update, global_step=update * args.num_envs * args.num_steps, sps=sps, **mean,
+                       seeds=seed_rows)
             if (chunk + 1) % args.eval_every == 0 or chunk + 1 == trainer.num_chunks:
                 started = time.time()
-                row["val_return"], improved = validate(runner, extra["best_val"])
+                val_returns = validate(runner, extra["best_val"])
                 extra["val_seconds"] = extra.get("val_seconds", 0.0) + time.time() - started
-                if improved:
-                    extra["best_val"] = row["val_return"]
+                extra["best_val"] = [max(best, new) for best, new in zip(extra["best_val"], val_returns)]
+                row["val_return"] = float(np.mean(val_returns))
+                for seed_row, val_return in zip(seed_rows, val_returns):
+                    seed_row["val_return"] = val_return
             row["elapsed"] = elapsed0 + time.time() - t_start
             eta = (time.time() - t_start) / (chunk + 1 - start_chunk) * (trainer.num_chunks - chunk - 1)
-            log_chunk(writer, metrics_file, row, seed0, by_market, row["global_step"])
-            print(progress_line(args, row, seed0, by_market, trainer.num_chunks * args.chunk_updates, eta), flush=True)
+            log_chunk(writer, metrics_file, row, row["global_step"])
+            print(progress_line(args, row, trainer.num_chunks * args.chunk_updates, eta), flush=True)
             extra = dict(extra, chunk=chunk + 1, elapsed=row["elapsed"])
             save_checkpoint(trainer.checkpoint, runner, extra)
             if interrupted["flag"] or (args.stop_after is not None and chunk + 1 - start_chunk >= args.stop_after):
@@ -1780,8 +1907,8 @@ def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dic
 
 
 def train_and_report(args: Args) -> dict:
-    """The whole job: resolve the run (new, --resume or --eval-only), load data, train in chunks, backtest best.msgpack
-    on the test split."""
+    """The whole job: resolve the run (new, --resume or --eval-only), load data, train in chunks, backtest every seed's
+    best.msgpack on the test split."""
     setup = resume_setup(args) if args.resume else eval_only_setup(args) if args.eval_only else new_run_setup(args)
     if args.eval_only:
         return run_eval_only(setup)
@@ -1791,48 +1918,67 @@ def train_and_report(args: Args) -> dict:
     env_params = env_params_from_args(args)
     obs_dim = obs_size(args.window, datasets["train"].features.shape[-1], args.phase)
     num_features = datasets["train"].features.shape[-1]
-    transfer = load_transfer(args.init_from, args, num_features) if args.init_from and not args.resume else None
+    use_transfer = args.init_from and not args.resume
+    transfers = init_transfers(args, num_features) if use_transfer else [None] * args.num_seeds
     main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
     run_dir.mkdir(parents=True, exist_ok=True)
+    if main_process:
+        for seed_index in range(args.num_seeds):
+            policy_file(run_dir, seed_index, "best").parent.mkdir(exist_ok=True)
     if not args.resume and main_process:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     train_data = place(datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
-    trainer, runner, extra = build_trainer(args, run_dir, env_params, train_data, mesh, transfer)
+    trainer, runner, extra = build_trainer(args, run_dir, env_params, train_data, mesh, transfers)
     val_backtest = make_backtest(env_params, datasets["val"])
 
-    def validate(runner, best_val: float) -> tuple[float, bool]:
-        """The greedy policy's validation return; a new best is saved as best.msgpack."""
-        params, norm = policy_params(runner)
-        val_return = validation_return(args, trainer.network, params, norm, env_params, val_backtest)
-        if val_return > best_val:
-            save_policy(run_dir / "best.msgpack", params, norm, args, info)
-        return val_return, val_return > best_val
+    def validate(runner, best_val: list) -> list:
+        """Each seed's greedy validation return; a seed's new best is saved as its seed<k>/best.msgpack."""
+        val_returns = []
+        for seed_index, (params, norm) in enumerate(seed_policies(runner)):
+            val_returns.append(validation_return(args, trainer.network, params, norm, env_params, val_backtest, seed_index))
+            if val_returns[-1] > best_val[seed_index]:
+                save_policy(policy_file(run_dir, seed_index, "best"), params, norm, args, info, seed_index)
+        return val_returns
 
     status, runner, extra = train_chunks(args, run_dir, trainer, runner, extra, validate, info["markets"])
     if status != "done":
         return {"status": status, "run_dir": str(run_dir)}
     print(f"validation backtests: {extra.get('val_seconds', 0.0):.1f}s of {extra['elapsed']:.1f}s of training", flush=True)
-    params, norm = policy_params(runner)
-    save_policy(run_dir / "final.msgpack", params, norm, args, info)
-    network = trainer.network
+    policies = seed_policies(runner)
+    for seed_index, (params, norm) in enumerate(policies):
+        save_policy(policy_file(run_dir, seed_index, "final"), params, norm, args, info, seed_index)
     if main_process:
-        network, params, norm, _ = load_policy(str(run_dir / "best.msgpack"), args, obs_dim)
-    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split, process 0 writes
-        params, norm = multihost_utils.broadcast_one_to_all((params, norm))
-    report = evaluate(args, network, params, norm, datasets, info, env_params, run_dir, "test",
-                      extra={"selected_by": "best validation return (best.msgpack)"})
-    print(json.dumps(summary_rows(report), indent=1))
+        policies = [load_policy(str(policy_file(run_dir, k, "best")), args, obs_dim)[1:3] for k in range(args.num_seeds)]
+    if jax.process_count() > 1:  # process 0's best policies to every process: all play the test split, process 0 writes
+        policies = multihost_utils.broadcast_one_to_all(policies)
+    seeds = [(k, params, norm, policy_file(run_dir, k, "best")) for k, (params, norm) in enumerate(policies)]
+    report = evaluate(args, trainer.network, seeds, datasets, info, env_params, run_dir, "test",
+                      extra={"selected_by": "best validation return of each seed (seed<k>/best.msgpack)"})
+    print(summary_table(report))
     return report
 
 
-def summary_rows(report: dict) -> dict:
-    """A short view of a report: per market, total return / Sharpe / max drawdown / trades of each policy."""
-    out = {}
-    for market, rows in report.items():
-        if isinstance(rows, dict) and "policy" in rows:
-            out[market] = {name: {k: round(rows[name][k], 4) for k in ("total_return", "sharpe", "max_drawdown", "trades")}
-                           for name in ("policy", "sampled", "random", "buy_and_hold")}
-    return out
+SUMMARY_METRICS = ("total_return", "sharpe", "max_drawdown", "trades")
+SUMMARY_POLICIES = ("policy", "sampled", "random", "buy_and_hold")
+
+
+def table_line(label: str, values) -> str:
+    """One line of the summary table: a label, then each value (or column name) right-aligned in 14 characters."""
+    return f"{label:<36}" + "".join(f"{value:>14.4g}" if not isinstance(value, str) else f"{value:>14}" for value in values)
+
+
+def summary_table(report: dict) -> str:
+    """A short view of a report: per market, a line per seed and policy (total return, Sharpe, max drawdown, trades)
+    and a line per policy with the median over the seeds."""
+    lines = []
+    for market, by_policy in report["over_seeds"].items():
+        lines.append(table_line(f"{report['split']} split, {market}", SUMMARY_METRICS))
+        for row in report["seeds"]:
+            lines += [table_line(f"  seed {row['seed']} {name}", [row[market][name][metric] for metric in SUMMARY_METRICS])
+                      for name in SUMMARY_POLICIES]
+        lines += [table_line(f"  median over seeds {name}",
+                             [by_policy[name][metric]["median"] for metric in SUMMARY_METRICS]) for name in SUMMARY_POLICIES]
+    return "\n".join(lines)
 
 
 def parse_args(argv) -> Args:

@@ -93,7 +93,7 @@ def steps(dry_run: bool, runs: Path, out: Path) -> list:
                   caps["run_py"])
     listed = [] if dry_run else [run_py]  # minutes on a CPU: the dry run leaves it out
     listed += [ppo(f"ppo_{envs}_envs", envs, group="ppo_trader training, num-envs", x=envs) for envs in size["ppo_envs"]]
-    phase1 = runs / f"ppo_{first}_envs" / "best.msgpack"
+    phase1 = runs / f"ppo_{first}_envs" / "seed0" / "best.msgpack"
     listed += [ppo(f"ppo_phase2_{first}_envs", first, "--phase", "2", "--init-from", str(phase1)),
                ppo(f"ppo_continuous_{first}_envs", first, "--action-space", "continuous"),
                ppo(f"ppo_{size['seeds']}_seeds_{first}_envs", first, "--num-seeds", str(size["seeds"]))]

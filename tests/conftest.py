@@ -25,6 +25,9 @@ def run_script(*args, cwd=ROOT, env=None, timeout=600):
 
 
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "best.msgpack", "final.msgpack", "report.json", "trades.csv", "equity.png")
+# ppo_trader.py: the policy files of seed k in seed<k>/
+PPO_RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "seed0/best.msgpack", "seed0/final.msgpack",
+                   "report.json", "trades.csv", "equity.png")
 
 
 def tiny_run_dir(tmp_path_factory, script: str, flags: list) -> tuple:
@@ -35,14 +38,13 @@ def tiny_run_dir(tmp_path_factory, script: str, flags: list) -> tuple:
     return out / "tiny", r
 
 
-def assert_run_outputs(run_dir: Path) -> list:
-    """Every file a training run writes is there; returns the metrics.jsonl rows."""
+def assert_run_outputs(run_dir: Path, outputs: tuple = RUN_OUTPUTS) -> list:
+    """Every file a training run writes (`outputs`, relative to the run folder) is there; returns the metrics.jsonl rows."""
     import json
 
-    names = {p.name for p in run_dir.iterdir()}
-    for f in RUN_OUTPUTS:
-        assert f in names, f
-    assert any(n.startswith("events.out.tfevents") for n in names)
+    for f in outputs:
+        assert (run_dir / f).is_file(), f
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -53,11 +55,13 @@ def assert_one_line_error(r, needle: str) -> None:
     assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], r.stderr
 
 
-def assert_divergence_stops_and_keeps_the_last_good_checkpoint(script: str, flags: list, out: Path, huge_lr: dict) -> None:
+def assert_divergence_stops_and_keeps_the_last_good_checkpoint(script: str, flags: list, out: Path, huge_lr: dict,
+                                                               final_policy: str = "final.msgpack", names: str = "") -> None:
     """A run that diverges stops at the first non-finite chunk with one line naming the last good checkpoint
     (exit 1), leaves that checkpoint as it was and writes no final policy or report. Divergence is forced by
     raising the learning rates (`huge_lr`: config keys -> values) of a stopped run's config before resuming it,
-    and of a fresh run from its first chunk (whose checkpoint is then the state before training)."""
+    and of a fresh run from its first chunk (whose checkpoint is then the state before training). `final_policy`: the
+    final policy file, relative to the run folder; `names`: text the error line must hold."""
     import json
 
     import jax
@@ -73,13 +77,14 @@ def assert_divergence_stops_and_keeps_the_last_good_checkpoint(script: str, flag
     r = run_script(script, "--resume", run_dir)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and last.startswith("error: NaN/inf") and "chunk 2" in last and str(ckpt) in last, r.stderr[-2000:]
+    assert names in last, last
     assert ckpt.read_bytes() == good
-    assert not (run_dir / "final.msgpack").exists() and not (run_dir / "report.json").exists()
+    assert not (run_dir / final_policy).exists() and not (run_dir / "report.json").exists()
 
     flag_args = [x for k, v in huge_lr.items() for x in ("--" + k.replace("_", "-"), str(v))]
     r = run_script(script, *flags, *flag_args, "--out-dir", out, "--run-name", "div0")
     last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode == 1 and last.startswith("error: NaN/inf") and "chunk 1" in last, r.stderr[-2000:]
+    assert r.returncode == 1 and last.startswith("error: NaN/inf") and "chunk 1" in last and names in last, r.stderr[-2000:]
     payload = msgpack_restore((out / "div0" / "checkpoint.msgpack").read_bytes())
     assert json.loads(payload["extra"])["chunk"] == 0
     floats = [x for x in map(np.asarray, jax.tree.leaves(payload["runner"])) if x.dtype.kind == "f"]

@@ -208,7 +208,7 @@ def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     flags = ["--data", str(data), "--window", "8", "--total-timesteps", "2000000", "--seed", "1", "--action-space", "continuous", "--max-contracts", "1"]
     r = run_script("ppo_trader.py", *flags, "--out-dir", tmp_path, "--run-name", "learn")
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((tmp_path / "learn" / "report.json").read_text())["SYN"]
+    report = json.loads((tmp_path / "learn" / "report.json").read_text())["seeds"][0]["SYN"]
     ppo_test = report["policy"]["total_return"] * 50_000.0
     random_test = report["random"]["total_return"] * 50_000.0
 
@@ -226,12 +226,15 @@ def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     assert random_test < 0.2 * oracle_test, (random_test, oracle_test)
 
     # the saved policy plays the test split again with --eval-only (its action space read from the checkpoint)
-    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", tmp_path / "learn" / "best.msgpack", "--data", data, "--run-name", "again", "--out-dir", tmp_path)
+    policy = tmp_path / "learn" / "seed0" / "best.msgpack"
+    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", policy, "--data", data, "--run-name", "again",
+                   "--out-dir", tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    again = json.loads((tmp_path / "again" / "report.json").read_text())["SYN"]["policy"]
+    again = json.loads((tmp_path / "again" / "report.json").read_text())["seeds"][0]["SYN"]["policy"]
     assert abs(again["total_return"] - report["policy"]["total_return"]) < 1e-6, (again, report["policy"])
     # a continuous policy cannot start phase 2
-    r = run_script("ppo_trader.py", "--data", data, "--window", "8", "--phase", "2", "--init-from", tmp_path / "learn" / "best.msgpack", "--out-dir", tmp_path)
+    r = run_script("ppo_trader.py", "--data", data, "--window", "8", "--phase", "2", "--init-from", policy,
+                   "--out-dir", tmp_path)
     assert_one_line_error(r, "action-space")
 
 

@@ -32,7 +32,7 @@ def test_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     flags = ["--data", str(data), "--window", "8", "--total-timesteps", "2000000", "--seed", "1"]
     r = run_script("ppo_trader.py", *flags, "--out-dir", tmp_path, "--run-name", "learn")
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((tmp_path / "learn" / "report.json").read_text())["SYN"]
+    report = json.loads((tmp_path / "learn" / "report.json").read_text())["seeds"][0]["SYN"]
     initial = 50_000.0
     ppo_test = report["policy"]["total_return"] * initial
     random_test = report["random"]["total_return"] * initial
@@ -64,9 +64,11 @@ def test_phase2_from_phase1_beats_phase1_when_managing_pays(tmp_path):
              "--total-timesteps", "1000000", "--seed", "1", "--out-dir", tmp_path]
     r1 = run_script("ppo_trader.py", *flags, "--run-name", "phase1")
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = run_script("ppo_trader.py", *flags, "--run-name", "phase2", "--phase", "2", "--init-from", tmp_path / "phase1" / "best.msgpack")
+    phase1 = tmp_path / "phase1" / "seed0" / "best.msgpack"
+    r2 = run_script("ppo_trader.py", *flags, "--run-name", "phase2", "--phase", "2", "--init-from", phase1)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    p1, p2 = (json.loads((tmp_path / run / "report.json").read_text())["SYN"]["policy"] for run in ("phase1", "phase2"))
+    p1, p2 = (json.loads((tmp_path / run / "report.json").read_text())["seeds"][0]["SYN"]["policy"]
+              for run in ("phase1", "phase2"))
     assert p1["total_return"] > 0.05, p1  # phase 1 learned to enter on the signal: the comparison is not against a no-trade policy
     assert p2["total_return"] > 1.3 * p1["total_return"], (p2, p1)
 
@@ -74,7 +76,7 @@ def test_phase2_from_phase1_beats_phase1_when_managing_pays(tmp_path):
     args = pt.Args(data=str(data), window=8, tp_atr_mult=20.0, trail_atr_mult=2.0, dd_limit=5000.0, phase=2)
     datasets, _ = pt.load_data(args)
     F = datasets["test"].features.shape[-1]
-    network, params, norm, _ = pt.load_policy(str(tmp_path / "phase2" / "best.msgpack"), args, pt.obs_size(8, F, 2))
+    network, params, norm, _ = pt.load_policy(str(tmp_path / "phase2" / "seed0" / "best.msgpack"), args, pt.obs_size(8, F, 2))
     backtest = pt.make_backtest(pt.env_params_from_args(args), datasets["test"])
     greedy = pt.greedy_policy(network)
     entries_only = lambda policy_args, key, obs, mask: greedy(policy_args, key, obs, mask & (jnp.arange(6) < 3))  # noqa: E731

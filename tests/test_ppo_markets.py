@@ -11,7 +11,7 @@ from flax.serialization import msgpack_restore, msgpack_serialize
 
 import data_prep as dp
 import ppo_trader as pt
-from conftest import assert_run_outputs, run_script
+from conftest import PPO_RUN_OUTPUTS, assert_run_outputs, run_script
 
 TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
         "--window", "8", "--episode-bars", "64", "--hidden", "32"]
@@ -145,7 +145,7 @@ def test_training_loop_plays_the_rules_in_force(two_markets):
 # ---- END TO END: two markets, weights, curriculum ----
 def test_per_market_metrics_add_up_to_the_totals(two_market_run):
     out, _ = two_market_run
-    rows = assert_run_outputs(out / "full")
+    rows = assert_run_outputs(out / "full", PPO_RUN_OUTPUTS)
     assert len(rows) == 4
     seen = {"SYN": 0.0, "SYN2": 0.0}
     for row in rows:
@@ -162,7 +162,8 @@ def test_per_market_metrics_add_up_to_the_totals(two_market_run):
     assert seen["SYN"] > 0 and seen["SYN2"] > seen["SYN"]  # weights 1:3
     report = json.loads((out / "full" / "report.json").read_text())
     for market in ("SYN", "SYN2"):
-        assert {"policy", "random", "buy_and_hold"} <= set(report[market])
+        assert {"policy", "random", "buy_and_hold"} <= set(report["seeds"][0][market])
+        assert set(report["over_seeds"][market]) == {"policy", "sampled", "random", "buy_and_hold"}
 
 
 def test_tags_and_curriculum_values_in_the_log(two_market_run):
@@ -192,7 +193,7 @@ def test_backtests_use_the_real_rules(two_market_run):
     real = pt.env_params_from_args(args)
     eased, eased_data, _ = pt.curriculum_in_force(args, real, datasets["test"], jnp.float32(0.0))
     # the random policy's test rows: reproduced with the real rules, not with the start values
-    report = json.loads((run_dir / "report.json").read_text())
+    report = json.loads((run_dir / "report.json").read_text())["seeds"][0]
     for params, data, same, markets in ((real, datasets["test"], True, info["markets"]), (eased, eased_data, False, info["markets"][:1])):
         bt = pt.make_backtest(params, data)
         for m, market in enumerate(markets):
@@ -201,7 +202,7 @@ def test_backtests_use_the_real_rules(two_market_run):
             assert np.isclose(total, report[market]["random"]["total_return"], rtol=1e-5, atol=1e-9) == same, (market, same)
     # the last validation return: final.msgpack's, with the real rules
     obs_dim = args.window * datasets["train"].features.shape[-1] + pt.NUM_POSITION_FEATURES
-    network, params, norm, _ = pt.load_policy(str(run_dir / "final.msgpack"), args, obs_dim)
+    network, params, norm, _ = pt.load_policy(str(run_dir / "seed0" / "final.msgpack"), args, obs_dim)
     val = pt.validation_return(args, network, params, norm, real, pt.make_backtest(real, datasets["val"]))
     last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     np.testing.assert_allclose(val, last["val_return"], rtol=1e-6)
@@ -213,7 +214,8 @@ def test_resume_with_markets_and_curriculum_is_bit_identical(two_market_run):
     assert part.returncode == 0 and "stopped after chunk 1" in part.stdout, part.stdout[-2000:] + part.stderr[-2000:]
     resumed = run_script("ppo_trader.py", "--resume", out / "part")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for f, keys in (("final.msgpack", ("params", "obs_norm")), ("best.msgpack", ("params", "obs_norm")), ("checkpoint.msgpack", ("runner",))):
+    for f, keys in (("seed0/final.msgpack", ("params", "obs_norm")), ("seed0/best.msgpack", ("params", "obs_norm")),
+                    ("checkpoint.msgpack", ("runner",))):
         a, b = (msgpack_restore((out / run / f).read_bytes()) for run in ("full", "part"))
         for k in keys:
             assert msgpack_serialize(a[k]) == msgpack_serialize(b[k]), (f, k)
