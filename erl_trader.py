@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -53,13 +54,17 @@ class Args:
     data: str = "data/sp500_daily.npz"
     """daily .npz written by data_prep.py"""
     seed: int = 1
-    """random seed (same seed, same result)"""
+    """random seed; with --num-seeds N, seed k uses SEED+k (same seed, same result on one machine)"""
     run_name: Optional[str] = None
     """name of the folder under runs/ (default: erl_<data>_<seed>_<time>)"""
     train_end: str = "2013-01-01"
     """first day after the training split (YYYY-MM-DD) or a fraction of the days"""
     val_end: str = "2017-01-01"
     """first day after the validation split; the test split is the rest (one window embargoed between splits)"""
+    num_seeds: int = 1
+    """whole ERL runs trained at once with vmap (each its own population, TD3 learner, optimisers, replay memory and
+    RNG): seed k (0..N-1) is the same run as --num-seeds 1 --seed SEED+k, with its own model selection, policy files
+    runs/NAME/seed<k>/ and test backtest"""
     pop_size: int = 16
     """actors in the GA population"""
     generations: int = 40
@@ -175,7 +180,8 @@ class Args:
     eval_only: bool = False
     """only backtest --checkpoint on --eval-split"""
     checkpoint: Optional[str] = None
-    """policy checkpoint (.msgpack) for --eval-only"""
+    """--eval-only: a policy file (runs/NAME/seed<k>/best.msgpack or final.msgpack: that seed) or a run folder
+    (runs/NAME: every seed's best.msgpack)"""
     eval_split: str = "test"
     """split backtested by --eval-only: train, val or test"""
     out_dir: str = "runs"
@@ -629,6 +635,22 @@ class RunnerState(NamedTuple):
     gen: jax.Array
 
 
+def seed_axes() -> RunnerState:
+    """vmap axes of the seed-stacked runner state (--num-seeds): a leading seed axis on everything but the counters,
+    which every seed advances in step (generation, TD3 updates, replay write position and fill). Unbatched, they keep
+    the TD3 actor-update `lax.cond` a real branch under vmap (a batched predicate would run both branches)."""
+    return RunnerState(pop=0, learner=Learner(0, 0, 0, 0, 0, 0, updates=None), replay=Replay(0, 0, 0, 0, 0, 0, None, None),
+                       rng=0, gen=None)
+
+
+def stack_seeds(runners: list) -> RunnerState:
+    """Per-seed runner states -> one state with a leading seed axis (the shared counters are taken from the first)."""
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *runners)
+    first = runners[0]
+    return stacked._replace(learner=stacked.learner._replace(updates=first.learner.updates),
+                            replay=stacked.replay._replace(ptr=first.replay.ptr, size=first.replay.size), gen=first.gen)
+
+
 def worst_k_mean(returns: jax.Array, k: int) -> jax.Array:
     """Conservative fitness: the mean of the k worst episode returns (last axis)."""
     return jnp.sort(returns, axis=-1)[..., :k].mean(-1)
@@ -896,9 +918,10 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
     return ERL(init, chunk, actor, critic, generation, play, add_transitions, td3_update)
 
 
-def replay_bytes_per_transition(replay: Replay) -> int:
-    """Bytes one transition takes in the replay memory (and in a checkpoint that holds it)."""
-    return sum(x.dtype.itemsize * int(np.prod(x.shape[1:])) for x in replay[:6])
+def replay_bytes_per_transition(replay: Replay, leading_axes: int = 1) -> int:
+    """Bytes one transition takes in the replay memory (and in a checkpoint that holds it); `leading_axes`: 2 for a
+    seed-stacked memory [seeds, capacity, ...]."""
+    return sum(x.dtype.itemsize * int(np.prod(x.shape[leading_axes:])) for x in replay[:6])
 
 
 # ---- OUTER LOOP ----
@@ -919,28 +942,33 @@ def init_distributed(args: Args) -> None:
 
 
 def make_mesh(args: Args) -> Mesh:
-    """A one-axis mesh ("d") over --devices devices of every process; the population and TD3 batch divide over it."""
+    """A ("seed", "d") mesh over --devices devices of every process: seeds split over gcd(num_seeds, devices) groups
+    of devices, each seed's population (and TD3 batch) over the devices of its group."""
     local = jax.local_devices()
     n = len(local) if args.devices is None else args.devices
     if not 1 <= n <= len(local):
         raise DataError(f"--devices {n}: this process has {len(local)} {local[0].platform} device(s). Fix: pass --devices "
                         f"between 1 and {len(local)}")
     devices = [d for p in range(jax.process_count()) for d in [x for x in jax.devices() if x.process_index == p][:n]]
-    D = len(devices)
-    if args.pop_size % D:
-        raise DataError(f"--pop-size {args.pop_size} does not divide over {D} devices. Fix: pass a multiple of {D} to "
-                        f"--pop-size, or a --devices that divides it")
-    if args.batch_size % D:
-        raise DataError(f"--batch-size {args.batch_size} does not divide over {D} devices. Fix: pass a multiple of {D} to "
+    n_seed = math.gcd(args.num_seeds, len(devices))
+    n_pop = len(devices) // n_seed
+    layout = f"{n_pop} devices per seed ({len(devices)} devices, --num-seeds {args.num_seeds})"
+    if args.pop_size % n_pop:
+        raise DataError(f"--pop-size {args.pop_size} does not divide over {layout}. Fix: pass a multiple of {n_pop} to "
+                        f"--pop-size, or change --devices")
+    if args.batch_size % n_pop:
+        raise DataError(f"--batch-size {args.batch_size} does not divide over {layout}. Fix: pass a multiple of {n_pop} to "
                         f"--batch-size, or change --devices")
-    return Mesh(np.array(devices), ("d",))
+    return Mesh(np.array(devices).reshape(n_seed, n_pop), ("seed", "d"))
 
 
 def runner_shardings(runner: RunnerState, mesh: Mesh) -> RunnerState:
-    """The population split over the devices (leading axis); learner, replay memory, RNG and counters copied on each."""
-    split, copy = NamedSharding(mesh, PartitionSpec("d")), NamedSharding(mesh, PartitionSpec())
-    return RunnerState(jax.tree.map(lambda _: split, runner.pop), jax.tree.map(lambda _: copy, runner.learner),
-                       jax.tree.map(lambda _: copy, runner.replay), copy, copy)
+    """Where the seed-stacked runner state lives: the population split by seed and over its seed's devices; learner,
+    replay memory and RNG split by seed and copied over its devices; the shared counters copied everywhere."""
+    by_pop, by_seed, copy = (NamedSharding(mesh, PartitionSpec(*axes)) for axes in (("seed", "d"), ("seed",), ()))
+    learner = jax.tree.map(lambda _: by_seed, runner.learner)._replace(updates=copy)
+    replay = jax.tree.map(lambda _: by_seed, runner.replay)._replace(ptr=copy, size=copy)
+    return RunnerState(jax.tree.map(lambda _: by_pop, runner.pop), learner, replay, by_seed, copy)
 
 
 def place(tree, shardings):
@@ -992,26 +1020,35 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
     return runner, json.loads(payload["extra"])
 
 
-def save_policy(path: Path, params, args: Args) -> None:
-    """A policy-only checkpoint (actor params + config) for --eval-only. Written by process 0 only."""
+def save_policy(path: Path, params, args: Args, seed_index: int = 0) -> None:
+    """A policy-only checkpoint (actor params, config and the index of the seed it belongs to) for --eval-only.
+    Written by process 0 only."""
     if jax.process_index() != 0:
         return
     payload = {"params": flax.serialization.to_state_dict(params), "config": json.dumps(dataclasses.asdict(args)),
-               "kind": "erl_actor"}
+               "kind": "erl_actor", "seed_index": seed_index}
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
     os.replace(tmp, path)
 
 
-def load_policy(path: str, actor: Actor, obs_dummy: jax.Array):
-    """Loads a policy checkpoint into `actor`'s parameter structure (one-line errors on mismatch)."""
+def read_policy_file(path) -> dict:
+    """A policy checkpoint's payload (one-line errors for a missing file or another kind of file)."""
     try:
         payload = flax.serialization.msgpack_restore(Path(path).read_bytes())
         assert payload.get("kind") == "erl_actor"
     except FileNotFoundError:
-        raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack") from None
+        raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME or runs/NAME/seed0/best.msgpack") from None
     except Exception:
-        raise DataError(f"{path}: not an erl_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack") from None
+        raise DataError(f"{path}: not an erl_trader policy checkpoint. Fix: pass runs/NAME or runs/NAME/seed0/best.msgpack"
+                        ) from None
+    return payload
+
+
+def load_policy(path: str, actor: Actor, obs_dummy: jax.Array):
+    """Loads a policy checkpoint into `actor`'s parameter structure (one-line errors on mismatch)."""
+    payload = read_policy_file(path)
     template = jax.jit(actor.init)(jax.random.PRNGKey(0), obs_dummy)
     try:
         params = flax.serialization.from_state_dict(template, payload["params"])
@@ -1024,13 +1061,26 @@ def load_policy(path: str, actor: Actor, obs_dummy: jax.Array):
     return params
 
 
-def policy_config(path: str) -> dict:
-    try:
-        return json.loads(flax.serialization.msgpack_restore(Path(path).read_bytes())["config"])
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/best.msgpack") from None
-    except Exception:
-        raise DataError(f"{path}: not an erl_trader policy checkpoint. Fix: pass runs/NAME/best.msgpack") from None
+def policy_file(run_dir: Path, seed_index: int, which: str) -> Path:
+    """A seed's policy file in a run folder: runs/NAME/seed<k>/best.msgpack or final.msgpack."""
+    return run_dir / f"seed{seed_index}" / f"{which}.msgpack"
+
+
+def eval_policy_files(checkpoint: Path) -> list[tuple[int, Path]]:
+    """(seed index, policy file) of what --eval-only plays: every seed's best.msgpack of a run folder (its config.json
+    says how many seeds it has), or the one policy file given."""
+    if not checkpoint.is_dir():
+        return [(int(read_policy_file(checkpoint).get("seed_index", 0)), checkpoint)]
+    if not (checkpoint / "config.json").is_file():
+        raise DataError(f"--checkpoint {checkpoint}: a folder without config.json. Fix: pass a run folder written by "
+                        "erl_trader.py, or a policy file runs/NAME/seed0/best.msgpack")
+    num_seeds = json.loads((checkpoint / "config.json").read_text()).get("num_seeds", 1)
+    files = [(k, policy_file(checkpoint, k, "best")) for k in range(num_seeds)]
+    missing = [path for _, path in files if not path.is_file()]
+    if missing:
+        raise DataError(f"--checkpoint {checkpoint}: {missing[0]} does not exist (the run has {num_seeds} seeds). Fix: pass "
+                        "a run folder whose training finished, or one policy file")
+    return files
 
 
 # ---- BACKTEST ----
@@ -1112,11 +1162,82 @@ def trade_list(out: dict, info: dict, cost_bps: float) -> list[dict]:
 
 
 def trade_metrics(trades: list[dict], n_held: np.ndarray) -> dict:
+    """Trade statistics; the profit factor is null (JSON has no infinity) when trades won and none lost."""
     r = np.array([t["return_pct"] for t in trades])
     wins, losses = r[r > 0], r[r <= 0]
-    return dict(trades=len(trades), win_rate=float((r > 0).mean()) if len(r) else 0.0,
-                profit_factor=float(wins.sum() / -losses.sum()) if losses.sum() < 0 else (float("inf") if len(wins) else 0.0),
+    profit_factor = float(wins.sum() / -losses.sum()) if losses.sum() < 0 else (None if len(wins) else 0.0)
+    return dict(trades=len(trades), win_rate=float((r > 0).mean()) if len(r) else 0.0, profit_factor=profit_factor,
                 average_trade_pct=float(r.mean()) if len(r) else 0.0, exposure=float((n_held > 0).mean()))
+
+
+def backtest_seed(actor: Actor, params, datasets: dict, info: dict, split: str, args: Args, env_params: EnvParams,
+                  prng_seed: int, extra_policies=None) -> tuple[dict, list, dict]:
+    """One seed's champion vs random (the random key of `prng_seed`) vs equal-weight buy-and-hold, and any
+    `extra_policies`, on one split: ({policy: metrics}, the champion's trades, {policy: equity curve})."""
+    data = datasets[split]
+    bt = make_backtest(env_params, data, split_days(info, split))
+    n_inv = len(info["inv"])
+    policies = {"champion": (actor_policy(actor), params), "random": (random_policy(n_inv), None)}
+    policies.update(extra_policies or {})
+    rows, curves, champion_trades = {}, {}, []
+    for name, (policy, policy_args) in policies.items():
+        out = {k: np.asarray(v) for k, v in bt(policy, policy_args, jax.random.PRNGKey(prng_seed)).items()}
+        trades = trade_list(out, info, args.cost_bps)
+        rows[name] = dict(period_metrics(out["equity"]), **trade_metrics(trades, out["n_held"]))
+        curves[name] = out["equity"]
+        if name == "champion":
+            champion_trades = trades
+    lo, _ = info["bounds"][split]
+    bh = buy_and_hold(data, info, split, args)
+    rows["buy_and_hold"] = dict(period_metrics(bh), trades=int(len(np.flatnonzero(np.asarray(data.valid[lo, info["inv"]])))))
+    curves["buy_and_hold"] = bh
+    return rows, champion_trades, curves
+
+
+def split_period(info: dict, split: str) -> dict:
+    """The split's name, first decision day and last day."""
+    lo, hi = info["bounds"][split]
+    day = lambda i: str(np.datetime64(int(info["dates"][i]), "D"))  # noqa: E731
+    return {"split": split, "start": day(lo), "end": day(hi - 1)}
+
+
+def over_seeds(rows: list) -> dict:
+    """{policy: {metric: {median, min, max}}} over the seeds' report rows, for every numeric metric (a metric that is
+    null for some seeds, like a profit factor without a losing trade, over the others; null if null for all)."""
+    out = {}
+    for name, metrics in rows[0].items():
+        if not isinstance(metrics, dict):
+            continue
+        out[name] = {}
+        for metric in metrics:
+            numbers = [row[name][metric] for row in rows if row[name][metric] is not None]
+            out[name][metric] = dict(median=float(np.median(numbers)), min=float(min(numbers)),
+                                     max=float(max(numbers))) if numbers else None
+    return out
+
+
+def evaluate(args: Args, actor: Actor, seeds: list, datasets: dict, info: dict, env_params: EnvParams, run_dir: Path,
+             split: str, extra: dict) -> dict:
+    """Backtests each seed's policy on a split, seed k with the random key of --seed SEED+k; `seeds` = [(seed index,
+    champion params, extra policies, extra row fields)]. Writes the report files with `extra` in the report."""
+    rows, seed_trades, seed_curves = [], [], []
+    for seed_index, params, extra_policies, row_fields in seeds:
+        metrics, trades, curves = backtest_seed(actor, params, datasets, info, split, args, env_params,
+                                                args.seed + seed_index, extra_policies)
+        rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, **row_fields, **metrics))
+        seed_trades.append(trades)
+        seed_curves.append(curves)
+    report = dict(split_period(info, split), annualisation="daily returns, x sqrt(252) and 252 trading days a year", **extra,
+                  seeds=rows, over_seeds=over_seeds(rows))
+    write_backtest_outputs(run_dir, report, seed_trades, seed_curves, info)
+    return report
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (no NaN or Infinity), written to a temporary file and renamed."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    os.replace(tmp, path)
 
 
 def buy_and_hold(data: MarketData, info: dict, split: str, args: Args) -> np.ndarray:
@@ -1134,35 +1255,9 @@ def buy_and_hold(data: MarketData, info: dict, split: str, args: Args) -> np.nda
     return eq
 
 
-def backtest_report(actor: Actor, params, datasets: dict, info: dict, split: str, args: Args, env_params: EnvParams,
-                    extra_policies=None):
-    """Champion vs random vs equal-weight buy-and-hold on one split: (report, champion's outputs, curves)."""
-    data = datasets[split]
-    n_days = split_days(info, split)
-    bt = make_backtest(env_params, data, n_days)
-    n_inv = len(info["inv"])
-    policies = {"champion": (actor_policy(actor), params), "random": (random_policy(n_inv), None)}
-    policies.update(extra_policies or {})
-    report = {"split": split, "annualisation": "daily returns, x sqrt(252) and 252 trading days a year"}
-    curves, champion_out = {}, None
-    lo, hi = info["bounds"][split]
-    day = lambda i: str(np.datetime64(int(info["dates"][i]), "D"))  # noqa: E731
-    report["start"], report["end"] = day(lo), day(hi - 1)  # the first decision day, the split's last day
-    for name, (policy, policy_args) in policies.items():
-        out = {k: np.asarray(v) for k, v in bt(policy, policy_args, jax.random.PRNGKey(args.seed)).items()}
-        trades = trade_list(out, info, args.cost_bps)
-        report[name] = dict(period_metrics(out["equity"]), **trade_metrics(trades, out["n_held"]))
-        curves[name] = out["equity"]
-        if name == "champion":
-            champion_out = (out, trades)
-    bh = buy_and_hold(data, info, split, args)
-    report["buy_and_hold"] = dict(period_metrics(bh), trades=int(len(np.flatnonzero(np.asarray(data.valid[lo, info["inv"]])))))
-    curves["buy_and_hold"] = bh
-    return report, champion_out, curves
-
-
-def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: dict, info: dict, split: str,
-                           args: Args) -> None:
+def write_backtest_outputs(run_dir: Path, report: dict, seed_trades: list, seed_curves: list, info: dict) -> None:
+    """report.json, trades.csv (every seed's champion trades) and equity.png (every seed's champion, the other
+    policies of the first seed), process 0 only."""
     if jax.process_index() != 0:  # multi-host: process 0 writes
         return
     import matplotlib
@@ -1170,28 +1265,35 @@ def write_backtest_outputs(run_dir: Path, report: dict, champion_out, curves: di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    _, trades = champion_out
-    lines = ["ticker,entry_date,exit_date,entry_price,exit_price,return_pct"]
-    lines += [f"{t['ticker']},{t['entry_date']},{t['exit_date']},{t['entry_price']:.6g},{t['exit_price']:.6g},"
-              f"{t['return_pct']:.4f}" for t in trades]
+    write_json(run_dir / "report.json", report)
+    lines = ["seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct"]
+    for row, trades in zip(report["seeds"], seed_trades):
+        lines += [f"{row['seed']},{t['ticker']},{t['entry_date']},{t['exit_date']},{t['entry_price']:.6g},"
+                  f"{t['exit_price']:.6g},{t['return_pct']:.4f}" for t in trades]
     (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
-    lo, _ = info["bounds"][split]
+    lo, _ = info["bounds"][report["split"]]
     fig, ax = plt.subplots(figsize=(10, 4))
-    for name, eq in curves.items():
-        days = info["dates"][lo + 1: lo + 1 + len(eq)].astype("datetime64[D]")  # equity marked at the close of each played day
-        ax.plot(days, eq, label=name, lw=1)
-    ax.set_title(f"{split} split equity (start = 1)")
-    ax.legend(fontsize=8)
+    for row, curves in zip(report["seeds"], seed_curves):
+        for name, eq in curves.items():
+            if name != "champion" and row is not report["seeds"][0]:
+                continue
+            days = info["dates"][lo + 1: lo + 1 + len(eq)].astype("datetime64[D]")  # equity at the close of each played day
+            label = f"seed {row['seed']} {name}" if len(report["seeds"]) > 1 else name
+            ax.plot(days, eq, label=label, lw=1)
+    ax.set_title(f"{report['split']} split equity (start = 1)")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(run_dir / "equity.png", dpi=100)
     plt.close(fig)
 
 
-def champion_params(runner: RunnerState):
-    """The population's first slot: after a GA step the best individual of the last evaluation (elites first), as
-    host arrays."""
-    return jax.tree.map(lambda x: x[0], fetch(runner.pop))
+def seed_policies(runner: RunnerState) -> tuple[list, list]:
+    """(champion, TD3 actor) of every seed as host arrays; the champion is the population's first slot: after a GA
+    step, the best individual of the last evaluation (elites first)."""
+    pop, learner_actor = fetch((runner.pop, runner.learner.actor))
+    num_seeds = jax.tree.leaves(pop)[0].shape[0]
+    champions = [jax.tree.map(lambda x, k=k: x[k][0], pop) for k in range(num_seeds)]
+    return champions, [jax.tree.map(lambda x, k=k: x[k], learner_actor) for k in range(num_seeds)]
 
 
 # ---- MAIN ----
@@ -1221,7 +1323,7 @@ def check_args(args: Args) -> None:
     for name in ("pop_size", "generations", "episodes_per_agent", "worst_k", "tournament_size", "inject_every",
                  "batch_size", "window",
                  "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden",
-                 "policy_delay", "n_step", "lstm_layers", "attention_heads"):
+                 "policy_delay", "n_step", "lstm_layers", "attention_heads", "num_seeds"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if args.extractor == "conv" and (args.bidirectional or args.lstm_layers != 1):
@@ -1327,11 +1429,14 @@ def check_out_of_sample(eval_args: Args, trained: Args, info: dict) -> None:
 
 
 def eval_only(args: Args, given: set) -> dict:
-    """Backtests a policy checkpoint on one split, by default on its own data and split dates; the outputs go to
-    their own folder, `runs/NAME/eval_<split>_<data>/`, never over the training run's."""
+    """Backtests a policy file, or every seed's best.msgpack of a run folder, on one split, by default on its own data
+    and split dates; the outputs go to their own folder, `eval_<split>_<data>/` beside the file (or in the run folder),
+    never over the training run's."""
     if not args.checkpoint:
-        raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME/best.msgpack")
-    saved = policy_config(args.checkpoint)
+        raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME or runs/NAME/seed0/best.msgpack")
+    checkpoint = Path(args.checkpoint)
+    files = eval_policy_files(checkpoint)
+    saved = json.loads(read_policy_file(files[0][1])["config"])
     trained = dataclasses.replace(args, **{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
     kept = {k: getattr(args, k) for k in EVAL_FLAGS if k in given or k not in EVAL_DATA_FLAGS}
     eval_args = dataclasses.replace(trained, **kept)
@@ -1339,22 +1444,23 @@ def eval_only(args: Args, given: set) -> dict:
     check_out_of_sample(eval_args, trained, info)
     env_params = env_params_from_args(eval_args)
     actor = Actor(eval_args, tuple(info["inv"]))
-    params = load_policy(args.checkpoint, actor, get_obs(jnp.int32(eval_args.window - 1), env_params, datasets["train"]))
-    parent = Path(args.checkpoint).parent if args.run_name is None else Path(args.out_dir) / args.run_name
+    obs_dummy = get_obs(jnp.int32(eval_args.window - 1), env_params, datasets["train"])
+    seeds = [(k, load_policy(str(path), actor, obs_dummy), None, {"checkpoint": str(path)}) for k, path in files]
+    parent = (checkpoint if checkpoint.is_dir() else checkpoint.parent) if args.run_name is None else \
+        Path(args.out_dir) / args.run_name
     out_dir = parent / f"eval_{eval_args.eval_split}_{Path(eval_args.data).stem}"
     if out_dir.exists():
         raise DataError(f"{out_dir} exists (an earlier evaluation). Fix: move it away, or pass --run-name NAME for a new "
                         f"folder")
     warn_if_close_only(info)
-    report, champion_out, curves = backtest_report(actor, params, datasets, info, eval_args.eval_split, eval_args, env_params)
-    report.update(checkpoint=str(args.checkpoint), data=eval_args.data)
+    period = split_period(info, eval_args.eval_split)
     dates_from = "from --train-end/--val-end" if given & {"train_end", "val_end"} else "the checkpoint's"
-    print(f"eval-only: {args.checkpoint} on {eval_args.data}, {eval_args.eval_split} split ({dates_from} split dates): first "
-          f"decision "
-          f"{report['start']}, last day {report['end']}; outputs in {out_dir}", flush=True)
+    print(f"eval-only: {checkpoint} ({len(files)} seed(s)) on {eval_args.data}, {eval_args.eval_split} split ({dates_from} "
+          f"split dates): first decision {period['start']}, last day {period['end']}; outputs in {out_dir}", flush=True)
     out_dir.mkdir(parents=True)
-    write_backtest_outputs(out_dir, report, champion_out, curves, info, eval_args.eval_split, eval_args)
-    print(json.dumps(summary_rows(report), indent=1))
+    report = evaluate(eval_args, actor, seeds, datasets, info, env_params, out_dir, eval_args.eval_split,
+                      extra={"checkpoint": str(checkpoint), "data": eval_args.data})
+    print(summary_table(report))
     return report
 
 
@@ -1363,7 +1469,7 @@ class Trainer(NamedTuple):
 
     args: Args
     run_dir: Path
-    compiled: Callable  # the jitted chunk
+    compiled: Callable  # the jitted, vmapped (over seeds) chunk: (runner, train data) -> (runner, metrics [seeds, gens])
     train_data: MarketData
     validate: Callable  # params -> validation return
     writer: object  # tensorboardX SummaryWriter
@@ -1371,14 +1477,14 @@ class Trainer(NamedTuple):
 
 
 def compile_run(args: Args, run_dir: Path, datasets: dict, info: dict, env_params: EnvParams, mesh: Mesh):
-    """Builds (or restores) the runner state on the mesh and compiles a chunk; returns (runner, compiled, train
-    data, learner's actor at the start, checkpoint bookkeeping, compile seconds)."""
+    """Builds (or restores) the seed-stacked runner state on the mesh and compiles a chunk vmapped over seeds; returns
+    (runner, compiled, train data, the learners' actors at the start, checkpoint bookkeeping, compile seconds)."""
     t0 = time.time()
     inv = tuple(info["inv"])
     init, chunk, *_ = make_erl(args, env_params, datasets["train"], len(inv), inv, mesh)
-    runner = init(jax.random.PRNGKey(args.seed))
+    runner = stack_seeds([init(jax.random.PRNGKey(args.seed + k)) for k in range(args.num_seeds)])
     learner_at_start = runner.learner.actor  # the same on --resume (init is deterministic): the report shows what TD3 learned
-    extra = {"chunk": 0, "best_val": -1e30, "best_from": "", "elapsed": 0.0}
+    extra = {"chunk": 0, "best_val": [-1e30] * args.num_seeds, "best_from": [""] * args.num_seeds, "elapsed": 0.0}
     if args.resume:
         runner, extra = load_checkpoint(run_dir / "checkpoint.msgpack", runner)
     shardings, copy = runner_shardings(runner, mesh), NamedSharding(mesh, PartitionSpec())
@@ -1386,48 +1492,96 @@ def compile_run(args: Args, run_dir: Path, datasets: dict, info: dict, env_param
     if not args.resume:
         save_checkpoint(run_dir / "checkpoint.msgpack", runner, extra,
                         args)  # a NaN in the first chunk still leaves a good checkpoint
-    jitted = jax.jit(chunk, in_shardings=(shardings, copy), out_shardings=(shardings, copy))
+    # vmap over seeds; spmd_axis_name puts the seed axis on the mesh's "seed" devices inside the chunk too
+    seeds_chunk = jax.vmap(chunk, in_axes=(seed_axes(), None), out_axes=(seed_axes(), 0), spmd_axis_name="seed")
+    jitted = jax.jit(seeds_chunk, in_shardings=(shardings, copy),
+                     out_shardings=(shardings, NamedSharding(mesh, PartitionSpec("seed"))))
     compiled = jitted.lower(runner, train_data).compile()
     return runner, compiled, train_data, learner_at_start, extra, time.time() - t0
 
 
 def validate_and_keep_best(trainer: Trainer, runner: RunnerState, row: dict, extra: dict) -> None:
-    """The population's champion and the TD3 actor play the validation split; the best so far is best.msgpack."""
-    for who, params in (("champion", champion_params(runner)), ("learner", fetch(runner.learner.actor))):
-        row[f"{who}_val_return"] = trainer.validate(params)
-        trainer.writer.add_scalar(f"eval/{who}_val_return", row[f"{who}_val_return"], row["env_steps"])
-        if row[f"{who}_val_return"] > extra["best_val"]:
-            extra.update(best_val=row[f"{who}_val_return"], best_from=f"{who} of generation {row['generation']}")
-            save_policy(trainer.run_dir / "best.msgpack", params, trainer.args)
+    """Every seed's champion and TD3 actor play the validation split; each seed's best so far is its
+    seed<k>/best.msgpack. The row gets the means over seeds, each seed's row its own returns."""
+    champions, learners = seed_policies(runner)
+    for seed_index, seed_row in enumerate(row["seeds"]):
+        for who, params in (("champion", champions[seed_index]), ("learner", learners[seed_index])):
+            seed_row[f"{who}_val_return"] = trainer.validate(params)
+            if seed_row[f"{who}_val_return"] > extra["best_val"][seed_index]:
+                extra["best_val"][seed_index] = seed_row[f"{who}_val_return"]
+                extra["best_from"][seed_index] = f"{who} of generation {row['generation']}"
+                save_policy(policy_file(trainer.run_dir, seed_index, "best"), params, trainer.args, seed_index)
+    for who in ("champion", "learner"):
+        row[f"{who}_val_return"] = float(np.mean([seed_row[f"{who}_val_return"] for seed_row in row["seeds"]]))
+
+
+CHART_TAGS = ("fitness_mean", "fitness_max", "fitness_min", "learner_fitness", "explore_return", "champion_fitness")
+SEED_TAGS = ("fitness_mean", "fitness_max", "learner_fitness", "critic_loss", "champion_val_return",
+             "learner_val_return")  # TensorBoard seeds/<tag>/seed<k>
+
+
+def generation_row(metrics: dict, generation: int) -> dict:
+    """One generation of the chunk metrics ([seeds, chunk_generations] arrays, `generation` an index into the
+    second axis) -> the mean over seeds of every value (a flag: the share of seeds where it holds; whether the
+    learner was injected is the same for all seeds) and each seed's own values under `seeds`."""
+    seeds = [{k: (bool(v[s, generation]) if v.dtype == bool else float(v[s, generation])) for k, v in metrics.items()}
+             for s in range(len(metrics["fitness_mean"]))]
+    row = {k: float(np.mean([seed_row[k] for seed_row in seeds])) for k in metrics}
+    row["injected"] = seeds[0]["injected"]
+    return dict(row, seeds=seeds)
+
+
+def mean_and_spread(row: dict, key: str, fmt: str) -> str:
+    """A generation's value: the mean over seeds, and with several seeds their range [min..max]."""
+    values = [seed_row[key] for seed_row in row["seeds"]]
+    text = format(row[key], fmt)
+    return text + (f" [{min(values):{fmt}}..{max(values):{fmt}}]" if len(values) > 1 else "")
 
 
 def log_generation(trainer: Trainer, row: dict, eta: float) -> None:
-    """One generation's row: TensorBoard scalars, a metrics.jsonl line, a progress line."""
+    """One generation's row: TensorBoard scalars (means over seeds under CleanRL-style tags, each seed's under
+    seeds/<tag>/seed<k>), a metrics.jsonl line, a progress line."""
     writer, step_count = trainer.writer, row["env_steps"]
-    for tag in ("fitness_mean", "fitness_max", "fitness_min", "learner_fitness", "explore_return", "champion_fitness"):
+    for tag in CHART_TAGS:
         writer.add_scalar(f"charts/{tag}", row[tag], step_count)
     writer.add_scalar("charts/injected_is_elite", float(row["injected_is_elite"]), step_count)
     for tag in ("critic_loss", "actor_loss"):
         writer.add_scalar(f"losses/{tag}", row[tag], step_count)
+    for who in ("champion", "learner"):
+        if f"{who}_val_return" in row:
+            writer.add_scalar(f"eval/{who}_val_return", row[f"{who}_val_return"], step_count)
+    for seed_index, seed_row in enumerate(row["seeds"]):
+        for tag in SEED_TAGS:
+            if tag in seed_row:
+                writer.add_scalar(f"seeds/{tag}/seed{seed_index}", seed_row[tag], step_count)
     writer.add_scalar("perf/SPS", row["sps"], step_count)
     trainer.metrics_file.write(json.dumps(row) + "\n")
-    injected = ("elite" if row["injected_is_elite"] else "not elite") if row["injected"] else "-"
+    elites = sum(seed_row["injected_is_elite"] for seed_row in row["seeds"])
+    injected = "-" if not row["injected"] else ("elite" if elites else "not elite") if len(row["seeds"]) == 1 else \
+        f"elite in {elites}/{len(row['seeds'])} seeds"
     val = ""
     if "champion_val_return" in row:
-        val = f"  val {row['champion_val_return']:+.4f} (learner {row['learner_val_return']:+.4f})"
+        val = (f"  val {mean_and_spread(row, 'champion_val_return', '+.4f')} (learner "
+               f"{mean_and_spread(row, 'learner_val_return', '+.4f')})")
     print(f"gen {row['generation']:4d}/{trainer.args.generations}  fitness mean {row['fitness_mean']:+.3f} max "
-          f"{row['fitness_max']:+.3f} "
-          f"min {row['fitness_min']:+.3f}  learner {row['learner_fitness']:+.3f}{val}  critic {row['critic_loss']:.4f} "
-          f"actor {row['actor_loss']:+.4f}  injected {injected}  env-steps/s {row['sps']:,.0f}  elapsed "
-          f"{row['elapsed']:.0f}s  "
+          f"{mean_and_spread(row, 'fitness_max', '+.3f')} min {row['fitness_min']:+.3f}  learner "
+          f"{mean_and_spread(row, 'learner_fitness', '+.3f')}{val}  critic {row['critic_loss']:.4f} actor "
+          f"{row['actor_loss']:+.4f}  injected {injected}  env-steps/s {row['sps']:,.0f}  elapsed {row['elapsed']:.0f}s  "
           f"ETA {eta:.0f}s", flush=True)
+
+
+def diverged_seeds(metrics: dict, watched: tuple) -> list[int]:
+    """Indices of the seeds with a NaN/inf in a watched metric of the chunk ([seeds, chunk_generations] arrays)."""
+    finite = np.stack([np.isfinite(metrics[k]).all(1) for k in watched]).all(0)
+    return [int(k) for k in np.flatnonzero(~finite)]
 
 
 def run_chunks(trainer: Trainer, runner: RunnerState, extra: dict) -> tuple[RunnerState, str]:
     """The training loop: chunk after chunk, logging each generation, validating, checkpointing; stops early on
-    a NaN (keeping the last good checkpoint), --stop-after or Ctrl-C. Returns (runner, status)."""
+    a NaN in any seed (keeping the last good checkpoint), --stop-after or Ctrl-C. Returns (runner, status)."""
     args, ckpt = trainer.args, trainer.run_dir / "checkpoint.msgpack"
-    num_chunks, steps_per_gen = args.generations // args.chunk_generations, transitions_per_generation(args)
+    num_chunks = args.generations // args.chunk_generations
+    steps_per_gen = transitions_per_generation(args) * args.num_seeds
     watched = ("fitness_mean", "learner_fitness") + (("critic_loss",) if args.rl_updates else ())  # no TD3 step, no loss
     interrupted = {"flag": False}
     old_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
@@ -1436,24 +1590,27 @@ def run_chunks(trainer: Trainer, runner: RunnerState, extra: dict) -> tuple[Runn
         for chunk_index in range(start_chunk, num_chunks):
             t_chunk = time.time()
             new_runner, metrics = trainer.compiled(runner, trainer.train_data)
-            metrics = fetch(metrics)
-            if not all(np.isfinite(metrics[k]).all() for k in watched):
-                print(f"error: NaN/inf at chunk {chunk_index + 1}; stopping. The last good checkpoint is {ckpt}. "
+            metrics = fetch(metrics)  # [seeds, chunk_generations]
+            diverged = diverged_seeds(metrics, watched)
+            if diverged:
+                which = ", ".join(f"seed {k} (--seed {args.seed + k})" for k in diverged)
+                print(f"error: NaN/inf in {which} at chunk {chunk_index + 1}; stopping. The last good checkpoint is {ckpt}. "
                       "Fix: lower --critic-lr/--actor-lr or check the data", file=sys.stderr, flush=True)
                 return runner, "nan"
             runner = new_runner
             sps = steps_per_gen * args.chunk_generations / (time.time() - t_chunk)
-            elapsed = elapsed_before + time.time() - t_start
-            eta = (time.time() - t_start) / (chunk_index + 1 - start_chunk) * (num_chunks - chunk_index - 1)
             for g in range(args.chunk_generations):
                 gen = chunk_index * args.chunk_generations + g + 1
-                row = {k: (bool(v[g]) if v.dtype == bool else float(v[g])) for k, v in metrics.items()}
-                row.update(generation=gen, env_steps=gen * steps_per_gen, sps=sps, elapsed=elapsed)
+                row = dict(generation_row(metrics, g), generation=gen, env_steps=gen * steps_per_gen, sps=sps)
                 if g == args.chunk_generations - 1 and (gen % args.eval_every == 0 or gen == args.generations):
+                    started = time.time()
                     validate_and_keep_best(trainer, runner, row, extra)
+                    extra["val_seconds"] = extra.get("val_seconds", 0.0) + time.time() - started
+                row["elapsed"] = elapsed_before + time.time() - t_start
+                eta = (time.time() - t_start) / (chunk_index + 1 - start_chunk) * (num_chunks - chunk_index - 1)
                 log_generation(trainer, row, eta)
             trainer.metrics_file.flush()
-            extra.update(chunk=chunk_index + 1, elapsed=elapsed)
+            extra.update(chunk=chunk_index + 1, elapsed=elapsed_before + time.time() - t_start)
             save_checkpoint(ckpt, runner, extra, args)
             if interrupted["flag"] or (args.stop_after is not None and chunk_index + 1 - start_chunk >= args.stop_after):
                 print(f"stopped after chunk {chunk_index + 1}; checkpoint saved. Continue with: python erl_trader.py --resume "
@@ -1466,26 +1623,35 @@ def run_chunks(trainer: Trainer, runner: RunnerState, extra: dict) -> tuple[Runn
 
 def final_report(args: Args, run_dir: Path, runner: RunnerState, learner_at_start, datasets: dict, info: dict,
                  env_params: EnvParams, extra: dict) -> dict:
-    """final.msgpack, then best.msgpack (by validation) on the test split beside the TD3 actor at the end and at the start."""
+    """Every seed's final.msgpack, then its best.msgpack (by its validation return) on the test split beside its TD3
+    actor at the end and at the start."""
     actor = Actor(args, tuple(info["inv"]))
-    final = champion_params(runner)
-    save_policy(run_dir / "final.msgpack", final, args)
+    finals, learners = seed_policies(runner)
+    for seed_index, params in enumerate(finals):
+        save_policy(policy_file(run_dir, seed_index, "final"), params, args, seed_index)
     obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, datasets["train"])
-    params = load_policy(str(run_dir / "best.msgpack"), actor, obs_dummy) if jax.process_index() == 0 else final
-    if jax.process_count() > 1:  # process 0's best policy to every process: all play the test split, process 0 writes
-        params = multihost_utils.broadcast_one_to_all(params)
-    learner_rows = {"td3_learner": (actor_policy(actor), fetch(runner.learner.actor)),
-                    "td3_learner_at_start": (actor_policy(actor), fetch(learner_at_start))}
-    report, champion_out, curves = backtest_report(actor, params, datasets, info, "test", args, env_params, learner_rows)
-    report["selected_by"] = ("best validation return of the population's champion and the TD3 actor "
-                             f"(best.msgpack: the {extra['best_from']})")
-    write_backtest_outputs(run_dir, report, champion_out, curves, info, "test", args)
-    print(json.dumps(summary_rows(report), indent=1))
+    best = finals
+    if jax.process_index() == 0:
+        best = [load_policy(str(policy_file(run_dir, k, "best")), actor, obs_dummy) for k in range(args.num_seeds)]
+    if jax.process_count() > 1:  # process 0's best policies to every process: all play the test split, process 0 writes
+        best = multihost_utils.broadcast_one_to_all(best)
+    at_start = fetch(learner_at_start)
+    seeds = []
+    for k in range(args.num_seeds):
+        learner_rows = {"td3_learner": (actor_policy(actor), learners[k]),
+                        "td3_learner_at_start": (actor_policy(actor), jax.tree.map(lambda x, k=k: x[k], at_start))}
+        seeds.append((k, best[k], learner_rows, {"checkpoint": str(policy_file(run_dir, k, "best")),
+                                                 "best_from": extra["best_from"][k]}))
+    selected_by = ("best validation return of each seed's population champion and TD3 actor (seed<k>/best.msgpack; "
+                   "best_from says which)")
+    report = evaluate(args, actor, seeds, datasets, info, env_params, run_dir, "test", extra={"selected_by": selected_by})
+    print(summary_table(report))
     return report
 
 
 def train_and_report(args: Args) -> dict:
-    """The whole training job: load data, evolve in chunks (logging, checkpoints, validation), backtest on the test split."""
+    """The whole training job: load data, evolve every seed in chunks (logging, checkpoints, validation), backtest
+    each seed's best policy on the test split."""
     from tensorboardX import SummaryWriter
 
     args, run_dir = resolve_run(args)
@@ -1499,13 +1665,14 @@ def train_and_report(args: Args) -> dict:
     built = compile_run(args, run_dir, datasets, info, env_params, mesh)
     runner, compiled, train_data, learner_at_start, extra, compile_s = built
     warn_if_close_only(info)
-    print(f"run {run_dir}  generations {args.generations}  pop {args.pop_size}  env steps/generation "
-          f"{transitions_per_generation(args)}  "
-          f"replay {replay_bytes_per_transition(runner.replay)} bytes/transition  devices {mesh.devices.size} "
-          f"({args.pop_size // mesh.devices.size} actors each, {jax.process_count()} process(es))  compile {compile_s:.1f}s",
-          flush=True)
+    pop_devices, replay_bytes = mesh.shape["d"], replay_bytes_per_transition(runner.replay, leading_axes=2)
+    print(f"run {run_dir}  generations {args.generations}  seeds {args.num_seeds}  pop {args.pop_size}  env "
+          f"steps/generation {transitions_per_generation(args)} per seed  replay {replay_bytes} bytes/transition  "
+          f"devices {mesh.devices.size} ({mesh.shape['seed']} seed x {pop_devices} pop, {args.pop_size // pop_devices} actors "
+          f"each, {jax.process_count()} process(es))  compile {compile_s:.1f}s", flush=True)
     actor = Actor(args, tuple(info["inv"]))
     val_backtest = make_backtest(env_params, datasets["val"], split_days(info, "val"))
+
     def validate(params) -> float:
         equity = val_backtest(actor_policy(actor), params, jax.random.PRNGKey(args.seed))["equity"]
         return float(np.asarray(equity)[-1] - 1.0)
@@ -1521,12 +1688,30 @@ def train_and_report(args: Args) -> dict:
             writer.close()
     if status != "done":
         return {"status": status, "run_dir": str(run_dir)}
+    print(f"validation backtests: {extra.get('val_seconds', 0.0):.1f}s of {extra['elapsed']:.1f}s of training", flush=True)
     return final_report(args, run_dir, runner, learner_at_start, datasets, info, env_params, extra)
 
 
-def summary_rows(report: dict) -> dict:
-    return {name: {k: round(report[name][k], 4) for k in ("total_return", "sharpe", "max_drawdown", "trades")}
-            for name in ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold") if name in report}
+SUMMARY_METRICS = ("total_return", "sharpe", "max_drawdown", "trades")
+SUMMARY_POLICIES = ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold")
+
+
+def table_line(label: str, values) -> str:
+    """One line of the summary table: a label, then each value (or column name) right-aligned in 14 characters."""
+    return f"{label:<42}" + "".join(f"{value:>14.4g}" if not isinstance(value, str) else f"{value:>14}" for value in values)
+
+
+def summary_table(report: dict) -> str:
+    """A short view of a report: a line per seed and policy (total return, Sharpe, max drawdown, trades) and a line per
+    policy with the median over the seeds."""
+    names = [name for name in SUMMARY_POLICIES if name in report["over_seeds"]]
+    lines = [table_line(f"{report['split']} split", SUMMARY_METRICS)]
+    for row in report["seeds"]:
+        lines += [table_line(f"  seed {row['seed']} {name}", [row[name][metric] for metric in SUMMARY_METRICS])
+                  for name in names]
+    lines += [table_line(f"  median over seeds {name}", [report["over_seeds"][name][metric]["median"]
+                                                         for metric in SUMMARY_METRICS]) for name in names]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
