@@ -24,10 +24,9 @@ def run_script(*args, cwd=ROOT, env=None, timeout=600):
     return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout)
 
 
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "best.msgpack", "final.msgpack", "report.json", "trades.csv", "equity.png")
-# ppo_trader.py: the policy files of seed k in seed<k>/
-PPO_RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "seed0/best.msgpack", "seed0/final.msgpack",
-                   "report.json", "trades.csv", "equity.png")
+# both scripts: the policy files of seed k in seed<k>/
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "seed0/best.msgpack", "seed0/final.msgpack",
+               "report.json", "trades.csv", "equity.png")
 
 
 def tiny_run_dir(tmp_path_factory, script: str, flags: list) -> tuple:

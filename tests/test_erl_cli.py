@@ -27,11 +27,12 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert rows[1]["injected"] and not rows[0]["injected"] and "champion_val_return" in rows[1]
     report = json.loads((run_dir / "report.json").read_text())
     assert report["split"] == "test" and "2015-01-01" < report["start"] < "2015-03-01"  # the first decision, after the embargo
+    (row,) = report["seeds"]
     for who in ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold"):
         for k in ("total_return", "annualised_return", "annualised_volatility", "sharpe", "sortino", "max_drawdown", "calmar", "trades"):
-            assert np.isfinite(report[who][k]), (who, k)
+            assert np.isfinite(row[who][k]), (who, k)
     trades = (run_dir / "trades.csv").read_text().splitlines()
-    assert trades[0] == "ticker,entry_date,exit_date,entry_price,exit_price,return_pct" and len(trades) - 1 == report["champion"]["trades"]
+    assert trades[0] == "seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct" and len(trades) - 1 == row["champion"]["trades"]
     for word in ("gen", "fitness mean", "learner", "critic", "injected", "env-steps/s", "ETA", "bytes/transition"):
         assert word in r.stdout, word
     ckpt = msgpack_restore((run_dir / "checkpoint.msgpack").read_bytes())["runner"]
@@ -54,27 +55,27 @@ def test_eval_only_reproduces_the_report_in_its_own_folder(tiny_run):
     run_dir, _ = tiny_run
     outputs = {name: (run_dir / name).read_bytes() for name in ("report.json", "trades.csv", "equity.png")}
     before = json.loads(outputs["report.json"])
-    r = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack")
+    r = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"first decision {before['start']}, last day {before['end']}" in r.stdout, r.stdout[-2000:]
     eval_dir = run_dir / "eval_test_sp500_daily"
     after = json.loads((eval_dir / "report.json").read_text())
     assert (after["start"], after["end"]) == (before["start"], before["end"])
     for who in ("champion", "random", "buy_and_hold"):
-        assert after[who] == before[who]
+        assert after["seeds"][0][who] == before["seeds"][0][who]
     assert (eval_dir / "trades.csv").read_bytes() == outputs["trades.csv"] and (eval_dir / "equity.png").is_file()
     assert {name: (run_dir / name).read_bytes() for name in outputs} == outputs
-    again = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack")
+    again = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir)
     assert_one_line_error(again, "eval_test_sp500_daily")
 
 
 def test_eval_only_refuses_a_test_split_inside_the_selection_period(tiny_run):
     run_dir, _ = tiny_run
-    r = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack", "--val-end", "2013-01-01", "--run-name", "x",
+    r = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack", "--val-end", "2013-01-01", "--run-name", "x",
                    "--out-dir", run_dir)
     assert_one_line_error(r, "--eval-split test")
     assert not (run_dir / "x").exists()
-    later = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "best.msgpack", "--val-end", "2018-01-01", "--run-name", "y",
+    later = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir, "--val-end", "2018-01-01", "--run-name", "y",
                        "--out-dir", run_dir)
     assert later.returncode == 0, later.stderr[-2000:]
     assert json.loads((run_dir / "y" / "eval_test_sp500_daily" / "report.json").read_text())["start"] > "2018-01-01"
@@ -91,8 +92,8 @@ def test_ga_only_run_with_a_checkpoint_without_replay_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "ga" / "metrics.jsonl").read_text().splitlines()]
     assert [x["generation"] for x in rows] == [1, 2, 3, 4] and all(np.isfinite(x["fitness_max"]) for x in rows)
-    assert json.loads((tmp_path / "ga" / "report.json").read_text())["td3_learner"] == \
-        json.loads((tmp_path / "ga" / "report.json").read_text())["td3_learner_at_start"]  # no TD3 step: the learner is its start
+    (row,) = json.loads((tmp_path / "ga" / "report.json").read_text())["seeds"]
+    assert row["td3_learner"] == row["td3_learner_at_start"]  # no TD3 step: the learner is its start
 
 
 def test_original_architecture_trains_end_to_end(tmp_path):
@@ -104,10 +105,11 @@ def test_original_architecture_trains_end_to_end(tmp_path):
     run = run_script("erl_trader.py", *TINY, "--generations", "2", *flags, "--out-dir", tmp_path, "--run-name", "original")
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads((tmp_path / "original" / "config.json").read_text())["stock_layers"] == [16, 12, 6]
-    evaluated = run_script("erl_trader.py", "--eval-only", "--checkpoint", tmp_path / "original" / "best.msgpack", "--eval-split", "val")
+    best = tmp_path / "original" / "seed0" / "best.msgpack"
+    evaluated = run_script("erl_trader.py", "--eval-only", "--checkpoint", best, "--eval-split", "val")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    report = json.loads((tmp_path / "original" / "eval_val_sp500_daily" / "report.json").read_text())
-    assert np.isfinite(report["champion"]["total_return"])
+    report = json.loads((best.parent / "eval_val_sp500_daily" / "report.json").read_text())
+    assert np.isfinite(report["seeds"][0]["champion"]["total_return"])
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -119,7 +121,7 @@ def test_resume_is_bit_identical(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = (msgpack_restore((tmp_path / run / "checkpoint.msgpack").read_bytes())["runner"] for run in ("full", "part"))
     assert msgpack_serialize(a) == msgpack_serialize(b)  # population, learner, replay, RNG: bit for bit
-    a, b = (msgpack_restore((tmp_path / run / "best.msgpack").read_bytes())["params"] for run in ("full", "part"))
+    a, b = (msgpack_restore((tmp_path / run / "seed0" / "best.msgpack").read_bytes())["params"] for run in ("full", "part"))
     assert msgpack_serialize(a) == msgpack_serialize(b)
 
 
@@ -143,6 +145,8 @@ def test_resume_is_bit_identical(tmp_path):
     (["--lstm-layers", "2"], "--lstm-layers"),
     (["--attention-heads", "3"], "--attention-heads"),
     (["--stock-layers", "16", "0"], "--stock-layers"),
+    (["--num-seeds", "0"], "--num-seeds"),
+    (["--eval-only", "--checkpoint", "data"], "config.json"),
 ])
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("erl_trader.py", *argv)
@@ -150,4 +154,5 @@ def test_bad_flags_and_data_give_one_line(argv, needle):
 
 
 def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
-    assert_divergence_stops_and_keeps_the_last_good_checkpoint("erl_trader.py", TINY, tmp_path, {"critic_lr": 1e30, "actor_lr": 1e30})
+    assert_divergence_stops_and_keeps_the_last_good_checkpoint("erl_trader.py", TINY, tmp_path, {"critic_lr": 1e30, "actor_lr": 1e30},
+                                                               final_policy="seed0/final.msgpack", names="seed 0 (--seed 1)")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from conftest import (PPO_RUN_OUTPUTS, assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error,
+from conftest import (RUN_OUTPUTS, assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error,
                       assert_run_outputs, run_script, tiny_run_dir)
 
 DATA_STEM, MARKET = "spy_1min", "SPY"  # the default --data
@@ -21,7 +21,7 @@ def tiny_run(tmp_path_factory):
 
 def test_tiny_run_writes_every_output(tiny_run):
     run_dir, r = tiny_run
-    rows = assert_run_outputs(run_dir, PPO_RUN_OUTPUTS)
+    rows = assert_run_outputs(run_dir, RUN_OUTPUTS)
     assert [x["update"] for x in rows] == [2, 4, 6, 8]
     for key in ("episodic_return", "policy_loss", "value_loss", "entropy", "sps", "val_return"):
         assert key in rows[-1]
@@ -144,7 +144,7 @@ def phase2_run(tiny_run, tmp_path_factory):
 
 def test_phase2_from_phase1_writes_every_output(phase2_run):
     run_dir, _ = phase2_run
-    assert_run_outputs(run_dir, PPO_RUN_OUTPUTS)
+    assert_run_outputs(run_dir, RUN_OUTPUTS)
     assert json.loads((run_dir / "config.json").read_text())["phase"] == 2
     assert msgpack_restore((run_dir / "seed0" / "best.msgpack").read_bytes())["num_actions"] == 6
     report = json.loads((run_dir / "report.json").read_text())["seeds"][0]

@@ -11,7 +11,7 @@ from flax.serialization import msgpack_restore, msgpack_serialize
 
 import data_prep as dp
 import ppo_trader as pt
-from conftest import PPO_RUN_OUTPUTS, assert_run_outputs, run_script
+from conftest import RUN_OUTPUTS, assert_run_outputs, run_script
 
 TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
         "--window", "8", "--episode-bars", "64", "--hidden", "32"]
@@ -145,7 +145,7 @@ def test_training_loop_plays_the_rules_in_force(two_markets):
 # ---- END TO END: two markets, weights, curriculum ----
 def test_per_market_metrics_add_up_to_the_totals(two_market_run):
     out, _ = two_market_run
-    rows = assert_run_outputs(out / "full", PPO_RUN_OUTPUTS)
+    rows = assert_run_outputs(out / "full", RUN_OUTPUTS)
     assert len(rows) == 4
     seen = {"SYN": 0.0, "SYN2": 0.0}
     for row in rows:

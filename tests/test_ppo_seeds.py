@@ -10,7 +10,7 @@ import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
 import ppo_trader as pt
-from conftest import PPO_RUN_OUTPUTS, ROOT, assert_one_line_error, assert_run_outputs, run_script
+from conftest import RUN_OUTPUTS, ROOT, assert_one_line_error, assert_run_outputs, run_script
 from test_ppo_cli import DATA_STEM, MARKET, TINY
 
 BASE_SEED, NUM_SEEDS = 5, 3
@@ -45,7 +45,7 @@ def seed_runs(tmp_path_factory):
 
 def test_every_seed_has_its_own_policy_files_and_they_differ(seed_runs):
     out, _ = seed_runs
-    assert_run_outputs(out / "three", PPO_RUN_OUTPUTS + tuple(f"seed{k}/{f}.msgpack" for k in range(NUM_SEEDS)
+    assert_run_outputs(out / "three", RUN_OUTPUTS + tuple(f"seed{k}/{f}.msgpack" for k in range(NUM_SEEDS)
                                                               for f in ("best", "final")))
     assert not (out / "three" / f"seed{NUM_SEEDS}").exists()
     finals = [msgpack_restore((out / "three" / f"seed{k}" / "final.msgpack").read_bytes()) for k in range(NUM_SEEDS)]

@@ -21,7 +21,7 @@ from test_ppo_cli import TINY as PPO_TINY
 
 FOUR = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 PPO_FLAGS = PPO_TINY + ["--chunk-updates", "2", "--num-seeds", "2"]  # 4 chunks; 4 devices = 2 seeds x 2 env devices
-ERL_FLAGS = ERL_TINY  # pop 4, 4 generations of one chunk each, TD3 batch 16
+ERL_FLAGS = ERL_TINY + ["--num-seeds", "2"]  # pop 4, 4 generations of one chunk each, TD3 batch 16; 4 devices = 2 seeds x 2
 
 # Runs the script in-process with --stop-after 1 and records the live (device) runner state handed to
 # save_checkpoint after the first chunk; prints the sharding of a few arrays as JSON.
@@ -147,7 +147,7 @@ def test_ppo_two_processes_match_one_device_and_only_process_0_writes(ppo_chain,
 
 # ---- ERL ----
 ERL_ARRAYS = ("dict(pop=r.pop['params']['stock_head']['kernel'], critic=r.learner.critic['params']['Dense_0']['kernel'], "
-              "replay=r.replay.reward, rng=r.rng)")
+              "replay=r.replay.reward, rng=r.rng, generation=r.gen, replay_size=r.replay.size)")
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +156,19 @@ def erl_chain(tmp_path_factory):
     return out, *chain("erl_trader.py", "erl_trader", ERL_ARRAYS, ERL_FLAGS, out)
 
 
-def test_erl_population_is_split_and_the_rest_copied(erl_chain):
+def test_erl_population_is_split_over_seeds_and_devices_and_the_rest_by_seed(erl_chain):
     _, layout, (ref, first, second) = erl_chain
-    assert "devices 1 (4 actors each" in ref.stdout and "devices 4 (1 actors each" in first.stdout and "devices 1 (4 actors each" in second.stdout
+    one_device = "devices 1 (1 seed x 1 pop, 4 actors each"
+    assert one_device in ref.stdout and "devices 4 (2 seed x 2 pop, 2 actors each" in first.stdout and one_device in second.stdout
+    # the population [seeds 2, pop 4, ...] -> 4 blocks of [1 seed, 2 actors, ...], one per device
     pop = layout["pop"]
-    assert pop["spec"] == ["d"] and pop["shape"][0] == 4 and pop["shards"] == [[1] + pop["shape"][1:]] and pop["devices"] == 4
-    for name in ("critic", "replay", "rng"):  # learner, replay memory and RNG: one full copy per device
-        assert layout[name]["spec"] == [] and layout[name]["shards"] == [layout[name]["shape"]] and layout[name]["devices"] == 4, name
+    assert pop["spec"] == ["seed", "d"] and pop["shape"][:2] == [2, 4] and pop["shards"] == [[1, 2] + pop["shape"][2:]]
+    assert pop["devices"] == 4
+    for name in ("critic", "replay", "rng"):  # learner, replay memory and RNG: split by seed, copied over its 2 devices
+        assert layout[name]["spec"] == ["seed"] and layout[name]["shards"] == [[1] + layout[name]["shape"][1:]], name
+        assert layout[name]["devices"] == 4, name
+    for name in ("generation", "replay_size"):  # counters every seed shares: one copy per device
+        assert layout[name] == dict(spec=[], shards=[[]], devices=4, shape=[]), name
 
 
 def test_erl_four_devices_match_one_and_checkpoints_move_between_device_counts(erl_chain):
@@ -173,8 +179,9 @@ def test_erl_four_devices_match_one_and_checkpoints_move_between_device_counts(e
     key_bias = "['key']['bias']"
     chain, ref = (restore(out / name / "checkpoint.msgpack", "runner") for name in ("chain", "ref"))
     assert_close(chain, ref, "checkpoint", atol=1e-4, skip=key_bias)
-    chain, ref = (restore(out / name / "final.msgpack", "params") for name in ("chain", "ref"))
-    assert_close(chain, ref, "final", atol=1e-4, skip=key_bias)
+    for seed in ("seed0", "seed1"):  # each seed's own final policy
+        chain, ref = (restore(out / name / seed / "final.msgpack", "params") for name in ("chain", "ref"))
+        assert_close(chain, ref, seed, atol=1e-4, skip=key_bias)
 
 
 # ---- BAD LAYOUTS ----
