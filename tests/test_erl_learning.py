@@ -15,8 +15,8 @@ from conftest import run_script
 # 10 stocks, each with the planted signal (half-life 2 days); one window (20 days) sees it clearly after the
 # instance normalisation. Fitness is the mean of all 5 episodes (less noisy than the worst 2 on 25-day slices).
 # n-step 4 targets hold a trade's whole outcome (fill the next day, sale at the latest two days later).
-DATA = ["--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "2", "--signal-strength", "4", "--days", "2000",
-        "--seed", "0"]
+DATA = ["--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "2", "--signal-strength", "4", "--days", "2000"]
+DATA_SEEDS = (0, 1)
 FLAGS = ["--train-end", "0.6", "--val-end", "0.8", "--window", "20", "--max-holding-days", "2", "--worst-k", "5",
          "--rl-updates", "256", "--n-step", "4",
          "--pop-size", "8", "--generations", "24", "--eval-every", "2", "--seed", "1"]
@@ -35,29 +35,16 @@ def oracle_policy(signal: int):
     return policy
 
 
-ONE_SEED = ("one seed is one draw: with this version seed 1's champion reaches 19% of the oracle (seeds 2-4: 79%, "
-            "61%, 68%); the assertions need the median of seeds trained in one program (erl_trader.py --num-seeds, not "
-            "yet built); see the README's 'Learning on synthetic data'. pytest --runxfail runs it")
+SEEDS = 3  # trained in one program (--num-seeds); the assertions read their median, and at least 2 must pass alone
 
 
-@pytest.mark.xfail(run=False, reason=ONE_SEED)
-def test_erl_learns_the_planted_signal(tmp_path):
-    """The champion reaches 70% of the oracle's test return, the TD3 learner gains at least 30% of the oracle
-    over its initial policy, a random policy stays below 20% (seed 1 only: see ONE_SEED)."""
-    data = tmp_path / "syn.npz"
-    assert dp.main(["synthetic-daily", "--out", str(data), *DATA]) == 0
-    r = run_script("erl_trader.py", "--data", data, *FLAGS, "--out-dir", tmp_path, "--run-name", "learn")
-    assert r.returncode == 0, r.stderr[-3000:]
-    report = json.loads((tmp_path / "learn" / "report.json").read_text())
-    ret = {who: report[who]["total_return"] for who in ("champion", "td3_learner", "td3_learner_at_start", "random")}
-
-    # the oracle: threshold and target chosen on the validation split, played once on the test split
-    args = et.parse_args(["--data", str(data), *FLAGS])
+def oracle_return(data, flags: list) -> float:
+    """The oracle's test return: threshold and target chosen on the validation split, played once on the test split."""
+    args = et.parse_args(["--data", str(data), *flags])
     datasets, info = et.load_data(args)
     env_params = et.env_params_from_args(args)
     signal = list(info["feature_names"]).index("signal")
     bts = {s: et.make_backtest(env_params, datasets[s], et.split_days(info, s)) for s in ("val", "test")}
-
     policy = oracle_policy(signal)
 
     def split_return(split, threshold, target) -> float:
@@ -66,10 +53,33 @@ def test_erl_learns_the_planted_signal(tmp_path):
 
     grid = [(th, tg) for th in (0.0, 0.5, 1.0) for tg in (0.3, 0.6, 1.0)]
     best = max(grid, key=lambda p: split_return("val", *p))
-    oracle = split_return("test", *best)
-    print("test returns", ret, "oracle", round(oracle, 4), best)
+    return split_return("test", *best)
+
+
+NOT_YET = ("measured with --num-seeds 3 (run seeds 1-3): data seed 0 champion 22% / 73% / 56% of the oracle (median 56%), "
+           "data seed 1 -13% / 35% / 0%: ERL does not yet learn robustly across seeds and data (issue: learning across data); "
+           "see the README's 'Learning on synthetic data'. pytest --runxfail runs it")
+
+
+@pytest.mark.xfail(run=False, reason=NOT_YET)
+@pytest.mark.parametrize("data_seed", DATA_SEEDS)
+def test_erl_learns_the_planted_signal(tmp_path, data_seed):
+    """Over 3 seeds trained in one program, the median champion reaches 70% of the oracle's test return and at least
+    2 of the 3 seeds do on their own; the TD3 learner's median gain over its initial policy is at least 30% of the
+    oracle; random's median stays below 20%."""
+    data = tmp_path / "syn.npz"
+    assert dp.main(["synthetic-daily", "--out", str(data), *DATA, "--seed", str(data_seed)]) == 0
+    r = run_script("erl_trader.py", "--data", data, *FLAGS, "--num-seeds", str(SEEDS), "--out-dir", tmp_path,
+                   "--run-name", "learn")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "learn" / "report.json").read_text())["seeds"]
+    oracle = oracle_return(data, FLAGS)
+    share = {who: np.array([row[who]["total_return"] for row in rows]) / oracle
+             for who in ("champion", "td3_learner", "td3_learner_at_start", "random")}
+    print(f"data seed {data_seed}: oracle {oracle:+.3f}; shares of the oracle per seed",
+          {who: np.round(values, 2).tolist() for who, values in share.items()})
 
     assert oracle > 0.5, oracle  # the planted signal is worth trading after costs
-    assert ret["champion"] >= 0.7 * oracle, (ret, oracle)
-    assert ret["td3_learner"] - ret["td3_learner_at_start"] >= 0.3 * oracle, (ret, oracle)  # TD3 alone learns
-    assert ret["random"] < 0.2 * oracle, (ret, oracle)
+    assert np.median(share["champion"]) >= 0.7 and (share["champion"] >= 0.7).sum() >= 2, share
+    assert np.median(share["td3_learner"] - share["td3_learner_at_start"]) >= 0.3, share  # TD3 alone learns
+    assert np.median(share["random"]) < 0.2, share
