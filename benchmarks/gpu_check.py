@@ -68,7 +68,7 @@ DRY_RUN = dict(ppo_envs=(8, 16, 32), ppo_steps=16, ppo_env_steps_per_chunk=256, 
 ORIGINAL_NETWORK = ["--extractor", "lstm", "--bidirectional", "--lstm-layers", "2", "--layer-norm", "--remat"]
 # time caps per step; the whole check also stops starting steps past total_s (7.5 minutes of steps on the GPU, leaving
 # room for the wheel install in an 8-minute call). A CPU compiles the dry run's tiny programs slowly: long caps there.
-GPU_CAPS = dict(run_py=75.0, training=40.0, data=15.0, total_s=450.0)
+GPU_CAPS = dict(run_py=75.0, training=36.0, data=15.0, total_s=450.0)
 DRY_RUN_CAPS = dict(run_py=0.0, training=300.0, data=60.0, total_s=2400.0)
 
 
@@ -98,6 +98,8 @@ def steps(dry_run: bool, runs: Path, out: Path) -> list:
                ppo(f"ppo_continuous_{first}_envs", first, "--action-space", "continuous"),
                ppo(f"ppo_{size['seeds']}_seeds_{first}_envs", first, "--num-seeds", str(size["seeds"]))]
     listed += [erl(f"erl_pop_{pop}", pop, group="erl_trader training, pop-size", x=pop) for pop in size["erl_pops"]]
+    listed += [erl(f"erl_{size['seeds']}_seeds_pop_{size['erl_pops'][0]}", size["erl_pops"][0], "--num-seeds",
+                   str(size["seeds"]))]
     return listed + original_architecture_steps(size, caps, runs)
 
 

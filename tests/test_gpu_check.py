@@ -22,6 +22,7 @@ def test_gpu_steps_fit_the_call_and_cover_the_gpu_sizes(tmp_path):
         assert any(flags in c for c in commands), flags
     for pop in (64, 256):
         assert any(c.startswith(f"erl_trader.py --pop-size {pop} ") for c in commands), pop
+    assert any(c.startswith("erl_trader.py --pop-size 64 ") and "--num-seeds 16" in c for c in commands)
     assert any(c.startswith("benchmarks/run.py --no-peers") for c in commands)
     original = next(c for c in commands if "--run-name erl_original_architecture" in c)
     for flags in ("--window 151", "--bidirectional --lstm-layers 2", "--stock-layers 256 128 64", "--attention-heads 8",
