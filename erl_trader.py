@@ -1171,6 +1171,21 @@ def trade_metrics(trades: list[dict], n_held: np.ndarray) -> dict:
                 average_trade_pct=float(r.mean()) if len(r) else 0.0, exposure=float((n_held > 0).mean()))
 
 
+def buy_and_hold(data: MarketData, info: dict, split: str, args: Args) -> np.ndarray:
+    """Equal-weight buy-and-hold of the investable stocks valid on the first decision day, bought at the next
+    open with costs; a delisted stock is held at its last close (its price is carried forward)."""
+    t0, hi = info["bounds"][split]
+    inv = np.asarray(info["inv"])
+    valid0 = np.asarray(data.valid[t0, inv]) & np.asarray(data.valid[t0 + 1, inv])
+    cols = inv[valid0]
+    c = args.cost_bps / 10_000
+    entry = np.asarray(data.open[t0 + 1, cols], np.float64)
+    close = np.asarray(data.close[t0 + 1: hi, :], np.float64)[:, cols]
+    eq = (close / entry).mean(1) * (1 - c)
+    eq[-1] *= 1 - c
+    return eq
+
+
 def backtest_seed(actor: Actor, params, datasets: dict, info: dict, split: str, args: Args, env_params: EnvParams,
                   prng_seed: int, extra_policies=None) -> tuple[dict, list, dict]:
     """One seed's champion vs random (the random key of `prng_seed`) vs equal-weight buy-and-hold, and any
@@ -1239,21 +1254,6 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
     os.replace(tmp, path)
-
-
-def buy_and_hold(data: MarketData, info: dict, split: str, args: Args) -> np.ndarray:
-    """Equal-weight buy-and-hold of the investable stocks valid on the first decision day, bought at the next
-    open with costs; a delisted stock is held at its last close (its price is carried forward)."""
-    t0, hi = info["bounds"][split]
-    inv = np.asarray(info["inv"])
-    valid0 = np.asarray(data.valid[t0, inv]) & np.asarray(data.valid[t0 + 1, inv])
-    cols = inv[valid0]
-    c = args.cost_bps / 10_000
-    entry = np.asarray(data.open[t0 + 1, cols], np.float64)
-    close = np.asarray(data.close[t0 + 1: hi, :], np.float64)[:, cols]
-    eq = (close / entry).mean(1) * (1 - c)
-    eq[-1] *= 1 - c
-    return eq
 
 
 def write_backtest_outputs(run_dir: Path, report: dict, seed_trades: list, seed_curves: list, info: dict) -> None:
