@@ -40,6 +40,7 @@ from flax import struct
 from flax.training.train_state import TrainState
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy import stats
 
 
 # ---- ARGS ----
@@ -1619,6 +1620,188 @@ def validation_return(args, network, params, norm, env_params, backtest, seed_in
     equity, live = np.asarray(out["equity"]), np.asarray(out["live"])
     last = np.array([equity[m][live[m]][-1] for m in range(len(equity))])
     return float(np.mean(last / env_params.initial_balance))
+
+
+# ---- STATISTICS ----
+# Small pure NumPy/SciPy functions behind the report's `summary` and `verdict`; the same block, with the same numbers on
+# the same input, in both trainers. Runs are arrays shaped [folds, runs]: one row per walk-forward fold (one row for a
+# single train/validation/test split), that fold's seeds (or random policies) along the row.
+# Sources: Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice" (IQM, stratified bootstrap, probability
+# of improvement; their rliable library); Bailey and Lopez de Prado 2012, "The Sharpe Ratio Efficient Frontier"
+# (probabilistic Sharpe ratio) and 2014, "The Deflated Sharpe Ratio".
+CONFIDENCE_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 9999  # scipy.stats.bootstrap's default
+BOOTSTRAP_SEED = 0  # fixed: the same runs always give the same intervals
+EDGE_MIN_RUNS = 5  # a unanimous result among 5 runs has probability 0.5 ** 5 = 3% under the null, below 5%
+EDGE_MIN_IMPROVEMENT_LOW = 0.5  # the CI of P(improvement) must exclude a coin flip
+EDGE_MIN_DEFLATED_SHARPE = 0.95  # Bailey and Lopez de Prado's 95% confidence that the true Sharpe beats the benchmark
+
+
+def finite_or_none(value) -> Optional[float]:
+    """A float for JSON, or None where the value is undefined (NaN) or unbounded (inf): strict JSON has neither."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def interquartile_mean(values, axis=None):
+    """The mean of the middle half of the runs, rliable's IQM: scipy.stats.trim_mean(values, 0.25), which cuts
+    int(0.25 n) runs at each end (for fewer than 4 runs nothing is cut: the mean)."""
+    return stats.trim_mean(values, 0.25, axis=axis)
+
+
+def sample_std(values, axis=None):
+    """Standard deviation of the runs with Bessel's correction (ddof 1); NaN for a single run."""
+    return np.std(values, axis=axis, ddof=1) if np.shape(values)[-1 if axis is None else axis] > 1 else np.nan
+
+
+RUN_STATISTICS = {"mean": np.mean, "median": np.median, "iqm": interquartile_mean, "std": sample_std}
+
+
+def stratified_bootstrap_ci(strata: list, statistic) -> Optional[list]:
+    """[low, high] of the 95% percentile bootstrap CI of `statistic(*strata, axis=-1)`, each stratum (a fold's runs)
+    resampled with replacement on its own (scipy.stats.bootstrap with one sample per stratum, unpaired: rliable's
+    stratified bootstrap). Percentile, as rliable's default: BCa is NaN on constant data, the percentile interval of
+    constant data is the constant. None when a stratum has a single run (nothing to resample) or the interval is not
+    finite."""
+    if any(len(stratum) < 2 for stratum in strata):
+        return None
+    result = stats.bootstrap([np.asarray(s, np.float64) for s in strata], statistic, n_resamples=BOOTSTRAP_RESAMPLES,
+                             confidence_level=CONFIDENCE_LEVEL, method="percentile", vectorized=True, axis=-1,
+                             rng=np.random.default_rng(BOOTSTRAP_SEED))
+    low, high = finite_or_none(result.confidence_interval.low), finite_or_none(result.confidence_interval.high)
+    return None if low is None or high is None else [low, high]
+
+
+def estimate_with_ci(runs, statistic) -> dict:
+    """{value, ci} of `statistic` over all runs of all folds (runs [folds, runs]), the CI resampling runs within folds."""
+    folds = [np.asarray(fold, np.float64) for fold in runs]
+
+    def pooled(*strata, axis=-1):
+        return statistic(np.concatenate(strata, axis=axis), axis=axis)
+
+    return dict(value=finite_or_none(pooled(*folds)), ci=stratified_bootstrap_ci(folds, pooled))
+
+
+def task_improvement(x, y):
+    """P(X > Y) + P(X = Y) / 2 for one task, over the runs x and y (last axis; batched over leading axes): the
+    Mann-Whitney U statistic of x over y, from the ranks of the pooled runs (ties get their mean rank), over len(x) len(y)."""
+    num_x, num_y = np.shape(x)[-1], np.shape(y)[-1]
+    ranks = stats.rankdata(np.concatenate([x, y], axis=-1), axis=-1)
+    u_statistic = ranks[..., :num_x].sum(axis=-1) - num_x * (num_x + 1) / 2
+    return u_statistic / (num_x * num_y)
+
+
+def mean_task_improvement(*task_runs, axis=-1):
+    """P(improvement) averaged over tasks; task_runs = (x of task 0, y of task 0, x of task 1, y of task 1, ...), runs
+    along the last axis (scipy.stats.bootstrap always passes axis=-1)."""
+    return np.mean([task_improvement(x, y) for x, y in zip(task_runs[::2], task_runs[1::2])], axis=0)
+
+
+def probability_of_improvement(runs_x, runs_y) -> dict:
+    """{value, ci} of P(X > Y) (Agarwal et al. 2021): per task (a fold; a fold and market), the probability that a run of
+    X beats a run of Y, ties counting 1/2, averaged over tasks; runs_x [tasks, runs of X], runs_y [tasks, runs of Y]. The
+    CI resamples the runs of X and of Y within each task independently (rliable's StratifiedIndependentBootstrap)."""
+    task_runs = [np.asarray(runs, np.float64) for pair in zip(runs_x, runs_y) for runs in pair]
+    return dict(value=finite_or_none(mean_task_improvement(*task_runs)),
+                ci=stratified_bootstrap_ci(task_runs, mean_task_improvement))
+
+
+def percentile_among(runs, reference_runs) -> list:
+    """Each run's percentile (0-100) among the reference runs of its fold (runs [folds, runs], reference [folds, R]),
+    ties counting half (scipy.stats.percentileofscore, kind "mean"): 100 x P(improvement) of that run over the reference."""
+    return [float(stats.percentileofscore(reference, run, kind="mean")) for fold, reference in zip(runs, reference_runs)
+            for run in fold]
+
+
+def period_sharpe(returns) -> Optional[float]:
+    """Sharpe ratio per period (not annualised): mean / standard deviation (ddof 0, as the report's Sharpe) of a
+    period-return series; None for fewer than 2 periods or constant returns."""
+    returns = np.asarray(returns, np.float64)
+    if len(returns) < 2 or np.all(returns == returns[0]):
+        return None
+    return float(returns.mean() / returns.std())
+
+
+def probabilistic_sharpe_ratio(returns, benchmark_sharpe: float = 0.0) -> Optional[float]:
+    """PSR (Bailey and Lopez de Prado 2012): the probability that the true Sharpe ratio of the series beats
+    `benchmark_sharpe`, both per period: Phi((SR - SR*) sqrt(n - 1) / sqrt(1 - skew SR + (kurt - 1) / 4 SR^2)), with the
+    sample skewness and the (non-excess) kurtosis of the n period returns. None where the Sharpe ratio is undefined
+    (see `period_sharpe`) or the variance term is 0 (a two-valued series with skew x SR = 2 makes it 0)."""
+    sharpe = period_sharpe(returns)
+    if sharpe is None or benchmark_sharpe is None:
+        return None
+    returns = np.asarray(returns, np.float64)
+    skewness, kurtosis = stats.skew(returns), stats.kurtosis(returns, fisher=False)
+    variance_term = 1 - skewness * sharpe + (kurtosis - 1) / 4 * sharpe ** 2
+    if not variance_term > 1e-9:  # 0 up to rounding: an estimate with no stated uncertainty would read as certainty
+        return None
+    return finite_or_none(stats.norm.cdf((sharpe - benchmark_sharpe) * np.sqrt(len(returns) - 1) / np.sqrt(variance_term)))
+
+
+def expected_max_sharpe(trial_sharpes, num_trials: int) -> Optional[float]:
+    """SR0 of the deflated Sharpe ratio (Bailey and Lopez de Prado 2014): the expected largest per-period Sharpe ratio
+    of `num_trials` trials without skill, sqrt(V) ((1 - gamma) Phi^-1(1 - 1/N) + gamma Phi^-1(1 - 1/(N e))), V the
+    variance (ddof 1) of the trials' per-period Sharpe ratios, gamma Euler's constant. One trial selects nothing: 0 (the
+    formula's Phi^-1(0) is -inf). None for several trials with fewer than 2 Sharpe ratios known (V is unknown)."""
+    if num_trials <= 1:
+        return 0.0
+    known = [s for s in trial_sharpes if s is not None]
+    if len(known) < 2:
+        return None
+    quantiles = stats.norm.ppf([1 - 1 / num_trials, 1 - 1 / (num_trials * np.e)])
+    return float(np.sqrt(np.var(known, ddof=1)) * ((1 - np.euler_gamma) * quantiles[0] + np.euler_gamma * quantiles[1]))
+
+
+def deflated_sharpe_ratio(returns, trial_sharpes, num_trials: int) -> Optional[float]:
+    """DSR (Bailey and Lopez de Prado 2014): the PSR of the series against SR0 = `expected_max_sharpe`, the Sharpe
+    ratio the best of `num_trials` unskilled trials would show; None where either is undefined."""
+    return probabilistic_sharpe_ratio(returns, expected_max_sharpe(trial_sharpes, num_trials))
+
+
+def median_or_none(values) -> Optional[float]:
+    """The median of the values that are not None; None if none is."""
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
+
+
+def sharpe_summary(period_returns: list, trial_sharpes: list, num_trials: int) -> dict:
+    """PSR against 0 and DSR of each run's (stitched out-of-sample) period-return series, and their medians over runs."""
+    psr = [probabilistic_sharpe_ratio(r) for r in period_returns]
+    dsr = [deflated_sharpe_ratio(r, trial_sharpes, num_trials) for r in period_returns]
+    return dict(probabilistic_sharpe=median_or_none(psr), deflated_sharpe=median_or_none(dsr),
+                expected_max_sharpe=finite_or_none(expected_max_sharpe(trial_sharpes, num_trials)), num_trials=int(num_trials),
+                per_run=[dict(probabilistic_sharpe=p, deflated_sharpe=d) for p, d in zip(psr, dsr)])
+
+
+def run_summary(metric_runs: dict) -> dict:
+    """{metric: {mean, median, iqm, std: {value, ci}}} of one policy; metric_runs {metric: runs [folds, runs]}."""
+    return {metric: {name: estimate_with_ci(runs, statistic) for name, statistic in RUN_STATISTICS.items()}
+            for metric, runs in metric_runs.items()}
+
+
+def number_text(value: Optional[float]) -> str:
+    """A statistic for the verdict sentence: 2 decimals, or n/a where undefined."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def edge_over(improvement: dict, deflated_sharpe: Optional[float], num_runs: int) -> bool:
+    """The verdict's rule: an edge over a baseline only with at least EDGE_MIN_RUNS runs, the lower CI bound of
+    P(improvement) over it above 0.5 and a deflated Sharpe ratio above 0.95; anything undefined is no evidence."""
+    return (num_runs >= EDGE_MIN_RUNS and improvement["ci"] is not None and improvement["ci"][0] > EDGE_MIN_IMPROVEMENT_LOW
+            and deflated_sharpe is not None and deflated_sharpe > EDGE_MIN_DEFLATED_SHARPE)
+
+
+def verdict(improvements: dict, deflated_sharpe: Optional[float], num_runs: int, num_trials: int) -> str:
+    """One quotable sentence on the trained policy: per baseline ({label: {value, ci}} of P(improvement) over it) "edge
+    over LABEL" or "no evidence of an edge over LABEL" by `edge_over`, with the numbers that decided it."""
+    clauses = []
+    for label, improvement in improvements.items():
+        ci = improvement["ci"]
+        interval = f" [{number_text(ci[0])}, {number_text(ci[1])}]" if ci else " [no CI]"
+        claim = "edge" if edge_over(improvement, deflated_sharpe, num_runs) else "no evidence of an edge"
+        clauses.append(f"{claim} over {label}: P(improvement) {number_text(improvement['value'])}{interval}")
+    few = f", fewer than the {EDGE_MIN_RUNS} an edge needs" if num_runs < EDGE_MIN_RUNS else ""
+    return (f"{'; '.join(clauses)}; deflated Sharpe {number_text(deflated_sharpe)} ({num_trials} trials; "
+            f"{num_runs} runs{few})")
 
 
 # ---- MAIN ----
