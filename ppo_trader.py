@@ -160,6 +160,12 @@ class Args:
     (runs/NAME: every seed's best.msgpack)"""
     eval_split: str = "test"
     """split backtested by --eval-only: train, val or test"""
+    random_runs: int = 100
+    """random legal policies played in one vmapped backtest of the report's split (keys split from --seed's): the
+    distribution the report ranks the trained policy in (its percentile) and compares it with (P(improvement))"""
+    trials: int = 1
+    """configurations tried on this data so far, this one included, for the report's deflated Sharpe ratio (number of
+    trials = seeds x folds x --trials)"""
     out_dir: str = "runs"
     """parent folder of run folders"""
     devices: Optional[int] = None
@@ -1320,308 +1326,6 @@ def init_transfers(args: Args, num_features: int) -> list:
     return [load_transfer(str(f), args, num_features) for f in files]
 
 
-# ---- BACKTEST ----
-def make_backtest(env_params: EnvParams, data: MarketData):
-    """Jitted contiguous pass over a split: `play(policies, policy_args, key)` plays every policy (a tuple of
-    `policy(policy_args, key, obs, mask) -> action`, static: one compilation per tuple) on every market at once
-    (vmapped, the market index traced), in one scan of the split's length; `policy_args` (e.g. network params)
-    are traced, so evaluating new parameters does not recompile. Returns one dict per policy of [M, steps] arrays.
-
-    No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
-    drawdown breach the account stops trading and stays flat to the end of the split. The observation is the
-    training one (`get_obs` with `env_params`).
-    The split's last bar acts as a session end, with or without `flatten_at_close`: a position still open is
-    closed at its close (slippage, commission), so the last equity is realised and every trade is closed, and
-    no entry is allowed in the `no_entry_bars` before it (an entry there could only be closed at once).
-    Per-step outputs (`live`: the step is inside the split; `breach`: the step breached the drawdown limit;
-    `closed_*` [.., 2]: the contracts closed at the open by the action and inside the bar, see `step_core`).
-    """
-    window = env_params.window
-    # the longest market's split; shorter ones idle at the end
-    num_steps = int(np.max(np.asarray(data.hi) - np.asarray(data.lo))) - window
-    first_bar = data.lo + window - 1
-    # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar;
-    # the entry rule counts bars to the nearer of the session end and the split's last bar
-    bar = jnp.arange(data.session_end.shape[1])[None]
-    last = data.hi[:, None] - 1
-    rules = env_params.replace(flatten_at_close=True)
-    rules_data = data.replace(session_end=(data.session_end & env_params.flatten_at_close) | (bar == last),
-                              bars_to_close=jnp.minimum(data.bars_to_close, jnp.maximum(last - bar, 0)))
-
-    def bt_step(policy, policy_args, state, alive, key):
-        key, k = jax.random.split(key)
-        in_split = state.t + 1 < data.hi[state.market]
-        live = alive & in_split
-        mask = legal_mask(state, rules, rules_data)
-        action = jnp.where(live, policy(policy_args, k, get_obs(state, env_params, data), mask), HOLD)
-        nxt, reward, term, info = step_core(state, action, rules, rules_data)
-        nxt = jax.tree.map(lambda a, b: jnp.where(live, a, b), nxt, state)
-        nxt = nxt.replace(t=jnp.where(in_split, state.t + 1, state.t))  # after a breach the clock runs on, flat
-        closed = jax.tree.map(lambda x, empty: jnp.where(live, x, empty), info["closed"], no_close_pair(info["closed"]))
-        out = dict(t=nxt.t, live=in_split, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0), action=action,
-                   entry_price=jnp.where(live, info["entry_price"], jnp.nan), breach=live & term,
-                   **{f"closed_{k}": v for k, v in closed._asdict().items()})
-        return (nxt, alive & ~(live & term), key), out
-
-    def play(policies, policy_args, key):
-        markets = jnp.arange(data.lo.shape[0])
-        start = jax.vmap(reset_at)(markets, first_bar)
-        keys = jnp.broadcast_to(key, markets.shape + key.shape)
-        carry = tuple((start, jnp.ones(markets.shape, bool), keys) for _ in policies)
-
-        def body(carry, _):
-            steps = [jax.vmap(functools.partial(bt_step, policy, args))(*c) for policy, args,
-                     c in zip(policies, policy_args, carry)]
-            return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
-
-        _, outs = jax.lax.scan(body, carry, None, num_steps)
-        return tuple(jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out) for out in outs)  # [steps, M, ...] -> [M, steps, ...]
-
-    return jax.jit(play, static_argnums=0)
-
-
-def no_close_pair(closed: Closed) -> Closed:
-    """The value of `closed` when nothing closed."""
-    return Closed(*(jnp.full_like(x, jnp.nan) if name in ("price", "entry") else jnp.zeros_like(x) for name,
-                    x in closed._asdict().items()))
-
-
-def play_one(backtest, policy, policy_args, market: int, key) -> dict:
-    """One policy on one market of a `make_backtest` split, as host arrays of the split's live steps."""
-    out = backtest((policy,), (policy_args,), key)[0]
-    out = {k: np.asarray(v[market]) for k, v in out.items()}
-    return {k: v[out["live"]] for k, v in out.items()}
-
-
-@functools.lru_cache(maxsize=None)
-def greedy_policy(network):
-    """The trained policy acting greedily (most probable legal action); policy_args = (params, obs normaliser)."""
-
-    def policy(policy_args, key, obs, mask):
-        params, norm = policy_args
-        logits, _ = network.apply(params, norm(obs))
-        if network.continuous:  # the squashed mean as the target position
-            return jnp.tanh(logits[0])
-        return jnp.argmax(jnp.where(mask, logits, jnp.finfo(logits.dtype).min))
-
-    return policy
-
-
-@functools.lru_cache(maxsize=None)
-def sampled_policy(network):
-    """The trained policy sampling its actions as in training (masked categorical, or tanh of the Gaussian)."""
-
-    def policy(policy_args, key, obs, mask):
-        params, norm = policy_args
-        logits, _ = network.apply(params, norm(obs))
-        if network.continuous:
-            return squashed_gaussian(logits).sample(seed=key)
-        return masked_policy(logits, mask).sample(seed=key)
-
-    return policy
-
-
-def random_policy(policy_args, key, obs, mask):
-    """Uniform over the legal actions."""
-    return jax.random.choice(key, mask.shape[0], p=mask / mask.sum())
-
-
-def random_target_policy(policy_args, key, obs, mask):
-    """Continuous action space: a target position uniform in [-1, 1] every bar."""
-    return jax.random.uniform(key, (), minval=-1.0, maxval=1.0)
-
-
-def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_per_year: float = 252.0) -> dict:
-    """Return/risk metrics from an equity curve: per-period returns (`day` labels each bar's session), 252 a year."""
-    eq = initial + equity
-    last_of_day = np.r_[day[1:] != day[:-1], True]
-    daily = np.r_[initial, eq[last_of_day]]
-    rets = daily[1:] / daily[:-1] - 1
-    years = max(len(rets) / periods_per_year, 1e-9)
-    total = eq[-1] / initial - 1
-    ann = (1 + total) ** (1 / years) - 1 if total > -1 else -1.0
-    vol = rets.std() * np.sqrt(periods_per_year)
-    down = rets[rets < 0]  # Sortino: downside deviation over all periods (0 for up periods)
-    dd = 1 - eq / np.maximum.accumulate(np.r_[initial, eq])[1:]
-    max_dd = float(dd.max()) if len(dd) else 0.0
-    return dict(total_return=float(total), annualised_return=float(ann), annualised_volatility=float(vol),
-                sharpe=float(rets.mean() / rets.std() * np.sqrt(periods_per_year)) if rets.std() > 0 else 0.0,
-                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year))
-                if len(down) else 0.0,
-                max_drawdown=max_dd, calmar=float(ann / max_dd) if max_dd > 0 else 0.0, days=int(len(rets)))
-
-
-def trade_metrics(out: dict) -> dict:
-    """Counts and quality of closed trades, and exposure (fraction of live bars in a position). A profit factor
-    without a losing trade is undefined: null (with no trade at all, 0)."""
-    closed = np.isfinite(out["closed_price"])
-    pnl = out["closed_round_trip"][closed]
-    wins, losses = pnl[pnl > 0], pnl[pnl <= 0]
-    live = out["live"]
-    profit_factor = float(wins.sum() / -losses.sum()) if losses.sum() < 0 else (None if len(wins) else 0.0)
-    return dict(trades=int(closed.sum()), win_rate=float((pnl > 0).mean()) if len(pnl) else 0.0, profit_factor=profit_factor,
-                average_trade=float(pnl.mean()) if len(pnl) else 0.0,
-                exposure=float((out["dir"][live] != 0).mean()) if live.any() else 0.0)
-
-
-def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> tuple[np.ndarray, bool]:
-    """(equity relative to the initial balance at each bar, breached) of holding `contracts` (continuous actions:
-    `max_contracts`) long from the first decision bar's next open to the split's last close, with the policy's
-    costs (slippage and commission on both fills) and its prop-firm rule: equity marked at each close at or below
-    the trailing threshold sells at that close and the account stays flat."""
-    lo, hi, window = int(data.lo[market]), int(data.hi[market]), env_params.window
-    close = np.asarray(data.close[market][lo + window: hi], np.float64)
-    slip = env_params.slippage_ticks * float(data.tick_size[market])
-    entry = float(data.open[market][lo + window]) + slip
-    lots = env_params.max_contracts if env_params.action_space == "continuous" else env_params.contracts
-    point_value = float(data.point_value[market]) * lots
-    commission = float(data.commission[market]) * lots
-    exit_cost = commission + slip * point_value
-    equity = (close - entry) * point_value - commission
-    equity[-1] -= exit_cost  # sold at the split's last close
-    peak = np.maximum.accumulate(np.maximum(equity, 0.0))
-    threshold = np.minimum(peak - env_params.dd_limit, env_params.dd_lock_offset)
-    breach = np.flatnonzero(equity <= threshold)
-    if len(breach):
-        i = breach[0]
-        equity[i:] = equity[i] - (exit_cost if i < len(equity) - 1 else 0.0)
-    return equity, bool(len(breach))
-
-
-def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict,
-                    seed: int) -> tuple[dict, dict]:
-    """Plays every policy on every market of a split (one call); returns ({market: rows}, live outputs per policy and
-    market)."""
-    report = {}
-    names = list(policies)
-    outs = backtest(tuple(policies[n][0] for n in names), tuple(policies[n][1] for n in names), jax.random.PRNGKey(seed))
-    raws = {name: {} for name in names}
-    for m, market in enumerate(info["markets"]):
-        lo, hi = info["bounds"][m][split]
-        ts = info["timestamps"][m]
-        session_id = np.r_[0, np.cumsum(np.asarray(data.session_end[m])[:-1])]  # a period = one trading session
-        rows = {}
-        for name, out in zip(names, outs):
-            out = {k: np.asarray(v[m]) for k, v in out.items()}
-            out = {k: v[out["live"]] for k, v in out.items()}
-            rows[name] = dict(period_metrics(out["equity"], session_id[out["t"]], env_params.initial_balance),
-                              **trade_metrics(out),
-                              final_equity=float(env_params.initial_balance + out["equity"][-1]),
-                              breached=bool(out["breach"].any()))
-            raws[name][market] = out
-        bh, bh_breached = buy_and_hold(data, m, env_params)
-        t_bh = np.arange(lo + env_params.window, hi)
-        rows["buy_and_hold"] = dict(period_metrics(bh, session_id[t_bh], env_params.initial_balance), trades=1,
-                                    final_equity=float(env_params.initial_balance + bh[-1]), breached=bh_breached)
-        report[market] = dict(bars=int(hi - lo), start=str(np.datetime64(int(ts[lo]), "ns")),
-                              end=str(np.datetime64(int(ts[hi - 1]), "ns")), **rows)
-    return report, raws
-
-
-def trade_rows(out: dict, market: str, ts: np.ndarray) -> list[str]:
-    """trades.csv rows of one market's backtest: per closed lot group, the time its position was opened, the exit
-    time, direction, average entry price (the one the P&L uses), exit price and P&L with both commissions."""
-    rows, opened_at, prev_dir = [], None, 0
-    for i in range(len(out["t"])):
-        fill_time = ts[out["t"][i]]
-        for slot in (0, 1):  # closed at the open by the action, then inside the bar
-            if slot == 1 and np.isfinite(out["entry_price"][i]) and (prev_dir == 0 or out["closed_lots"][i, 0] > 0):
-                opened_at = fill_time  # a position opened from flat, or the new side of a reversal, at this open
-            if np.isfinite(out["closed_price"][i, slot]):
-                side = "long" if out["closed_direction"][i, slot] > 0 else "short"
-                rows.append(f"{market},{np.datetime64(int(opened_at), 'ns')},{np.datetime64(int(fill_time), 'ns')},{side},"
-                            f"{out['closed_entry'][i, slot]:.6g},{out['closed_price'][i, slot]:.6g},"
-                            f"{out['closed_round_trip'][i, slot]:.2f}")
-        prev_dir = out["dir"][i]
-    return rows
-
-
-def write_json(path: Path, obj) -> None:
-    """Strict JSON (no NaN or Infinity), written to a temporary file and renamed."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
-    os.replace(tmp, path)
-
-
-def write_backtest_outputs(run_dir: Path, report: dict, seed_raws: list, info: dict) -> None:
-    """report.json, trades.csv (the greedy policy's trades of every seed) and equity.png (every seed's greedy policy,
-    and the other policies of the first seed) for the backtests of `report["seeds"]` (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    write_json(run_dir / "report.json", report)
-    lines = ["seed,market,entry_time,exit_time,direction,entry_price,exit_price,pnl"]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for m, market in enumerate(info["markets"]):
-        ts = info["timestamps"][m]
-        for row, raws in zip(report["seeds"], seed_raws):
-            lines += [f"{row['seed']},{line}" for line in trade_rows(raws["policy"][market], market, ts)]
-            for name in raws if row is report["seeds"][0] else ("policy",):
-                times = ts[raws[name][market]["t"]].astype("datetime64[ns]")
-                ax.plot(times, report["initial_balance"] + raws[name][market]["equity"], lw=1,
-                        label=f"{market} seed {row['seed']} {name}")
-    ax.set_title(f"{report['split']} split equity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "equity.png", dpi=100)
-    plt.close(fig)
-    (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
-
-
-def over_seeds(rows: list, markets: list) -> dict:
-    """{market: {policy: {metric: {median, min, max}}}} over the seeds' report rows, for every numeric metric (a metric
-    that is null for some seeds, like a profit factor without a losing trade, over the others; null if null for all)."""
-    out = {}
-    for market in markets:
-        out[market] = {}
-        for name, metrics in rows[0][market].items():
-            if not isinstance(metrics, dict):
-                continue
-            out[market][name] = {}
-            for metric in metrics:
-                values = [row[market][name][metric] for row in rows]
-                if any(isinstance(value, bool) for value in values):
-                    continue
-                numbers = [value for value in values if value is not None]
-                out[market][name][metric] = dict(median=float(np.median(numbers)), min=float(min(numbers)),
-                                                 max=float(max(numbers))) if numbers else None
-    return out
-
-
-def evaluate(args: Args, network, seeds: list, datasets, info, env_params, run_dir: Path, split: str, extra: dict) -> dict:
-    """Backtests each seed's policy (greedy, and sampling its actions), a random legal policy and buy-and-hold on a
-    split, seed k with the random key of --seed SEED+k; `seeds` = [(seed index, params, obs normaliser, checkpoint)].
-    Writes the report files (trades and the selection are the greedy policy's) with `extra` in the report."""
-    data = datasets[split]
-    backtest = make_backtest(env_params, data)
-    random = random_target_policy if args.action_space == "continuous" else random_policy
-    rows, seed_raws = [], []
-    for seed_index, params, norm, checkpoint in seeds:
-        policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)),
-                    "random": (random, None)}
-        markets, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed + seed_index)
-        rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, checkpoint=str(checkpoint), **markets))
-        seed_raws.append(raws)
-    report = dict(split=split, annualisation="per-session returns (equity at each session's last bar), 252 sessions a year",
-                  initial_balance=env_params.initial_balance, **extra, seeds=rows,
-                  over_seeds=over_seeds(rows, info["markets"]))
-    write_backtest_outputs(run_dir, report, seed_raws, info)
-    return report
-
-
-def validation_return(args, network, params, norm, env_params, backtest, seed_index: int = 0) -> float:
-    """Mean total return of the greedy policy over the markets of the validation split (model selection), played with
-    the random key of --seed SEED+seed_index."""
-    out = backtest((greedy_policy(network),), ((params, norm),), jax.random.PRNGKey(args.seed + seed_index))[0]
-    equity, live = np.asarray(out["equity"]), np.asarray(out["live"])
-    last = np.array([equity[m][live[m]][-1] for m in range(len(equity))])
-    return float(np.mean(last / env_params.initial_balance))
-
-
 # ---- STATISTICS ----
 # Small pure NumPy/SciPy functions behind the report's `summary` and `verdict`; the same block, with the same numbers on
 # the same input, in both trainers. Runs are arrays shaped [folds, runs]: one row per walk-forward fold (one row for a
@@ -1804,6 +1508,392 @@ def verdict(improvements: dict, deflated_sharpe: Optional[float], num_runs: int,
             f"{num_runs} runs{few})")
 
 
+# ---- BACKTEST ----
+def make_backtest(env_params: EnvParams, data: MarketData):
+    """Jitted contiguous pass over a split: `play(policies, policy_args, key)` plays every policy (a tuple of
+    `policy(policy_args, key, obs, mask) -> action`, static: one compilation per tuple) on every market at once
+    (vmapped, the market index traced), in one scan of the split's length; `policy_args` (e.g. network params)
+    are traced, so evaluating new parameters does not recompile. Returns one dict per policy of [M, steps] arrays.
+
+    No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
+    drawdown breach the account stops trading and stays flat to the end of the split. The observation is the
+    training one (`get_obs` with `env_params`).
+    The split's last bar acts as a session end, with or without `flatten_at_close`: a position still open is
+    closed at its close (slippage, commission), so the last equity is realised and every trade is closed, and
+    no entry is allowed in the `no_entry_bars` before it (an entry there could only be closed at once).
+    Per-step outputs (`live`: the step is inside the split; `breach`: the step breached the drawdown limit;
+    `closed_*` [.., 2]: the contracts closed at the open by the action and inside the bar, see `step_core`).
+    """
+    window = env_params.window
+    # the longest market's split; shorter ones idle at the end
+    num_steps = int(np.max(np.asarray(data.hi) - np.asarray(data.lo))) - window
+    first_bar = data.lo + window - 1
+    # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar;
+    # the entry rule counts bars to the nearer of the session end and the split's last bar
+    bar = jnp.arange(data.session_end.shape[1])[None]
+    last = data.hi[:, None] - 1
+    rules = env_params.replace(flatten_at_close=True)
+    rules_data = data.replace(session_end=(data.session_end & env_params.flatten_at_close) | (bar == last),
+                              bars_to_close=jnp.minimum(data.bars_to_close, jnp.maximum(last - bar, 0)))
+
+    def bt_step(policy, policy_args, state, alive, key):
+        key, k = jax.random.split(key)
+        in_split = state.t + 1 < data.hi[state.market]
+        live = alive & in_split
+        mask = legal_mask(state, rules, rules_data)
+        action = jnp.where(live, policy(policy_args, k, get_obs(state, env_params, data), mask), HOLD)
+        nxt, reward, term, info = step_core(state, action, rules, rules_data)
+        nxt = jax.tree.map(lambda a, b: jnp.where(live, a, b), nxt, state)
+        nxt = nxt.replace(t=jnp.where(in_split, state.t + 1, state.t))  # after a breach the clock runs on, flat
+        closed = jax.tree.map(lambda x, empty: jnp.where(live, x, empty), info["closed"], no_close_pair(info["closed"]))
+        out = dict(t=nxt.t, live=in_split, equity=nxt.equity, dir=nxt.dir, reward=jnp.where(live, reward, 0.0), action=action,
+                   entry_price=jnp.where(live, info["entry_price"], jnp.nan), breach=live & term,
+                   **{f"closed_{k}": v for k, v in closed._asdict().items()})
+        return (nxt, alive & ~(live & term), key), out
+
+    def play(policies, policy_args, key):
+        markets = jnp.arange(data.lo.shape[0])
+        start = jax.vmap(reset_at)(markets, first_bar)
+        keys = jnp.broadcast_to(key, markets.shape + key.shape)
+        carry = tuple((start, jnp.ones(markets.shape, bool), keys) for _ in policies)
+
+        def body(carry, _):
+            steps = [jax.vmap(functools.partial(bt_step, policy, args))(*c) for policy, args,
+                     c in zip(policies, policy_args, carry)]
+            return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
+
+        _, outs = jax.lax.scan(body, carry, None, num_steps)
+        return tuple(jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out) for out in outs)  # [steps, M, ...] -> [M, steps, ...]
+
+    return jax.jit(play, static_argnums=0)
+
+
+def no_close_pair(closed: Closed) -> Closed:
+    """The value of `closed` when nothing closed."""
+    return Closed(*(jnp.full_like(x, jnp.nan) if name in ("price", "entry") else jnp.zeros_like(x) for name,
+                    x in closed._asdict().items()))
+
+
+def play_one(backtest, policy, policy_args, market: int, key) -> dict:
+    """One policy on one market of a `make_backtest` split, as host arrays of the split's live steps."""
+    out = backtest((policy,), (policy_args,), key)[0]
+    out = {k: np.asarray(v[market]) for k, v in out.items()}
+    return {k: v[out["live"]] for k, v in out.items()}
+
+
+@functools.lru_cache(maxsize=None)
+def greedy_policy(network):
+    """The trained policy acting greedily (most probable legal action); policy_args = (params, obs normaliser)."""
+
+    def policy(policy_args, key, obs, mask):
+        params, norm = policy_args
+        logits, _ = network.apply(params, norm(obs))
+        if network.continuous:  # the squashed mean as the target position
+            return jnp.tanh(logits[0])
+        return jnp.argmax(jnp.where(mask, logits, jnp.finfo(logits.dtype).min))
+
+    return policy
+
+
+@functools.lru_cache(maxsize=None)
+def sampled_policy(network):
+    """The trained policy sampling its actions as in training (masked categorical, or tanh of the Gaussian)."""
+
+    def policy(policy_args, key, obs, mask):
+        params, norm = policy_args
+        logits, _ = network.apply(params, norm(obs))
+        if network.continuous:
+            return squashed_gaussian(logits).sample(seed=key)
+        return masked_policy(logits, mask).sample(seed=key)
+
+    return policy
+
+
+def random_policy(policy_args, key, obs, mask):
+    """Uniform over the legal actions."""
+    return jax.random.choice(key, mask.shape[0], p=mask / mask.sum())
+
+
+def random_target_policy(policy_args, key, obs, mask):
+    """Continuous action space: a target position uniform in [-1, 1] every bar."""
+    return jax.random.uniform(key, (), minval=-1.0, maxval=1.0)
+
+
+def session_returns(equity: np.ndarray, day: np.ndarray, initial: float) -> np.ndarray:
+    """Per-period returns of an equity curve (relative to the initial balance): the equity at each period's last bar
+    (`day` labels each bar's period) over the one before, the first over the initial balance."""
+    last_of_day = np.r_[day[1:] != day[:-1], True]
+    daily = np.r_[initial, initial + equity[last_of_day]]
+    return daily[1:] / daily[:-1] - 1
+
+
+def session_ids(data: MarketData, market: int) -> np.ndarray:
+    """The session of every bar of a market (a period of the report's metrics = one trading session)."""
+    return np.r_[0, np.cumsum(np.asarray(data.session_end[market])[:-1])]
+
+
+def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_per_year: float = 252.0) -> dict:
+    """Return/risk metrics from an equity curve: per-period returns (`day` labels each bar's session), 252 a year."""
+    eq = initial + equity
+    rets = session_returns(equity, day, initial)
+    years = max(len(rets) / periods_per_year, 1e-9)
+    total = eq[-1] / initial - 1
+    ann = (1 + total) ** (1 / years) - 1 if total > -1 else -1.0
+    vol = rets.std() * np.sqrt(periods_per_year)
+    down = rets[rets < 0]  # Sortino: downside deviation over all periods (0 for up periods)
+    dd = 1 - eq / np.maximum.accumulate(np.r_[initial, eq])[1:]
+    max_dd = float(dd.max()) if len(dd) else 0.0
+    return dict(total_return=float(total), annualised_return=float(ann), annualised_volatility=float(vol),
+                sharpe=float(rets.mean() / rets.std() * np.sqrt(periods_per_year)) if rets.std() > 0 else 0.0,
+                sortino=float(rets.mean() / np.sqrt((np.minimum(rets, 0) ** 2).mean()) * np.sqrt(periods_per_year))
+                if len(down) else 0.0,
+                max_drawdown=max_dd, calmar=float(ann / max_dd) if max_dd > 0 else 0.0, days=int(len(rets)))
+
+
+def trade_metrics(out: dict) -> dict:
+    """Counts and quality of closed trades, and exposure (fraction of live bars in a position). A profit factor
+    without a losing trade is undefined: null (with no trade at all, 0)."""
+    closed = np.isfinite(out["closed_price"])
+    pnl = out["closed_round_trip"][closed]
+    wins, losses = pnl[pnl > 0], pnl[pnl <= 0]
+    live = out["live"]
+    profit_factor = float(wins.sum() / -losses.sum()) if losses.sum() < 0 else (None if len(wins) else 0.0)
+    return dict(trades=int(closed.sum()), win_rate=float((pnl > 0).mean()) if len(pnl) else 0.0, profit_factor=profit_factor,
+                average_trade=float(pnl.mean()) if len(pnl) else 0.0,
+                exposure=float((out["dir"][live] != 0).mean()) if live.any() else 0.0)
+
+
+def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> tuple[np.ndarray, bool]:
+    """(equity relative to the initial balance at each bar, breached) of holding `contracts` (continuous actions:
+    `max_contracts`) long from the first decision bar's next open to the split's last close, with the policy's
+    costs (slippage and commission on both fills) and its prop-firm rule: equity marked at each close at or below
+    the trailing threshold sells at that close and the account stays flat."""
+    lo, hi, window = int(data.lo[market]), int(data.hi[market]), env_params.window
+    close = np.asarray(data.close[market][lo + window: hi], np.float64)
+    slip = env_params.slippage_ticks * float(data.tick_size[market])
+    entry = float(data.open[market][lo + window]) + slip
+    lots = env_params.max_contracts if env_params.action_space == "continuous" else env_params.contracts
+    point_value = float(data.point_value[market]) * lots
+    commission = float(data.commission[market]) * lots
+    exit_cost = commission + slip * point_value
+    equity = (close - entry) * point_value - commission
+    equity[-1] -= exit_cost  # sold at the split's last close
+    peak = np.maximum.accumulate(np.maximum(equity, 0.0))
+    threshold = np.minimum(peak - env_params.dd_limit, env_params.dd_lock_offset)
+    breach = np.flatnonzero(equity <= threshold)
+    if len(breach):
+        i = breach[0]
+        equity[i:] = equity[i] - (exit_cost if i < len(equity) - 1 else 0.0)
+    return equity, bool(len(breach))
+
+
+def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict,
+                    seed: int) -> tuple[dict, dict]:
+    """Plays every policy on every market of a split (one call); returns ({market: rows}, live outputs per policy and
+    market, buy-and-hold's included, each with its per-session returns `session_returns`)."""
+    report = {}
+    names = list(policies)
+    outs = backtest(tuple(policies[n][0] for n in names), tuple(policies[n][1] for n in names), jax.random.PRNGKey(seed))
+    raws = {name: {} for name in names + ["buy_and_hold"]}
+    initial = env_params.initial_balance
+    for m, market in enumerate(info["markets"]):
+        lo, hi = info["bounds"][m][split]
+        ts = info["timestamps"][m]
+        session_id = session_ids(data, m)
+        rows = {}
+        for name, out in zip(names, outs):
+            out = {k: np.asarray(v[m]) for k, v in out.items()}
+            out = {k: v[out["live"]] for k, v in out.items()}
+            rows[name] = dict(period_metrics(out["equity"], session_id[out["t"]], initial),
+                              **trade_metrics(out),
+                              final_equity=float(initial + out["equity"][-1]),
+                              breached=bool(out["breach"].any()))
+            raws[name][market] = dict(out, session_returns=session_returns(out["equity"], session_id[out["t"]], initial))
+        bh, bh_breached = buy_and_hold(data, m, env_params)
+        t_bh = np.arange(lo + env_params.window, hi)
+        rows["buy_and_hold"] = dict(period_metrics(bh, session_id[t_bh], initial), trades=1,
+                                    final_equity=float(initial + bh[-1]), breached=bh_breached)
+        raws["buy_and_hold"][market] = dict(t=t_bh, equity=bh, session_returns=session_returns(bh, session_id[t_bh], initial))
+        report[market] = dict(bars=int(hi - lo), start=str(np.datetime64(int(ts[lo]), "ns")),
+                              end=str(np.datetime64(int(ts[hi - 1]), "ns")), **rows)
+    return report, raws
+
+
+def trade_rows(out: dict, market: str, ts: np.ndarray) -> list[str]:
+    """trades.csv rows of one market's backtest: per closed lot group, the time its position was opened, the exit
+    time, direction, average entry price (the one the P&L uses), exit price and P&L with both commissions."""
+    rows, opened_at, prev_dir = [], None, 0
+    for i in range(len(out["t"])):
+        fill_time = ts[out["t"][i]]
+        for slot in (0, 1):  # closed at the open by the action, then inside the bar
+            if slot == 1 and np.isfinite(out["entry_price"][i]) and (prev_dir == 0 or out["closed_lots"][i, 0] > 0):
+                opened_at = fill_time  # a position opened from flat, or the new side of a reversal, at this open
+            if np.isfinite(out["closed_price"][i, slot]):
+                side = "long" if out["closed_direction"][i, slot] > 0 else "short"
+                rows.append(f"{market},{np.datetime64(int(opened_at), 'ns')},{np.datetime64(int(fill_time), 'ns')},{side},"
+                            f"{out['closed_entry'][i, slot]:.6g},{out['closed_price'][i, slot]:.6g},"
+                            f"{out['closed_round_trip'][i, slot]:.2f}")
+        prev_dir = out["dir"][i]
+    return rows
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (no NaN or Infinity), written to a temporary file and renamed."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def write_backtest_outputs(run_dir: Path, report: dict, seed_raws: list, info: dict) -> None:
+    """report.json, trades.csv (the greedy policy's trades of every seed) and equity.png (every seed's greedy policy,
+    and the other policies of the first seed) for the backtests of `report["seeds"]` (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_json(run_dir / "report.json", report)
+    lines = ["seed,market,entry_time,exit_time,direction,entry_price,exit_price,pnl"]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for m, market in enumerate(info["markets"]):
+        ts = info["timestamps"][m]
+        for row, raws in zip(report["seeds"], seed_raws):
+            lines += [f"{row['seed']},{line}" for line in trade_rows(raws["policy"][market], market, ts)]
+            for name in raws if row is report["seeds"][0] else ("policy",):
+                times = ts[raws[name][market]["t"]].astype("datetime64[ns]")
+                ax.plot(times, report["initial_balance"] + raws[name][market]["equity"], lw=1,
+                        label=f"{market} seed {row['seed']} {name}")
+    ax.set_title(f"{report['split']} split equity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "equity.png", dpi=100)
+    plt.close(fig)
+    (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
+
+
+def over_seeds(rows: list, markets: list) -> dict:
+    """{market: {policy: {metric: {median, min, max}}}} over the seeds' report rows, for every numeric metric (a metric
+    that is null for some seeds, like a profit factor without a losing trade, over the others; null if null for all)."""
+    out = {}
+    for market in markets:
+        out[market] = {}
+        for name, metrics in rows[0][market].items():
+            if not isinstance(metrics, dict):
+                continue
+            out[market][name] = {}
+            for metric in metrics:
+                values = [row[market][name][metric] for row in rows]
+                if any(isinstance(value, bool) for value in values):
+                    continue
+                numbers = [value for value in values if value is not None]
+                out[market][name][metric] = dict(median=float(np.median(numbers)), min=float(min(numbers)),
+                                                 max=float(max(numbers))) if numbers else None
+    return out
+
+
+def random_runs_report(backtest, random, data: MarketData, info: dict, env_params: EnvParams, num_runs: int,
+                       seed: int) -> dict:
+    """{market: [(metrics, per-session returns) of each run]} of `num_runs` random policies played in one vmapped
+    backtest of the split (their keys split from PRNGKey(seed)); only what the statistics need leaves the device."""
+
+    def play(key):
+        out = backtest((random,), (None,), key)[0]
+        return {k: out[k] for k in ("t", "live", "equity")}
+
+    outs = jax.tree.map(np.asarray, jax.jit(jax.vmap(play))(jax.random.split(jax.random.PRNGKey(seed), num_runs)))
+    runs = {}
+    for m, market in enumerate(info["markets"]):
+        session_id, runs[market] = session_ids(data, m), []
+        for r in range(num_runs):
+            live = outs["live"][r, m]
+            equity, day = outs["equity"][r, m][live], session_id[outs["t"][r, m][live]]
+            runs[market].append((period_metrics(equity, day, env_params.initial_balance),
+                                 session_returns(equity, day, env_params.initial_balance)))
+    return runs
+
+
+# the report's summary: the trained policy's two ways of acting, and the baselines it is compared with
+TRAINED_POLICIES = ("policy", "sampled")
+BASELINES = {"random": "random", "buy_and_hold": "buy-and-hold"}  # report name: name in the verdict
+CI_METRICS = ("total_return", "annualised_return", "sharpe")
+SUMMARY_ABOUT = (  # the report's summary_about: what its summary holds, and why a field can be null
+    "over folds x runs (one fold: the single train/validation/test split). random: the --random-runs random policies; "
+    "policy, sampled, buy_and_hold: one run per seed. {value, ci}: the statistic over all runs, ci its 95% percentile "
+    f"bootstrap interval (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, runs resampled within folds). null "
+    "where undefined: a ci from a single run per fold, a std of one run, a Sharpe ratio of constant returns, a deflated "
+    "Sharpe without the variance of the trials' Sharpe ratios. probability_of_improvement: P(this policy's total return "
+    "> the other's), ties 1/2, over all pairs of runs of a fold, averaged over folds. probabilistic_sharpe (against 0) "
+    "and deflated_sharpe: of each run's per-session returns, the median over runs (per_run: each run's); num_trials = "
+    "folds x seeds x --trials for the trained policy, 1 for a baseline (nothing was selected). percentile_among_random: "
+    "each run's total return among the random runs of its fold, ties half. Verdict rules: README.md")
+
+
+def market_summary(rows: list, seed_raws: list, random_runs: list, market: str, trials: int) -> tuple[dict, str]:
+    """(summary, verdict) of one market: per policy the STATISTICS of its runs (see SUMMARY_ABOUT), and the verdict on
+    the greedy policy against the baselines. `rows`/`seed_raws`: each seed's report rows and live outputs, `random_runs`:
+    this market's (metrics, per-session returns) of the random runs."""
+    num_folds = 1  # today's single split; a walk-forward fold axis makes these [folds, runs] arrays longer
+    per_seed = ("policy", "sampled", "buy_and_hold")
+    metric_runs = {name: {metric: np.array([[row[market][name][metric] for row in rows]]) for metric in CI_METRICS}
+                   for name in per_seed}
+    metric_runs["random"] = {metric: np.array([[metrics[metric] for metrics, _ in random_runs]]) for metric in CI_METRICS}
+    returns = {name: [raws[name][market]["session_returns"] for raws in seed_raws] for name in per_seed}
+    returns["random"] = [rets for _, rets in random_runs]
+    totals = {name: runs["total_return"] for name, runs in metric_runs.items()}
+    num_trials = num_folds * len(rows) * trials
+    summary = {}
+    for name in SUMMARY_POLICIES:
+        trained = name in TRAINED_POLICIES
+        trial_sharpes = [period_sharpe(rets) for rets in returns[name]] if trained else []
+        summary[name] = dict(folds=num_folds, runs=int(totals[name].size), **run_summary(metric_runs[name]),
+                             **sharpe_summary(returns[name], trial_sharpes, num_trials if trained else 1),
+                             probability_of_improvement={other: probability_of_improvement(totals[name], totals[other])
+                                                         for other in BASELINES if other != name})
+        if name != "random":
+            percentiles = percentile_among(totals[name], totals["random"])
+            summary[name]["percentile_among_random"] = dict(median=median_or_none(percentiles), per_run=percentiles)
+    improvements = {label: summary["policy"]["probability_of_improvement"][other] for other, label in BASELINES.items()}
+    return summary, verdict(improvements, summary["policy"]["deflated_sharpe"], summary["policy"]["runs"], num_trials)
+
+
+def evaluate(args: Args, network, seeds: list, datasets, info, env_params, run_dir: Path, split: str, extra: dict) -> dict:
+    """Backtests each seed's policy (greedy, and sampling its actions), a random legal policy and buy-and-hold on a
+    split, seed k with the random key of --seed SEED+k; `seeds` = [(seed index, params, obs normaliser, checkpoint)].
+    Plays --random-runs random policies in one vmapped backtest and summarises every policy over the runs (`summary`,
+    `verdict` per market). Writes the report files (trades and the selection are the greedy policy's) with `extra`."""
+    data = datasets[split]
+    backtest = make_backtest(env_params, data)
+    random = random_target_policy if args.action_space == "continuous" else random_policy
+    rows, seed_raws = [], []
+    for seed_index, params, norm, checkpoint in seeds:
+        policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)),
+                    "random": (random, None)}
+        markets, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed + seed_index)
+        rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, checkpoint=str(checkpoint), **markets))
+        seed_raws.append(raws)
+    random_runs = random_runs_report(backtest, random, data, info, env_params, args.random_runs, args.seed)
+    summaries = {market: market_summary(rows, seed_raws, random_runs[market], market, args.trials)
+                 for market in info["markets"]}
+    report = dict(split=split, annualisation="per-session returns (equity at each session's last bar), 252 sessions a year",
+                  initial_balance=env_params.initial_balance, **extra, seeds=rows,
+                  over_seeds=over_seeds(rows, info["markets"]), random_runs=args.random_runs, trials=args.trials,
+                  summary_about=SUMMARY_ABOUT, summary={market: summary for market, (summary, _) in summaries.items()},
+                  verdict={market: sentence for market, (_, sentence) in summaries.items()})
+    write_backtest_outputs(run_dir, report, seed_raws, info)
+    return report
+
+
+def validation_return(args, network, params, norm, env_params, backtest, seed_index: int = 0) -> float:
+    """Mean total return of the greedy policy over the markets of the validation split (model selection), played with
+    the random key of --seed SEED+seed_index."""
+    out = backtest((greedy_policy(network),), ((params, norm),), jax.random.PRNGKey(args.seed + seed_index))[0]
+    equity, live = np.asarray(out["equity"]), np.asarray(out["live"])
+    last = np.array([equity[m][live[m]][-1] for m in range(len(equity))])
+    return float(np.mean(last / env_params.initial_balance))
+
+
 # ---- MAIN ----
 def hparam_table(args: Args) -> str:
     return "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(args).items())
@@ -1813,7 +1903,7 @@ LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes",
                 "process_id")  # how to run, not what: a resume picks its own
 RESUME_FLAGS = ("resume", "stop_after") + LAYOUT_FLAGS  # the only flags a resumed run takes from the command line
 EVAL_FLAGS = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name",
-              "seed")  # what and where --eval-only plays
+              "seed", "random_runs", "trials")  # what and where --eval-only plays, and how it is summarised
 # --eval-only overrides of the policy's own values: costs, env rules and splits (stated in the report)
 EVAL_OVERRIDES = ("slippage_ticks", "commission", "initial_balance", "dd_limit", "dd_lock_offset", "contracts", "sl_atr_mult",
                   "tp_atr_mult",
@@ -1861,9 +1951,10 @@ def resume_setup(args: Args) -> RunSetup:
 
 
 def eval_only_setup(args: Args) -> RunSetup:
-    """--eval-only: the policy's own window, network, env rules, splits and seed, with the costs, rules, splits and seed
-    given on the command line instead; its own output folder (runs/NAME/eval_<split>_<data>/ inside a run folder
-    --checkpoint, beside a policy file --checkpoint, by default). A run folder plays every seed's best.msgpack."""
+    """--eval-only: the policy's own window, network, env rules, splits, seed, random runs and trials, with the costs,
+    rules, splits, seed, random runs and trials given on the command line instead; its own output folder
+    (runs/NAME/eval_<split>_<data>/ inside a run folder --checkpoint, beside a policy file --checkpoint, by default). A
+    run folder plays every seed's best.msgpack."""
     if not args.checkpoint:
         raise DataError("--eval-only needs --checkpoint PATH. Fix: pass a run folder runs/NAME or a policy file "
                         "runs/NAME/seed0/best.msgpack")
@@ -1878,7 +1969,7 @@ def eval_only_setup(args: Args) -> RunSetup:
     policy_files = tuple(enumerate(files)) if checkpoint.is_dir() else ((seed_index, checkpoint),)
     overrides = {name: getattr(args, name) for name in given if name in EVAL_OVERRIDES}
     # from the command line: what to play (the policy's own data and seed unless given), where, the overrides
-    from_policy = ("data", "seed")
+    from_policy = ("data", "seed", "random_runs", "trials")
     keep = tuple(name for name in EVAL_FLAGS if name not in from_policy or name in given) + tuple(overrides) + RESUME_FLAGS
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
              if k not in keep and k in Args.__dataclass_fields__}
@@ -1915,6 +2006,7 @@ def run_eval_only(setup: RunSetup) -> dict:
     print(summary_table(report))
     if setup.overrides:
         print("overrides of the policy's values: " + " ".join(f"{flag(k)} {v}" for k, v in setup.overrides.items()))
+    print(verdict_lines(report))
     return report
 
 
@@ -2138,6 +2230,7 @@ def train_and_report(args: Args) -> dict:
     report = evaluate(args, trainer.network, seeds, datasets, info, env_params, run_dir, "test",
                       extra={"selected_by": "best validation return of each seed (seed<k>/best.msgpack)"})
     print(summary_table(report))
+    print(verdict_lines(report))
     return report
 
 
@@ -2148,6 +2241,12 @@ SUMMARY_POLICIES = ("policy", "sampled", "random", "buy_and_hold")
 def table_line(label: str, values) -> str:
     """One line of the summary table: a label, then each value (or column name) right-aligned in 14 characters."""
     return f"{label:<36}" + "".join(f"{value:>14.4g}" if not isinstance(value, str) else f"{value:>14}" for value in values)
+
+
+def verdict_lines(report: dict) -> str:
+    """The end of the end-of-run print: each market's verdict (the rules are in README.md)."""
+    return "\n".join(f"verdict, {report['split']} split, {market}: {sentence}"
+                     for market, sentence in report["verdict"].items())
 
 
 def summary_table(report: dict) -> str:
@@ -2183,7 +2282,7 @@ def parse_args(argv) -> Args:
 def check_args(args: Args) -> None:
     """Flag combinations that cannot work, caught before any compilation."""
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "window", "episode_bars",
-                 "chunk_updates", "eval_every", "hidden", "contracts"):
+                 "chunk_updates", "eval_every", "hidden", "contracts", "random_runs", "trials"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if (args.num_envs * args.num_steps) % args.num_minibatches:
