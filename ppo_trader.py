@@ -1354,7 +1354,8 @@ def interquartile_mean(values, axis=None):
 
 def sample_std(values, axis=None):
     """Standard deviation of the runs with Bessel's correction (ddof 1); NaN for a single run."""
-    return np.std(values, axis=axis, ddof=1) if np.shape(values)[-1 if axis is None else axis] > 1 else np.nan
+    num_runs = np.size(values) if axis is None else np.shape(values)[axis]
+    return np.std(values, axis=axis, ddof=1) if num_runs > 1 else np.nan
 
 
 RUN_STATISTICS = {"mean": np.mean, "median": np.median, "iqm": interquartile_mean, "std": sample_std}
