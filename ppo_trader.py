@@ -1828,22 +1828,44 @@ SUMMARY_ABOUT = (  # the report's summary_about: what its summary holds, and why
     "> the other's), ties 1/2, over all pairs of runs of a fold, averaged over folds. probabilistic_sharpe (against 0) "
     "and deflated_sharpe: of each run's per-session returns, the median over runs (per_run: each run's); num_trials = "
     "folds x seeds x --trials for the trained policy, 1 for a baseline (nothing was selected). percentile_among_random: "
-    "each run's total return among the random runs of its fold, ties half. Verdict rules: README.md")
+    "each run's total return among the random runs of its fold, ties half. improvement_over_markets: P(improvement) "
+    "with a task per market and fold, averaged over them. Verdict rules: README.md")
 
 
-def market_summary(rows: list, seed_raws: list, random_runs: list, market: str, trials: int) -> tuple[dict, str]:
-    """(summary, verdict) of one market: per policy the STATISTICS of its runs (see SUMMARY_ABOUT), and the verdict on
-    the greedy policy against the baselines. `rows`/`seed_raws`: each seed's report rows and live outputs, `random_runs`:
-    this market's (metrics, per-session returns) of the random runs."""
-    num_folds = 1  # today's single split; a walk-forward fold axis makes these [folds, runs] arrays longer
+class MarketRuns(NamedTuple):
+    """One market's runs of every policy, as the STATISTICS take them."""
+    metrics: dict  # {policy: {metric: [folds, runs]}} for the CI_METRICS
+    session_returns: dict  # {policy: [per-session returns of each run]} (folds stitched, per run)
+
+
+def market_runs(rows: list, seed_raws: list, random_runs: list, market: str) -> MarketRuns:
+    """The runs of one market: `rows`/`seed_raws` each seed's report rows and live outputs, `random_runs` this market's
+    (metrics, per-session returns) of the random runs. One fold today (the single split): a walk-forward fold axis makes
+    the [folds, runs] arrays longer."""
     per_seed = ("policy", "sampled", "buy_and_hold")
-    metric_runs = {name: {metric: np.array([[row[market][name][metric] for row in rows]]) for metric in CI_METRICS}
-                   for name in per_seed}
-    metric_runs["random"] = {metric: np.array([[metrics[metric] for metrics, _ in random_runs]]) for metric in CI_METRICS}
+    metrics = {name: {metric: np.array([[row[market][name][metric] for row in rows]]) for metric in CI_METRICS}
+               for name in per_seed}
+    metrics["random"] = {metric: np.array([[run_metrics[metric] for run_metrics, _ in random_runs]]) for metric in CI_METRICS}
     returns = {name: [raws[name][market]["session_returns"] for raws in seed_raws] for name in per_seed}
     returns["random"] = [rets for _, rets in random_runs]
-    totals = {name: runs["total_return"] for name, runs in metric_runs.items()}
-    num_trials = num_folds * len(rows) * trials
+    return MarketRuns(metrics, returns)
+
+
+def improvement_over_markets(runs: list) -> dict:
+    """{trained policy: {baseline: {value, ci}}} of P(improvement) in total return with a task per market (and fold),
+    over the MarketRuns of every market."""
+    tasks = {name: np.concatenate([market.metrics[name]["total_return"] for market in runs]) for name in SUMMARY_POLICIES}
+    return {name: {other: probability_of_improvement(tasks[name], tasks[other]) for other in BASELINES}
+            for name in TRAINED_POLICIES}
+
+
+def market_summary(runs: MarketRuns, num_seeds: int, trials: int) -> tuple[dict, str]:
+    """(summary, verdict) of one market: per policy the STATISTICS of its runs (see SUMMARY_ABOUT), and the verdict on
+    the greedy policy against the baselines."""
+    metric_runs, returns = runs
+    totals = {name: policy_runs["total_return"] for name, policy_runs in metric_runs.items()}
+    num_folds = len(totals["policy"])
+    num_trials = num_folds * num_seeds * trials
     summary = {}
     for name in SUMMARY_POLICIES:
         trained = name in TRAINED_POLICIES
@@ -1875,13 +1897,14 @@ def evaluate(args: Args, network, seeds: list, datasets, info, env_params, run_d
         rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, checkpoint=str(checkpoint), **markets))
         seed_raws.append(raws)
     random_runs = random_runs_report(backtest, random, data, info, env_params, args.random_runs, args.seed)
-    summaries = {market: market_summary(rows, seed_raws, random_runs[market], market, args.trials)
-                 for market in info["markets"]}
+    runs = {market: market_runs(rows, seed_raws, random_runs[market], market) for market in info["markets"]}
+    summaries = {market: market_summary(runs[market], len(rows), args.trials) for market in info["markets"]}
     report = dict(split=split, annualisation="per-session returns (equity at each session's last bar), 252 sessions a year",
                   initial_balance=env_params.initial_balance, **extra, seeds=rows,
                   over_seeds=over_seeds(rows, info["markets"]), random_runs=args.random_runs, trials=args.trials,
                   summary_about=SUMMARY_ABOUT, summary={market: summary for market, (summary, _) in summaries.items()},
-                  verdict={market: sentence for market, (_, sentence) in summaries.items()})
+                  verdict={market: sentence for market, (_, sentence) in summaries.items()},
+                  improvement_over_markets=improvement_over_markets(list(runs.values())))
     write_backtest_outputs(run_dir, report, seed_raws, info)
     return report
 
