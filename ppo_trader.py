@@ -40,6 +40,7 @@ from flax import struct
 from flax.training.train_state import TrainState
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy import stats
 
 
 # ---- ARGS ----
@@ -159,6 +160,12 @@ class Args:
     (runs/NAME: every seed's best.msgpack)"""
     eval_split: str = "test"
     """split backtested by --eval-only: train, val or test"""
+    random_runs: int = 100
+    """random legal policies played in one vmapped backtest of the report's split (keys split from --seed's): the
+    distribution the report ranks the trained policy in (its percentile) and compares it with (P(improvement))"""
+    trials: int = 1
+    """configurations tried on this data so far, this one included, for the report's deflated Sharpe ratio (number of
+    trials = seeds x folds x --trials)"""
     out_dir: str = "runs"
     """parent folder of run folders"""
     devices: Optional[int] = None
@@ -1319,6 +1326,189 @@ def init_transfers(args: Args, num_features: int) -> list:
     return [load_transfer(str(f), args, num_features) for f in files]
 
 
+# ---- STATISTICS ----
+# Small pure NumPy/SciPy functions behind the report's `summary` and `verdict`; the same block, with the same numbers on
+# the same input, in both trainers. Runs are arrays shaped [folds, runs]: one row per walk-forward fold (one row for a
+# single train/validation/test split), that fold's seeds (or random policies) along the row.
+# Sources: Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice" (IQM, stratified bootstrap, probability
+# of improvement; their rliable library); Bailey and Lopez de Prado 2012, "The Sharpe Ratio Efficient Frontier"
+# (probabilistic Sharpe ratio) and 2014, "The Deflated Sharpe Ratio".
+CONFIDENCE_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 9999  # scipy.stats.bootstrap's default
+BOOTSTRAP_SEED = 0  # fixed: the same runs always give the same intervals
+EDGE_MIN_RUNS = 5  # a unanimous result among 5 runs has probability 0.5 ** 5 = 3% under the null, below 5%
+EDGE_MIN_IMPROVEMENT_LOW = 0.5  # the CI of P(improvement) must exclude a coin flip
+EDGE_MIN_DEFLATED_SHARPE = 0.95  # Bailey and Lopez de Prado's 95% confidence that the true Sharpe beats the benchmark
+
+
+def finite_or_none(value) -> Optional[float]:
+    """A float for JSON, or None where the value is undefined (NaN) or unbounded (inf): strict JSON has neither."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def interquartile_mean(values, axis=None):
+    """The mean of the middle half of the runs, rliable's IQM: scipy.stats.trim_mean(values, 0.25), which cuts
+    int(0.25 n) runs at each end (for fewer than 4 runs nothing is cut: the mean)."""
+    return stats.trim_mean(values, 0.25, axis=axis)
+
+
+def sample_std(values, axis=None):
+    """Standard deviation of the runs with Bessel's correction (ddof 1); NaN for a single run."""
+    num_runs = np.size(values) if axis is None else np.shape(values)[axis]
+    return np.std(values, axis=axis, ddof=1) if num_runs > 1 else np.nan
+
+
+RUN_STATISTICS = {"mean": np.mean, "median": np.median, "iqm": interquartile_mean, "std": sample_std}
+
+
+def stratified_bootstrap_ci(strata: list, statistic) -> Optional[list]:
+    """[low, high] of the 95% percentile bootstrap CI of `statistic(*strata, axis=-1)`, each stratum (a fold's runs)
+    resampled with replacement on its own (scipy.stats.bootstrap with one sample per stratum, unpaired: rliable's
+    stratified bootstrap). Percentile, as rliable's default: BCa is NaN on constant data, the percentile interval of
+    constant data is the constant. None when a stratum has a single run (nothing to resample) or the interval is not
+    finite."""
+    if any(len(stratum) < 2 for stratum in strata):
+        return None
+    result = stats.bootstrap([np.asarray(s, np.float64) for s in strata], statistic, n_resamples=BOOTSTRAP_RESAMPLES,
+                             confidence_level=CONFIDENCE_LEVEL, method="percentile", vectorized=True, axis=-1,
+                             rng=np.random.default_rng(BOOTSTRAP_SEED))
+    low, high = finite_or_none(result.confidence_interval.low), finite_or_none(result.confidence_interval.high)
+    return None if low is None or high is None else [low, high]
+
+
+def estimate_with_ci(runs, statistic) -> dict:
+    """{value, ci} of `statistic` over all runs of all folds (runs [folds, runs]), the CI resampling runs within folds."""
+    folds = [np.asarray(fold, np.float64) for fold in runs]
+
+    def pooled(*strata, axis=-1):
+        return statistic(np.concatenate(strata, axis=axis), axis=axis)
+
+    return dict(value=finite_or_none(pooled(*folds)), ci=stratified_bootstrap_ci(folds, pooled))
+
+
+def task_improvement(x, y):
+    """P(X > Y) + P(X = Y) / 2 for one task, over the runs x and y (last axis; batched over leading axes): the
+    Mann-Whitney U statistic of x over y, from the ranks of the pooled runs (ties get their mean rank), over len(x) len(y)."""
+    num_x, num_y = np.shape(x)[-1], np.shape(y)[-1]
+    ranks = stats.rankdata(np.concatenate([x, y], axis=-1), axis=-1)
+    u_statistic = ranks[..., :num_x].sum(axis=-1) - num_x * (num_x + 1) / 2
+    return u_statistic / (num_x * num_y)
+
+
+def mean_task_improvement(*task_runs, axis=-1):
+    """P(improvement) averaged over tasks; task_runs = (x of task 0, y of task 0, x of task 1, y of task 1, ...), runs
+    along the last axis (scipy.stats.bootstrap always passes axis=-1)."""
+    return np.mean([task_improvement(x, y) for x, y in zip(task_runs[::2], task_runs[1::2])], axis=0)
+
+
+def probability_of_improvement(runs_x, runs_y) -> dict:
+    """{value, ci} of P(X > Y) (Agarwal et al. 2021): per task (a fold; a fold and market), the probability that a run of
+    X beats a run of Y, ties counting 1/2, averaged over tasks; runs_x [tasks, runs of X], runs_y [tasks, runs of Y]. The
+    CI resamples the runs of X and of Y within each task independently (rliable's StratifiedIndependentBootstrap)."""
+    task_runs = [np.asarray(runs, np.float64) for pair in zip(runs_x, runs_y) for runs in pair]
+    return dict(value=finite_or_none(mean_task_improvement(*task_runs)),
+                ci=stratified_bootstrap_ci(task_runs, mean_task_improvement))
+
+
+def percentile_among(runs, reference_runs) -> list:
+    """Each run's percentile (0-100) among the reference runs of its fold (runs [folds, runs], reference [folds, R]),
+    ties counting half (scipy.stats.percentileofscore, kind "mean"): 100 x P(improvement) of that run over the reference."""
+    return [float(stats.percentileofscore(reference, run, kind="mean")) for fold, reference in zip(runs, reference_runs)
+            for run in fold]
+
+
+def period_sharpe(returns) -> Optional[float]:
+    """Sharpe ratio per period (not annualised): mean / standard deviation (ddof 0, as the report's Sharpe) of a
+    period-return series; None for fewer than 2 periods or constant returns."""
+    returns = np.asarray(returns, np.float64)
+    if len(returns) < 2 or np.all(returns == returns[0]):
+        return None
+    return float(returns.mean() / returns.std())
+
+
+def probabilistic_sharpe_ratio(returns, benchmark_sharpe: float = 0.0) -> Optional[float]:
+    """PSR (Bailey and Lopez de Prado 2012): the probability that the true Sharpe ratio of the series beats
+    `benchmark_sharpe`, both per period: Phi((SR - SR*) sqrt(n - 1) / sqrt(1 - skew SR + (kurt - 1) / 4 SR^2)), with the
+    sample skewness and the (non-excess) kurtosis of the n period returns. None where the Sharpe ratio is undefined
+    (see `period_sharpe`) or the variance term is 0 (a two-valued series with skew x SR = 2 makes it 0)."""
+    sharpe = period_sharpe(returns)
+    if sharpe is None or benchmark_sharpe is None:
+        return None
+    returns = np.asarray(returns, np.float64)
+    skewness, kurtosis = stats.skew(returns), stats.kurtosis(returns, fisher=False)
+    variance_term = 1 - skewness * sharpe + (kurtosis - 1) / 4 * sharpe ** 2
+    if not variance_term > 1e-9:  # 0 up to rounding: an estimate with no stated uncertainty would read as certainty
+        return None
+    return finite_or_none(stats.norm.cdf((sharpe - benchmark_sharpe) * np.sqrt(len(returns) - 1) / np.sqrt(variance_term)))
+
+
+def expected_max_sharpe(trial_sharpes, num_trials: int) -> Optional[float]:
+    """SR0 of the deflated Sharpe ratio (Bailey and Lopez de Prado 2014): the expected largest per-period Sharpe ratio
+    of `num_trials` trials without skill, sqrt(V) ((1 - gamma) Phi^-1(1 - 1/N) + gamma Phi^-1(1 - 1/(N e))), V the
+    variance (ddof 1) of the trials' per-period Sharpe ratios, gamma Euler's constant. One trial selects nothing: 0 (the
+    formula's Phi^-1(0) is -inf). None for several trials with fewer than 2 Sharpe ratios known (V is unknown)."""
+    if num_trials <= 1:
+        return 0.0
+    known = [s for s in trial_sharpes if s is not None]
+    if len(known) < 2:
+        return None
+    quantiles = stats.norm.ppf([1 - 1 / num_trials, 1 - 1 / (num_trials * np.e)])
+    return float(np.sqrt(np.var(known, ddof=1)) * ((1 - np.euler_gamma) * quantiles[0] + np.euler_gamma * quantiles[1]))
+
+
+def deflated_sharpe_ratio(returns, trial_sharpes, num_trials: int) -> Optional[float]:
+    """DSR (Bailey and Lopez de Prado 2014): the PSR of the series against SR0 = `expected_max_sharpe`, the Sharpe
+    ratio the best of `num_trials` unskilled trials would show; None where either is undefined."""
+    return probabilistic_sharpe_ratio(returns, expected_max_sharpe(trial_sharpes, num_trials))
+
+
+def median_or_none(values) -> Optional[float]:
+    """The median of the values that are not None; None if none is."""
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
+
+
+def sharpe_summary(period_returns: list, trial_sharpes: list, num_trials: int) -> dict:
+    """PSR against 0 and DSR of each run's (stitched out-of-sample) period-return series, and their medians over runs."""
+    psr = [probabilistic_sharpe_ratio(r) for r in period_returns]
+    dsr = [deflated_sharpe_ratio(r, trial_sharpes, num_trials) for r in period_returns]
+    return dict(probabilistic_sharpe=median_or_none(psr), deflated_sharpe=median_or_none(dsr),
+                expected_max_sharpe=finite_or_none(expected_max_sharpe(trial_sharpes, num_trials)), num_trials=int(num_trials),
+                per_run=[dict(probabilistic_sharpe=p, deflated_sharpe=d) for p, d in zip(psr, dsr)])
+
+
+def run_summary(metric_runs: dict) -> dict:
+    """{metric: {mean, median, iqm, std: {value, ci}}} of one policy; metric_runs {metric: runs [folds, runs]}."""
+    return {metric: {name: estimate_with_ci(runs, statistic) for name, statistic in RUN_STATISTICS.items()}
+            for metric, runs in metric_runs.items()}
+
+
+def number_text(value: Optional[float]) -> str:
+    """A statistic for the verdict sentence: 2 decimals, or n/a where undefined."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def edge_over(improvement: dict, deflated_sharpe: Optional[float], num_runs: int) -> bool:
+    """The verdict's rule: an edge over a baseline only with at least EDGE_MIN_RUNS runs, the lower CI bound of
+    P(improvement) over it above 0.5 and a deflated Sharpe ratio above 0.95; anything undefined is no evidence."""
+    return (num_runs >= EDGE_MIN_RUNS and improvement["ci"] is not None and improvement["ci"][0] > EDGE_MIN_IMPROVEMENT_LOW
+            and deflated_sharpe is not None and deflated_sharpe > EDGE_MIN_DEFLATED_SHARPE)
+
+
+def verdict(improvements: dict, deflated_sharpe: Optional[float], num_runs: int, num_trials: int) -> str:
+    """One quotable sentence on the trained policy: per baseline ({label: {value, ci}} of P(improvement) over it) "edge
+    over LABEL" or "no evidence of an edge over LABEL" by `edge_over`, with the numbers that decided it."""
+    clauses = []
+    for label, improvement in improvements.items():
+        ci = improvement["ci"]
+        interval = f" [{number_text(ci[0])}, {number_text(ci[1])}]" if ci else " [no CI]"
+        claim = "edge" if edge_over(improvement, deflated_sharpe, num_runs) else "no evidence of an edge"
+        clauses.append(f"{claim} over {label}: P(improvement) {number_text(improvement['value'])}{interval}")
+    few = f", fewer than the {EDGE_MIN_RUNS} an edge needs" if num_runs < EDGE_MIN_RUNS else ""
+    return (f"{'; '.join(clauses)}; deflated Sharpe {number_text(deflated_sharpe)} ({num_trials} trials; "
+            f"{num_runs} runs{few})")
+
+
 # ---- BACKTEST ----
 def make_backtest(env_params: EnvParams, data: MarketData):
     """Jitted contiguous pass over a split: `play(policies, policy_args, key)` plays every policy (a tuple of
@@ -1430,12 +1620,23 @@ def random_target_policy(policy_args, key, obs, mask):
     return jax.random.uniform(key, (), minval=-1.0, maxval=1.0)
 
 
+def session_returns(equity: np.ndarray, day: np.ndarray, initial: float) -> np.ndarray:
+    """Per-period returns of an equity curve (relative to the initial balance): the equity at each period's last bar
+    (`day` labels each bar's period) over the one before, the first over the initial balance."""
+    last_of_day = np.r_[day[1:] != day[:-1], True]
+    daily = np.r_[initial, initial + equity[last_of_day]]
+    return daily[1:] / daily[:-1] - 1
+
+
+def session_ids(data: MarketData, market: int) -> np.ndarray:
+    """The session of every bar of a market (a period of the report's metrics = one trading session)."""
+    return np.r_[0, np.cumsum(np.asarray(data.session_end[market])[:-1])]
+
+
 def period_metrics(equity: np.ndarray, day: np.ndarray, initial: float, periods_per_year: float = 252.0) -> dict:
     """Return/risk metrics from an equity curve: per-period returns (`day` labels each bar's session), 252 a year."""
     eq = initial + equity
-    last_of_day = np.r_[day[1:] != day[:-1], True]
-    daily = np.r_[initial, eq[last_of_day]]
-    rets = daily[1:] / daily[:-1] - 1
+    rets = session_returns(equity, day, initial)
     years = max(len(rets) / periods_per_year, 1e-9)
     total = eq[-1] / initial - 1
     ann = (1 + total) ** (1 / years) - 1 if total > -1 else -1.0
@@ -1490,28 +1691,30 @@ def buy_and_hold(data: MarketData, market: int, env_params: EnvParams) -> tuple[
 def backtest_report(backtest, data: MarketData, info: dict, split: str, env_params: EnvParams, policies: dict,
                     seed: int) -> tuple[dict, dict]:
     """Plays every policy on every market of a split (one call); returns ({market: rows}, live outputs per policy and
-    market)."""
+    market, buy-and-hold's included, each with its per-session returns `session_returns`)."""
     report = {}
     names = list(policies)
     outs = backtest(tuple(policies[n][0] for n in names), tuple(policies[n][1] for n in names), jax.random.PRNGKey(seed))
-    raws = {name: {} for name in names}
+    raws = {name: {} for name in names + ["buy_and_hold"]}
+    initial = env_params.initial_balance
     for m, market in enumerate(info["markets"]):
         lo, hi = info["bounds"][m][split]
         ts = info["timestamps"][m]
-        session_id = np.r_[0, np.cumsum(np.asarray(data.session_end[m])[:-1])]  # a period = one trading session
+        session_id = session_ids(data, m)
         rows = {}
         for name, out in zip(names, outs):
             out = {k: np.asarray(v[m]) for k, v in out.items()}
             out = {k: v[out["live"]] for k, v in out.items()}
-            rows[name] = dict(period_metrics(out["equity"], session_id[out["t"]], env_params.initial_balance),
+            rows[name] = dict(period_metrics(out["equity"], session_id[out["t"]], initial),
                               **trade_metrics(out),
-                              final_equity=float(env_params.initial_balance + out["equity"][-1]),
+                              final_equity=float(initial + out["equity"][-1]),
                               breached=bool(out["breach"].any()))
-            raws[name][market] = out
+            raws[name][market] = dict(out, session_returns=session_returns(out["equity"], session_id[out["t"]], initial))
         bh, bh_breached = buy_and_hold(data, m, env_params)
         t_bh = np.arange(lo + env_params.window, hi)
-        rows["buy_and_hold"] = dict(period_metrics(bh, session_id[t_bh], env_params.initial_balance), trades=1,
-                                    final_equity=float(env_params.initial_balance + bh[-1]), breached=bh_breached)
+        rows["buy_and_hold"] = dict(period_metrics(bh, session_id[t_bh], initial), trades=1,
+                                    final_equity=float(initial + bh[-1]), breached=bh_breached)
+        raws["buy_and_hold"][market] = dict(t=t_bh, equity=bh, session_returns=session_returns(bh, session_id[t_bh], initial))
         report[market] = dict(bars=int(hi - lo), start=str(np.datetime64(int(ts[lo]), "ns")),
                               end=str(np.datetime64(int(ts[hi - 1]), "ns")), **rows)
     return report, raws
@@ -1591,10 +1794,98 @@ def over_seeds(rows: list, markets: list) -> dict:
     return out
 
 
+def random_runs_report(backtest, random, data: MarketData, info: dict, env_params: EnvParams, num_runs: int,
+                       seed: int) -> dict:
+    """{market: [(metrics, per-session returns) of each run]} of `num_runs` random policies played in one vmapped
+    backtest of the split (their keys split from PRNGKey(seed)); only what the statistics need leaves the device."""
+
+    def play(key):
+        out = backtest((random,), (None,), key)[0]
+        return {k: out[k] for k in ("t", "live", "equity")}
+
+    outs = jax.tree.map(np.asarray, jax.jit(jax.vmap(play))(jax.random.split(jax.random.PRNGKey(seed), num_runs)))
+    runs = {}
+    for m, market in enumerate(info["markets"]):
+        session_id, runs[market] = session_ids(data, m), []
+        for r in range(num_runs):
+            live = outs["live"][r, m]
+            equity, day = outs["equity"][r, m][live], session_id[outs["t"][r, m][live]]
+            runs[market].append((period_metrics(equity, day, env_params.initial_balance),
+                                 session_returns(equity, day, env_params.initial_balance)))
+    return runs
+
+
+# the report's summary: the trained policy's two ways of acting, and the baselines it is compared with
+TRAINED_POLICIES = ("policy", "sampled")
+BASELINES = {"random": "random", "buy_and_hold": "buy-and-hold"}  # report name: name in the verdict
+CI_METRICS = ("total_return", "annualised_return", "sharpe")
+SUMMARY_ABOUT = (  # the report's summary_about: what its summary holds, and why a field can be null
+    "over folds x runs (one fold: the single train/validation/test split). random: the --random-runs random policies; "
+    "policy, sampled, buy_and_hold: one run per seed. {value, ci}: the statistic over all runs, ci its 95% percentile "
+    f"bootstrap interval (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, runs resampled within folds). null "
+    "where undefined: a ci from a single run per fold, a std of one run, a Sharpe ratio of constant returns, a deflated "
+    "Sharpe without the variance of the trials' Sharpe ratios. probability_of_improvement: P(this policy's total return "
+    "> the other's), ties 1/2, over all pairs of runs of a fold, averaged over folds. probabilistic_sharpe (against 0) "
+    "and deflated_sharpe: of each run's per-session returns, the median over runs (per_run: each run's); num_trials = "
+    "folds x seeds x --trials for the trained policy, 1 for a baseline (nothing was selected). percentile_among_random: "
+    "each run's total return among the random runs of its fold, ties half. improvement_over_markets: P(improvement) "
+    "with a task per market and fold, averaged over them. Verdict rules: README.md")
+
+
+class MarketRuns(NamedTuple):
+    """One market's runs of every policy, as the STATISTICS take them."""
+    metrics: dict  # {policy: {metric: [folds, runs]}} for the CI_METRICS
+    session_returns: dict  # {policy: [per-session returns of each run]} (folds stitched, per run)
+
+
+def market_runs(rows: list, seed_raws: list, random_runs: list, market: str) -> MarketRuns:
+    """The runs of one market: `rows`/`seed_raws` each seed's report rows and live outputs, `random_runs` this market's
+    (metrics, per-session returns) of the random runs. One fold today (the single split): a walk-forward fold axis makes
+    the [folds, runs] arrays longer."""
+    per_seed = ("policy", "sampled", "buy_and_hold")
+    metrics = {name: {metric: np.array([[row[market][name][metric] for row in rows]]) for metric in CI_METRICS}
+               for name in per_seed}
+    metrics["random"] = {metric: np.array([[run_metrics[metric] for run_metrics, _ in random_runs]]) for metric in CI_METRICS}
+    returns = {name: [raws[name][market]["session_returns"] for raws in seed_raws] for name in per_seed}
+    returns["random"] = [rets for _, rets in random_runs]
+    return MarketRuns(metrics, returns)
+
+
+def improvement_over_markets(runs: list) -> dict:
+    """{trained policy: {baseline: {value, ci}}} of P(improvement) in total return with a task per market (and fold),
+    over the MarketRuns of every market."""
+    tasks = {name: np.concatenate([market.metrics[name]["total_return"] for market in runs]) for name in SUMMARY_POLICIES}
+    return {name: {other: probability_of_improvement(tasks[name], tasks[other]) for other in BASELINES}
+            for name in TRAINED_POLICIES}
+
+
+def market_summary(runs: MarketRuns, num_seeds: int, trials: int) -> tuple[dict, str]:
+    """(summary, verdict) of one market: per policy the STATISTICS of its runs (see SUMMARY_ABOUT), and the verdict on
+    the greedy policy against the baselines."""
+    metric_runs, returns = runs
+    totals = {name: policy_runs["total_return"] for name, policy_runs in metric_runs.items()}
+    num_folds = len(totals["policy"])
+    num_trials = num_folds * num_seeds * trials
+    summary = {}
+    for name in SUMMARY_POLICIES:
+        trained = name in TRAINED_POLICIES
+        trial_sharpes = [period_sharpe(rets) for rets in returns[name]] if trained else []
+        summary[name] = dict(folds=num_folds, runs=int(totals[name].size), **run_summary(metric_runs[name]),
+                             **sharpe_summary(returns[name], trial_sharpes, num_trials if trained else 1),
+                             probability_of_improvement={other: probability_of_improvement(totals[name], totals[other])
+                                                         for other in BASELINES if other != name})
+        if name != "random":
+            percentiles = percentile_among(totals[name], totals["random"])
+            summary[name]["percentile_among_random"] = dict(median=median_or_none(percentiles), per_run=percentiles)
+    improvements = {label: summary["policy"]["probability_of_improvement"][other] for other, label in BASELINES.items()}
+    return summary, verdict(improvements, summary["policy"]["deflated_sharpe"], summary["policy"]["runs"], num_trials)
+
+
 def evaluate(args: Args, network, seeds: list, datasets, info, env_params, run_dir: Path, split: str, extra: dict) -> dict:
     """Backtests each seed's policy (greedy, and sampling its actions), a random legal policy and buy-and-hold on a
     split, seed k with the random key of --seed SEED+k; `seeds` = [(seed index, params, obs normaliser, checkpoint)].
-    Writes the report files (trades and the selection are the greedy policy's) with `extra` in the report."""
+    Plays --random-runs random policies in one vmapped backtest and summarises every policy over the runs (`summary`,
+    `verdict` per market). Writes the report files (trades and the selection are the greedy policy's) with `extra`."""
     data = datasets[split]
     backtest = make_backtest(env_params, data)
     random = random_target_policy if args.action_space == "continuous" else random_policy
@@ -1605,9 +1896,15 @@ def evaluate(args: Args, network, seeds: list, datasets, info, env_params, run_d
         markets, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed + seed_index)
         rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, checkpoint=str(checkpoint), **markets))
         seed_raws.append(raws)
+    random_runs = random_runs_report(backtest, random, data, info, env_params, args.random_runs, args.seed)
+    runs = {market: market_runs(rows, seed_raws, random_runs[market], market) for market in info["markets"]}
+    summaries = {market: market_summary(runs[market], len(rows), args.trials) for market in info["markets"]}
     report = dict(split=split, annualisation="per-session returns (equity at each session's last bar), 252 sessions a year",
                   initial_balance=env_params.initial_balance, **extra, seeds=rows,
-                  over_seeds=over_seeds(rows, info["markets"]))
+                  over_seeds=over_seeds(rows, info["markets"]), random_runs=args.random_runs, trials=args.trials,
+                  summary_about=SUMMARY_ABOUT, summary={market: summary for market, (summary, _) in summaries.items()},
+                  verdict={market: sentence for market, (_, sentence) in summaries.items()},
+                  improvement_over_markets=improvement_over_markets(list(runs.values())))
     write_backtest_outputs(run_dir, report, seed_raws, info)
     return report
 
@@ -1630,7 +1927,7 @@ LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes",
                 "process_id")  # how to run, not what: a resume picks its own
 RESUME_FLAGS = ("resume", "stop_after") + LAYOUT_FLAGS  # the only flags a resumed run takes from the command line
 EVAL_FLAGS = ("data", "eval_only", "checkpoint", "eval_split", "out_dir", "run_name",
-              "seed")  # what and where --eval-only plays
+              "seed", "random_runs", "trials")  # what and where --eval-only plays, and how it is summarised
 # --eval-only overrides of the policy's own values: costs, env rules and splits (stated in the report)
 EVAL_OVERRIDES = ("slippage_ticks", "commission", "initial_balance", "dd_limit", "dd_lock_offset", "contracts", "sl_atr_mult",
                   "tp_atr_mult",
@@ -1678,9 +1975,10 @@ def resume_setup(args: Args) -> RunSetup:
 
 
 def eval_only_setup(args: Args) -> RunSetup:
-    """--eval-only: the policy's own window, network, env rules, splits and seed, with the costs, rules, splits and seed
-    given on the command line instead; its own output folder (runs/NAME/eval_<split>_<data>/ inside a run folder
-    --checkpoint, beside a policy file --checkpoint, by default). A run folder plays every seed's best.msgpack."""
+    """--eval-only: the policy's own window, network, env rules, splits, seed, random runs and trials, with the costs,
+    rules, splits, seed, random runs and trials given on the command line instead; its own output folder
+    (runs/NAME/eval_<split>_<data>/ inside a run folder --checkpoint, beside a policy file --checkpoint, by default). A
+    run folder plays every seed's best.msgpack."""
     if not args.checkpoint:
         raise DataError("--eval-only needs --checkpoint PATH. Fix: pass a run folder runs/NAME or a policy file "
                         "runs/NAME/seed0/best.msgpack")
@@ -1695,7 +1993,7 @@ def eval_only_setup(args: Args) -> RunSetup:
     policy_files = tuple(enumerate(files)) if checkpoint.is_dir() else ((seed_index, checkpoint),)
     overrides = {name: getattr(args, name) for name in given if name in EVAL_OVERRIDES}
     # from the command line: what to play (the policy's own data and seed unless given), where, the overrides
-    from_policy = ("data", "seed")
+    from_policy = ("data", "seed", "random_runs", "trials")
     keep = tuple(name for name in EVAL_FLAGS if name not in from_policy or name in given) + tuple(overrides) + RESUME_FLAGS
     saved = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
              if k not in keep and k in Args.__dataclass_fields__}
@@ -1732,6 +2030,7 @@ def run_eval_only(setup: RunSetup) -> dict:
     print(summary_table(report))
     if setup.overrides:
         print("overrides of the policy's values: " + " ".join(f"{flag(k)} {v}" for k, v in setup.overrides.items()))
+    print(verdict_lines(report))
     return report
 
 
@@ -1955,6 +2254,7 @@ def train_and_report(args: Args) -> dict:
     report = evaluate(args, trainer.network, seeds, datasets, info, env_params, run_dir, "test",
                       extra={"selected_by": "best validation return of each seed (seed<k>/best.msgpack)"})
     print(summary_table(report))
+    print(verdict_lines(report))
     return report
 
 
@@ -1965,6 +2265,12 @@ SUMMARY_POLICIES = ("policy", "sampled", "random", "buy_and_hold")
 def table_line(label: str, values) -> str:
     """One line of the summary table: a label, then each value (or column name) right-aligned in 14 characters."""
     return f"{label:<36}" + "".join(f"{value:>14.4g}" if not isinstance(value, str) else f"{value:>14}" for value in values)
+
+
+def verdict_lines(report: dict) -> str:
+    """The end of the end-of-run print: each market's verdict (the rules are in README.md)."""
+    return "\n".join(f"verdict, {report['split']} split, {market}: {sentence}"
+                     for market, sentence in report["verdict"].items())
 
 
 def summary_table(report: dict) -> str:
@@ -2000,7 +2306,7 @@ def parse_args(argv) -> Args:
 def check_args(args: Args) -> None:
     """Flag combinations that cannot work, caught before any compilation."""
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "window", "episode_bars",
-                 "chunk_updates", "eval_every", "hidden", "contracts"):
+                 "chunk_updates", "eval_every", "hidden", "contracts", "random_runs", "trials"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if (args.num_envs * args.num_steps) % args.num_minibatches:

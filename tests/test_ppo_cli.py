@@ -129,6 +129,8 @@ def test_resume_is_bit_identical(tmp_path):
     (["--train-end", "yesterday"], "--train-end"),
     (["--eval-only"], "--checkpoint"),
     (["--eval-only", "--checkpoint", "README.md"], "README.md"),
+    (["--random-runs", "0"], "--random-runs"),
+    (["--trials", "0"], "--trials"),
 ])
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("ppo_trader.py", *argv)

@@ -164,6 +164,15 @@ def test_per_market_metrics_add_up_to_the_totals(two_market_run):
     for market in ("SYN", "SYN2"):
         assert {"policy", "random", "buy_and_hold"} <= set(report["seeds"][0][market])
         assert set(report["over_seeds"][market]) == {"policy", "sampled", "random", "buy_and_hold"}
+        assert set(report["summary"][market]) == {"policy", "sampled", "random", "buy_and_hold"}
+        assert "edge over random" in report["verdict"][market]
+    # P(improvement) over the markets: a task per market (one fold), so the mean of the markets' own
+    for name in ("policy", "sampled"):
+        for other in ("random", "buy_and_hold"):
+            per_market = [report["summary"][m][name]["probability_of_improvement"][other]["value"] for m in ("SYN", "SYN2")]
+            over = report["improvement_over_markets"][name][other]
+            assert over["value"] == pytest.approx(np.mean(per_market)), (name, other)
+            assert over["ci"] is None or 0 <= over["ci"][0] <= over["ci"][1] <= 1
 
 
 def test_tags_and_curriculum_values_in_the_log(two_market_run):

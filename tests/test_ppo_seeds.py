@@ -90,6 +90,82 @@ def test_report_has_a_row_per_seed_and_the_median_min_max_over_seeds(seed_runs):
     assert "  median over seeds policy " in three.stdout
 
 
+SUMMARY_STATISTICS = ("mean", "median", "iqm", "std")
+
+
+def assert_strict_numbers(tree, where: str) -> None:
+    """Every number in the tree is finite (null allowed): what strict JSON can hold."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            assert_strict_numbers(value, f"{where}.{key}")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            assert_strict_numbers(value, f"{where}[{i}]")
+    elif isinstance(tree, float):
+        assert np.isfinite(tree), where
+
+
+def assert_summary_schema(report: dict, num_seeds: int, random_runs: int, trials: int) -> None:
+    """Every summary field of every policy is present and finite or null; the verdict is a sentence per market."""
+    summary = report["summary"][MARKET]
+    assert set(summary) == {"policy", "sampled", "random", "buy_and_hold"}
+    for name, entry in summary.items():
+        runs = random_runs if name == "random" else num_seeds
+        assert entry["folds"] == 1 and entry["runs"] == runs, name
+        for metric in ("total_return", "annualised_return", "sharpe"):
+            assert set(entry[metric]) == set(SUMMARY_STATISTICS), (name, metric)
+            for statistic in SUMMARY_STATISTICS:
+                value, ci = entry[metric][statistic]["value"], entry[metric][statistic]["ci"]
+                undefined = statistic == "std" and runs == 1  # the spread of a single run
+                assert value is None if undefined else isinstance(value, float), (name, metric, statistic)
+                assert ci is None or (len(ci) == 2 and ci[0] <= ci[1]), (name, metric, statistic, ci)
+        for key in ("probabilistic_sharpe", "deflated_sharpe"):
+            assert entry[key] is None or 0 <= entry[key] <= 1, (name, key)
+        assert entry["num_trials"] == (num_seeds * trials if name in ("policy", "sampled") else 1), name
+        assert len(entry["per_run"]) == runs
+        assert set(entry["probability_of_improvement"]) == {"random", "buy_and_hold"} - {name}
+        for improvement in entry["probability_of_improvement"].values():
+            assert 0 <= improvement["value"] <= 1 and (improvement["ci"] is None or len(improvement["ci"]) == 2)
+        if name != "random":
+            assert len(entry["percentile_among_random"]["per_run"]) == num_seeds
+        assert_strict_numbers(entry, name)
+    assert report["random_runs"] == random_runs and report["trials"] == trials
+    assert report["verdict"][MARKET].startswith("no evidence of an edge over random") or \
+        report["verdict"][MARKET].startswith("edge over random")
+
+
+def test_report_summary_has_every_field_over_the_seeds_and_the_random_runs(seed_runs):
+    out, three = seed_runs
+    report = json.loads((out / "three" / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report"))
+    assert_summary_schema(report, NUM_SEEDS, random_runs=100, trials=1)
+    summary, rows = report["summary"][MARKET], report["seeds"]
+    for name in ("policy", "buy_and_hold"):  # the statistics are of the seeds' own report rows
+        totals = [row[MARKET][name]["total_return"] for row in rows]
+        assert summary[name]["total_return"]["mean"]["value"] == pytest.approx(np.mean(totals))
+        assert summary[name]["total_return"]["median"]["value"] == pytest.approx(np.median(totals))
+    # buy-and-hold is the same run for every seed: no spread, a zero-width interval
+    bh = summary["buy_and_hold"]["total_return"]["mean"]
+    assert bh["ci"] == pytest.approx([bh["value"], bh["value"]])
+    # one fold: P(improvement) over random is the mean over the seeds of their percentiles among the random runs / 100
+    percentiles = summary["policy"]["percentile_among_random"]["per_run"]
+    assert summary["policy"]["probability_of_improvement"]["random"]["value"] == pytest.approx(np.mean(percentiles) / 100)
+    # 3 seeds are fewer than an edge needs: whatever the numbers, no edge is claimed; the print ends with the verdict
+    assert report["verdict"][MARKET].startswith("no evidence of an edge over random") and "fewer than the 5" in \
+        report["verdict"][MARKET]
+    assert three.stdout.strip().splitlines()[-1] == f"verdict, test split, {MARKET}: {report['verdict'][MARKET]}"
+
+
+def test_eval_only_summarises_with_its_own_random_runs_and_trials(seed_runs, tmp_path):
+    out, _ = seed_runs
+    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", out / "three", "--random-runs", "7", "--trials", "4",
+                   "--out-dir", tmp_path, "--run-name", "seven")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = report_of(tmp_path / "seven")
+    assert_summary_schema(report, NUM_SEEDS, random_runs=7, trials=4)
+    assert report["summary"][MARKET]["policy"]["num_trials"] == NUM_SEEDS * 4
+    assert r.stdout.strip().splitlines()[-1].startswith(f"verdict, test split, {MARKET}: ")
+
+
 def test_trades_csv_has_each_seeds_trades(seed_runs):
     out, _ = seed_runs
     lines = (out / "three" / "trades.csv").read_text().splitlines()
@@ -129,10 +205,13 @@ def test_eval_only_of_the_run_folder_and_of_one_seed_reproduces_the_report(seed_
     again = report_of(out / "three" / f"eval_test_{DATA_STEM}")
     assert [row[MARKET] for row in again["seeds"]] == [row[MARKET] for row in report["seeds"]]
     assert again["over_seeds"] == report["over_seeds"]
+    assert again["summary"] == report["summary"] and again["verdict"] == report["verdict"]  # the statistics too
     r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", out / "three" / "seed2" / "best.msgpack")
     assert r.returncode == 0, r.stderr[-2000:]
     one = report_of(out / "three" / "seed2" / f"eval_test_{DATA_STEM}")
     assert len(one["seeds"]) == 1 and one["seeds"][0]["seed"] == 2 and one["seeds"][0][MARKET] == report["seeds"][2][MARKET]
+    assert_summary_schema(one, 1, random_runs=100, trials=1)  # one seed: no CI over seeds, null where undefined
+    assert one["summary"][MARKET]["policy"]["total_return"]["mean"]["ci"] is None
 
 
 def test_init_from_a_run_folder_starts_seed_k_from_its_seed_k(seed_runs, tmp_path):
