@@ -45,6 +45,7 @@ from flax import struct
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jax.flatten_util import ravel_pytree
+from scipy import stats
 
 
 # ---- ARGS ----
@@ -185,6 +186,12 @@ class Args:
     (runs/NAME: every seed's best.msgpack)"""
     eval_split: str = "test"
     """split backtested by --eval-only: train, val or test"""
+    random_runs: int = 100
+    """random policies played in one vmapped backtest of the report's split (keys split from --seed's): the
+    distribution the report ranks the trained policy in (its percentile) and compares it with (P(improvement))"""
+    trials: int = 1
+    """configurations tried on this data so far, this one included, for the report's deflated Sharpe ratio (number of
+    trials = seeds x folds x --trials)"""
     out_dir: str = "runs"
     """parent folder of run folders"""
     devices: Optional[int] = None
@@ -1084,6 +1091,189 @@ def eval_policy_files(checkpoint: Path) -> list[tuple[int, Path]]:
     return files
 
 
+# ---- STATISTICS ----
+# Small pure NumPy/SciPy functions behind the report's `summary` and `verdict`; the same block, with the same numbers on
+# the same input, in both trainers. Runs are arrays shaped [folds, runs]: one row per walk-forward fold (one row for a
+# single train/validation/test split), that fold's seeds (or random policies) along the row.
+# Sources: Agarwal et al. 2021, "Deep RL at the Edge of the Statistical Precipice" (IQM, stratified bootstrap, probability
+# of improvement; their rliable library); Bailey and Lopez de Prado 2012, "The Sharpe Ratio Efficient Frontier"
+# (probabilistic Sharpe ratio) and 2014, "The Deflated Sharpe Ratio".
+CONFIDENCE_LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 9999  # scipy.stats.bootstrap's default
+BOOTSTRAP_SEED = 0  # fixed: the same runs always give the same intervals
+EDGE_MIN_RUNS = 5  # a unanimous result among 5 runs has probability 0.5 ** 5 = 3% under the null, below 5%
+EDGE_MIN_IMPROVEMENT_LOW = 0.5  # the CI of P(improvement) must exclude a coin flip
+EDGE_MIN_DEFLATED_SHARPE = 0.95  # Bailey and Lopez de Prado's 95% confidence that the true Sharpe beats the benchmark
+
+
+def finite_or_none(value) -> Optional[float]:
+    """A float for JSON, or None where the value is undefined (NaN) or unbounded (inf): strict JSON has neither."""
+    return float(value) if value is not None and np.isfinite(value) else None
+
+
+def interquartile_mean(values, axis=None):
+    """The mean of the middle half of the runs, rliable's IQM: scipy.stats.trim_mean(values, 0.25), which cuts
+    int(0.25 n) runs at each end (for fewer than 4 runs nothing is cut: the mean)."""
+    return stats.trim_mean(values, 0.25, axis=axis)
+
+
+def sample_std(values, axis=None):
+    """Standard deviation of the runs with Bessel's correction (ddof 1); NaN for a single run."""
+    num_runs = np.size(values) if axis is None else np.shape(values)[axis]
+    return np.std(values, axis=axis, ddof=1) if num_runs > 1 else np.nan
+
+
+RUN_STATISTICS = {"mean": np.mean, "median": np.median, "iqm": interquartile_mean, "std": sample_std}
+
+
+def stratified_bootstrap_ci(strata: list, statistic) -> Optional[list]:
+    """[low, high] of the 95% percentile bootstrap CI of `statistic(*strata, axis=-1)`, each stratum (a fold's runs)
+    resampled with replacement on its own (scipy.stats.bootstrap with one sample per stratum, unpaired: rliable's
+    stratified bootstrap). Percentile, as rliable's default: BCa is NaN on constant data, the percentile interval of
+    constant data is the constant. None when a stratum has a single run (nothing to resample) or the interval is not
+    finite."""
+    if any(len(stratum) < 2 for stratum in strata):
+        return None
+    result = stats.bootstrap([np.asarray(s, np.float64) for s in strata], statistic, n_resamples=BOOTSTRAP_RESAMPLES,
+                             confidence_level=CONFIDENCE_LEVEL, method="percentile", vectorized=True, axis=-1,
+                             rng=np.random.default_rng(BOOTSTRAP_SEED))
+    low, high = finite_or_none(result.confidence_interval.low), finite_or_none(result.confidence_interval.high)
+    return None if low is None or high is None else [low, high]
+
+
+def estimate_with_ci(runs, statistic) -> dict:
+    """{value, ci} of `statistic` over all runs of all folds (runs [folds, runs]), the CI resampling runs within folds."""
+    folds = [np.asarray(fold, np.float64) for fold in runs]
+
+    def pooled(*strata, axis=-1):
+        return statistic(np.concatenate(strata, axis=axis), axis=axis)
+
+    return dict(value=finite_or_none(pooled(*folds)), ci=stratified_bootstrap_ci(folds, pooled))
+
+
+def task_improvement(x, y):
+    """P(X > Y) + P(X = Y) / 2 for one task, over the runs x and y (last axis; batched over leading axes): the
+    Mann-Whitney U statistic of x over y, from the ranks of the pooled runs (ties get their mean rank), over len(x) len(y)."""
+    num_x, num_y = np.shape(x)[-1], np.shape(y)[-1]
+    ranks = stats.rankdata(np.concatenate([x, y], axis=-1), axis=-1)
+    u_statistic = ranks[..., :num_x].sum(axis=-1) - num_x * (num_x + 1) / 2
+    return u_statistic / (num_x * num_y)
+
+
+def mean_task_improvement(*task_runs, axis=-1):
+    """P(improvement) averaged over tasks; task_runs = (x of task 0, y of task 0, x of task 1, y of task 1, ...), runs
+    along the last axis (scipy.stats.bootstrap always passes axis=-1)."""
+    return np.mean([task_improvement(x, y) for x, y in zip(task_runs[::2], task_runs[1::2])], axis=0)
+
+
+def probability_of_improvement(runs_x, runs_y) -> dict:
+    """{value, ci} of P(X > Y) (Agarwal et al. 2021): per task (a fold; a fold and market), the probability that a run of
+    X beats a run of Y, ties counting 1/2, averaged over tasks; runs_x [tasks, runs of X], runs_y [tasks, runs of Y]. The
+    CI resamples the runs of X and of Y within each task independently (rliable's StratifiedIndependentBootstrap)."""
+    task_runs = [np.asarray(runs, np.float64) for pair in zip(runs_x, runs_y) for runs in pair]
+    return dict(value=finite_or_none(mean_task_improvement(*task_runs)),
+                ci=stratified_bootstrap_ci(task_runs, mean_task_improvement))
+
+
+def percentile_among(runs, reference_runs) -> list:
+    """Each run's percentile (0-100) among the reference runs of its fold (runs [folds, runs], reference [folds, R]),
+    ties counting half (scipy.stats.percentileofscore, kind "mean"): 100 x P(improvement) of that run over the reference."""
+    return [float(stats.percentileofscore(reference, run, kind="mean")) for fold, reference in zip(runs, reference_runs)
+            for run in fold]
+
+
+def period_sharpe(returns) -> Optional[float]:
+    """Sharpe ratio per period (not annualised): mean / standard deviation (ddof 0, as the report's Sharpe) of a
+    period-return series; None for fewer than 2 periods or constant returns."""
+    returns = np.asarray(returns, np.float64)
+    if len(returns) < 2 or np.all(returns == returns[0]):
+        return None
+    return float(returns.mean() / returns.std())
+
+
+def probabilistic_sharpe_ratio(returns, benchmark_sharpe: float = 0.0) -> Optional[float]:
+    """PSR (Bailey and Lopez de Prado 2012): the probability that the true Sharpe ratio of the series beats
+    `benchmark_sharpe`, both per period: Phi((SR - SR*) sqrt(n - 1) / sqrt(1 - skew SR + (kurt - 1) / 4 SR^2)), with the
+    sample skewness and the (non-excess) kurtosis of the n period returns. None where the Sharpe ratio is undefined
+    (see `period_sharpe`) or the variance term is 0 (a two-valued series with skew x SR = 2 makes it 0)."""
+    sharpe = period_sharpe(returns)
+    if sharpe is None or benchmark_sharpe is None:
+        return None
+    returns = np.asarray(returns, np.float64)
+    skewness, kurtosis = stats.skew(returns), stats.kurtosis(returns, fisher=False)
+    variance_term = 1 - skewness * sharpe + (kurtosis - 1) / 4 * sharpe ** 2
+    if not variance_term > 1e-9:  # 0 up to rounding: an estimate with no stated uncertainty would read as certainty
+        return None
+    return finite_or_none(stats.norm.cdf((sharpe - benchmark_sharpe) * np.sqrt(len(returns) - 1) / np.sqrt(variance_term)))
+
+
+def expected_max_sharpe(trial_sharpes, num_trials: int) -> Optional[float]:
+    """SR0 of the deflated Sharpe ratio (Bailey and Lopez de Prado 2014): the expected largest per-period Sharpe ratio
+    of `num_trials` trials without skill, sqrt(V) ((1 - gamma) Phi^-1(1 - 1/N) + gamma Phi^-1(1 - 1/(N e))), V the
+    variance (ddof 1) of the trials' per-period Sharpe ratios, gamma Euler's constant. One trial selects nothing: 0 (the
+    formula's Phi^-1(0) is -inf). None for several trials with fewer than 2 Sharpe ratios known (V is unknown)."""
+    if num_trials <= 1:
+        return 0.0
+    known = [s for s in trial_sharpes if s is not None]
+    if len(known) < 2:
+        return None
+    quantiles = stats.norm.ppf([1 - 1 / num_trials, 1 - 1 / (num_trials * np.e)])
+    return float(np.sqrt(np.var(known, ddof=1)) * ((1 - np.euler_gamma) * quantiles[0] + np.euler_gamma * quantiles[1]))
+
+
+def deflated_sharpe_ratio(returns, trial_sharpes, num_trials: int) -> Optional[float]:
+    """DSR (Bailey and Lopez de Prado 2014): the PSR of the series against SR0 = `expected_max_sharpe`, the Sharpe
+    ratio the best of `num_trials` unskilled trials would show; None where either is undefined."""
+    return probabilistic_sharpe_ratio(returns, expected_max_sharpe(trial_sharpes, num_trials))
+
+
+def median_or_none(values) -> Optional[float]:
+    """The median of the values that are not None; None if none is."""
+    known = [v for v in values if v is not None]
+    return float(np.median(known)) if known else None
+
+
+def sharpe_summary(period_returns: list, trial_sharpes: list, num_trials: int) -> dict:
+    """PSR against 0 and DSR of each run's (stitched out-of-sample) period-return series, and their medians over runs."""
+    psr = [probabilistic_sharpe_ratio(r) for r in period_returns]
+    dsr = [deflated_sharpe_ratio(r, trial_sharpes, num_trials) for r in period_returns]
+    return dict(probabilistic_sharpe=median_or_none(psr), deflated_sharpe=median_or_none(dsr),
+                expected_max_sharpe=finite_or_none(expected_max_sharpe(trial_sharpes, num_trials)), num_trials=int(num_trials),
+                per_run=[dict(probabilistic_sharpe=p, deflated_sharpe=d) for p, d in zip(psr, dsr)])
+
+
+def run_summary(metric_runs: dict) -> dict:
+    """{metric: {mean, median, iqm, std: {value, ci}}} of one policy; metric_runs {metric: runs [folds, runs]}."""
+    return {metric: {name: estimate_with_ci(runs, statistic) for name, statistic in RUN_STATISTICS.items()}
+            for metric, runs in metric_runs.items()}
+
+
+def number_text(value: Optional[float]) -> str:
+    """A statistic for the verdict sentence: 2 decimals, or n/a where undefined."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def edge_over(improvement: dict, deflated_sharpe: Optional[float], num_runs: int) -> bool:
+    """The verdict's rule: an edge over a baseline only with at least EDGE_MIN_RUNS runs, the lower CI bound of
+    P(improvement) over it above 0.5 and a deflated Sharpe ratio above 0.95; anything undefined is no evidence."""
+    return (num_runs >= EDGE_MIN_RUNS and improvement["ci"] is not None and improvement["ci"][0] > EDGE_MIN_IMPROVEMENT_LOW
+            and deflated_sharpe is not None and deflated_sharpe > EDGE_MIN_DEFLATED_SHARPE)
+
+
+def verdict(improvements: dict, deflated_sharpe: Optional[float], num_runs: int, num_trials: int) -> str:
+    """One quotable sentence on the trained policy: per baseline ({label: {value, ci}} of P(improvement) over it) "edge
+    over LABEL" or "no evidence of an edge over LABEL" by `edge_over`, with the numbers that decided it."""
+    clauses = []
+    for label, improvement in improvements.items():
+        ci = improvement["ci"]
+        interval = f" [{number_text(ci[0])}, {number_text(ci[1])}]" if ci else " [no CI]"
+        claim = "edge" if edge_over(improvement, deflated_sharpe, num_runs) else "no evidence of an edge"
+        clauses.append(f"{claim} over {label}: P(improvement) {number_text(improvement['value'])}{interval}")
+    few = f", fewer than the {EDGE_MIN_RUNS} an edge needs" if num_runs < EDGE_MIN_RUNS else ""
+    return (f"{'; '.join(clauses)}; deflated Sharpe {number_text(deflated_sharpe)} ({num_trials} trials; "
+            f"{num_runs} runs{few})")
+
+
 # ---- BACKTEST ----
 def make_backtest(env_params: EnvParams, data: MarketData, n_days: int):
     """Jitted contiguous pass over a split: one account, trading every day but the last `settlement_days`.
@@ -1127,10 +1317,16 @@ def random_policy(n_inv: int):
     return lambda policy_args, key, obs, t: jax.random.uniform(key, (n_inv, 2))
 
 
+def daily_returns(equity: np.ndarray) -> np.ndarray:
+    """Per-day returns of a daily equity curve starting at 1.0 (the report's periods)."""
+    eq = np.r_[1.0, np.asarray(equity, np.float64)]
+    return eq[1:] / eq[:-1] - 1
+
+
 def period_metrics(equity: np.ndarray, periods_per_year: float = 252.0) -> dict:
     """Metrics of a daily equity curve starting at 1.0 (per-day returns, annualised with 252 days)."""
     eq = np.r_[1.0, equity]
-    rets = eq[1:] / eq[:-1] - 1
+    rets = daily_returns(equity)
     years = max(len(rets) / periods_per_year, 1e-9)
     total = eq[-1] - 1
     ann = (1 + total) ** (1 / years) - 1 if total > -1 else -1.0
@@ -1232,10 +1428,68 @@ def over_seeds(rows: list) -> dict:
     return out
 
 
+def random_runs_report(env_params: EnvParams, data: MarketData, info: dict, split: str, num_runs: int,
+                       seed: int) -> list[tuple[dict, np.ndarray]]:
+    """[(metrics, daily returns) of each run] of `num_runs` random policies played in one vmapped backtest of the split
+    (their keys split from PRNGKey(seed)); only the equity curves leave the device."""
+    backtest = make_backtest(env_params, data, split_days(info, split))
+    policy = random_policy(len(info["inv"]))
+    keys = jax.random.split(jax.random.PRNGKey(seed), num_runs)
+    equities = np.asarray(jax.jit(jax.vmap(lambda key: backtest(policy, None, key)["equity"]))(keys))
+    return [(period_metrics(equity), daily_returns(equity)) for equity in equities]
+
+
+# the report's summary: the trained policies, and the baselines they are compared with
+TRAINED_POLICIES = ("champion", "td3_learner")
+BASELINES = {"random": "random", "buy_and_hold": "buy-and-hold"}  # report name: name in the verdict
+CI_METRICS = ("total_return", "annualised_return", "sharpe")
+SUMMARY_ABOUT = (  # the report's summary_about: what its summary holds, and why a field can be null
+    "over folds x runs (one fold: the single train/validation/test split). random: the --random-runs random policies; "
+    "champion (each seed's best.msgpack), td3_learner, buy_and_hold: one run per seed. {value, ci}: the statistic over "
+    f"all runs, ci its 95% percentile bootstrap interval (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, runs "
+    "resampled within folds). null where undefined: a ci from a single run per fold, a std of one run, a Sharpe ratio "
+    "of constant returns, a deflated Sharpe without the variance of the trials' Sharpe ratios. "
+    "probability_of_improvement: P(this policy's total return > the other's), ties 1/2, over all pairs of runs of a "
+    "fold, averaged over folds. probabilistic_sharpe (against 0) and deflated_sharpe: of each run's daily returns, the "
+    "median over runs (per_run: each run's); num_trials = folds x seeds x --trials for a trained policy, 1 for a "
+    "baseline (nothing was selected). percentile_among_random: each run's total return among the random runs of its "
+    "fold, ties half. Verdict rules: README.md")
+
+
+def report_summary(rows: list, seed_curves: list, random_runs: list, trials: int) -> tuple[dict, str]:
+    """(summary, verdict) of a report: per policy the STATISTICS of its runs (see SUMMARY_ABOUT) from each seed's report
+    row and equity curves and the random runs' (metrics, daily returns); the verdict on the champion against the
+    baselines. One fold today (the single split): a walk-forward fold axis makes the [folds, runs] arrays longer."""
+    per_seed = [name for name in (*TRAINED_POLICIES, "buy_and_hold") if name in rows[0]]  # eval-only: no td3_learner
+    metric_runs = {name: {metric: np.array([[row[name][metric] for row in rows]]) for metric in CI_METRICS}
+                   for name in per_seed}
+    metric_runs["random"] = {metric: np.array([[run_metrics[metric] for run_metrics, _ in random_runs]])
+                             for metric in CI_METRICS}
+    returns = {name: [daily_returns(curves[name]) for curves in seed_curves] for name in per_seed}
+    returns["random"] = [run_returns for _, run_returns in random_runs]
+    totals = {name: policy_runs["total_return"] for name, policy_runs in metric_runs.items()}
+    num_folds = len(totals["champion"])
+    num_trials = num_folds * len(rows) * trials
+    summary = {}
+    for name in metric_runs:
+        trained = name in TRAINED_POLICIES
+        trial_sharpes = [period_sharpe(run_returns) for run_returns in returns[name]] if trained else []
+        summary[name] = dict(folds=num_folds, runs=int(totals[name].size), **run_summary(metric_runs[name]),
+                             **sharpe_summary(returns[name], trial_sharpes, num_trials if trained else 1),
+                             probability_of_improvement={other: probability_of_improvement(totals[name], totals[other])
+                                                         for other in BASELINES if other != name})
+        if name != "random":
+            percentiles = percentile_among(totals[name], totals["random"])
+            summary[name]["percentile_among_random"] = dict(median=median_or_none(percentiles), per_run=percentiles)
+    improvements = {label: summary["champion"]["probability_of_improvement"][other] for other, label in BASELINES.items()}
+    return summary, verdict(improvements, summary["champion"]["deflated_sharpe"], summary["champion"]["runs"], num_trials)
+
+
 def evaluate(args: Args, actor: Actor, seeds: list, datasets: dict, info: dict, env_params: EnvParams, run_dir: Path,
              split: str, extra: dict) -> dict:
     """Backtests each seed's policy on a split, seed k with the random key of --seed SEED+k; `seeds` = [(seed index,
-    champion params, extra policies, extra row fields)]. Writes the report files with `extra` in the report."""
+    champion params, extra policies, extra row fields)]. Plays --random-runs random policies in one vmapped backtest and
+    summarises every policy over the runs (`summary`, `verdict`). Writes the report files with `extra` in the report."""
     rows, seed_trades, seed_curves = [], [], []
     for seed_index, params, extra_policies, row_fields in seeds:
         metrics, trades, curves = backtest_seed(actor, params, datasets, info, split, args, env_params,
@@ -1243,8 +1497,11 @@ def evaluate(args: Args, actor: Actor, seeds: list, datasets: dict, info: dict, 
         rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, **row_fields, **metrics))
         seed_trades.append(trades)
         seed_curves.append(curves)
+    random_runs = random_runs_report(env_params, datasets[split], info, split, args.random_runs, args.seed)
+    summary, sentence = report_summary(rows, seed_curves, random_runs, args.trials)
     report = dict(split_period(info, split), annualisation="daily returns, x sqrt(252) and 252 trading days a year", **extra,
-                  seeds=rows, over_seeds=over_seeds(rows))
+                  seeds=rows, over_seeds=over_seeds(rows), random_runs=args.random_runs, trials=args.trials,
+                  summary_about=SUMMARY_ABOUT, summary=summary, verdict=sentence)
     write_backtest_outputs(run_dir, report, seed_trades, seed_curves, info)
     return report
 
@@ -1324,7 +1581,7 @@ def check_args(args: Args) -> None:
     for name in ("pop_size", "generations", "episodes_per_agent", "worst_k", "tournament_size", "inject_every",
                  "batch_size", "window",
                  "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden",
-                 "policy_delay", "n_step", "lstm_layers", "attention_heads", "num_seeds"):
+                 "policy_delay", "n_step", "lstm_layers", "attention_heads", "num_seeds", "random_runs", "trials"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if args.extractor == "conv" and (args.bidirectional or args.lstm_layers != 1):
@@ -1371,8 +1628,9 @@ def hparam_table(args: Args) -> str:
 LAYOUT_FLAGS = ("devices", "coordinator_address", "num_processes",
                 "process_id")  # how to run, not what: a resume picks its own
 RESUME_FLAGS = ("resume", "stop_after") + LAYOUT_FLAGS
-EVAL_FLAGS = ("eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "data", "train_end", "val_end", "seed")
-EVAL_DATA_FLAGS = ("data", "train_end", "val_end", "seed")  # taken from the checkpoint unless given
+EVAL_FLAGS = ("eval_only", "checkpoint", "eval_split", "out_dir", "run_name", "data", "train_end", "val_end", "seed",
+              "random_runs", "trials")  # what and where --eval-only plays, and how it is summarised
+EVAL_DATA_FLAGS = ("data", "train_end", "val_end", "seed", "random_runs", "trials")  # the checkpoint's unless given
 
 
 def flags_given(argv) -> set:
@@ -1703,8 +1961,8 @@ def table_line(label: str, values) -> str:
 
 
 def summary_table(report: dict) -> str:
-    """A short view of a report: a line per seed and policy (total return, Sharpe, max drawdown, trades) and a line per
-    policy with the median over the seeds."""
+    """A short view of a report: a line per seed and policy (total return, Sharpe, max drawdown, trades), a line per
+    policy with the median over the seeds, and the verdict."""
     names = [name for name in SUMMARY_POLICIES if name in report["over_seeds"]]
     lines = [table_line(f"{report['split']} split", SUMMARY_METRICS)]
     for row in report["seeds"]:
@@ -1712,7 +1970,7 @@ def summary_table(report: dict) -> str:
                   for name in names]
     lines += [table_line(f"  median over seeds {name}", [report["over_seeds"][name][metric]["median"]
                                                          for metric in SUMMARY_METRICS]) for name in names]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"verdict, {report['split']} split: {report['verdict']}"])
 
 
 def main(argv=None) -> int:

@@ -98,6 +98,34 @@ def test_report_has_a_row_per_seed_and_the_median_min_max_over_seeds(seed_runs):
     assert "  median over seeds champion " in three.stdout
 
 
+def test_report_summary_and_verdict_over_the_seeds_and_the_random_runs(seed_runs):
+    """The STATISTICS of the report (tests/test_statistics.py checks the numbers): every field of every policy present
+    and finite or null in strict JSON, the means and medians those of the seeds' rows, the verdict the print's last line."""
+    out, three = seed_runs
+    report = json.loads((out / "three" / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in report"))
+    summary, rows = report["summary"], report["seeds"]
+    assert set(summary) == {"champion", "td3_learner", "random", "buy_and_hold"} and report["random_runs"] == 100
+    for name, entry in summary.items():
+        runs = 100 if name == "random" else NUM_SEEDS
+        assert entry["folds"] == 1 and entry["runs"] == runs and len(entry["per_run"]) == runs, name
+        for metric in ("total_return", "annualised_return", "sharpe"):
+            for statistic in ("mean", "median", "iqm", "std"):
+                value, ci = entry[metric][statistic]["value"], entry[metric][statistic]["ci"]
+                assert isinstance(value, float) and (ci is None or ci[0] <= ci[1] + 1e-12), (name, metric, statistic)
+        assert entry["num_trials"] == (NUM_SEEDS if name in et.TRAINED_POLICIES else 1), name
+        assert set(entry["probability_of_improvement"]) == {"random", "buy_and_hold"} - {name}
+        for key in ("probabilistic_sharpe", "deflated_sharpe"):
+            assert entry[key] is None or 0 <= entry[key] <= 1, (name, key)
+        if name != "random":
+            totals = [row[name]["total_return"] for row in rows]
+            assert entry["total_return"]["mean"]["value"] == pytest.approx(np.mean(totals)), name
+            assert entry["total_return"]["median"]["value"] == pytest.approx(np.median(totals)), name
+            percentiles = entry["percentile_among_random"]["per_run"]
+            assert entry["probability_of_improvement"]["random"]["value"] == pytest.approx(np.mean(percentiles) / 100)
+    assert "fewer than the 5" in report["verdict"] and report["verdict"].startswith("no evidence of an edge over random")
+    assert three.stdout.strip().splitlines()[-1] == f"verdict, test split: {report['verdict']}"
+
+
 def test_trades_csv_has_each_seeds_trades(seed_runs):
     out, _ = seed_runs
     lines = (out / "three" / "trades.csv").read_text().splitlines()
@@ -140,6 +168,7 @@ def test_eval_only_of_the_run_folder_and_of_one_seed_reproduces_the_report(seed_
     for name in ("champion", "random", "buy_and_hold"):
         assert [row[name] for row in again["seeds"]] == [row[name] for row in report["seeds"]], name
         assert again["over_seeds"][name] == report["over_seeds"][name], name
+        assert again["summary"][name] == report["summary"][name], name  # the statistics too
     r = run_script("erl_trader.py", "--eval-only", "--checkpoint", out / "three" / "seed2" / "best.msgpack")
     assert r.returncode == 0, r.stderr[-2000:]
     one = report_of(out / "three" / "seed2" / "eval_test_sp500_daily")

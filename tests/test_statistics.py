@@ -1,7 +1,7 @@
-"""The STATISTICS section of ppo_trader.py (the report's summary and verdict): the probabilistic and deflated Sharpe
-ratios against hand arithmetic and the 2014 paper's example, IQM and P(improvement) against brute force, the coverage of
-the stratified bootstrap CI, degenerate inputs (one seed, constant returns) and the verdict rules. Pure NumPy, no
-training."""
+"""The STATISTICS section of both trainers (the reports' summary and verdict; the same block in each): the probabilistic
+and deflated Sharpe ratios against hand arithmetic and the 2014 paper's example, IQM and P(improvement) against brute
+force, the coverage of the stratified bootstrap CI, degenerate inputs (one seed, constant returns) and the verdict rules.
+Pure NumPy, no training."""
 
 import itertools
 import json
@@ -177,3 +177,15 @@ def test_verdict_says_edge_only_for_a_clear_edge():
     # three unanimous seeds are fewer than an edge needs, whatever the numbers
     few = summary_and_verdict(rng, trained_mean=1.0, period_mean=0.004, num_seeds=3)
     assert few.startswith("no evidence of an edge over random") and "fewer than the 5" in few, few
+
+
+def test_both_trainers_carry_the_same_statistics():
+    """erl_trader.py holds the same STATISTICS block as ppo_trader.py (each file stays standalone), so both reports
+    compute the same numbers from the same runs; the tests above check it once."""
+    from conftest import ROOT
+
+    def section(script: str) -> str:
+        text = (ROOT / script).read_text()
+        return text[text.index("# ---- STATISTICS ----"):text.index("# ---- BACKTEST ----")]
+
+    assert section("erl_trader.py") == section("ppo_trader.py")
