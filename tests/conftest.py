@@ -88,3 +88,28 @@ def assert_divergence_stops_and_keeps_the_last_good_checkpoint(script: str, flag
     assert json.loads(payload["extra"])["chunk"] == 0
     floats = [x for x in map(np.asarray, jax.tree.leaves(payload["runner"])) if x.dtype.kind == "f"]
     assert floats and all(np.isfinite(x).all() for x in floats)
+
+
+def report_of(run_dir: Path) -> dict:
+    """A run folder's report.json."""
+    import json
+
+    return json.loads((run_dir / "report.json").read_text())
+
+
+def policy_params(path: Path) -> dict:
+    """The parameters stored in a policy file."""
+    from flax.serialization import msgpack_restore
+
+    return msgpack_restore(path.read_bytes())["params"]
+
+
+def assert_trees_close(a, b, what: str, atol: float = 1e-5) -> None:
+    """Two parameter trees with the same leaves, equal to float32 summation-order tolerance."""
+    import jax
+    import numpy as np
+
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b), what
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol, err_msg=what)

@@ -10,25 +10,11 @@ import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
 import ppo_trader as pt
-from conftest import RUN_OUTPUTS, ROOT, assert_one_line_error, assert_run_outputs, run_script
+from conftest import (RUN_OUTPUTS, ROOT, assert_one_line_error, assert_run_outputs, assert_trees_close, policy_params,
+                      report_of, run_script)
 from test_ppo_cli import DATA_STEM, MARKET, TINY
 
 BASE_SEED, NUM_SEEDS = 5, 3
-
-
-def report_of(run_dir) -> dict:
-    return json.loads((run_dir / "report.json").read_text())
-
-
-def policy_params(path) -> dict:
-    return msgpack_restore(path.read_bytes())["params"]
-
-
-def assert_trees_close(a, b, what: str) -> None:
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b), what
-    for x, y in zip(leaves_a, leaves_b):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5, err_msg=what)
 
 
 @pytest.fixture(scope="module")
