@@ -118,6 +118,10 @@ class Args:
     """clip of the target policy smoothing noise"""
     policy_delay: int = 2
     """critic updates per actor update"""
+    critic_warmup: int = 0
+    """generations whose TD3 updates train the critics only, before the actor's first update (like TD3's learning
+    starts): an actor trained on a cold critic can fall below --coef-threshold on every stock, where the critic's
+    opening gate is flat and gives it no gradient back; the injected learner then spreads that "never open" policy"""
     expl_noise: float = 0.1
     """exploration noise of the learner's rollouts (action units in [0, 1])"""
     window: int = 20
@@ -832,7 +836,8 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
 
     def td3_update(learner: Learner, batch, key, data):
         """One TD3 step: twin-critic regression to the clipped double-Q target with target policy smoothing;
-        every `policy_delay` steps an actor step on Q1 and soft target updates (Fujimoto et al. 2018)."""
+        every `policy_delay` steps (after the first `critic_warmup` generations) an actor step on Q1 and soft target
+        updates (Fujimoto et al. 2018)."""
         t, slots, a, r, d, next_slots = batch
         small, nsmall = (jax.vmap(small_state_of_slots, in_axes=(0, None))(x, n_inv) for x in (slots, next_slots))
         obs = jax.vmap(get_obs, in_axes=(0, None, None))(t, env_params, data)
@@ -866,7 +871,8 @@ def make_erl(args: Args, env_params: EnvParams, data_shapes: MarketData, n_inv: 
         def _skip(_):
             return learner.actor, learner.actor_opt, learner.actor_target, learner.critic_target, jnp.float32(jnp.nan)
 
-        actor_turn = learner.updates % args.policy_delay == 0
+        warmed_up = learner.updates >= args.critic_warmup * args.rl_updates
+        actor_turn = (learner.updates % args.policy_delay == 0) & warmed_up
         actor_params, actor_opt, actor_target, critic_target, a_loss = jax.lax.cond(actor_turn, _actor_step, _skip, None)
         return Learner(actor_params, critic_params, actor_target, critic_target, actor_opt, critic_opt,
                        learner.updates + 1), (c_loss, a_loss)
@@ -1597,7 +1603,7 @@ def check_args(args: Args) -> None:
     if args.worst_k > args.episodes_per_agent:
         raise DataError(f"--worst-k {args.worst_k} exceeds --episodes-per-agent {args.episodes_per_agent}. Fix: lower "
                         f"--worst-k")
-    for name in ("rl_updates", "settlement_days"):
+    for name in ("rl_updates", "settlement_days", "critic_warmup"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)}). Fix: pass 0 or more")
     if not 1 <= args.num_elites < args.pop_size:

@@ -147,6 +147,7 @@ def test_resume_is_bit_identical(tmp_path):
     (["--stock-layers", "16", "0"], "--stock-layers"),
     (["--num-seeds", "0"], "--num-seeds"),
     (["--random-runs", "0"], "--random-runs"),
+    (["--critic-warmup", "-1"], "--critic-warmup"),
     (["--eval-only", "--checkpoint", "data"], "config.json"),
 ])
 def test_bad_flags_and_data_give_one_line(argv, needle):

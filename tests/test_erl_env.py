@@ -367,11 +367,13 @@ def test_replay_wraps_around():
     assert int(out.ptr) == 2 and int(out.size) == 100
 
 
-def test_td3_update_target_delay_and_soft_update():
+@pytest.mark.parametrize("critic_warmup", [0, 1])
+def test_td3_update_target_delay_and_soft_update(critic_warmup):
     """One TD3 step by hand: the critic loss is the twin regression to r + gamma^n (1 - done) min(Q1', Q2') of the
     target critics at the target actor's action n days later (no smoothing noise here); the actor and the targets
-    move only every policy_delay-th step, the targets by tau towards the new weights."""
-    args = dataclasses.replace(REPLAY_ARGS, policy_noise=0.0, tau=0.3, policy_delay=2)
+    move only every policy_delay-th step, the targets by tau towards the new weights, and with --critic-warmup 1 not
+    during the first generation's rl_updates steps (the critic moves on every step)."""
+    args = dataclasses.replace(REPLAY_ARGS, policy_noise=0.0, tau=0.3, policy_delay=2, critic_warmup=critic_warmup)
     erl, runner, env_params, data = replay_setup(args)
     runner, _ = jax.jit(erl.chunk)(runner, data)
     perturb = lambda tree, seed: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed), x.shape), tree)  # noqa: E731
@@ -392,7 +394,8 @@ def test_td3_update_target_delay_and_soft_update():
     assert bool(batch[4].any()) and not bool(batch[4].all()), "the batch must hold both done and bootstrapped transitions"
 
     leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
-    for updates, actor_moves in ((0, True), (1, False)):
+    first = critic_warmup * args.rl_updates  # the first update on which the actor may move
+    for updates, actor_moves in ((0, first == 0), (1, False), (first, True), (first + 1, False)):
         new, (critic_loss, actor_loss) = jax.jit(erl.td3_update)(learner._replace(updates=jnp.int32(updates)), batch, jax.random.PRNGKey(3), data)
         np.testing.assert_allclose(float(critic_loss), expect_loss, rtol=1e-4)
         assert int(new.updates) == updates + 1
