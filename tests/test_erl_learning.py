@@ -14,11 +14,11 @@ from conftest import run_script
 
 # 10 stocks, each with the planted signal (half-life 2 days); one window (20 days) sees it clearly after the
 # instance normalisation. Fitness is the mean of all 5 episodes (less noisy than the worst 2 on 25-day slices).
-# n-step 4 targets hold a trade's whole outcome (fill the next day, sale at the latest two days later).
+# n-step 4 targets hold a trade's whole outcome (fill the next day, sale at the latest two days later). The critic
+# trains alone for the first 4 generations (--critic-warmup, chosen on the validation returns of data seeds 2 and 3).
 DATA = ["--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "2", "--signal-strength", "4", "--days", "2000"]
-DATA_SEEDS = (0, 1)
 FLAGS = ["--train-end", "0.6", "--val-end", "0.8", "--window", "20", "--max-holding-days", "2", "--worst-k", "5",
-         "--rl-updates", "256", "--n-step", "4",
+         "--rl-updates", "256", "--n-step", "4", "--critic-warmup", "4",
          "--pop-size", "8", "--generations", "24", "--eval-every", "2", "--seed", "1"]
 
 
@@ -56,13 +56,13 @@ def oracle_return(data, flags: list) -> float:
     return split_return("test", *best)
 
 
-NOT_YET = ("measured with --num-seeds 3 (run seeds 1-3): data seed 0 champion 22% / 73% / 56% of the oracle (median 56%), "
-           "data seed 1 -13% / 35% / 0%: ERL does not yet learn robustly across seeds and data (issue: learning across data); "
-           "see the README's 'Learning on synthetic data'. pytest --runxfail runs it")
+# data seed 1 (never used to choose a flag) is short of the bar: see the README's "Learning on synthetic data"
+NOT_YET = ("with these flags and --num-seeds 3 (run seeds 1-3), data seed 1 gives a champion at 18% / 32% / 36% of the "
+           "oracle's test return (data seed 0: 79% / 52% / 76%): ERL does not yet learn this planted signal robustly across "
+           "data (issue: learning across data). pytest --runxfail runs it")
 
 
-@pytest.mark.xfail(run=False, reason=NOT_YET)
-@pytest.mark.parametrize("data_seed", DATA_SEEDS)
+@pytest.mark.parametrize("data_seed", [0, pytest.param(1, marks=pytest.mark.xfail(run=False, reason=NOT_YET))])
 def test_erl_learns_the_planted_signal(tmp_path, data_seed):
     """Over 3 seeds trained in one program, the median champion reaches 70% of the oracle's test return and at least
     2 of the 3 seeds do on their own; the TD3 learner's median gain over its initial policy is at least 30% of the
