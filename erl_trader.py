@@ -63,10 +63,10 @@ class Args:
     """first day after the training split (YYYY-MM-DD) or a fraction of the days"""
     val_end: str = "2017-01-01"
     """first day after the validation split; the test split is the rest (one window embargoed between splits)"""
-    num_seeds: int = 1
+    num_seeds: int = 4
     """whole ERL runs trained at once with vmap (each its own population, TD3 learner, optimisers, replay memory and
     RNG): seed k (0..N-1) is the same run as --num-seeds 1 --seed SEED+k, with its own model selection, policy files
-    runs/NAME/seed<k>/ and test backtest"""
+    runs/NAME/seed<k>/ and test backtest (the report's statistics need several)"""
     pop_size: int = 16
     """actors in the GA population"""
     generations: int = 40

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "ppo_trader.py": ["--num-envs", "256", "--num-steps", "64", "--chunk-updates", "5", "--total-timesteps", str(256 * 64 * 5 * 4), "--eval-every", "100"],
-    "erl_trader.py": ["--pop-size", "16", "--generations", "4", "--eval-every", "100"],
+    "erl_trader.py": ["--pop-size", "16", "--generations", "4", "--eval-every", "100", "--num-seeds", "1"],
 }
 
 

@@ -48,7 +48,7 @@ def ppo_flags(envs: int, steps_per_env: int, chunk_updates: int, chunks: int) ->
 
 def erl_flags(pop: int, generations: int, sizes: dict) -> list:
     """ERL sizes with a budget of `generations` generations, validated at the end only."""
-    flags = ["--pop-size", str(pop), "--generations", str(generations), "--eval-every", str(generations)]
+    flags = ["--pop-size", str(pop), "--generations", str(generations), "--eval-every", str(generations), "--num-seeds", "1"]
     return flags + [x for key, value in sizes.items() for x in ("--" + key.replace("_", "-"), str(value))]
 
 
@@ -110,8 +110,9 @@ def original_architecture_steps(size: dict, caps: dict, runs: Path) -> list:
                                             "--days", str(size["original_days"]), "--out", str(data)], caps["data"])
     sizes = [x for key, value in size["original_sizes"].items() for x in ("--" + key.replace("_", "-"), str(value))]
     argv = ["erl_trader.py", "--data", str(data), "--train-end", "0.6", "--val-end", "0.8", "--pop-size", "16",
-            "--generations", "2", "--eval-every", "2", *ORIGINAL_NETWORK, "--stock-layers", *size["original_stock_layers"],
-            *sizes, "--out-dir", str(runs), "--run-name", "erl_original_architecture"]
+            "--num-seeds", "1", "--generations", "2", "--eval-every", "2", *ORIGINAL_NETWORK,
+            "--stock-layers", *size["original_stock_layers"], *sizes, "--out-dir", str(runs),
+            "--run-name", "erl_original_architecture"]
     return [make_data, Step("erl_original_architecture", argv, caps["training"])]
 
 

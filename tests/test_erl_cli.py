@@ -11,7 +11,7 @@ from conftest import (assert_divergence_stops_and_keeps_the_last_good_checkpoint
 
 TINY = ["--pop-size", "4", "--generations", "4", "--episodes-per-agent", "2", "--worst-k", "1", "--num-elites", "1", "--rl-updates", "2",
         "--batch-size", "16", "--buffer-size", "2000", "--window", "8", "--trading-days", "6", "--settlement-days", "2", "--hidden", "8",
-        "--conv-channels", "4", "--eval-every", "2"]
+        "--conv-channels", "4", "--eval-every", "2", "--num-seeds", "1"]
 SPLITS = ["--train-end", "2010-01-01", "--val-end", "2015-01-01"]  # not the defaults: --eval-only must take them from the checkpoint
 
 

@@ -186,7 +186,7 @@ def test_erl_four_devices_match_one_and_checkpoints_move_between_device_counts(e
 
 # ---- BAD LAYOUTS ----
 @pytest.mark.parametrize("script,argv,needle", [
-    ("erl_trader.py", ["--pop-size", "6", "--num-elites", "1"], "--pop-size 6"),
+    ("erl_trader.py", ["--pop-size", "6", "--num-elites", "1", "--num-seeds", "1"], "--pop-size 6"),
     ("erl_trader.py", ["--devices", "8"], "--devices 8"),
     ("ppo_trader.py", ["--num-envs", "6", "--num-steps", "8", "--num-minibatches", "1"], "--num-envs 6"),
     ("ppo_trader.py", ["--coordinator-address", "localhost:1234"], "--num-processes"),
