@@ -2,7 +2,7 @@
 
     python erl_trader.py                         # S&P 500 sample: train to 2012, validate 2013-2016, test 2017-2022
     python erl_trader.py --pop-size 16 --extractor lstm
-    python erl_trader.py --num-seeds 4             # 4 whole ERL runs in one program (seeds 1..4), each selected alone
+    python erl_trader.py --num-seeds 1 --seed 7    # one run; the default is 4 in one program (seeds 1..4), each selected alone
     python erl_trader.py --eval-only --checkpoint runs/NAME      # every seed's best.msgpack (or runs/NAME/seed0/best.msgpack)
 
 One generation (jitted; generations run in a lax.scan, in chunks between which the host logs/checkpoints):
