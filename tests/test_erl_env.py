@@ -367,13 +367,12 @@ def test_replay_wraps_around():
     assert int(out.ptr) == 2 and int(out.size) == 100
 
 
-@pytest.mark.parametrize("critic_warmup", [0, 1])
-def test_td3_update_target_delay_and_soft_update(critic_warmup):
+def test_td3_update_target_delay_and_soft_update():
     """One TD3 step by hand: the critic loss is the twin regression to r + gamma^n (1 - done) min(Q1', Q2') of the
     target critics at the target actor's action n days later (no smoothing noise here); the actor and the targets
     move only every policy_delay-th step, the targets by tau towards the new weights, and with --critic-warmup 1 not
     during the first generation's rl_updates steps (the critic moves on every step)."""
-    args = dataclasses.replace(REPLAY_ARGS, policy_noise=0.0, tau=0.3, policy_delay=2, critic_warmup=critic_warmup)
+    args = dataclasses.replace(REPLAY_ARGS, policy_noise=0.0, tau=0.3, policy_delay=2)
     erl, runner, env_params, data = replay_setup(args)
     runner, _ = jax.jit(erl.chunk)(runner, data)
     perturb = lambda tree, seed: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed), x.shape), tree)  # noqa: E731
@@ -394,9 +393,13 @@ def test_td3_update_target_delay_and_soft_update(critic_warmup):
     assert bool(batch[4].any()) and not bool(batch[4].all()), "the batch must hold both done and bootstrapped transitions"
 
     leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]  # noqa: E731
-    first = critic_warmup * args.rl_updates  # the first update on which the actor may move
-    for updates, actor_moves in ((0, first == 0), (1, False), (first, True), (first + 1, False)):
-        new, (critic_loss, actor_loss) = jax.jit(erl.td3_update)(learner._replace(updates=jnp.int32(updates)), batch, jax.random.PRNGKey(3), data)
+    warm_args = dataclasses.replace(args, critic_warmup=1)
+    warm_update = et.make_erl(warm_args, env_params, data, n_inv, tuple(np.asarray(data.inv).tolist())).td3_update
+    first = warm_args.rl_updates  # with --critic-warmup 1, the first update on which the actor may move
+    cases = [(erl.td3_update, 0, True), (erl.td3_update, 1, False),
+             (warm_update, 0, False), (warm_update, first, True), (warm_update, first + 1, False)]
+    for td3_update, updates, actor_moves in cases:
+        new, (critic_loss, actor_loss) = jax.jit(td3_update)(learner._replace(updates=jnp.int32(updates)), batch, jax.random.PRNGKey(3), data)
         np.testing.assert_allclose(float(critic_loss), expect_loss, rtol=1e-4)
         assert int(new.updates) == updates + 1
         assert not all(np.array_equal(a, b) for a, b in zip(leaves(new.critic), leaves(learner.critic)))
