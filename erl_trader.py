@@ -655,12 +655,16 @@ def seed_axes() -> RunnerState:
                        rng=0, gen=None)
 
 
+def by_seed_axis(fn: Callable, *trees) -> RunnerState:
+    """fn(axis, part, ...) for every part of the runner state(s) `seed_axes` names (axis 0: it has a seed axis, None: a
+    shared counter)."""
+    return jax.tree.map(fn, seed_axes(), *trees, is_leaf=lambda axis: axis is None)
+
+
 def stack_seeds(runners: list) -> RunnerState:
     """Per-seed runner states -> one state with a leading seed axis (the shared counters are taken from the first)."""
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), *runners)
-    first = runners[0]
-    return stacked._replace(learner=stacked.learner._replace(updates=first.learner.updates),
-                            replay=stacked.replay._replace(ptr=first.replay.ptr, size=first.replay.size), gen=first.gen)
+    return by_seed_axis(lambda axis, *parts: parts[0] if axis is None else jax.tree.map(lambda *x: jnp.stack(x), *parts),
+                        *runners)
 
 
 def worst_k_mean(returns: jax.Array, k: int) -> jax.Array:
@@ -980,9 +984,8 @@ def runner_shardings(runner: RunnerState, mesh: Mesh) -> RunnerState:
     """Where the seed-stacked runner state lives: the population split by seed and over its seed's devices; learner,
     replay memory and RNG split by seed and copied over its devices; the shared counters copied everywhere."""
     by_pop, by_seed, copy = (NamedSharding(mesh, PartitionSpec(*axes)) for axes in (("seed", "d"), ("seed",), ()))
-    learner = jax.tree.map(lambda _: by_seed, runner.learner)._replace(updates=copy)
-    replay = jax.tree.map(lambda _: by_seed, runner.replay)._replace(ptr=copy, size=copy)
-    return RunnerState(jax.tree.map(lambda _: by_pop, runner.pop), learner, replay, by_seed, copy)
+    shardings = by_seed_axis(lambda axis, part: jax.tree.map(lambda _: copy if axis is None else by_seed, part), runner)
+    return shardings._replace(pop=jax.tree.map(lambda _: by_pop, runner.pop))
 
 
 def place(tree, shardings):
@@ -1388,18 +1391,17 @@ def buy_and_hold(data: MarketData, info: dict, split: str, args: Args) -> np.nda
     return eq
 
 
-def backtest_seed(actor: Actor, params, datasets: dict, info: dict, split: str, args: Args, env_params: EnvParams,
-                  prng_seed: int, extra_policies=None) -> tuple[dict, list, dict]:
+def backtest_seed(backtest, actor: Actor, params, data: MarketData, info: dict, split: str, args: Args, prng_seed: int,
+                  extra_policies=None) -> tuple[dict, list, dict]:
     """One seed's champion vs random (the random key of `prng_seed`) vs equal-weight buy-and-hold, and any
-    `extra_policies`, on one split: ({policy: metrics}, the champion's trades, {policy: equity curve})."""
-    data = datasets[split]
-    bt = make_backtest(env_params, data, split_days(info, split))
+    `extra_policies`, on one split (`backtest`: its `make_backtest`, compiled once for all seeds): ({policy: metrics},
+    the champion's trades, {policy: equity curve})."""
     n_inv = len(info["inv"])
     policies = {"champion": (actor_policy(actor), params), "random": (random_policy(n_inv), None)}
     policies.update(extra_policies or {})
     rows, curves, champion_trades = {}, {}, []
     for name, (policy, policy_args) in policies.items():
-        out = {k: np.asarray(v) for k, v in bt(policy, policy_args, jax.random.PRNGKey(prng_seed)).items()}
+        out = {k: np.asarray(v) for k, v in backtest(policy, policy_args, jax.random.PRNGKey(prng_seed)).items()}
         trades = trade_list(out, info, args.cost_bps)
         rows[name] = dict(period_metrics(out["equity"]), **trade_metrics(trades, out["n_held"]))
         curves[name] = out["equity"]
@@ -1434,11 +1436,9 @@ def over_seeds(rows: list) -> dict:
     return out
 
 
-def random_runs_report(env_params: EnvParams, data: MarketData, info: dict, split: str, num_runs: int,
-                       seed: int) -> list[tuple[dict, np.ndarray]]:
-    """[(metrics, daily returns) of each run] of `num_runs` random policies played in one vmapped backtest of the split
-    (their keys split from PRNGKey(seed)); only the equity curves leave the device."""
-    backtest = make_backtest(env_params, data, split_days(info, split))
+def random_runs_report(backtest, info: dict, num_runs: int, seed: int) -> list[tuple[dict, np.ndarray]]:
+    """[(metrics, daily returns) of each run] of `num_runs` random policies played in one vmapped `backtest` of the
+    split (their keys split from PRNGKey(seed)); only the equity curves leave the device."""
     policy = random_policy(len(info["inv"]))
     keys = jax.random.split(jax.random.PRNGKey(seed), num_runs)
     equities = np.asarray(jax.jit(jax.vmap(lambda key: backtest(policy, None, key)["equity"]))(keys))
@@ -1496,14 +1496,15 @@ def evaluate(args: Args, actor: Actor, seeds: list, datasets: dict, info: dict, 
     """Backtests each seed's policy on a split, seed k with the random key of --seed SEED+k; `seeds` = [(seed index,
     champion params, extra policies, extra row fields)]. Plays --random-runs random policies in one vmapped backtest and
     summarises every policy over the runs (`summary`, `verdict`). Writes the report files with `extra` in the report."""
+    backtest = make_backtest(env_params, datasets[split], split_days(info, split))
     rows, seed_trades, seed_curves = [], [], []
     for seed_index, params, extra_policies, row_fields in seeds:
-        metrics, trades, curves = backtest_seed(actor, params, datasets, info, split, args, env_params,
+        metrics, trades, curves = backtest_seed(backtest, actor, params, datasets[split], info, split, args,
                                                 args.seed + seed_index, extra_policies)
         rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, **row_fields, **metrics))
         seed_trades.append(trades)
         seed_curves.append(curves)
-    random_runs = random_runs_report(env_params, datasets[split], info, split, args.random_runs, args.seed)
+    random_runs = random_runs_report(backtest, info, args.random_runs, args.seed)
     summary, sentence = report_summary(rows, seed_curves, random_runs, args.trials)
     report = dict(split_period(info, split), annualisation="daily returns, x sqrt(252) and 252 trading days a year", **extra,
                   seeds=rows, over_seeds=over_seeds(rows), random_runs=args.random_runs, trials=args.trials,
@@ -1821,9 +1822,13 @@ def log_generation(trainer: Trainer, row: dict, eta: float) -> None:
                 writer.add_scalar(f"seeds/{tag}/seed{seed_index}", seed_row[tag], step_count)
     writer.add_scalar("perf/SPS", row["sps"], step_count)
     trainer.metrics_file.write(json.dumps(row) + "\n")
-    elites = sum(seed_row["injected_is_elite"] for seed_row in row["seeds"])
-    injected = "-" if not row["injected"] else ("elite" if elites else "not elite") if len(row["seeds"]) == 1 else \
-        f"elite in {elites}/{len(row['seeds'])} seeds"
+    elites, num_seeds = sum(seed_row["injected_is_elite"] for seed_row in row["seeds"]), len(row["seeds"])
+    if not row["injected"]:
+        injected = "-"
+    elif num_seeds == 1:
+        injected = "elite" if elites else "not elite"
+    else:
+        injected = f"elite in {elites}/{num_seeds} seeds"
     val = ""
     if "champion_val_return" in row:
         val = (f"  val {mean_and_spread(row, 'champion_val_return', '+.4f')} (learner "
