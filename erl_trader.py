@@ -30,6 +30,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Callable, Literal, NamedTuple, Optional
@@ -63,6 +64,13 @@ class Args:
     """first day after the training split (YYYY-MM-DD) or a fraction of the days"""
     val_end: str = "2017-01-01"
     """first day after the validation split; the test split is the rest (one window embargoed between splits)"""
+    walk_forward: int = 1
+    """walk-forward folds: the days after --val-end's embargo are cut into K equal, consecutive test blocks; fold f
+    shifts the split dates of fold 0 (--train-end/--val-end) by f blocks, trains, selects on its validation block and
+    is tested on its own block (runs/NAME/fold<f>/); 1 = the single split"""
+    walk_forward_train_days: Optional[int] = None
+    """with --walk-forward: each fold trains on the last this many days before its training end (rolling windows;
+    default: expanding, from the first day)"""
     num_seeds: int = 4
     """whole ERL runs trained at once with vmap (each its own population, TD3 learner, optimisers, replay memory and
     RNG): seed k (0..N-1) is the same run as --num-seeds 1 --seed SEED+k, with its own model selection, policy files
@@ -256,8 +264,44 @@ def split_bounds(num_days: int, train_end: int, val_end: int, window: int) -> di
     return {"train": (window - 1, train_end), "val": (train_end + window, val_end), "test": (val_end + window, num_days)}
 
 
+def fold_bounds(num_days: int, train_end: int, val_end: int, window: int, folds: int = 1,
+                train_days: Optional[int] = None) -> list[dict]:
+    """`split_bounds` of each walk-forward fold. The days from fold 0's first test decision (`val_end` + the embargo)
+    to the end are cut into `folds` equal blocks (the remainder, under `folds` days, at the end is left out); fold f
+    shifts every split date of fold 0 by f blocks, so its test block is the f-th block and its training and
+    validation blocks end where fold 0's would, f blocks later. Training starts at the first day (expanding windows),
+    or `train_days` days before its end (rolling). One fold is `split_bounds` itself."""
+    block = (num_days - (val_end + window)) // folds
+    out = []
+    for fold in range(folds):
+        shift = fold * block
+        bounds = split_bounds(val_end + window + block + shift, train_end + shift, val_end + shift, window)
+        if train_days is not None:
+            bounds["train"] = (bounds["train"][1] - train_days, bounds["train"][1])
+        out.append(bounds)
+    return out
+
+
+def check_fold_lengths(folds: list, episode_days: int, path: Path) -> None:
+    """Every split of every fold holds an episode (trading + settlement days) and its next day; a rolling training
+    window fits in the data."""
+    for fold, bounds in enumerate(folds):
+        where = f"walk-forward fold {fold}'s" if len(folds) > 1 else "the"
+        fix = "lower --walk-forward, " if len(folds) > 1 else ""
+        if bounds["train"][0] < 0:
+            raise DataError(f"{path}: {where} rolling training window (--walk-forward-train-days) starts "
+                            f"{-bounds['train'][0]} days before the first day. Fix: lower --walk-forward-train-days or "
+                            f"move --train-end later")
+        for name, (first, end) in bounds.items():
+            if end - first < episode_days + 1:
+                raise DataError(f"{path}: {where} {name} split has {max(end - first, 0)} decision days, fewer than trading "
+                                f"+ settlement days + 1 ({episode_days + 1}). Fix: {fix}move --train-end/--val-end or "
+                                f"shorten --window/--trading-days")
+
+
 def load_data(args: Args) -> tuple[dict, dict]:
-    """Loads and checks a daily npz; returns ({'train','val','test'}: MarketData, info)."""
+    """Loads and checks a daily npz; returns ({'train','val','test'}: MarketData of walk-forward fold 0, the single
+    split by default, info; info['folds'] holds every fold's bounds, `fold_data` makes the other folds' MarketData)."""
     path = Path(args.data)
     if not path.is_file():
         raise DataError(f"{path}: no such file. Fix: build one with data_prep.py (see README) or pass --data")
@@ -277,12 +321,9 @@ def load_data(args: Args) -> tuple[dict, dict]:
     dates = raw["dates"]
     episode_days = args.trading_days + args.settlement_days
     train_end, val_end = split_point(args.train_end, dates, "--train-end"), split_point(args.val_end, dates, "--val-end")
-    bounds = split_bounds(len(dates), train_end, val_end, args.window)
-    for name, (first, end) in bounds.items():
-        if end - first < episode_days + 1:
-            raise DataError(f"{path}: the {name} split has {max(end - first, 0)} decision days, fewer than trading + "
-                            f"settlement days + 1 "
-                            f"({episode_days + 1}). Fix: move --train-end/--val-end or shorten --window/--trading-days")
+    folds = fold_bounds(len(dates), train_end, val_end, args.window, args.walk_forward, args.walk_forward_train_days)
+    check_fold_lengths(folds, episode_days, path)
+    bounds = folds[0]
     inv = np.flatnonzero(raw["investable"]).astype(np.int32)
     base = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32),
                 low=jnp.asarray(raw["low"], jnp.float32),
@@ -291,9 +332,18 @@ def load_data(args: Args) -> tuple[dict, dict]:
                 features=jnp.asarray(raw["features"], jnp.float32),
                 inv=jnp.asarray(inv))
     out = {name: MarketData(**base, lo=jnp.int32(first), hi=jnp.int32(end)) for name, (first, end) in bounds.items()}
-    info = dict(path=str(path), meta=meta, tickers=[str(t) for t in raw["tickers"]], dates=dates, bounds=bounds,
+    info = dict(path=str(path), meta=meta, tickers=[str(t) for t in raw["tickers"]], dates=dates, bounds=bounds, folds=folds,
                 feature_names=[str(f) for f in raw["feature_names"]], inv=inv.tolist(), close_only=is_close_only(raw))
     return out, info
+
+
+def fold_data(datasets: dict, info: dict, fold: int) -> tuple[dict, dict]:
+    """(datasets, info) of one walk-forward fold: the same arrays with that fold's split bounds (same shapes: the
+    compiled programs of fold 0 play every fold)."""
+    bounds = info["folds"][fold]
+    fold_datasets = {name: data.replace(lo=jnp.int32(bounds[name][0]), hi=jnp.int32(bounds[name][1]))
+                     for name, data in datasets.items()}
+    return fold_datasets, dict(info, bounds=bounds, fold=fold)
 
 
 def is_close_only(raw: dict) -> bool:
@@ -1037,13 +1087,13 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
     return runner, json.loads(payload["extra"])
 
 
-def save_policy(path: Path, params, args: Args, seed_index: int = 0) -> None:
-    """A policy-only checkpoint (actor params, config and the index of the seed it belongs to) for --eval-only.
-    Written by process 0 only."""
+def save_policy(path: Path, params, args: Args, seed_index: int = 0, fold: int = 0) -> None:
+    """A policy-only checkpoint (actor params, config and the indices of the seed and walk-forward fold it belongs
+    to) for --eval-only. Written by process 0 only."""
     if jax.process_index() != 0:
         return
     payload = {"params": flax.serialization.to_state_dict(params), "config": json.dumps(dataclasses.asdict(args)),
-               "kind": "erl_actor", "seed_index": seed_index}
+               "kind": "erl_actor", "seed_index": seed_index, "fold": fold}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
@@ -1078,25 +1128,34 @@ def load_policy(path: str, actor: Actor, obs_dummy: jax.Array):
     return params
 
 
+def fold_dir(run_dir: Path, fold: int, num_folds: int) -> Path:
+    """The folder of one walk-forward fold's training (checkpoint, logs, policy files): runs/NAME/fold<f>/, or the run
+    folder itself for a single split."""
+    return run_dir if num_folds == 1 else run_dir / f"fold{fold}"
+
+
 def policy_file(run_dir: Path, seed_index: int, which: str) -> Path:
-    """A seed's policy file in a run folder: runs/NAME/seed<k>/best.msgpack or final.msgpack."""
+    """A seed's policy file in a run (or fold) folder: seed<k>/best.msgpack or final.msgpack."""
     return run_dir / f"seed{seed_index}" / f"{which}.msgpack"
 
 
-def eval_policy_files(checkpoint: Path) -> list[tuple[int, Path]]:
-    """(seed index, policy file) of what --eval-only plays: every seed's best.msgpack of a run folder (its config.json
-    says how many seeds it has), or the one policy file given."""
+def eval_policy_files(checkpoint: Path) -> list[tuple[int, int, Path]]:
+    """(fold, seed index, policy file) of what --eval-only plays: every fold's and seed's best.msgpack of a run folder
+    (its config.json says how many), or the one policy file given."""
     if not checkpoint.is_dir():
-        return [(int(read_policy_file(checkpoint).get("seed_index", 0)), checkpoint)]
+        payload = read_policy_file(checkpoint)
+        return [(int(payload.get("fold", 0)), int(payload.get("seed_index", 0)), checkpoint)]
     if not (checkpoint / "config.json").is_file():
         raise DataError(f"--checkpoint {checkpoint}: a folder without config.json. Fix: pass a run folder written by "
                         "erl_trader.py, or a policy file runs/NAME/seed0/best.msgpack")
-    num_seeds = json.loads((checkpoint / "config.json").read_text()).get("num_seeds", 1)
-    files = [(k, policy_file(checkpoint, k, "best")) for k in range(num_seeds)]
-    missing = [path for _, path in files if not path.is_file()]
+    config = json.loads((checkpoint / "config.json").read_text())
+    num_seeds, num_folds = config.get("num_seeds", 1), config.get("walk_forward", 1)
+    files = [(fold, k, policy_file(fold_dir(checkpoint, fold, num_folds), k, "best")) for fold in range(num_folds)
+             for k in range(num_seeds)]
+    missing = [path for *_, path in files if not path.is_file()]
     if missing:
-        raise DataError(f"--checkpoint {checkpoint}: {missing[0]} does not exist (the run has {num_seeds} seeds). Fix: pass "
-                        "a run folder whose training finished, or one policy file")
+        raise DataError(f"--checkpoint {checkpoint}: {missing[0]} does not exist (the run has {num_folds} fold(s) x "
+                        f"{num_seeds} seed(s)). Fix: pass a run folder whose training finished, or one policy file")
     return files
 
 
@@ -1284,15 +1343,17 @@ def verdict(improvements: dict, deflated_sharpe: Optional[float], num_runs: int,
 
 
 # ---- BACKTEST ----
-def make_backtest(env_params: EnvParams, data: MarketData, n_days: int):
-    """Jitted contiguous pass over a split: one account, trading every day but the last `settlement_days`.
+def make_backtest(env_params: EnvParams, n_days: int):
+    """Jitted contiguous pass over `n_days` days of a split from its first decision day: one account, trading every
+    day but the last `settlement_days`.
 
-    `policy(policy_args, key, obs, t) -> action in [0, 1]^(n x 2)`; `policy` is static, `policy_args` (actor
-    params) traced, so new parameters do not recompile (t, the decision day, lets a test's oracle read the
-    planted signal). Returns per-day arrays (equity, opened, exits)."""
+    `run(policy, policy_args, key, data)`, `policy(policy_args, key, obs, t) -> action in [0, 1]^(n x 2)`; `policy` is
+    static, `policy_args` (actor params) and `data` (the split: its `lo` is the first day) traced, so new parameters
+    and every walk-forward fold's block of the same length play one compiled program (t, the decision day, lets a
+    test's oracle read the planted signal). Returns per-day arrays (equity, opened, exits)."""
     bt_params = env_params.replace(trading_days=n_days - env_params.settlement_days)
 
-    def run(policy, policy_args, key):
+    def run(policy, policy_args, key, data):
         start = data.lo
 
         def _bt_step(state, k):
@@ -1401,7 +1462,7 @@ def backtest_seed(backtest, actor: Actor, params, data: MarketData, info: dict, 
     policies.update(extra_policies or {})
     rows, curves, champion_trades = {}, {}, []
     for name, (policy, policy_args) in policies.items():
-        out = {k: np.asarray(v) for k, v in backtest(policy, policy_args, jax.random.PRNGKey(prng_seed)).items()}
+        out = {k: np.asarray(v) for k, v in backtest(policy, policy_args, jax.random.PRNGKey(prng_seed), data).items()}
         trades = trade_list(out, info, args.cost_bps)
         rows[name] = dict(period_metrics(out["equity"]), **trade_metrics(trades, out["n_held"]))
         curves[name] = out["equity"]
@@ -1414,16 +1475,23 @@ def backtest_seed(backtest, actor: Actor, params, data: MarketData, info: dict, 
     return rows, champion_trades, curves
 
 
-def split_period(info: dict, split: str) -> dict:
-    """The split's name, first decision day and last day."""
-    lo, hi = info["bounds"][split]
-    day = lambda i: str(np.datetime64(int(info["dates"][i]), "D"))  # noqa: E731
-    return {"split": split, "start": day(lo), "end": day(hi - 1)}
+def day_text(info: dict, index: int) -> str:
+    """A day of the data as YYYY-MM-DD."""
+    return str(np.datetime64(int(info["dates"][index]), "D"))
+
+
+def split_period(info: dict, split: str, fold_indices: list) -> dict:
+    """The split's name, first decision day and last day over the walk-forward folds `fold_indices` (the first one's
+    first day, the last one's last day), and each of their train, validation and test periods."""
+    folds = [{"fold": fold, **{name: {"start": day_text(info, first), "end": day_text(info, end - 1)}
+                               for name, (first, end) in info["folds"][fold].items()}} for fold in fold_indices]
+    return {"split": split, "start": folds[0][split]["start"], "end": folds[-1][split]["end"], "folds": folds}
 
 
 def over_seeds(rows: list) -> dict:
-    """{policy: {metric: {median, min, max}}} over the seeds' report rows, for every numeric metric (a metric that is
-    null for some seeds, like a profit factor without a losing trade, over the others; null if null for all)."""
+    """{policy: {metric: {median, min, max}}} over the report's rows (every fold x seed), for every numeric metric (a
+    metric that is null for some runs, like a profit factor without a losing trade, over the others; null if null
+    for all)."""
     out = {}
     for name, metrics in rows[0].items():
         if not isinstance(metrics, dict):
@@ -1436,13 +1504,29 @@ def over_seeds(rows: list) -> dict:
     return out
 
 
-def random_runs_report(backtest, info: dict, num_runs: int, seed: int) -> list[tuple[dict, np.ndarray]]:
+@functools.lru_cache(maxsize=None)
+def random_runs_player(backtest, n_inv: int):
+    """The random policy played once per key, vmapped over the keys, in one compiled program per backtest length."""
+    policy = random_policy(n_inv)
+    return jax.jit(jax.vmap(lambda key, data: backtest(policy, None, key, data)["equity"], in_axes=(0, None)))
+
+
+def random_runs_report(backtest, data: MarketData, info: dict, num_runs: int, seed: int) -> list[tuple[dict, np.ndarray]]:
     """[(metrics, daily returns) of each run] of `num_runs` random policies played in one vmapped `backtest` of the
     split (their keys split from PRNGKey(seed)); only the equity curves leave the device."""
-    policy = random_policy(len(info["inv"]))
     keys = jax.random.split(jax.random.PRNGKey(seed), num_runs)
-    equities = np.asarray(jax.jit(jax.vmap(lambda key: backtest(policy, None, key)["equity"]))(keys))
+    equities = np.asarray(random_runs_player(backtest, len(info["inv"]))(keys, data))
     return [(period_metrics(equity), daily_returns(equity)) for equity in equities]
+
+
+class FoldRuns(NamedTuple):
+    """What one walk-forward fold's test (or evaluated) block gave: the report rows and equity curves of its seeds,
+    its random runs and the dates of its played days."""
+
+    rows: list  # one report row per seed
+    curves: list  # {policy: equity curve} per seed
+    random_runs: list  # (metrics, daily returns) per random run
+    days: np.ndarray  # [days] datetime64: the close of each played day
 
 
 # the report's summary: the trained policies, and the baselines they are compared with
@@ -1450,38 +1534,46 @@ TRAINED_POLICIES = ("champion", "td3_learner")
 BASELINES = {"random": "random", "buy_and_hold": "buy-and-hold"}  # report name: name in the verdict
 CI_METRICS = ("total_return", "annualised_return", "sharpe")
 SUMMARY_ABOUT = (  # the report's summary_about: what its summary holds, and why a field can be null
-    "over folds x runs (one fold: the single train/validation/test split). random: the --random-runs random policies; "
-    "champion (each seed's best.msgpack), td3_learner, buy_and_hold: one run per seed. {value, ci}: the statistic over "
-    f"all runs, ci its 95% percentile bootstrap interval (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, runs "
-    "resampled within folds). null where undefined: a ci from a single run per fold, a std of one run, a Sharpe ratio "
-    "of constant returns, a deflated Sharpe without the variance of the trials' Sharpe ratios. "
+    "over folds x runs (one fold: the single train/validation/test split). random: the --random-runs random policies of "
+    "each fold; champion (each seed's best.msgpack), td3_learner, buy_and_hold: one run per seed and fold. {value, ci}: "
+    f"the statistic over all runs, ci its 95% percentile bootstrap interval (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} "
+    "resamples, runs resampled within folds). null where undefined: a ci from a single run per fold, a std of one run, "
+    "a Sharpe ratio of constant returns, a deflated Sharpe without the variance of the trials' Sharpe ratios. "
     "probability_of_improvement: P(this policy's total return > the other's), ties 1/2, over all pairs of runs of a "
-    "fold, averaged over folds. probabilistic_sharpe (against 0) and deflated_sharpe: of each run's daily returns, the "
-    "median over runs (per_run: each run's); num_trials = folds x seeds x --trials for a trained policy, 1 for a "
-    "baseline (nothing was selected). percentile_among_random: each run's total return among the random runs of its "
-    "fold, ties half. Verdict rules: README.md")
+    "fold, averaged over folds. probabilistic_sharpe (against 0) and deflated_sharpe: of each run's daily returns "
+    "stitched over the folds (seed k's fold tests in order; random run r's likewise), the median over runs (per_run: "
+    "each run's); num_trials = folds x seeds x --trials for a trained policy, 1 for a baseline (nothing was selected). "
+    "percentile_among_random: each run's total return among the random runs of its fold, ties half. Verdict rules: "
+    "README.md")
 
 
-def report_summary(rows: list, seed_curves: list, random_runs: list, trials: int) -> tuple[dict, str]:
-    """(summary, verdict) of a report: per policy the STATISTICS of its runs (see SUMMARY_ABOUT) from each seed's report
-    row and equity curves and the random runs' (metrics, daily returns); the verdict on the champion against the
-    baselines. One fold today (the single split): a walk-forward fold axis makes the [folds, runs] arrays longer."""
-    per_seed = [name for name in (*TRAINED_POLICIES, "buy_and_hold") if name in rows[0]]  # eval-only: no td3_learner
-    metric_runs = {name: {metric: np.array([[row[name][metric] for row in rows]]) for metric in CI_METRICS}
-                   for name in per_seed}
-    metric_runs["random"] = {metric: np.array([[run_metrics[metric] for run_metrics, _ in random_runs]])
-                             for metric in CI_METRICS}
-    returns = {name: [daily_returns(curves[name]) for curves in seed_curves] for name in per_seed}
-    returns["random"] = [run_returns for _, run_returns in random_runs]
+def stitched_returns(folds: list, name: str) -> list:
+    """Each run's daily returns of policy `name` over the folds in order: per seed for a trained policy or
+    buy-and-hold, per random run (the r-th of every fold) for random."""
+    if name == "random":
+        return [np.concatenate(runs) for runs in zip(*[[rets for _, rets in fold.random_runs] for fold in folds])]
+    return [np.concatenate(runs) for runs in zip(*[[daily_returns(curves[name]) for curves in fold.curves]
+                                                   for fold in folds])]
+
+
+def report_summary(folds: list, trials: int) -> tuple[dict, str]:
+    """(summary, verdict) of a report: per policy the STATISTICS of its runs (see SUMMARY_ABOUT), [folds, runs] from
+    each fold's FoldRuns; the verdict on the champion against the baselines."""
+    per_seed = [name for name in (*TRAINED_POLICIES, "buy_and_hold") if name in folds[0].rows[0]]  # eval-only: no TD3
+    metric_runs = {name: {metric: np.array([[row[name][metric] for row in fold.rows] for fold in folds])
+                          for metric in CI_METRICS} for name in per_seed}
+    metric_runs["random"] = {metric: np.array([[run_metrics[metric] for run_metrics, _ in fold.random_runs]
+                                               for fold in folds]) for metric in CI_METRICS}
     totals = {name: policy_runs["total_return"] for name, policy_runs in metric_runs.items()}
-    num_folds = len(totals["champion"])
-    num_trials = num_folds * len(rows) * trials
+    num_folds = len(folds)
+    num_trials = num_folds * len(folds[0].rows) * trials
     summary = {}
     for name in metric_runs:
         trained = name in TRAINED_POLICIES
-        trial_sharpes = [period_sharpe(run_returns) for run_returns in returns[name]] if trained else []
+        returns = stitched_returns(folds, name)
+        trial_sharpes = [period_sharpe(run_returns) for run_returns in returns] if trained else []
         summary[name] = dict(folds=num_folds, runs=int(totals[name].size), **run_summary(metric_runs[name]),
-                             **sharpe_summary(returns[name], trial_sharpes, num_trials if trained else 1),
+                             **sharpe_summary(returns, trial_sharpes, num_trials if trained else 1),
                              probability_of_improvement={other: probability_of_improvement(totals[name], totals[other])
                                                          for other in BASELINES if other != name})
         if name != "random":
@@ -1491,25 +1583,34 @@ def report_summary(rows: list, seed_curves: list, random_runs: list, trials: int
     return summary, verdict(improvements, summary["champion"]["deflated_sharpe"], summary["champion"]["runs"], num_trials)
 
 
-def evaluate(args: Args, actor: Actor, seeds: list, datasets: dict, info: dict, env_params: EnvParams, run_dir: Path,
+def evaluate(args: Args, actor: Actor, fold_seeds: list, datasets: dict, info: dict, env_params: EnvParams, run_dir: Path,
              split: str, extra: dict) -> dict:
-    """Backtests each seed's policy on a split, seed k with the random key of --seed SEED+k; `seeds` = [(seed index,
-    champion params, extra policies, extra row fields)]. Plays --random-runs random policies in one vmapped backtest and
-    summarises every policy over the runs (`summary`, `verdict`). Writes the report files with `extra` in the report."""
-    backtest = make_backtest(env_params, datasets[split], split_days(info, split))
-    rows, seed_trades, seed_curves = [], [], []
-    for seed_index, params, extra_policies, row_fields in seeds:
-        metrics, trades, curves = backtest_seed(backtest, actor, params, datasets[split], info, split, args,
-                                                args.seed + seed_index, extra_policies)
-        rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, **row_fields, **metrics))
-        seed_trades.append(trades)
-        seed_curves.append(curves)
-    random_runs = random_runs_report(backtest, info, args.random_runs, args.seed)
-    summary, sentence = report_summary(rows, seed_curves, random_runs, args.trials)
-    report = dict(split_period(info, split), annualisation="daily returns, x sqrt(252) and 252 trading days a year", **extra,
+    """Backtests each seed's policy on a split of each walk-forward fold, seed k with the random key of --seed SEED+k;
+    `fold_seeds` = [(fold, [(seed index, champion params, extra policies, extra row fields)])]. Plays --random-runs
+    random policies in one vmapped backtest per fold and summarises every policy over folds x runs (`summary`,
+    `verdict`). Writes the report files with `extra` in the report. Every fold's block has the same length: one
+    compiled backtest plays them all."""
+    backtest = make_backtest(env_params, split_days(info, split))
+    rows, folds, fold_trades = [], [], []
+    for fold, seeds in fold_seeds:
+        fold_datasets, fold_info = fold_data(datasets, info, fold)
+        data, (first, _) = fold_datasets[split], fold_info["bounds"][split]
+        fold_rows, curves = [], []
+        for seed_index, params, extra_policies, row_fields in seeds:
+            metrics, trades, seed_curves = backtest_seed(backtest, actor, params, data, fold_info, split, args,
+                                                         args.seed + seed_index, extra_policies)
+            fold_rows.append(dict(fold=fold, seed=seed_index, prng_seed=args.seed + seed_index, **row_fields, **metrics))
+            curves.append(seed_curves)
+            fold_trades.append(trades)
+        random_runs = random_runs_report(backtest, data, fold_info, args.random_runs, args.seed + fold)
+        days = info["dates"][first + 1: first + 1 + split_days(info, split)].astype("datetime64[D]")
+        folds.append(FoldRuns(fold_rows, curves, random_runs, days))
+        rows += fold_rows
+    summary, sentence = report_summary(folds, args.trials)
+    report = dict(split_period(info, split, [fold for fold, _ in fold_seeds]), annualisation="daily returns, x sqrt(252) and 252 trading days a year", **extra,
                   seeds=rows, over_seeds=over_seeds(rows), random_runs=args.random_runs, trials=args.trials,
                   summary_about=SUMMARY_ABOUT, summary=summary, verdict=sentence)
-    write_backtest_outputs(run_dir, report, seed_trades, seed_curves, info)
+    write_backtest_outputs(run_dir, report, fold_trades, folds)
     return report
 
 
@@ -1520,36 +1621,83 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_backtest_outputs(run_dir: Path, report: dict, seed_trades: list, seed_curves: list, info: dict) -> None:
-    """report.json, trades.csv (every seed's champion trades) and equity.png (every seed's champion, the other
-    policies of the first seed), process 0 only."""
+PLOT_POLICIES = {"champion": "tab:blue", "td3_learner": "tab:green", "random": "tab:gray", "buy_and_hold": "tab:orange"}
+
+
+def stitched_equity(folds: list, name: str) -> np.ndarray:
+    """[runs, days] equity curves of a policy over the folds in order (every fold's block starts at the last one's
+    value): one per seed, or per random run."""
+    return np.cumprod(1 + np.stack(stitched_returns(folds, name)), axis=1)
+
+
+def plot_equity(path: Path, folds: list, split: str) -> None:
+    """equity.png: per policy the median stitched equity curve over the runs (seeds; random: the random runs) with its
+    10-90% band, buy-and-hold as the median line, walk-forward fold boundaries as dotted lines."""
+    import matplotlib.pyplot as plt
+
+    days = np.concatenate([fold.days for fold in folds])
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    for name, color in PLOT_POLICIES.items():
+        if name not in folds[0].curves[0] and name != "random":
+            continue
+        equity = stitched_equity(folds, name)
+        low, median, high = np.percentile(equity, [10, 50, 90], axis=0)
+        runs = f"{len(equity)} random runs" if name == "random" else f"{len(equity)} seeds"
+        ax.plot(days, median, color=color, lw=1.4, label=f"{name} (median of {runs})")
+        if name != "buy_and_hold" and len(equity) > 1:
+            ax.fill_between(days, low, high, color=color, alpha=0.18, lw=0)
+    for fold in folds[1:]:
+        ax.axvline(fold.days[0], color="k", ls=":", lw=0.8)
+    ax.axhline(1.0, color="k", lw=0.5)
+    folds_text = f", {len(folds)} walk-forward folds (dotted: boundaries)" if len(folds) > 1 else ""
+    ax.set_title(f"{split} split equity (start = 1): median and 10-90% band over runs{folds_text}")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_summary(path: Path, summary: dict, verdict_text: str) -> None:
+    """summary.png: the median total return and Sharpe ratio of each policy with their 95% bootstrap CIs, and the
+    verdict."""
+    import matplotlib.pyplot as plt
+
+    names = [name for name in PLOT_POLICIES if name in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    for ax, metric in zip(axes, ("total_return", "sharpe")):
+        for row, name in enumerate(names):
+            estimate = summary[name][metric]["median"]
+            if estimate["value"] is None:
+                continue
+            low, high = estimate["ci"] or (estimate["value"], estimate["value"])
+            ax.errorbar(estimate["value"], row, xerr=[[estimate["value"] - low], [high - estimate["value"]]], fmt="o",
+                        color=PLOT_POLICIES[name], capsize=4)
+        ax.axvline(0.0, color="k", lw=0.5)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.set_title(f"median {metric.replace('_', ' ')} of the runs, 95% bootstrap CI", fontsize=10)
+    fig.suptitle("\n".join(textwrap.wrap(verdict_text, 130)), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_backtest_outputs(run_dir: Path, report: dict, fold_trades: list, folds: list) -> None:
+    """report.json, trades.csv (every fold's and seed's champion trades), equity.png and summary.png, process 0 only."""
     if jax.process_index() != 0:  # multi-host: process 0 writes
         return
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     write_json(run_dir / "report.json", report)
-    lines = ["seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct"]
-    for row, trades in zip(report["seeds"], seed_trades):
-        lines += [f"{row['seed']},{t['ticker']},{t['entry_date']},{t['exit_date']},{t['entry_price']:.6g},"
+    lines = ["fold,seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct"]
+    for row, trades in zip(report["seeds"], fold_trades):
+        lines += [f"{row['fold']},{row['seed']},{t['ticker']},{t['entry_date']},{t['exit_date']},{t['entry_price']:.6g},"
                   f"{t['exit_price']:.6g},{t['return_pct']:.4f}" for t in trades]
     (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
-    lo, _ = info["bounds"][report["split"]]
-    fig, ax = plt.subplots(figsize=(10, 4))
-    for row, curves in zip(report["seeds"], seed_curves):
-        for name, eq in curves.items():
-            if name != "champion" and row is not report["seeds"][0]:
-                continue
-            days = info["dates"][lo + 1: lo + 1 + len(eq)].astype("datetime64[D]")  # equity at the close of each played day
-            label = f"seed {row['seed']} {name}" if len(report["seeds"]) > 1 else name
-            ax.plot(days, eq, label=label, lw=1)
-    ax.set_title(f"{report['split']} split equity (start = 1)")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(run_dir / "equity.png", dpi=100)
-    plt.close(fig)
+    plot_equity(run_dir / "equity.png", folds, report["split"])
+    plot_summary(run_dir / "summary.png", report["summary"], report["verdict"])
 
 
 def seed_policies(runner: RunnerState) -> tuple[list, list]:
@@ -1588,7 +1736,8 @@ def check_args(args: Args) -> None:
     for name in ("pop_size", "generations", "episodes_per_agent", "worst_k", "tournament_size", "inject_every",
                  "batch_size", "window",
                  "trading_days", "max_positions", "max_holding_days", "chunk_generations", "eval_every", "hidden",
-                 "policy_delay", "n_step", "lstm_layers", "attention_heads", "num_seeds", "random_runs", "trials"):
+                 "policy_delay", "n_step", "lstm_layers", "attention_heads", "num_seeds", "random_runs", "trials",
+                 "walk_forward"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if args.extractor == "conv" and (args.bidirectional or args.lstm_layers != 1):
@@ -1624,6 +1773,9 @@ def check_args(args: Args) -> None:
                         "((pop-size + 2) x episodes-per-agent x (trading + settlement days)). Fix: pass at least that")
     if not args.target_min < args.target_max:
         raise DataError("--target-min must be below --target-max. Fix: e.g. --target-min 1 --target-max 10")
+    if args.walk_forward_train_days is not None and (args.walk_forward == 1 or args.walk_forward_train_days < 1):
+        raise DataError(f"--walk-forward-train-days {args.walk_forward_train_days} needs --walk-forward 2 or more and a "
+                        "value >= 1. Fix: pass --walk-forward K, or drop --walk-forward-train-days")
     if args.eval_split not in ("train", "val", "test"):
         raise DataError(f"--eval-split '{args.eval_split}' is not train, val or test. Fix: pick one of them")
 
@@ -1678,20 +1830,25 @@ def resolve_run(args: Args) -> tuple[Args, Path]:
     return dataclasses.replace(args, **{k: v for k, v in saved.items() if k not in RESUME_FLAGS}), run_dir
 
 
-def check_out_of_sample(eval_args: Args, trained: Args, info: dict) -> None:
-    """On the data it was trained on, a policy's "test" must not read a day of its training or validation period."""
+def check_out_of_sample(eval_args: Args, trained: Args, info: dict, fold_indices: list) -> None:
+    """On the data it was trained on, a policy's "test" must not read a day of its (walk-forward fold's) training or
+    validation period."""
     if eval_args.eval_split != "test" or Path(eval_args.data).resolve() != Path(trained.data).resolve():
         return
     dates = info["dates"]
-    selection_end = split_point(trained.val_end, dates, "--val-end")  # the checkpoint's first test-embargo day
-    first_read = info["bounds"]["test"][0] - eval_args.window + 1
-    if first_read < selection_end:
-        day = lambda i: str(np.datetime64(int(dates[min(i, len(dates) - 1)]), "D"))  # noqa: E731
-        raise DataError(f"--eval-split test from {day(info['bounds']['test'][0])} reads days from {day(first_read)}, inside "
-                        f"the checkpoint's "
-                        f"training/validation period (before {day(selection_end)}) on the same data. Fix: drop "
-                        f"--train-end/--val-end "
-                        f"(the checkpoint's splits) or pass a --val-end of {day(selection_end)} or later")
+    trained_folds = fold_bounds(len(dates), split_point(trained.train_end, dates, "--train-end"),
+                                split_point(trained.val_end, dates, "--val-end"), trained.window, trained.walk_forward,
+                                trained.walk_forward_train_days)
+    for fold in fold_indices:
+        selection_end = trained_folds[fold]["val"][1]  # the checkpoint's first test-embargo day
+        first_decision = info["folds"][fold]["test"][0]
+        first_read = first_decision - eval_args.window + 1
+        if first_read < selection_end:
+            day = lambda i: day_text(info, min(i, len(dates) - 1))  # noqa: E731
+            raise DataError(f"--eval-split test from {day(first_decision)} reads days from {day(first_read)}, inside the "
+                            f"checkpoint's training/validation period (before {day(selection_end)}) on the same data. "
+                            f"Fix: drop --train-end/--val-end (the checkpoint's splits) or pass a --val-end of "
+                            f"{day(selection_end)} or later")
 
 
 def eval_only(args: Args, given: set) -> dict:
@@ -1702,16 +1859,18 @@ def eval_only(args: Args, given: set) -> dict:
         raise DataError("--eval-only needs --checkpoint PATH. Fix: pass runs/NAME or runs/NAME/seed0/best.msgpack")
     checkpoint = Path(args.checkpoint)
     files = eval_policy_files(checkpoint)
-    saved = json.loads(read_policy_file(files[0][1])["config"])
+    saved = json.loads(read_policy_file(files[0][2])["config"])
     trained = dataclasses.replace(args, **{k: v for k, v in saved.items() if k in Args.__dataclass_fields__})
     kept = {k: getattr(args, k) for k in EVAL_FLAGS if k in given or k not in EVAL_DATA_FLAGS}
     eval_args = dataclasses.replace(trained, **kept)
     datasets, info = load_data(eval_args)
-    check_out_of_sample(eval_args, trained, info)
+    fold_indices = sorted({fold for fold, *_ in files})
+    check_out_of_sample(eval_args, trained, info, fold_indices)
     env_params = env_params_from_args(eval_args)
     actor = Actor(eval_args, tuple(info["inv"]))
     obs_dummy = get_obs(jnp.int32(eval_args.window - 1), env_params, datasets["train"])
-    seeds = [(k, load_policy(str(path), actor, obs_dummy), None, {"checkpoint": str(path)}) for k, path in files]
+    fold_seeds = [(fold, [(k, load_policy(str(path), actor, obs_dummy), None, {"checkpoint": str(path)})
+                          for file_fold, k, path in files if file_fold == fold]) for fold in fold_indices]
     parent = (checkpoint if checkpoint.is_dir() else checkpoint.parent) if args.run_name is None else \
         Path(args.out_dir) / args.run_name
     out_dir = parent / f"eval_{eval_args.eval_split}_{Path(eval_args.data).stem}"
@@ -1719,51 +1878,58 @@ def eval_only(args: Args, given: set) -> dict:
         raise DataError(f"{out_dir} exists (an earlier evaluation). Fix: move it away, or pass --run-name NAME for a new "
                         f"folder")
     warn_if_close_only(info)
-    period = split_period(info, eval_args.eval_split)
+    period = split_period(info, eval_args.eval_split, fold_indices)
     dates_from = "from --train-end/--val-end" if given & {"train_end", "val_end"} else "the checkpoint's"
-    print(f"eval-only: {checkpoint} ({len(files)} seed(s)) on {eval_args.data}, {eval_args.eval_split} split ({dates_from} "
-          f"split dates): first decision {period['start']}, last day {period['end']}; outputs in {out_dir}", flush=True)
+    folds_text = f"{len(fold_indices)} fold(s) x " if eval_args.walk_forward > 1 else ""
+    print(f"eval-only: {checkpoint} ({folds_text}{len(fold_seeds[0][1])} seed(s)) on {eval_args.data}, "
+          f"{eval_args.eval_split} split ({dates_from} split dates): first decision {period['start']}, last day "
+          f"{period['end']}; outputs in {out_dir}", flush=True)
     out_dir.mkdir(parents=True)
-    report = evaluate(eval_args, actor, seeds, datasets, info, env_params, out_dir, eval_args.eval_split,
+    report = evaluate(eval_args, actor, fold_seeds, datasets, info, env_params, out_dir, eval_args.eval_split,
                       extra={"checkpoint": str(checkpoint), "data": eval_args.data})
     print(summary_table(report))
     return report
 
 
 class Trainer(NamedTuple):
-    """What the training loop needs besides the runner state (built once per run)."""
+    """What the training loop needs besides the runner state (built once per walk-forward fold)."""
 
     args: Args
-    run_dir: Path
+    run_dir: Path  # the fold's folder: its checkpoint, logs and policy files
     compiled: Callable  # the jitted, vmapped (over seeds) chunk: (runner, train data) -> (runner, metrics [seeds, gens])
     train_data: MarketData
     validate: Callable  # params -> validation return
     writer: object  # tensorboardX SummaryWriter
     metrics_file: object
+    resume_dir: Path  # what --resume continues: the run folder
 
 
-def compile_run(args: Args, run_dir: Path, datasets: dict, info: dict, env_params: EnvParams, mesh: Mesh):
-    """Builds (or restores) the seed-stacked runner state on the mesh and compiles a chunk vmapped over seeds; returns
-    (runner, compiled, train data, the learners' actors at the start, checkpoint bookkeeping, compile seconds)."""
-    t0 = time.time()
-    inv = tuple(info["inv"])
-    init, chunk, *_ = make_erl(args, env_params, datasets["train"], len(inv), inv, mesh)
+def start_fold(args: Args, run_dir: Path, init: Callable, mesh: Mesh) -> tuple[RunnerState, object, dict]:
+    """The seed-stacked runner state of one fold, placed on the mesh: new, or restored from the fold's checkpoint on
+    --resume (a fold that had not started yet starts new); returns (runner, the learners' actors at the start,
+    checkpoint bookkeeping)."""
     runner = stack_seeds([init(jax.random.PRNGKey(args.seed + k)) for k in range(args.num_seeds)])
     learner_at_start = runner.learner.actor  # the same on --resume (init is deterministic): the report shows what TD3 learned
     extra = {"chunk": 0, "best_val": [-1e30] * args.num_seeds, "best_from": [""] * args.num_seeds, "elapsed": 0.0}
-    if args.resume:
-        runner, extra = load_checkpoint(run_dir / "checkpoint.msgpack", runner)
+    checkpoint = run_dir / "checkpoint.msgpack"
+    resumed = bool(args.resume) and checkpoint.is_file()
+    if resumed:
+        runner, extra = load_checkpoint(checkpoint, runner)
+    runner = place(runner, runner_shardings(runner, mesh))
+    if not resumed:
+        save_checkpoint(checkpoint, runner, extra, args)  # a NaN in the first chunk still leaves a good checkpoint
+    return runner, learner_at_start, extra
+
+
+def compile_chunk(chunk: Callable, runner: RunnerState, train_data: MarketData, mesh: Mesh) -> Callable:
+    """A chunk vmapped over seeds, compiled once for the run: every walk-forward fold plays it (the split bounds are
+    data)."""
     shardings, copy = runner_shardings(runner, mesh), NamedSharding(mesh, PartitionSpec())
-    runner, train_data = place(runner, shardings), place(datasets["train"], copy)  # market data: a copy on every device
-    if not args.resume:
-        save_checkpoint(run_dir / "checkpoint.msgpack", runner, extra,
-                        args)  # a NaN in the first chunk still leaves a good checkpoint
     # vmap over seeds; spmd_axis_name puts the seed axis on the mesh's "seed" devices inside the chunk too
     seeds_chunk = jax.vmap(chunk, in_axes=(seed_axes(), None), out_axes=(seed_axes(), 0), spmd_axis_name="seed")
     jitted = jax.jit(seeds_chunk, in_shardings=(shardings, copy),
                      out_shardings=(shardings, NamedSharding(mesh, PartitionSpec("seed"))))
-    compiled = jitted.lower(runner, train_data).compile()
-    return runner, compiled, train_data, learner_at_start, extra, time.time() - t0
+    return jitted.lower(runner, train_data).compile()
 
 
 def validate_and_keep_best(trainer: Trainer, runner: RunnerState, row: dict, extra: dict) -> None:
@@ -1884,22 +2050,20 @@ def run_chunks(trainer: Trainer, runner: RunnerState, extra: dict) -> tuple[Runn
             save_checkpoint(ckpt, runner, extra, args)
             if interrupted["flag"] or (args.stop_after is not None and chunk_index + 1 - start_chunk >= args.stop_after):
                 print(f"stopped after chunk {chunk_index + 1}; checkpoint saved. Continue with: python erl_trader.py --resume "
-                      f"{trainer.run_dir}", flush=True)
+                      f"{trainer.resume_dir}", flush=True)
                 return runner, "stopped"
     finally:
         signal.signal(signal.SIGINT, old_handler)
     return runner, "done"
 
 
-def final_report(args: Args, run_dir: Path, runner: RunnerState, learner_at_start, datasets: dict, info: dict,
-                 env_params: EnvParams, extra: dict) -> dict:
-    """Every seed's final.msgpack, then its best.msgpack (by its validation return) on the test split beside its TD3
-    actor at the end and at the start."""
-    actor = Actor(args, tuple(info["inv"]))
+def fold_policies(args: Args, run_dir: Path, runner: RunnerState, learner_at_start, extra: dict, actor: Actor,
+                  obs_dummy: jax.Array, fold: int) -> list:
+    """At the end of a fold's training: every seed's final.msgpack; returns what the test backtests play, per seed
+    (seed index, its best.msgpack by its validation return, its TD3 actor at the end and at the start, row fields)."""
     finals, learners = seed_policies(runner)
     for seed_index, params in enumerate(finals):
-        save_policy(policy_file(run_dir, seed_index, "final"), params, args, seed_index)
-    obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, datasets["train"])
+        save_policy(policy_file(run_dir, seed_index, "final"), params, args, seed_index, fold)
     best = finals
     if jax.process_index() == 0:
         best = [load_policy(str(policy_file(run_dir, k, "best")), actor, obs_dummy) for k in range(args.num_seeds)]
@@ -1912,54 +2076,95 @@ def final_report(args: Args, run_dir: Path, runner: RunnerState, learner_at_star
                         "td3_learner_at_start": (actor_policy(actor), jax.tree.map(lambda x, k=k: x[k], at_start))}
         seeds.append((k, best[k], learner_rows, {"checkpoint": str(policy_file(run_dir, k, "best")),
                                                  "best_from": extra["best_from"][k]}))
+    return seeds
+
+
+def final_report(args: Args, run_dir: Path, fold_seeds: list, datasets: dict, info: dict, env_params: EnvParams) -> dict:
+    """Every fold's seeds (`fold_policies`) on their fold's test block: report.json and the other report files."""
+    actor = Actor(args, tuple(info["inv"]))
     selected_by = ("best validation return of each seed's population champion and TD3 actor (seed<k>/best.msgpack; "
                    "best_from says which)")
-    report = evaluate(args, actor, seeds, datasets, info, env_params, run_dir, "test", extra={"selected_by": selected_by})
+    report = evaluate(args, actor, fold_seeds, datasets, info, env_params, run_dir, "test", extra={"selected_by": selected_by})
     print(summary_table(report))
     return report
 
 
-def train_and_report(args: Args) -> dict:
-    """The whole training job: load data, evolve every seed in chunks (logging, checkpoints, validation), backtest
-    each seed's best policy on the test split."""
+def fold_text(info: dict, fold: int) -> str:
+    """A walk-forward fold's periods, for the progress output."""
+    return f"fold {fold}/{len(info['folds'])}: " + ", ".join(
+        f"{name} {day_text(info, first)}..{day_text(info, end - 1)}" for name, (first, end) in info["folds"][fold].items())
+
+
+def train_fold(args: Args, run_dir: Path, fold_dir_path: Path, compiled: Callable, train_data: MarketData,
+               validate: Callable, runner: RunnerState, extra: dict) -> tuple[RunnerState, str]:
+    """One fold's training loop with its own TensorBoard events and metrics.jsonl in its folder."""
     from tensorboardX import SummaryWriter
 
+    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
+    writer = SummaryWriter(str(fold_dir_path), write_to_disk=main_process)
+    if extra["chunk"] == 0:
+        writer.add_text("hyperparameters", hparam_table(args))
+    with open(fold_dir_path / "metrics.jsonl" if main_process else os.devnull, "a") as metrics_file:
+        trainer = Trainer(args, fold_dir_path, compiled, train_data, validate, writer, metrics_file, run_dir)
+        try:
+            return run_chunks(trainer, runner, extra)
+        finally:
+            writer.close()
+
+
+def train_and_report(args: Args) -> dict:
+    """The whole training job: load data; per walk-forward fold (one by default), evolve every seed in chunks
+    (logging, checkpoints, validation on the fold's validation block) with the one compiled chunk; backtest each
+    fold's and seed's best policy on the fold's test block."""
     args, run_dir = resolve_run(args)
     mesh = make_mesh(args)  # a layout that cannot work fails before anything is written
     datasets, info = load_data(args)
     env_params = env_params_from_args(args)
-    main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume and main_process:
+    if not args.resume and jax.process_index() == 0:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    built = compile_run(args, run_dir, datasets, info, env_params, mesh)
-    runner, compiled, train_data, learner_at_start, extra, compile_s = built
     warn_if_close_only(info)
+    inv = tuple(info["inv"])
+    actor = Actor(args, inv)
+    obs_dummy = get_obs(jnp.int32(args.window - 1), env_params, datasets["train"])
+    init, chunk, *_ = make_erl(args, env_params, datasets["train"], len(inv), inv, mesh)
+    val_backtest = make_backtest(env_params, split_days(info, "val"))  # every fold's validation block: one program
+    num_folds, compiled, fold_seeds = len(info["folds"]), None, []
+    for fold in range(num_folds):
+        fold_datasets, _ = fold_data(datasets, info, fold)
+        fold_dir_path = fold_dir(run_dir, fold, num_folds)
+        fold_dir_path.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        runner, learner_at_start, extra = start_fold(args, fold_dir_path, init, mesh)
+        train_data = place(fold_datasets["train"], NamedSharding(mesh, PartitionSpec()))  # a copy on every device
+        if compiled is None:
+            compiled = compile_chunk(chunk, runner, train_data, mesh)
+            print_run_line(args, run_dir, runner, mesh, time.time() - started)
+        if num_folds > 1:
+            print(fold_text(info, fold), flush=True)
+
+        def validate(params, val_data=fold_datasets["val"]) -> float:
+            equity = val_backtest(actor_policy(actor), params, jax.random.PRNGKey(args.seed), val_data)["equity"]
+            return float(np.asarray(equity)[-1] - 1.0)
+
+        runner, status = train_fold(args, run_dir, fold_dir_path, compiled, train_data, validate, runner, extra)
+        if status != "done":
+            return {"status": status, "run_dir": str(run_dir)}
+        print(f"validation backtests: {extra.get('val_seconds', 0.0):.1f}s of {extra['elapsed']:.1f}s of training",
+              flush=True)
+        fold_seeds.append((fold, fold_policies(args, fold_dir_path, runner, learner_at_start, extra, actor, obs_dummy,
+                                               fold)))
+    return final_report(args, run_dir, fold_seeds, datasets, info, env_params)
+
+
+def print_run_line(args: Args, run_dir: Path, runner: RunnerState, mesh: Mesh, compile_seconds: float) -> None:
+    """The run's sizes, device layout and compile time."""
     pop_devices, replay_bytes = mesh.shape["d"], replay_bytes_per_transition(runner.replay, leading_axes=2)
-    print(f"run {run_dir}  generations {args.generations}  seeds {args.num_seeds}  pop {args.pop_size}  env "
+    folds = f"  walk-forward folds {args.walk_forward}" if args.walk_forward > 1 else ""
+    print(f"run {run_dir}  generations {args.generations}  seeds {args.num_seeds}{folds}  pop {args.pop_size}  env "
           f"steps/generation {transitions_per_generation(args)} per seed  replay {replay_bytes} bytes/transition  "
           f"devices {mesh.devices.size} ({mesh.shape['seed']} seed x {pop_devices} pop, {args.pop_size // pop_devices} actors "
-          f"each, {jax.process_count()} process(es))  compile {compile_s:.1f}s", flush=True)
-    actor = Actor(args, tuple(info["inv"]))
-    val_backtest = make_backtest(env_params, datasets["val"], split_days(info, "val"))
-
-    def validate(params) -> float:
-        equity = val_backtest(actor_policy(actor), params, jax.random.PRNGKey(args.seed))["equity"]
-        return float(np.asarray(equity)[-1] - 1.0)
-
-    writer = SummaryWriter(str(run_dir), write_to_disk=main_process)
-    if not args.resume:
-        writer.add_text("hyperparameters", hparam_table(args))
-    with open(run_dir / "metrics.jsonl" if main_process else os.devnull, "a") as metrics_file:
-        trainer = Trainer(args, run_dir, compiled, train_data, validate, writer, metrics_file)
-        try:
-            runner, status = run_chunks(trainer, runner, extra)
-        finally:
-            writer.close()
-    if status != "done":
-        return {"status": status, "run_dir": str(run_dir)}
-    print(f"validation backtests: {extra.get('val_seconds', 0.0):.1f}s of {extra['elapsed']:.1f}s of training", flush=True)
-    return final_report(args, run_dir, runner, learner_at_start, datasets, info, env_params, extra)
+          f"each, {jax.process_count()} process(es))  compile {compile_seconds:.1f}s", flush=True)
 
 
 SUMMARY_METRICS = ("total_return", "sharpe", "max_drawdown", "trades")
@@ -1968,18 +2173,20 @@ SUMMARY_POLICIES = ("champion", "td3_learner", "td3_learner_at_start", "random",
 
 def table_line(label: str, values) -> str:
     """One line of the summary table: a label, then each value (or column name) right-aligned in 14 characters."""
-    return f"{label:<42}" + "".join(f"{value:>14.4g}" if not isinstance(value, str) else f"{value:>14}" for value in values)
+    return f"{label:<50}" + "".join(f"{value:>14.4g}" if not isinstance(value, str) else f"{value:>14}" for value in values)
 
 
 def summary_table(report: dict) -> str:
-    """A short view of a report: a line per seed and policy (total return, Sharpe, max drawdown, trades), a line per
-    policy with the median over the seeds, and the verdict."""
+    """A short view of a report: a line per (walk-forward fold and) seed and policy (total return, Sharpe, max
+    drawdown, trades), a line per policy with the median over the runs, and the verdict."""
     names = [name for name in SUMMARY_POLICIES if name in report["over_seeds"]]
     lines = [table_line(f"{report['split']} split", SUMMARY_METRICS)]
+    several_folds = len(report["folds"]) > 1
     for row in report["seeds"]:
-        lines += [table_line(f"  seed {row['seed']} {name}", [row[name][metric] for metric in SUMMARY_METRICS])
-                  for name in names]
-    lines += [table_line(f"  median over seeds {name}", [report["over_seeds"][name][metric]["median"]
+        run = f"fold {row['fold']} seed {row['seed']}" if several_folds else f"seed {row['seed']}"
+        lines += [table_line(f"  {run} {name}", [row[name][metric] for metric in SUMMARY_METRICS]) for name in names]
+    over = "folds x seeds" if several_folds else "seeds"
+    lines += [table_line(f"  median over {over} {name}", [report["over_seeds"][name][metric]["median"]
                                                          for metric in SUMMARY_METRICS]) for name in names]
     return "\n".join(lines + [f"verdict, {report['split']} split: {report['verdict']}"])
 

@@ -44,11 +44,12 @@ def oracle_return(data, flags: list) -> float:
     datasets, info = et.load_data(args)
     env_params = et.env_params_from_args(args)
     signal = list(info["feature_names"]).index("signal")
-    bts = {s: et.make_backtest(env_params, datasets[s], et.split_days(info, s)) for s in ("val", "test")}
+    bts = {s: et.make_backtest(env_params, et.split_days(info, s)) for s in ("val", "test")}
     policy = oracle_policy(signal)
 
     def split_return(split, threshold, target) -> float:
-        out = bts[split](policy, (datasets[split], jnp.float32(threshold), jnp.float32(target)), jax.random.PRNGKey(0))
+        policy_args = (datasets[split], jnp.float32(threshold), jnp.float32(target))
+        out = bts[split](policy, policy_args, jax.random.PRNGKey(0), datasets[split])
         return float(np.asarray(out["equity"])[-1] - 1.0)
 
     grid = [(th, tg) for th in (0.0, 0.5, 1.0) for tg in (0.3, 0.6, 1.0)]
