@@ -32,7 +32,7 @@ def test_tiny_run_writes_every_output(tiny_run):
         for k in ("total_return", "annualised_return", "annualised_volatility", "sharpe", "sortino", "max_drawdown", "calmar", "trades"):
             assert np.isfinite(row[who][k]), (who, k)
     trades = (run_dir / "trades.csv").read_text().splitlines()
-    assert trades[0] == "seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct" and len(trades) - 1 == row["champion"]["trades"]
+    assert trades[0] == "fold,seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct" and len(trades) - 1 == row["champion"]["trades"]
     for word in ("gen", "fitness mean", "learner", "critic", "injected", "env-steps/s", "ETA", "bytes/transition"):
         assert word in r.stdout, word
     ckpt = msgpack_restore((run_dir / "checkpoint.msgpack").read_bytes())["runner"]

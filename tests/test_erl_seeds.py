@@ -118,8 +118,8 @@ def test_report_summary_and_verdict_over_the_seeds_and_the_random_runs(seed_runs
 def test_trades_csv_has_each_seeds_trades(seed_runs):
     out, _ = seed_runs
     lines = (out / "three" / "trades.csv").read_text().splitlines()
-    assert lines[0] == "seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct"
-    seeds = [int(line.split(",")[0]) for line in lines[1:]]
+    assert lines[0] == "fold,seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct"
+    seeds = [int(line.split(",")[1]) for line in lines[1:]]
     for row in report_of(out / "three")["seeds"]:
         assert seeds.count(row["seed"]) == row["champion"]["trades"], row["seed"]
 
