@@ -188,7 +188,8 @@ class Args:
     eval_every: int = 2
     """generations between validation runs of the champion and the TD3 learner's actor"""
     stop_after: Optional[int] = None
-    """stop after this many chunks (as if interrupted) and save a checkpoint; continue with --resume"""
+    """stop after this many chunks (of the walk-forward fold in progress; as if interrupted) and save a checkpoint;
+    continue with --resume"""
     resume: Optional[str] = None
     """continue the run in this folder from its last checkpoint"""
     eval_only: bool = False
@@ -1607,7 +1608,8 @@ def evaluate(args: Args, actor: Actor, fold_seeds: list, datasets: dict, info: d
         folds.append(FoldRuns(fold_rows, curves, random_runs, days))
         rows += fold_rows
     summary, sentence = report_summary(folds, args.trials)
-    report = dict(split_period(info, split, [fold for fold, _ in fold_seeds]), annualisation="daily returns, x sqrt(252) and 252 trading days a year", **extra,
+    period = split_period(info, split, [fold for fold, _ in fold_seeds])
+    report = dict(period, annualisation="daily returns, x sqrt(252) and 252 trading days a year", **extra,
                   seeds=rows, over_seeds=over_seeds(rows), random_runs=args.random_runs, trials=args.trials,
                   summary_about=SUMMARY_ABOUT, summary=summary, verdict=sentence)
     write_backtest_outputs(run_dir, report, fold_trades, folds)
@@ -1902,6 +1904,7 @@ class Trainer(NamedTuple):
     writer: object  # tensorboardX SummaryWriter
     metrics_file: object
     resume_dir: Path  # what --resume continues: the run folder
+    fold: int  # the walk-forward fold (0 for the single split)
 
 
 def start_fold(args: Args, run_dir: Path, init: Callable, mesh: Mesh) -> tuple[RunnerState, object, dict]:
@@ -1942,7 +1945,7 @@ def validate_and_keep_best(trainer: Trainer, runner: RunnerState, row: dict, ext
             if seed_row[f"{who}_val_return"] > extra["best_val"][seed_index]:
                 extra["best_val"][seed_index] = seed_row[f"{who}_val_return"]
                 extra["best_from"][seed_index] = f"{who} of generation {row['generation']}"
-                save_policy(policy_file(trainer.run_dir, seed_index, "best"), params, trainer.args, seed_index)
+                save_policy(policy_file(trainer.run_dir, seed_index, "best"), params, trainer.args, seed_index, trainer.fold)
     for who in ("champion", "learner"):
         row[f"{who}_val_return"] = float(np.mean([seed_row[f"{who}_val_return"] for seed_row in row["seeds"]]))
 
@@ -2095,7 +2098,7 @@ def fold_text(info: dict, fold: int) -> str:
         f"{name} {day_text(info, first)}..{day_text(info, end - 1)}" for name, (first, end) in info["folds"][fold].items())
 
 
-def train_fold(args: Args, run_dir: Path, fold_dir_path: Path, compiled: Callable, train_data: MarketData,
+def train_fold(args: Args, run_dir: Path, fold: int, fold_dir_path: Path, compiled: Callable, train_data: MarketData,
                validate: Callable, runner: RunnerState, extra: dict) -> tuple[RunnerState, str]:
     """One fold's training loop with its own TensorBoard events and metrics.jsonl in its folder."""
     from tensorboardX import SummaryWriter
@@ -2105,7 +2108,7 @@ def train_fold(args: Args, run_dir: Path, fold_dir_path: Path, compiled: Callabl
     if extra["chunk"] == 0:
         writer.add_text("hyperparameters", hparam_table(args))
     with open(fold_dir_path / "metrics.jsonl" if main_process else os.devnull, "a") as metrics_file:
-        trainer = Trainer(args, fold_dir_path, compiled, train_data, validate, writer, metrics_file, run_dir)
+        trainer = Trainer(args, fold_dir_path, compiled, train_data, validate, writer, metrics_file, run_dir, fold)
         try:
             return run_chunks(trainer, runner, extra)
         finally:
@@ -2147,7 +2150,7 @@ def train_and_report(args: Args) -> dict:
             equity = val_backtest(actor_policy(actor), params, jax.random.PRNGKey(args.seed), val_data)["equity"]
             return float(np.asarray(equity)[-1] - 1.0)
 
-        runner, status = train_fold(args, run_dir, fold_dir_path, compiled, train_data, validate, runner, extra)
+        runner, status = train_fold(args, run_dir, fold, fold_dir_path, compiled, train_data, validate, runner, extra)
         if status != "done":
             return {"status": status, "run_dir": str(run_dir)}
         print(f"validation backtests: {extra.get('val_seconds', 0.0):.1f}s of {extra['elapsed']:.1f}s of training",
