@@ -344,7 +344,7 @@ def fold_data(datasets: dict, info: dict, fold: int) -> tuple[dict, dict]:
     bounds = info["folds"][fold]
     fold_datasets = {name: data.replace(lo=jnp.int32(bounds[name][0]), hi=jnp.int32(bounds[name][1]))
                      for name, data in datasets.items()}
-    return fold_datasets, dict(info, bounds=bounds, fold=fold)
+    return fold_datasets, dict(info, bounds=bounds)
 
 
 def is_close_only(raw: dict) -> bool:
@@ -1416,15 +1416,13 @@ def period_metrics(equity: np.ndarray, periods_per_year: float = 252.0) -> dict:
 def trade_list(out: dict, info: dict, cost_bps: float) -> list[dict]:
     """Closed trades from a backtest's per-day exit arrays."""
     trades = []
-    dates = info["dates"]
-    day_str = lambda i: str(np.datetime64(int(dates[i]), "D"))  # noqa: E731
     for d in range(len(out["t"])):
         for s in np.flatnonzero(out["exits"][d]):
             entry, price = float(out["exit_entry"][d][s]), float(out["exit_price"][d][s])
             c = cost_bps / 10_000
             trades.append(dict(ticker=info["tickers"][int(out["exit_col"][d][s])],
-                               entry_date=day_str(int(out["exit_day"][d][s])),
-                               exit_date=day_str(int(out["t"][d])), entry_price=entry, exit_price=price,
+                               entry_date=day_text(info, int(out["exit_day"][d][s])),
+                               exit_date=day_text(info, int(out["t"][d])), entry_price=entry, exit_price=price,
                                return_pct=((price * (1 - c)) / (entry / (1 - c)) - 1) * 100))
     return trades
 
