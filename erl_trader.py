@@ -1961,6 +1961,8 @@ def generation_row(metrics: dict, generation: int) -> dict:
              for s in range(len(metrics["fitness_mean"]))]
     row = {k: float(np.mean([seed_row[k] for seed_row in seeds])) for k in metrics}
     row["injected"] = seeds[0]["injected"]
+    for values in (row, *seeds):  # no actor step yet (--critic-warmup, --rl-updates 0): null, not NaN (strict JSON)
+        values["actor_loss"] = finite_or_none(values["actor_loss"])
     return dict(row, seeds=seeds)
 
 
@@ -1979,7 +1981,8 @@ def log_generation(trainer: Trainer, row: dict, eta: float) -> None:
         writer.add_scalar(f"charts/{tag}", row[tag], step_count)
     writer.add_scalar("charts/injected_is_elite", float(row["injected_is_elite"]), step_count)
     for tag in ("critic_loss", "actor_loss"):
-        writer.add_scalar(f"losses/{tag}", row[tag], step_count)
+        if row[tag] is not None:
+            writer.add_scalar(f"losses/{tag}", row[tag], step_count)
     for who in ("champion", "learner"):
         if f"{who}_val_return" in row:
             writer.add_scalar(f"eval/{who}_val_return", row[f"{who}_val_return"], step_count)
@@ -2000,10 +2003,11 @@ def log_generation(trainer: Trainer, row: dict, eta: float) -> None:
     if "champion_val_return" in row:
         val = (f"  val {mean_and_spread(row, 'champion_val_return', '+.4f')} (learner "
                f"{mean_and_spread(row, 'learner_val_return', '+.4f')})")
+    actor = "-" if row["actor_loss"] is None else format(row["actor_loss"], "+.4f")  # "-": no actor step yet
     print(f"gen {row['generation']:4d}/{trainer.args.generations}  fitness mean {row['fitness_mean']:+.3f} max "
           f"{mean_and_spread(row, 'fitness_max', '+.3f')} min {row['fitness_min']:+.3f}  learner "
           f"{mean_and_spread(row, 'learner_fitness', '+.3f')}{val}  critic {row['critic_loss']:.4f} actor "
-          f"{row['actor_loss']:+.4f}  injected {injected}  env-steps/s {row['sps']:,.0f}  elapsed {row['elapsed']:.0f}s  "
+          f"{actor}  injected {injected}  env-steps/s {row['sps']:,.0f}  elapsed {row['elapsed']:.0f}s  "
           f"ETA {eta:.0f}s", flush=True)
 
 
