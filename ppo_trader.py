@@ -318,10 +318,11 @@ def check_fold_lengths(folds: list, names: list, window: int, episode_bars: int,
                                 f"{-b['train'][0]} bars before its first bar. Fix: lower --walk-forward-train-bars or move "
                                 "--train-end later")
             for split, (lo, hi) in b.items():
+                rolling = "raise --walk-forward-train-bars, " if split == "train" and lo > 0 else ""
                 if hi - lo < need:
                     raise DataError(f"{path}: {where}market {name} has {max(hi - lo, 0)} bars in the {split} split, fewer "
-                                    f"than window + a quarter episode ({need}). Fix: {fix}move --train-end/--val-end, or "
-                                    "lower --window/--episode-bars")
+                                    f"than window + a quarter episode ({need}). Fix: {rolling}{fix}move "
+                                    "--train-end/--val-end, or lower --window/--episode-bars")
 
 
 def episode_starts(rth: np.ndarray, bounds: list, split: str, window: int) -> list[np.ndarray]:
@@ -1415,18 +1416,18 @@ def load_transfer(path: str, args: Args, num_features: int) -> tuple:
 TRANSFER_SPLIT_FLAGS = ("train_end", "val_end", "walk_forward", "walk_forward_train_bars")  # a fold's phase 1 = its phase 2
 
 
-def init_transfers(args: Args, num_features: int) -> list:
-    """--init-from: per walk-forward fold, one (params, obs normaliser) per seed: a policy file's for every seed (a
-    single split only), or seed k's best.msgpack of fold f of a phase 1 run folder for seed k of fold f (the folder
-    must have --num-seeds seeds and, with --walk-forward K > 1, the same data and split flags, so every fold's phase 1
-    saw only that fold's training and validation blocks)."""
+def init_transfers(args: Args, num_features: int, fold: int = 0) -> list:
+    """--init-from for walk-forward fold `fold`: one (params, obs normaliser) per seed: a policy file's for every seed
+    (a single split only), or seed k's best.msgpack of that fold of a phase 1 run folder for seed k (the folder must
+    have --num-seeds seeds and, with --walk-forward K > 1, the same data and split flags, so each fold's phase 1 saw
+    only that fold's training and validation blocks)."""
     source = Path(args.init_from)
     if not source.is_dir():
         if args.walk_forward > 1:
             raise DataError(f"--init-from {source}: one policy file cannot start every walk-forward fold (it was selected "
                             "on one validation block, another fold's training or test data). Fix: pass the phase 1 run "
                             "folder trained with the same --walk-forward, --train-end, --val-end and --data")
-        return [[load_transfer(args.init_from, args, num_features)] * args.num_seeds]
+        return [load_transfer(args.init_from, args, num_features)] * args.num_seeds
     files = run_policy_files(source, "--init-from")
     if args.walk_forward > 1:
         config = json.loads((source / "config.json").read_text())
@@ -1440,11 +1441,11 @@ def init_transfers(args: Args, num_features: int) -> list:
     elif len(files) != 1:
         raise DataError(f"--init-from {source} is a walk-forward run of {len(files)} folds, this run has one split. Fix: "
                         f"pass --walk-forward {len(files)} and its split flags, or one policy file (e.g. {files[0][0]})")
-    if len(files[0]) != args.num_seeds:
-        raise DataError(f"--init-from {source} has {len(files[0])} seeds, this run has --num-seeds {args.num_seeds}. Fix: "
-                        f"pass --num-seeds {len(files[0])}, or one policy file (e.g. {files[0][0]}) to start every seed "
-                        "from it")
-    return [[load_transfer(str(f), args, num_features) for f in fold_files] for fold_files in files]
+    if len(files[fold]) != args.num_seeds:
+        raise DataError(f"--init-from {source} has {len(files[fold])} seeds, this run has --num-seeds {args.num_seeds}. "
+                        f"Fix: pass --num-seeds {len(files[fold])}, or one policy file (e.g. {files[fold][0]}) to start every "
+                        "seed from it")
+    return [load_transfer(str(f), args, num_features) for f in files[fold]]
 
 
 # ---- STATISTICS ----
@@ -2489,7 +2490,8 @@ def train_and_report(args: Args) -> dict:
     obs_dim = obs_size(args.window, num_features, args.phase)
     num_folds = len(info["folds"])
     use_transfer = args.init_from and not args.resume
-    transfers = init_transfers(args, num_features) if use_transfer else [[None] * args.num_seeds] * num_folds
+    transfers = [init_transfers(args, num_features, fold) if use_transfer else [None] * args.num_seeds
+                 for fold in range(num_folds)]
     main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
     run_dir.mkdir(parents=True, exist_ok=True)
     if main_process:
