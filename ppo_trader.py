@@ -2294,9 +2294,10 @@ class Trainer(NamedTuple):
 
 
 def start_fold(args: Args, fold_path: Path, init, train_data: MarketData, mesh: Mesh, transfers: list):
-    """The seed-stacked runner state of one fold (`init` jitted, `transfers` per seed the phase 1 (params, obs
-    normaliser) it starts from, or None), placed on the mesh: new, or restored from the fold's checkpoint on --resume
-    (a fold that had not started yet starts new); returns (runner, checkpoint bookkeeping)."""
+    """The seed-stacked runner state of one fold (`init` jitted, `train_data` the fold's training split as loaded,
+    `transfers` per seed the phase 1 (params, obs normaliser) it starts from, or None), placed on the mesh: new, or
+    restored from the fold's checkpoint on --resume (a fold that had not started yet starts new); returns (runner,
+    checkpoint bookkeeping)."""
     rngs = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.num_seeds) + args.seed)
     # one init per seed, stacked: vmapping flax's orthogonal initialisers (batched QR) can deadlock XLA:CPU's thread pool
     runner = jax.tree.map(lambda *x: jnp.stack(x), *[init(key, transfer, train_data)
@@ -2494,10 +2495,6 @@ def train_and_report(args: Args) -> dict:
                  for fold in range(num_folds)]
     main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
     run_dir.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        for fold in range(num_folds):
-            for seed_index in range(args.num_seeds):
-                policy_file(fold_dir(run_dir, fold, num_folds), seed_index, "best").parent.mkdir(parents=True, exist_ok=True)
     if not args.resume and main_process:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     init, train_chunk, num_updates, network = make_train(args, env_params, datasets["train"], mesh)
@@ -2509,9 +2506,12 @@ def train_and_report(args: Args) -> dict:
     for fold in range(num_folds):
         fold_datasets, fold_info = (datasets, info) if fold == 0 else fold_data(info, fold)
         fold_path = fold_dir(run_dir, fold, num_folds)
+        if main_process:
+            for seed_index in range(args.num_seeds):
+                policy_file(fold_path, seed_index, "best").parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
+        runner, extra = start_fold(args, fold_path, init, fold_datasets["train"], mesh, transfers[fold])
         train_data = place(fold_datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
-        runner, extra = start_fold(args, fold_path, init, train_data, mesh, transfers[fold])
         if compiled is None:
             compiled = compile_chunk(train_chunk, runner, train_data, mesh)
             print(f"run {run_dir}  updates {num_updates}  chunks {num_updates // args.chunk_updates}  env steps "

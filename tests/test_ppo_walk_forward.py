@@ -11,7 +11,7 @@ import pytest
 
 import data_prep as dp
 import ppo_trader as pt
-from conftest import ROOT, assert_one_line_error, report_of, run_script
+from conftest import ROOT, assert_one_line_error, assert_trees_close, policy_params, report_of, run_script
 from test_ppo_cli import TINY
 
 FOLDS, SEEDS, RANDOM_RUNS = 2, 2, 20
@@ -143,8 +143,9 @@ def test_every_fold_and_seed_is_reported_and_the_summary_is_over_folds_x_seeds(w
     assert [fold["fold"] for fold in report["folds"]] == list(range(FOLDS))
     for market in MARKETS:
         periods = [fold[market] for fold in report["folds"]]
-        assert periods[0]["test"]["end"] < periods[1]["test"]["start"] and periods[0]["val"]["end"] < periods[0]["test"]["start"]
-        assert [row[market]["start"] for row in rows] == [periods[f]["test"]["start"] for f in range(FOLDS) for _ in range(SEEDS)]
+        assert periods[0]["val"]["end"] < periods[0]["test"]["start"] < periods[0]["test"]["end"] < periods[1]["test"]["start"]
+        assert [row[market]["start"] for row in rows] == [periods[f]["test"]["start"] for f in range(FOLDS)
+                                                          for _ in range(SEEDS)]
         for name, entry in report["summary"][market].items():
             runs = RANDOM_RUNS if name == "random" else SEEDS
             assert entry["folds"] == FOLDS and entry["runs"] == FOLDS * runs, name
@@ -224,3 +225,26 @@ def assert_rows_close(a: dict, b: dict, where: str = "") -> None:
             assert value == pytest.approx(b[key], rel=1e-5, abs=1e-7), f"{where}.{key}"
         else:
             assert value == b[key], f"{where}.{key}"
+
+
+def test_a_run_stopped_in_fold_0_and_at_its_end_resumes_to_the_same_folds(walk_forward_runs, tmp_path):
+    """--stop-after counts the chunks of the fold in progress: stopped after fold 0's first chunk, then at fold 0's
+    end (before its final policies), the resumed run restores fold 0, starts fold 1 new and ends with the
+    uninterrupted run's policies and report."""
+    run_dir, _, _ = walk_forward_runs
+    shutil.copy(run_dir.parents[1] / "market.npz", tmp_path / "market.npz")
+    first = run_script(SCRIPT, *WALK_FORWARD, "--stop-after", "1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Continue with: python ppo_trader.py --resume runs/wf" in first.stdout
+    second = run_script(SCRIPT, "--resume", "runs/wf", "--stop-after", "3", cwd=tmp_path)
+    assert second.returncode == 0 and "stopped after chunk 4" in second.stdout, second.stderr[-3000:]
+    resumed_dir = tmp_path / "runs" / "wf"
+    assert not (resumed_dir / "fold0" / "seed0" / "final.msgpack").exists() and not (resumed_dir / "fold1").exists()
+    last = run_script(SCRIPT, "--resume", "runs/wf", cwd=tmp_path)
+    assert last.returncode == 0, last.stderr[-3000:]
+    for f in range(FOLDS):
+        for k in range(SEEDS):
+            for which in ("best", "final"):
+                name = f"fold{f}/seed{k}/{which}.msgpack"
+                assert_trees_close(policy_params(run_dir / name), policy_params(resumed_dir / name), name, atol=0.0)
+    assert report_of(resumed_dir)["seeds"] == report_of(run_dir)["seeds"]
