@@ -7,6 +7,7 @@
     python ppo_trader.py --run-name p1                                       # phase 1, then phase 2 from it:
     python ppo_trader.py --phase 2 --init-from runs/p1/seed0/best.msgpack
     python ppo_trader.py --action-space continuous --max-contracts 3  # target positions instead of BUY/SELL
+    python ppo_trader.py --walk-forward 4 --num-seeds 4              # 4 walk-forward folds (runs/NAME/fold<f>/) x 4 seeds
 
 The file reads top to bottom as the data flows: args, data arrays, env (gymnax style: pure `reset` and
 `step` on `EnvState`/`EnvParams`), networks, PPO (`make_train(args) -> train`, PureJaxRL shape), outer loop
