@@ -184,8 +184,8 @@ def test_the_folds_share_one_compiled_chunk_init_and_backtest(walk_forward_runs)
 
 
 def test_changing_fold_0s_test_block_changes_nothing_in_its_selection(walk_forward_runs):
-    """Fold 0's policy files are byte for byte the same on data whose fold 0 test block differs, while its test
-    results do change."""
+    """Fold 0's policy files are byte for byte the same on data whose fold 0 test block (and the embargo before it)
+    differs, while its test results do change."""
     run_dir, perturbed_dir, _ = walk_forward_runs
     for k in range(SEEDS):
         for which in ("best", "final"):
@@ -194,6 +194,15 @@ def test_changing_fold_0s_test_block_changes_nothing_in_its_selection(walk_forwa
     rows, perturbed_rows = report_of(run_dir)["seeds"], report_of(perturbed_dir)["seeds"]
     for market in MARKETS:
         assert rows[0][market]["buy_and_hold"]["total_return"] != perturbed_rows[0][market]["buy_and_hold"]["total_return"]
+    # fold 1 trains up to --train-end + one block, before the changed bars (they are in its validation block): its
+    # training, and so its final policies, are the same too
+    folds = report_of(run_dir)["folds"]
+    for market in MARKETS:
+        # the changed bars start after fold 0's last validation bar
+        assert folds[1][market]["train"]["end"] < folds[0][market]["val"]["end"] < folds[1][market]["val"]["end"]
+    for k in range(SEEDS):
+        name = f"fold1/seed{k}/final.msgpack"
+        assert (run_dir / name).read_bytes() == (perturbed_dir / name).read_bytes(), name
 
 
 def test_eval_only_of_the_walk_forward_folder_reproduces_its_report(walk_forward_runs):
