@@ -3,6 +3,7 @@ for every market, each fold normalises its features and selects on data before i
 block changes nothing in its policy files), every fold plays one compiled chunk, init and backtest, and the report and
 eval-only follow the folds."""
 
+import dataclasses
 import json
 import shutil
 
@@ -16,8 +17,9 @@ from test_ppo_cli import TINY
 
 FOLDS, SEEDS, RANDOM_RUNS = 2, 2, 20
 MARKETS = ("SYN", "SYN2")
-WALK_FORWARD = [*TINY, "--data", "market.npz", "--walk-forward", str(FOLDS), "--num-seeds", str(SEEDS), "--random-runs",
-                str(RANDOM_RUNS), "--out-dir", "runs", "--run-name", "wf"]
+FLAGS = [*TINY, "--data", "market.npz", "--walk-forward", str(FOLDS), "--num-seeds", str(SEEDS), "--random-runs",
+         str(RANDOM_RUNS), "--out-dir", "runs"]  # relative paths: runs from two folders have the same config
+WALK_FORWARD = [*FLAGS, "--run-name", "wf"]
 SCRIPT = ROOT / "ppo_trader.py"
 
 
@@ -257,3 +259,27 @@ def test_a_run_stopped_in_fold_0_and_at_its_end_resumes_to_the_same_folds(walk_f
                 name = f"fold{f}/seed{k}/{which}.msgpack"
                 assert_trees_close(policy_params(run_dir / name), policy_params(resumed_dir / name), name, atol=0.0)
     assert report_of(resumed_dir)["seeds"] == report_of(run_dir)["seeds"]
+
+
+def test_init_from_a_walk_forward_run_starts_each_fold_from_its_own_phase_1(walk_forward_runs, monkeypatch):
+    """Phase 2 of fold f seed k starts from phase 1's fold<f>/seed<k>/best.msgpack; a phase 1 run of other folds, or
+    one policy file, is refused."""
+    run_dir, _, _ = walk_forward_runs
+    monkeypatch.chdir(run_dir.parents[1])  # the runs' relative paths
+    config = json.loads((run_dir / "config.json").read_text())
+    args = pt.Args(**dict(config, phase=2, init_from="runs/wf"))
+    num_features = pt.load_data(args)[0]["train"].features.shape[-1]
+    for f in range(FOLDS):
+        transfers = pt.init_transfers(args, num_features, f)
+        assert len(transfers) == SEEDS
+        for k, (params, _) in enumerate(transfers):
+            saved = policy_params(run_dir / f"fold{f}" / f"seed{k}" / "best.msgpack")
+            assert_trees_close(params, saved, f"fold {f} seed {k}", atol=0.0)
+    with pytest.raises(pt.DataError, match="--val-end"):
+        pt.init_transfers(dataclasses.replace(args, val_end="0.8"), num_features, 0)
+    with pytest.raises(pt.DataError, match="one policy file"):
+        pt.init_transfers(dataclasses.replace(args, init_from="runs/wf/fold0/seed0/best.msgpack"), num_features, 0)
+    r = run_script(SCRIPT, *FLAGS, "--phase", "2", "--init-from", "runs/wf", "--run-name", "p2", cwd=run_dir.parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(row["fold"], row["seed"]) for row in report_of(run_dir.parent / "p2")["seeds"]] == \
+        [(f, k) for f in range(FOLDS) for k in range(SEEDS)]
