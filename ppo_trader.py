@@ -2294,18 +2294,18 @@ class Trainer(NamedTuple):
     train_data: MarketData  # the fold's training split, a copy on every device
 
 
-def start_fold(args: Args, fold_path: Path, init, train_data: MarketData, mesh: Mesh, transfers: list):
+def start_fold(args: Args, fold_path: Path, fold: int, init, train_data: MarketData, mesh: Mesh, transfers: list):
     """The seed-stacked runner state of one fold (`init` jitted, `train_data` the fold's training split as loaded,
     `transfers` per seed the phase 1 (params, obs normaliser) it starts from, or None), placed on the mesh: new, or
-    restored from the fold's checkpoint on --resume (a fold that had not started yet starts new); returns (runner,
-    checkpoint bookkeeping)."""
+    restored from the fold's checkpoint on --resume (a later fold that had not started yet starts new; fold 0 always
+    has one); returns (runner, checkpoint bookkeeping)."""
     rngs = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.num_seeds) + args.seed)
     # one init per seed, stacked: vmapping flax's orthogonal initialisers (batched QR) can deadlock XLA:CPU's thread pool
     runner = jax.tree.map(lambda *x: jnp.stack(x), *[init(key, transfer, train_data)
                                                      for key, transfer in zip(rngs, transfers)])
     ckpt = fold_path / "checkpoint.msgpack"
     extra = {"chunk": 0, "best_val": [-1e30] * args.num_seeds, "elapsed": 0.0}
-    resumed = bool(args.resume) and ckpt.is_file()
+    resumed = bool(args.resume) and (ckpt.is_file() or fold == 0)
     if resumed:
         runner, extra = load_checkpoint(ckpt, runner)
     runner = place(runner, runner_shardings(runner, mesh))
@@ -2511,7 +2511,7 @@ def train_and_report(args: Args) -> dict:
             for seed_index in range(args.num_seeds):
                 policy_file(fold_path, seed_index, "best").parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        runner, extra = start_fold(args, fold_path, init, fold_datasets["train"], mesh, transfers[fold])
+        runner, extra = start_fold(args, fold_path, fold, init, fold_datasets["train"], mesh, transfers[fold])
         train_data = place(fold_datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
         if compiled is None:
             compiled = compile_chunk(train_chunk, runner, train_data, mesh)
