@@ -7,6 +7,7 @@
     python ppo_trader.py --run-name p1                                       # phase 1, then phase 2 from it:
     python ppo_trader.py --phase 2 --init-from runs/p1/seed0/best.msgpack
     python ppo_trader.py --action-space continuous --max-contracts 3  # target positions instead of BUY/SELL
+    python ppo_trader.py --walk-forward 4 --num-seeds 4              # 4 walk-forward folds (runs/NAME/fold<f>/) x 4 seeds
 
 The file reads top to bottom as the data flows: args, data arrays, env (gymnax style: pure `reset` and
 `step` on `EnvState`/`EnvParams`), networks, PPO (`make_train(args) -> train`, PureJaxRL shape), outer loop
@@ -92,6 +93,13 @@ class Args:
     timeline (one cut for every market)"""
     val_end: str = "0.85"
     """end of the validation split (the test split is the rest); one window of bars is embargoed between splits"""
+    walk_forward: int = 1
+    """walk-forward folds: the bars after --val-end's embargo are cut into K equal, consecutive test blocks (one time
+    for every market); fold f moves --train-end/--val-end by f blocks, trains, selects on its validation block and is
+    tested on its own block (runs/NAME/fold<f>/); 1 = the single split"""
+    walk_forward_train_bars: Optional[int] = None
+    """with --walk-forward: each fold trains on each market's last this many bars before its training end (rolling
+    windows; default: expanding, from the first bar)"""
     market_weights: Optional[tuple[float, ...]] = None
     """probability of drawing each market at an episode's reset, one number per market of --data (normalised to sum 1;
     default: in proportion to each market's training bars)"""
@@ -266,11 +274,87 @@ def market_weights(args: Args, names: list, bounds: list, path: Path) -> np.ndar
     return (w / w.sum()).astype(np.float32)
 
 
-def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, dict]:
-    """Loads and checks an intraday npz; returns ({'train','val','test'}: MarketData, info).
+def fold_bounds(all_ts: np.ndarray, market_ts: list, train_end: int, val_end: int, window: int, folds: int = 1,
+                train_bars: Optional[int] = None) -> list[list[dict]]:
+    """Per walk-forward fold, per market, the bar bounds {'train', 'val', 'test'}: (first, end) of each split.
 
-    Splits are by date or fraction per market, with `window` bars embargoed after each split end.
-    Feature normalisation (mean/std per feature) uses the training split of every market only, or
+    `all_ts` is the sorted union of every market's bar times, `market_ts` each market's own, `train_end`/`val_end` the
+    UTC nanosecond times where fold 0's training and validation splits end. The union's bars from fold 0's validation
+    end + `window` to the last are cut into `folds` equal blocks (the remainder, under `folds` bars, at the end is left
+    out); fold f moves both split times of fold 0 by f blocks, so every market is cut at the same times. Per market,
+    validation starts `window` bars after the training end and the test `window` bars after the validation end (the
+    embargo); fold f's test ends where fold f + 1's begins, so the test blocks are consecutive and tile the history
+    after fold 0's validation embargo. Training starts at the first bar (expanding windows), or `train_bars` bars
+    before its end (rolling). One fold is the single split, its test running to each market's last bar."""
+    first_train, first_val = int(np.searchsorted(all_ts, train_end)), int(np.searchsorted(all_ts, val_end))
+    block = (len(all_ts) - first_val - window) // folds
+
+    def bar(ts: np.ndarray, position: int) -> int:
+        """The market's first bar at or after the union's bar `position` (its length past the union's end)."""
+        return len(ts) if position >= len(all_ts) else int(np.searchsorted(ts, all_ts[position]))
+
+    out = []
+    for fold in range(folds):
+        shift, markets = fold * block, []
+        for ts in market_ts:
+            n = len(ts)
+            train_last, val_last = bar(ts, first_train + shift), bar(ts, first_val + shift)
+            test_end = n if folds == 1 else min(bar(ts, first_val + shift + block) + window, n)
+            markets.append({"train": (0 if train_bars is None else train_last - train_bars, train_last),
+                            "val": (train_last + window, val_last), "test": (min(val_last + window, n), test_end)})
+        out.append(markets)
+    return out
+
+
+def check_fold_lengths(folds: list, names: list, window: int, episode_bars: int, path: Path) -> None:
+    """Every split of every fold and market holds a window and a quarter episode; a rolling training window starts
+    inside the data."""
+    need = window + episode_bars // 4 + 1
+    for fold, bounds in enumerate(folds):
+        where = f"walk-forward fold {fold}'s " if len(folds) > 1 else ""
+        fix = "lower --walk-forward, " if len(folds) > 1 else ""
+        for name, b in zip(names, bounds):
+            if b["train"][0] < 0:
+                raise DataError(f"{path}: {where}rolling training window (--walk-forward-train-bars) of market {name} starts "
+                                f"{-b['train'][0]} bars before its first bar. Fix: lower --walk-forward-train-bars or move "
+                                "--train-end later")
+            for split, (lo, hi) in b.items():
+                rolling = "raise --walk-forward-train-bars, " if split == "train" and lo > 0 else ""
+                if hi - lo < need:
+                    raise DataError(f"{path}: {where}market {name} has {max(hi - lo, 0)} bars in the {split} split, fewer "
+                                    f"than window + a quarter episode ({need}). Fix: {rolling}{fix}move "
+                                    "--train-end/--val-end, or lower --window/--episode-bars")
+
+
+def episode_starts(rth: np.ndarray, bounds: list, split: str, window: int) -> list[np.ndarray]:
+    """Per market, every RTH bar of the split that can start an episode (a window inside the split and a next bar),
+    so training plays every time of the session; the split's first decision bar if none."""
+    starts = []
+    for m, b in enumerate(bounds):
+        lo, hi = b[split]
+        s = np.flatnonzero(rth[m, :hi])
+        starts.append(s[(s >= lo + window - 1) & (s + 1 < hi)])
+        if len(starts[-1]) == 0:
+            starts[-1] = np.array([lo + window - 1])
+    return starts
+
+
+class FoldSource(NamedTuple):
+    """What `fold_data` builds every fold's MarketData from: the bar arrays on the device (shared by every split and
+    fold), the raw features and each fold's episode starts (host)."""
+
+    shared: dict  # MarketData fields common to every split and fold (device arrays)
+    raw_features: np.ndarray  # [M, T, F] float64, not normalised
+    starts: list  # per fold {split: ([M, S] padded episode starts, [M] counts)}, S common to a split's folds
+    weights: list  # per fold [M] market weights
+
+
+def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, dict]:
+    """Loads and checks an intraday npz; returns ({'train','val','test'}: MarketData, info) of walk-forward fold 0 (the
+    single split by default); info['folds'] holds every fold's bounds, `fold_data` makes the other folds' MarketData.
+
+    Splits are by date or fraction (one time for every market), with `window` bars embargoed after each split end.
+    Feature normalisation (mean/std per feature) uses the fold's training split of every market only, or
     `feature_stats` (the training run's, stored in a policy checkpoint) when given.
     """
     path = Path(args.data)
@@ -291,38 +375,22 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
         raise DataError(f"{path}: missing arrays {missing}. Fix: rebuild it with the current data_prep.py")
     W = args.window
     M, T = raw["close"].shape
-    bars, hours, bounds = np.zeros((M, T), np.int32), np.zeros((M, T), np.float32), []
-    all_ts = np.unique(np.concatenate([raw["timestamps"][m][: int(raw["length"][m])] for m in range(M)]))
+    bars, hours = np.zeros((M, T), np.int32), np.zeros((M, T), np.float32)
+    market_ts = [raw["timestamps"][m][: int(raw["length"][m])] for m in range(M)]
+    all_ts = np.unique(np.concatenate(market_ts))
     cut1, cut2 = split_time(args.train_end, all_ts, "--train-end"), split_time(args.val_end, all_ts, "--val-end")
     specs = meta.get("markets", {})
-    for m in range(M):
-        n = int(raw["length"][m])
-        ts = raw["timestamps"][m][:n]
-        spec = specs.get(str(raw["market"][m]), {})
+    names = [str(x) for x in raw["market"]]
+    for m, ts in enumerate(market_ts):
+        n = len(ts)
+        spec = specs.get(names[m], {})
         bar_ns = int(spec.get("bar_seconds", np.median(np.diff(ts)) / 1e9)) * 1_000_000_000
         closes = scheduled_closes(ts, raw["rth"][m][:n], spec.get("rth", "none"), meta.get("tz", "America/New_York"),
                                   meta.get("rollover", "17:00"))
         bars[m, :n], hours[m, :n] = calendar_arrays(ts, closes, bar_ns)
         bars[m, n:], hours[m, n:] = T, 24.0
-        i1, i2 = (int(np.searchsorted(raw["timestamps"][m][:n], cut)) for cut in (cut1, cut2))
-        b = {"train": (0, i1), "val": (i1 + W, i2), "test": (i2 + W, n)}
-        for name, (lo, hi) in b.items():
-            if hi - lo < W + args.episode_bars // 4 + 1:
-                raise DataError(f"{path}: market {raw['market'][m]} has {max(hi - lo, 0)} bars in the {name} split, fewer "
-                                f"than window + a quarter episode ({W + args.episode_bars // 4 + 1}). "
-                                "Fix: move --train-end/--val-end, or lower --window/--episode-bars")
-        bounds.append(b)
-    train_mask = np.zeros((M, T), bool)
-    for m, b in enumerate(bounds):
-        train_mask[m, : b["train"][1]] = True
-    f = raw["features"].astype(np.float64)
-    mu, sd = (f[train_mask].mean(0), f[train_mask].std(0)) if feature_stats is None else (np.asarray(feature_stats[0]),
-                                                                                          np.asarray(feature_stats[1]))
-    if mu.shape != (f.shape[-1],):
-        raise DataError(f"{path}: {f.shape[-1]} features, the policy was trained on {mu.shape[0]}. Fix: evaluate on data "
-                        "built the same way")
-    feats = ((f - mu) / np.where(sd > 1e-12, sd, 1.0)).clip(-10, 10).astype(np.float32)
-    names = [str(x) for x in raw["market"]]
+    folds = fold_bounds(all_ts, market_ts, cut1, cut2, W, args.walk_forward, args.walk_forward_train_bars)
+    check_fold_lengths(folds, names, W, args.episode_bars, path)
     for n in names:
         sp = specs.get(n)
         if sp is None or not (sp["point_value"] > 0 and sp["tick_size"] > 0 and sp["commission"] >= 0):
@@ -331,36 +399,57 @@ def load_data(args: Args, feature_stats: Optional[tuple] = None) -> tuple[dict, 
     pv = np.array([specs[n]["point_value"] for n in names], np.float32)
     tick = np.array([specs[n]["tick_size"] for n in names], np.float32)
     comm = np.array([args.commission if args.commission is not None else specs[n]["commission"] for n in names], np.float32)
-    weights = market_weights(args, names, bounds, path)
-    # the bar arrays go to the device once and are shared by the three splits (which differ in starts and bounds)
+    weights = [market_weights(args, names, bounds, path) for bounds in folds]
+    # the bar arrays go to the device once and are shared by the three splits and every fold (which differ in starts,
+    # bounds, features and market weights)
     shared = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32),
                   low=jnp.asarray(raw["low"], jnp.float32),
                   close=jnp.asarray(raw["close"], jnp.float32), atr=jnp.asarray(raw["atr"], jnp.float32),
                   rth=jnp.asarray(raw["rth"]),
                   session_end=jnp.asarray(raw["session_end"]), bars_to_close=jnp.asarray(bars),
                   hours_to_close=jnp.asarray(hours),
-                  features=jnp.asarray(feats), point_value=jnp.asarray(pv), tick_size=jnp.asarray(tick),
-                  commission=jnp.asarray(comm))
+                  point_value=jnp.asarray(pv), tick_size=jnp.asarray(tick), commission=jnp.asarray(comm))
+    # episode starts padded to one shape per split over the folds: every fold's MarketData fits one compiled program
+    starts = [{split: episode_starts(raw["rth"], bounds, split, W) for split in ("train", "val", "test")} for bounds in folds]
+    padded = []
+    for fold_starts in starts:
+        padded.append({})
+        for split, split_starts in fold_starts.items():
+            S = max(len(s) for other in starts for s in other[split])
+            padded[-1][split] = (np.stack([np.pad(s, (0, S - len(s)), mode="edge") for s in split_starts]).astype(np.int32),
+                                 np.array([len(s) for s in split_starts], np.int32))
+    source = FoldSource(shared, raw["features"].astype(np.float64), padded, weights)
+    info = dict(path=str(path), meta=meta, markets=names, folds=folds, feature_names=[str(x) for x in raw["feature_names"]],
+                timestamps=raw["timestamps"], source=source)
+    return fold_data(info, 0, feature_stats)
+
+
+def fold_data(info: dict, fold: int, feature_stats: Optional[tuple] = None) -> tuple[dict, dict]:
+    """({'train','val','test'}: MarketData, info) of one walk-forward fold: its bounds, episode starts, market weights
+    and features normalised by its training split's statistics (or `feature_stats`). Every fold's arrays have the same
+    shapes: the programs compiled for fold 0 play every fold."""
+    source, bounds = info["source"], info["folds"][fold]
+    f = source.raw_features
+    if feature_stats is None:
+        train_mask = np.zeros(f.shape[:2], bool)
+        for m, b in enumerate(bounds):
+            train_mask[m, b["train"][0]: b["train"][1]] = True
+        mu, sd = f[train_mask].mean(0), f[train_mask].std(0)
+    else:
+        mu, sd = np.asarray(feature_stats[0]), np.asarray(feature_stats[1])
+    if mu.shape != (f.shape[-1],):
+        raise DataError(f"{info['path']}: {f.shape[-1]} features, the policy was trained on {mu.shape[0]}. Fix: evaluate on "
+                        "data built the same way")
+    features = jnp.asarray(((f - mu) / np.where(sd > 1e-12, sd, 1.0)).clip(-10, 10).astype(np.float32))
     out = {}
     for name in ("train", "val", "test"):
-        starts = []
-        for m, b in enumerate(bounds):
-            lo, hi = b[name]
-            # every RTH bar of the split can start an episode, so training plays every time of the session
-            s = np.flatnonzero(raw["rth"][m, :hi])
-            starts.append(s[(s >= lo + W - 1) & (s + 1 < hi)])
-            if len(starts[-1]) == 0:
-                starts[-1] = np.array([lo + W - 1])
-        S = max(len(s) for s in starts)
-        starts_arr = np.stack([np.pad(s, (0, S - len(s)), mode="edge") for s in starts]).astype(np.int32)
+        starts, n_starts = source.starts[fold][name]
         out[name] = MarketData(
-            **shared, starts=jnp.asarray(starts_arr), n_starts=jnp.asarray([len(s) for s in starts], jnp.int32),
+            **source.shared, features=features, starts=jnp.asarray(starts), n_starts=jnp.asarray(n_starts),
             lo=jnp.asarray([b[name][0] for b in bounds], jnp.int32), hi=jnp.asarray([b[name][1] for b in bounds], jnp.int32),
-            market_weights=jnp.asarray(weights),
+            market_weights=jnp.asarray(source.weights[fold]),
         )
-    info = dict(path=str(path), meta=meta, markets=names, bounds=bounds, feature_names=[str(x) for x in raw["feature_names"]],
-                timestamps=raw["timestamps"], feature_mean=mu.tolist(), feature_std=sd.tolist())
-    return out, info
+    return out, dict(info, bounds=bounds, fold=fold, feature_mean=mu.tolist(), feature_std=sd.tolist())
 
 
 # ---- ENV ----
@@ -989,8 +1078,9 @@ def ppo_loss(params, network: ActorCritic, args: Args, tr: Transition, advantage
 
 def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Optional[Mesh] = None,
                transfer: Optional[tuple] = None):
-    """PureJaxRL shape: returns (init(rng, transfer) -> RunnerState, train_chunk(RunnerState) -> (RunnerState, metrics),
-    number of updates, network).
+    """PureJaxRL shape: returns (init(rng, transfer, data) -> RunnerState, train_chunk(RunnerState, data) ->
+    (RunnerState, metrics), number of updates, network). `data` (the training split) is an argument of both, `data`
+    here their default: every walk-forward fold's split (same shapes, other values) plays one compiled program.
 
     With a `mesh` (axes "seed", "env"), every minibatch is split over the "env" devices: each computes the
     loss on its share and XLA sums the gradients across them (the same gradient as on one device).
@@ -1001,11 +1091,11 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
     network = make_network(args)
     obs_dim = obs_size(args.window, data.features.shape[-1], args.phase)
 
-    def in_force(update):
+    def in_force(update, split: MarketData):
         """(env_params, data, curriculum values) for this update: the real ones unless --curriculum (then traced)."""
         if not args.curriculum:
-            return env_params, data, {}
-        return curriculum_in_force(args, env_params, data, update / num_updates)
+            return env_params, split, {}
+        return curriculum_in_force(args, env_params, split, update / num_updates)
 
     def lr_schedule(count):
         frac = 1.0 - (count // (args.num_minibatches * args.update_epochs)) / num_updates
@@ -1013,13 +1103,13 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
 
     tx = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optax.adam(learning_rate=lr_schedule, eps=1e-5))
 
-    def init(rng, seed_transfer: Optional[tuple] = transfer) -> RunnerState:
+    def init(rng, seed_transfer: Optional[tuple] = transfer, split: MarketData = data) -> RunnerState:
         rng, k_net, k_env = jax.random.split(rng, 3)
         params = network.init(k_net, jnp.zeros(obs_dim))
         if seed_transfer is not None:
             params = grow_params(params, seed_transfer[0], args.new_action_mass)
         train_state = TrainState.create(apply_fn=network.apply, params=params, tx=tx)
-        params0, data0, _ = in_force(jnp.int32(0))
+        params0, data0, _ = in_force(jnp.int32(0), split)
         obs, env_state = jax.vmap(reset, in_axes=(0, None, None))(jax.random.split(k_env, args.num_envs), params0, data0)
         # statistics of a random-policy rollout, positions included: reset observations alone (flat accounts) would give
         # the position features a variance near 0 and blow any open position up to the clip in the first rollout
@@ -1046,9 +1136,9 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
         _, played = jax.lax.scan(play, (obs, env_state), jax.random.split(key, args.num_steps))
         return ObsNorm.create(obs_dim).update(jnp.concatenate([obs, played.reshape(-1, obs_dim)]))
 
-    def _update_step(runner: RunnerState, _):
+    def _update_step(split: MarketData, runner: RunnerState, _):
         # CURRICULUM: the env rules in force are computed from the update counter (no recompilation)
-        env_params_t, data_t, curriculum = in_force(runner.update)
+        env_params_t, data_t, curriculum = in_force(runner.update, split)
 
         # COLLECT TRAJECTORIES
         collect = functools.partial(rollout_step, network, env_params_t, data_t)
@@ -1096,9 +1186,9 @@ def make_train(args: Args, env_params: EnvParams, data: MarketData, mesh: Option
         )
         return RunnerState(train_state, env_state, last_obs, norm, rng, update + 1), metrics
 
-    def train_chunk(runner: RunnerState):
-        """`chunk_updates` PPO updates in one lax.scan (compiled once, called repeatedly)."""
-        return jax.lax.scan(_update_step, runner, None, args.chunk_updates)
+    def train_chunk(runner: RunnerState, split: MarketData = data):
+        """`chunk_updates` PPO updates in one lax.scan on the training split `split` (compiled once, called repeatedly)."""
+        return jax.lax.scan(functools.partial(_update_step, split), runner, None, args.chunk_updates)
 
     return init, train_chunk, num_updates, network
 
@@ -1191,23 +1281,32 @@ def seed_policies(runner: RunnerState) -> list:
     return [jax.tree.map(lambda x, k=k: x[k], (params, norm)) for k in range(num_seeds)]
 
 
+def fold_dir(run_dir: Path, fold: int, num_folds: int) -> Path:
+    """The folder of one walk-forward fold's training (checkpoint, logs, policy files): runs/NAME/fold<f>/, or the run
+    folder itself for a single split."""
+    return run_dir if num_folds == 1 else run_dir / f"fold{fold}"
+
+
 def policy_file(run_dir: Path, seed_index: int, which: str) -> Path:
-    """A seed's policy file in a run folder: runs/NAME/seed<k>/best.msgpack or final.msgpack."""
+    """A seed's policy file in a run (or fold) folder: seed<k>/best.msgpack or final.msgpack."""
     return run_dir / f"seed{seed_index}" / f"{which}.msgpack"
 
 
-def run_policy_files(run_dir: Path, flag_name: str) -> list[Path]:
-    """seed<k>/best.msgpack of every seed of a training run folder (its config.json says how many seeds it has)."""
+def run_policy_files(run_dir: Path, flag_name: str) -> list[list[Path]]:
+    """Per walk-forward fold, seed<k>/best.msgpack of every seed of a training run folder (its config.json says how
+    many folds and seeds it has)."""
     cfg_path = run_dir / "config.json"
     if not cfg_path.is_file():
         raise DataError(f"{flag_name} {run_dir}: a folder without config.json. Fix: pass a run folder written by "
                         "ppo_trader.py, or a policy file runs/NAME/seed0/best.msgpack")
-    num_seeds = json.loads(cfg_path.read_text()).get("num_seeds", 1)
-    files = [policy_file(run_dir, k, "best") for k in range(num_seeds)]
-    missing = [f for f in files if not f.is_file()]
+    config = json.loads(cfg_path.read_text())
+    num_seeds, num_folds = config.get("num_seeds", 1), config.get("walk_forward", 1)
+    files = [[policy_file(fold_dir(run_dir, fold, num_folds), k, "best") for k in range(num_seeds)]
+             for fold in range(num_folds)]
+    missing = [f for fold_files in files for f in fold_files if not f.is_file()]
     if missing:
-        raise DataError(f"{flag_name} {run_dir}: {missing[0]} does not exist (the run has {num_seeds} seeds). Fix: pass a "
-                        "run folder whose training finished, or one policy file")
+        raise DataError(f"{flag_name} {run_dir}: {missing[0]} does not exist (the run has {num_folds} fold(s) x {num_seeds} "
+                        "seed(s)). Fix: pass a run folder whose training finished, or one policy file")
     return files
 
 
@@ -1243,12 +1342,14 @@ def load_checkpoint(path: Path, template: RunnerState) -> tuple[RunnerState, dic
 
 def save_policy(path: Path, params, norm: ObsNorm, args: Args, info: dict, seed_index: int = 0) -> None:
     """A policy-only checkpoint (for --eval-only): network params, obs normaliser, the training split's
-    feature statistics, the run's config and the index of the seed it belongs to. Written by process 0 only."""
+    feature statistics, the run's config and the indices of the seed and walk-forward fold (info['fold']) it belongs
+    to. Written by process 0 only."""
     if jax.process_index() != 0:
         return
     payload = {"params": flax.serialization.to_state_dict(params), "obs_norm": flax.serialization.to_state_dict(norm),
                "config": json.dumps(dataclasses.asdict(args)), "num_actions": make_network(args).num_actions,
-               "feature_stats": json.dumps([info["feature_mean"], info["feature_std"]]), "seed_index": seed_index}
+               "feature_stats": json.dumps([info["feature_mean"], info["feature_std"]]), "seed_index": seed_index,
+               "fold": info["fold"]}
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(flax.serialization.msgpack_serialize(payload))
     os.replace(tmp, path)
@@ -1260,7 +1361,7 @@ def read_policy(path: str) -> dict:
         payload = flax.serialization.msgpack_restore(Path(path).read_bytes())
         return dict(payload, config=json.loads(payload["config"]), num_actions=int(payload["num_actions"]),
                     feature_stats=tuple(json.loads(payload["feature_stats"])),
-                    seed_index=int(payload.get("seed_index", 0)))
+                    seed_index=int(payload.get("seed_index", 0)), fold=int(payload.get("fold", 0)))
     except (FileNotFoundError, IsADirectoryError):
         raise DataError(f"{path}: no such checkpoint. Fix: pass runs/NAME/seed0/best.msgpack or final.msgpack") from None
     except Exception:
@@ -1313,17 +1414,39 @@ def load_transfer(path: str, args: Args, num_features: int) -> tuple:
     return params, norm
 
 
-def init_transfers(args: Args, num_features: int) -> list:
-    """--init-from: one (params, obs normaliser) per seed: a policy file's for every seed, or seed k's best.msgpack of a
-    phase 1 run folder for seed k (the folder must have --num-seeds seeds)."""
+TRANSFER_SPLIT_FLAGS = ("train_end", "val_end", "walk_forward", "walk_forward_train_bars")  # a fold's phase 1 = its phase 2
+
+
+def init_transfers(args: Args, num_features: int, fold: int = 0) -> list:
+    """--init-from for walk-forward fold `fold`: one (params, obs normaliser) per seed: a policy file's for every seed
+    (a single split only), or seed k's best.msgpack of that fold of a phase 1 run folder for seed k (the folder must
+    have --num-seeds seeds and, with --walk-forward K > 1, the same data and split flags, so each fold's phase 1 saw
+    only that fold's training and validation blocks)."""
     source = Path(args.init_from)
     if not source.is_dir():
+        if args.walk_forward > 1:
+            raise DataError(f"--init-from {source}: one policy file cannot start every walk-forward fold (it was selected "
+                            "on one validation block, another fold's training or test data). Fix: pass the phase 1 run "
+                            "folder trained with the same --walk-forward, --train-end, --val-end and --data")
         return [load_transfer(args.init_from, args, num_features)] * args.num_seeds
     files = run_policy_files(source, "--init-from")
-    if len(files) != args.num_seeds:
-        raise DataError(f"--init-from {source} has {len(files)} seeds, this run has --num-seeds {args.num_seeds}. Fix: pass "
-                        f"--num-seeds {len(files)}, or one policy file (e.g. {files[0]}) to start every seed from it")
-    return [load_transfer(str(f), args, num_features) for f in files]
+    if args.walk_forward > 1:
+        config = json.loads((source / "config.json").read_text())
+        differ = [name for name in TRANSFER_SPLIT_FLAGS if config.get(name) != getattr(args, name)]
+        if Path(config.get("data", "")).resolve() != Path(args.data).resolve():
+            differ.insert(0, "data")
+        if differ:
+            raise DataError(f"--init-from {source} was trained with {flag(differ[0])} {config.get(differ[0])}, this "
+                            f"walk-forward run has {getattr(args, differ[0])}: its folds would not be this run's. Fix: "
+                            f"pass {flag(differ[0])} {config.get(differ[0])}, or a phase 1 run of this run's folds")
+    elif len(files) != 1:
+        raise DataError(f"--init-from {source} is a walk-forward run of {len(files)} folds, this run has one split. Fix: "
+                        f"pass --walk-forward {len(files)} and its split flags, or one policy file (e.g. {files[0][0]})")
+    if len(files[fold]) != args.num_seeds:
+        raise DataError(f"--init-from {source} has {len(files[fold])} seeds, this run has --num-seeds {args.num_seeds}. "
+                        f"Fix: pass --num-seeds {len(files[fold])}, or one policy file (e.g. {files[fold][0]}) to start every "
+                        "seed from it")
+    return [load_transfer(str(f), args, num_features) for f in files[fold]]
 
 
 # ---- STATISTICS ----
@@ -1510,11 +1633,19 @@ def verdict(improvements: dict, deflated_sharpe: Optional[float], num_runs: int,
 
 
 # ---- BACKTEST ----
-def make_backtest(env_params: EnvParams, data: MarketData):
-    """Jitted contiguous pass over a split: `play(policies, policy_args, key)` plays every policy (a tuple of
-    `policy(policy_args, key, obs, mask) -> action`, static: one compilation per tuple) on every market at once
-    (vmapped, the market index traced), in one scan of the split's length; `policy_args` (e.g. network params)
-    are traced, so evaluating new parameters does not recompile. Returns one dict per policy of [M, steps] arrays.
+def backtest_steps(env_params: EnvParams, bounds) -> int:
+    """Steps of a backtest that plays every split of `bounds` ((first, end) bars of each market's split, of every
+    split it plays) to its end: the longest one's; shorter ones idle at the end."""
+    return max(int(hi) - int(lo) for lo, hi in bounds) - env_params.window
+
+
+def make_split_backtest(env_params: EnvParams, num_steps: int):
+    """Jitted contiguous pass over a split: `play(policies, policy_args, key, data)` plays every policy (a tuple of
+    `policy(policy_args, key, obs, mask) -> action`, static: one compilation per tuple) on every market of the split
+    `data` at once (vmapped, the market index traced), in one scan of `num_steps` steps (`backtest_steps`; a market's
+    steps past its split's end are not `live`); `policy_args` (e.g. network params) and `data` are traced, so new
+    parameters and every walk-forward fold's split play one compiled program. Returns one dict per policy of
+    [M, steps] arrays.
 
     No auto-reset, no episode limit: one account from the first decision bar to the split end; after a
     drawdown breach the account stops trading and stays flat to the end of the split. The observation is the
@@ -1526,18 +1657,9 @@ def make_backtest(env_params: EnvParams, data: MarketData):
     `closed_*` [.., 2]: the contracts closed at the open by the action and inside the bar, see `step_core`).
     """
     window = env_params.window
-    # the longest market's split; shorter ones idle at the end
-    num_steps = int(np.max(np.asarray(data.hi) - np.asarray(data.lo))) - window
-    first_bar = data.lo + window - 1
-    # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar;
-    # the entry rule counts bars to the nearer of the session end and the split's last bar
-    bar = jnp.arange(data.session_end.shape[1])[None]
-    last = data.hi[:, None] - 1
     rules = env_params.replace(flatten_at_close=True)
-    rules_data = data.replace(session_end=(data.session_end & env_params.flatten_at_close) | (bar == last),
-                              bars_to_close=jnp.minimum(data.bars_to_close, jnp.maximum(last - bar, 0)))
 
-    def bt_step(policy, policy_args, state, alive, key):
+    def bt_step(policy, policy_args, data, rules_data, state, alive, key):
         key, k = jax.random.split(key)
         in_split = state.t + 1 < data.hi[state.market]
         live = alive & in_split
@@ -1552,14 +1674,20 @@ def make_backtest(env_params: EnvParams, data: MarketData):
                    **{f"closed_{k}": v for k, v in closed._asdict().items()})
         return (nxt, alive & ~(live & term), key), out
 
-    def play(policies, policy_args, key):
+    def play(policies, policy_args, key, data: MarketData):
+        # the flatten rule closes at bars marked here: the session ends (if flatten_at_close) and the split's last bar;
+        # the entry rule counts bars to the nearer of the session end and the split's last bar
+        bar = jnp.arange(data.session_end.shape[1])[None]
+        last = data.hi[:, None] - 1
+        rules_data = data.replace(session_end=(data.session_end & env_params.flatten_at_close) | (bar == last),
+                                  bars_to_close=jnp.minimum(data.bars_to_close, jnp.maximum(last - bar, 0)))
         markets = jnp.arange(data.lo.shape[0])
-        start = jax.vmap(reset_at)(markets, first_bar)
+        start = jax.vmap(reset_at)(markets, data.lo + window - 1)
         keys = jnp.broadcast_to(key, markets.shape + key.shape)
         carry = tuple((start, jnp.ones(markets.shape, bool), keys) for _ in policies)
 
         def body(carry, _):
-            steps = [jax.vmap(functools.partial(bt_step, policy, args))(*c) for policy, args,
+            steps = [jax.vmap(functools.partial(bt_step, policy, args, data, rules_data))(*c) for policy, args,
                      c in zip(policies, policy_args, carry)]
             return tuple(s[0] for s in steps), tuple(s[1] for s in steps)
 
@@ -1567,6 +1695,21 @@ def make_backtest(env_params: EnvParams, data: MarketData):
         return tuple(jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out) for out in outs)  # [steps, M, ...] -> [M, steps, ...]
 
     return jax.jit(play, static_argnums=0)
+
+
+def bind_split(play, data: MarketData):
+    """`play(policies, policy_args, key)` of a `make_split_backtest` program on one split."""
+
+    def backtest(policies, policy_args, key):
+        return play(policies, policy_args, key, data)
+
+    return backtest
+
+
+def make_backtest(env_params: EnvParams, data: MarketData):
+    """`play(policies, policy_args, key)`: the `make_split_backtest` pass over the split `data`, to its end."""
+    steps = backtest_steps(env_params, zip(np.asarray(data.lo), np.asarray(data.hi)))
+    return bind_split(make_split_backtest(env_params, steps), data)
 
 
 def no_close_pair(closed: Closed) -> Closed:
@@ -1745,38 +1888,84 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_backtest_outputs(run_dir: Path, report: dict, seed_raws: list, info: dict) -> None:
-    """report.json, trades.csv (the greedy policy's trades of every seed) and equity.png (every seed's greedy policy,
-    and the other policies of the first seed) for the backtests of `report["seeds"]` (process 0 only)."""
+PLOT_POLICIES = {"policy": "tab:blue", "sampled": "tab:green", "random": "tab:gray", "buy_and_hold": "tab:orange"}
+
+
+def stitched_equity(fold_curves: list, initial: float) -> np.ndarray:
+    """[runs, bars] account values of runs stitched over the folds in order: `fold_curves` per fold a [runs, bars]
+    array of equity relative to the initial balance (each fold's test starts a fresh account); every fold's block
+    starts at the last one's value."""
+    out, scale = [], np.ones(len(fold_curves[0]))
+    for curves in fold_curves:
+        growth = (initial + np.asarray(curves, np.float64)) / initial
+        out.append(scale[:, None] * growth)
+        scale = out[-1][:, -1]
+    return initial * np.concatenate(out, axis=1)
+
+
+def policy_curves(fold_runs: list, name: str, market: str) -> list:
+    """Per fold, the [runs, bars] equity curves of policy `name` on `market`: one per seed, or per random run."""
+    if name == "random":
+        return [np.stack([equity for *_, equity in fold.random_runs[market]]) for fold in fold_runs]
+    return [np.stack([raws[name][market]["equity"] for raws in fold.raws]) for fold in fold_runs]
+
+
+def plot_equity(path: Path, report: dict, fold_runs: list, info: dict) -> None:
+    """equity.png, one panel per market: per policy the median stitched account value over the runs (seeds; random:
+    the random runs) with its 10-90% band, buy-and-hold as the median line, walk-forward fold boundaries dotted."""
+    import matplotlib.pyplot as plt
+
+    markets = info["markets"]
+    fig, axes = plt.subplots(len(markets), 1, figsize=(10, 3.6 * len(markets)), squeeze=False)
+    for ax, market in zip(axes[:, 0], markets):
+        ts = info["timestamps"][markets.index(market)]
+        fold_times = [ts[fold.raws[0]["policy"][market]["t"]].astype("datetime64[ns]") for fold in fold_runs]
+        times = np.concatenate(fold_times)
+        for name, color in PLOT_POLICIES.items():
+            equity = stitched_equity(policy_curves(fold_runs, name, market), report["initial_balance"])
+            low, median, high = np.percentile(equity, [10, 50, 90], axis=0)
+            runs = f"{len(equity)} random runs" if name == "random" else f"{len(equity)} seeds"
+            label = name if name == "buy_and_hold" else f"{name} (median of {runs})"  # buy-and-hold: one curve per fold
+            ax.plot(times, median, color=color, lw=1.2, label=label)
+            if name != "buy_and_hold" and len(equity) > 1:
+                ax.fill_between(times, low, high, color=color, alpha=0.18, lw=0)
+        for fold_start in fold_times[1:]:
+            ax.axvline(fold_start[0], color="k", ls=":", lw=0.8)
+        ax.axhline(report["initial_balance"], color="k", lw=0.5)
+        folds_text = f", {len(fold_runs)} walk-forward folds (dotted: boundaries)" if len(fold_runs) > 1 else ""
+        ax.set_title(f"{market}: {report['split']} split account value, median and 10-90% band over runs{folds_text}",
+                     fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_backtest_outputs(run_dir: Path, report: dict, fold_runs: list, info: dict, fold_column: bool) -> None:
+    """report.json, trades.csv (the greedy policy's trades of every fold and seed; a first `fold` column when
+    `fold_column`) and equity.png (`plot_equity`), process 0 only."""
     if jax.process_index() != 0:
         return
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     write_json(run_dir / "report.json", report)
-    lines = ["seed,market,entry_time,exit_time,direction,entry_price,exit_price,pnl"]
-    fig, ax = plt.subplots(figsize=(10, 4))
+    lines = [("fold," if fold_column else "") + "seed,market,entry_time,exit_time,direction,entry_price,exit_price,pnl"]
     for m, market in enumerate(info["markets"]):
         ts = info["timestamps"][m]
-        for row, raws in zip(report["seeds"], seed_raws):
-            lines += [f"{row['seed']},{line}" for line in trade_rows(raws["policy"][market], market, ts)]
-            for name in raws if row is report["seeds"][0] else ("policy",):
-                times = ts[raws[name][market]["t"]].astype("datetime64[ns]")
-                ax.plot(times, report["initial_balance"] + raws[name][market]["equity"], lw=1,
-                        label=f"{market} seed {row['seed']} {name}")
-    ax.set_title(f"{report['split']} split equity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(run_dir / "equity.png", dpi=100)
-    plt.close(fig)
+        for fold in fold_runs:
+            for row, raws in zip(fold.rows, fold.raws):
+                prefix = f"{row['fold']},{row['seed']}" if fold_column else f"{row['seed']}"
+                lines += [f"{prefix},{line}" for line in trade_rows(raws["policy"][market], market, ts)]
     (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
+    plot_equity(run_dir / "equity.png", report, fold_runs, info)
 
 
 def over_seeds(rows: list, markets: list) -> dict:
-    """{market: {policy: {metric: {median, min, max}}}} over the seeds' report rows, for every numeric metric (a metric
-    that is null for some seeds, like a profit factor without a losing trade, over the others; null if null for all)."""
+    """{market: {policy: {metric: {median, min, max}}}} over the report's rows (every fold x seed), for every numeric
+    metric (a metric that is null for some runs, like a profit factor without a losing trade, over the others; null if
+    null for all)."""
     out = {}
     for market in markets:
         out[market] = {}
@@ -1794,16 +1983,25 @@ def over_seeds(rows: list, markets: list) -> dict:
     return out
 
 
-def random_runs_report(backtest, random, data: MarketData, info: dict, env_params: EnvParams, num_runs: int,
-                       seed: int) -> dict:
-    """{market: [(metrics, per-session returns) of each run]} of `num_runs` random policies played in one vmapped
-    backtest of the split (their keys split from PRNGKey(seed)); only what the statistics need leaves the device."""
+@functools.lru_cache(maxsize=None)
+def random_runs_player(play, random):
+    """The random policy `random` played once per key by a `make_split_backtest` program, vmapped over the keys: one
+    compiled program for every fold's split."""
 
-    def play(key):
-        out = backtest((random,), (None,), key)[0]
+    def play_random(key, data):
+        out = play((random,), (None,), key, data)[0]
         return {k: out[k] for k in ("t", "live", "equity")}
 
-    outs = jax.tree.map(np.asarray, jax.jit(jax.vmap(play))(jax.random.split(jax.random.PRNGKey(seed), num_runs)))
+    return jax.jit(jax.vmap(play_random, in_axes=(0, None)))
+
+
+def random_runs_report(play, random, data: MarketData, info: dict, env_params: EnvParams, num_runs: int,
+                       seed: int) -> dict:
+    """{market: [(metrics, per-session returns, equity of the live bars) of each run]} of `num_runs` random policies
+    played in one vmapped backtest (`play`, a `make_split_backtest` program) of the split `data` (their keys split from
+    PRNGKey(seed)); only what the statistics and the plot need leaves the device."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), num_runs)
+    outs = jax.tree.map(np.asarray, random_runs_player(play, random)(keys, data))
     runs = {}
     for m, market in enumerate(info["markets"]):
         session_id, runs[market] = session_ids(data, m), []
@@ -1811,8 +2009,16 @@ def random_runs_report(backtest, random, data: MarketData, info: dict, env_param
             live = outs["live"][r, m]
             equity, day = outs["equity"][r, m][live], session_id[outs["t"][r, m][live]]
             runs[market].append((period_metrics(equity, day, env_params.initial_balance),
-                                 session_returns(equity, day, env_params.initial_balance)))
+                                 session_returns(equity, day, env_params.initial_balance), equity))
     return runs
+
+
+class FoldRuns(NamedTuple):
+    """What one walk-forward fold's split gave: the report rows and live outputs of its seeds and its random runs."""
+
+    rows: list  # one report row per seed
+    raws: list  # per seed {policy: {market: live outputs with session_returns}}
+    random_runs: dict  # {market: [(metrics, per-session returns, equity) of each random run]}
 
 
 # the report's summary: the trained policy's two ways of acting, and the baselines it is compared with
@@ -1820,13 +2026,14 @@ TRAINED_POLICIES = ("policy", "sampled")
 BASELINES = {"random": "random", "buy_and_hold": "buy-and-hold"}  # report name: name in the verdict
 CI_METRICS = ("total_return", "annualised_return", "sharpe")
 SUMMARY_ABOUT = (  # the report's summary_about: what its summary holds, and why a field can be null
-    "over folds x runs (one fold: the single train/validation/test split). random: the --random-runs random policies; "
-    "policy, sampled, buy_and_hold: one run per seed. {value, ci}: the statistic over all runs, ci its 95% percentile "
-    f"bootstrap interval (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, runs resampled within folds). null "
-    "where undefined: a ci from a single run per fold, a std of one run, a Sharpe ratio of constant returns, a deflated "
-    "Sharpe without the variance of the trials' Sharpe ratios. probability_of_improvement: P(this policy's total return "
-    "> the other's), ties 1/2, over all pairs of runs of a fold, averaged over folds. probabilistic_sharpe (against 0) "
-    "and deflated_sharpe: of each run's per-session returns, the median over runs (per_run: each run's); num_trials = "
+    "over folds x runs (one fold: the single train/validation/test split). random: the --random-runs random policies of "
+    "each fold; policy, sampled, buy_and_hold: one run per seed and fold. {value, ci}: the statistic over all runs, ci "
+    f"its 95% percentile bootstrap interval (scipy.stats.bootstrap, {BOOTSTRAP_RESAMPLES} resamples, runs resampled "
+    "within folds). null where undefined: a ci from a single run per fold, a std of one run, a Sharpe ratio of constant "
+    "returns, a deflated Sharpe without the variance of the trials' Sharpe ratios. probability_of_improvement: P(this "
+    "policy's total return > the other's), ties 1/2, over all pairs of runs of a fold, averaged over folds. "
+    "probabilistic_sharpe (against 0) and deflated_sharpe: of each run's per-session returns stitched over the folds "
+    "(seed k's fold tests in order; random run r's likewise), the median over runs (per_run: each run's); num_trials = "
     "folds x seeds x --trials for the trained policy, 1 for a baseline (nothing was selected). percentile_among_random: "
     "each run's total return among the random runs of its fold, ties half. improvement_over_markets: P(improvement) "
     "with a task per market and fold, averaged over them. Verdict rules: README.md")
@@ -1838,16 +2045,19 @@ class MarketRuns(NamedTuple):
     session_returns: dict  # {policy: [per-session returns of each run]} (folds stitched, per run)
 
 
-def market_runs(rows: list, seed_raws: list, random_runs: list, market: str) -> MarketRuns:
-    """The runs of one market: `rows`/`seed_raws` each seed's report rows and live outputs, `random_runs` this market's
-    (metrics, per-session returns) of the random runs. One fold today (the single split): a walk-forward fold axis makes
-    the [folds, runs] arrays longer."""
+def market_runs(fold_runs: list, market: str) -> MarketRuns:
+    """The runs of one market over the walk-forward folds (`fold_runs`, FoldRuns in fold order): [folds, runs] metric
+    arrays, and each run's per-session returns stitched over the folds (seed k's over its folds; the r-th random run
+    of every fold)."""
     per_seed = ("policy", "sampled", "buy_and_hold")
-    metrics = {name: {metric: np.array([[row[market][name][metric] for row in rows]]) for metric in CI_METRICS}
-               for name in per_seed}
-    metrics["random"] = {metric: np.array([[run_metrics[metric] for run_metrics, _ in random_runs]]) for metric in CI_METRICS}
-    returns = {name: [raws[name][market]["session_returns"] for raws in seed_raws] for name in per_seed}
-    returns["random"] = [rets for _, rets in random_runs]
+    metrics = {name: {metric: np.array([[row[market][name][metric] for row in fold.rows] for fold in fold_runs])
+                      for metric in CI_METRICS} for name in per_seed}
+    metrics["random"] = {metric: np.array([[run[0][metric] for run in fold.random_runs[market]] for fold in fold_runs])
+                         for metric in CI_METRICS}
+    returns = {name: [np.concatenate(runs) for runs in zip(*[[raws[name][market]["session_returns"] for raws in fold.raws]
+                                                              for fold in fold_runs])] for name in per_seed}
+    returns["random"] = [np.concatenate(runs) for runs in zip(*[[run[1] for run in fold.random_runs[market]]
+                                                                for fold in fold_runs])]
     return MarketRuns(metrics, returns)
 
 
@@ -1881,31 +2091,54 @@ def market_summary(runs: MarketRuns, num_seeds: int, trials: int) -> tuple[dict,
     return summary, verdict(improvements, summary["policy"]["deflated_sharpe"], summary["policy"]["runs"], num_trials)
 
 
-def evaluate(args: Args, network, seeds: list, datasets, info, env_params, run_dir: Path, split: str, extra: dict) -> dict:
+def fold_periods(info: dict, fold_indices: list) -> list:
+    """Each walk-forward fold's train, validation and test periods per market (the times of their first and last bars)."""
+    def stamp(m: int, i: int) -> str:
+        return str(np.datetime64(int(info["timestamps"][m][i]), "ns"))
+
+    return [{"fold": fold, **{market: {split: {"start": stamp(m, lo), "end": stamp(m, hi - 1)}
+                                       for split, (lo, hi) in info["folds"][fold][m].items()}
+                              for m, market in enumerate(info["markets"])}} for fold in fold_indices]
+
+
+def evaluate(args: Args, network, fold_seeds: list, info: dict, env_params: EnvParams, run_dir: Path, split: str,
+             extra: dict, fold_stats: Optional[dict] = None) -> dict:
     """Backtests each seed's policy (greedy, and sampling its actions), a random legal policy and buy-and-hold on a
-    split, seed k with the random key of --seed SEED+k; `seeds` = [(seed index, params, obs normaliser, checkpoint)].
-    Plays --random-runs random policies in one vmapped backtest and summarises every policy over the runs (`summary`,
-    `verdict` per market). Writes the report files (trades and the selection are the greedy policy's) with `extra`."""
-    data = datasets[split]
-    backtest = make_backtest(env_params, data)
+    split of each walk-forward fold, seed k with the random key of --seed SEED+k; `fold_seeds` = [(fold, [(seed index,
+    params, obs normaliser, checkpoint)])], `fold_stats` {fold: the feature statistics its policies were trained with}
+    (default: the fold's training split's). Plays --random-runs random policies in one vmapped backtest per fold (keys
+    of --seed + fold) and summarises every policy over folds x runs (`summary`, `verdict` per market). Every fold plays
+    the same compiled backtests. Writes the report files (trades and the selection are the greedy policy's) with
+    `extra`."""
+    played = [(fold, seeds, *fold_data(info, fold, (fold_stats or {}).get(fold))) for fold, seeds in fold_seeds]
+    play = make_split_backtest(env_params, backtest_steps(env_params, [b[split] for fold, _ in fold_seeds
+                                                                       for b in info["folds"][fold]]))
     random = random_target_policy if args.action_space == "continuous" else random_policy
-    rows, seed_raws = [], []
-    for seed_index, params, norm, checkpoint in seeds:
-        policies = {"policy": (greedy_policy(network), (params, norm)), "sampled": (sampled_policy(network), (params, norm)),
-                    "random": (random, None)}
-        markets, raws = backtest_report(backtest, data, info, split, env_params, policies, args.seed + seed_index)
-        rows.append(dict(seed=seed_index, prng_seed=args.seed + seed_index, checkpoint=str(checkpoint), **markets))
-        seed_raws.append(raws)
-    random_runs = random_runs_report(backtest, random, data, info, env_params, args.random_runs, args.seed)
-    runs = {market: market_runs(rows, seed_raws, random_runs[market], market) for market in info["markets"]}
-    summaries = {market: market_summary(runs[market], len(rows), args.trials) for market in info["markets"]}
+    rows, fold_runs = [], []
+    for fold, seeds, datasets, fold_info in played:
+        data = datasets[split]
+        backtest = bind_split(play, data)
+        fold_rows, fold_raws = [], []
+        for seed_index, params, norm, checkpoint in seeds:
+            policies = {"policy": (greedy_policy(network), (params, norm)),
+                        "sampled": (sampled_policy(network), (params, norm)), "random": (random, None)}
+            markets, raws = backtest_report(backtest, data, fold_info, split, env_params, policies, args.seed + seed_index)
+            fold_rows.append(dict(fold=fold, seed=seed_index, prng_seed=args.seed + seed_index, checkpoint=str(checkpoint),
+                                  **markets))
+            fold_raws.append(raws)
+        random_runs = random_runs_report(play, random, data, fold_info, env_params, args.random_runs, args.seed + fold)
+        fold_runs.append(FoldRuns(fold_rows, fold_raws, random_runs))
+        rows += fold_rows
+    runs = {market: market_runs(fold_runs, market) for market in info["markets"]}
+    summaries = {market: market_summary(runs[market], len(fold_seeds[0][1]), args.trials) for market in info["markets"]}
     report = dict(split=split, annualisation="per-session returns (equity at each session's last bar), 252 sessions a year",
-                  initial_balance=env_params.initial_balance, **extra, seeds=rows,
+                  initial_balance=env_params.initial_balance, **extra,
+                  folds=fold_periods(info, [fold for fold, _ in fold_seeds]), seeds=rows,
                   over_seeds=over_seeds(rows, info["markets"]), random_runs=args.random_runs, trials=args.trials,
                   summary_about=SUMMARY_ABOUT, summary={market: summary for market, (summary, _) in summaries.items()},
                   verdict={market: sentence for market, (_, sentence) in summaries.items()},
                   improvement_over_markets=improvement_over_markets(list(runs.values())))
-    write_backtest_outputs(run_dir, report, seed_raws, info)
+    write_backtest_outputs(run_dir, report, fold_runs, info, fold_column=args.walk_forward > 1)
     return report
 
 
@@ -1953,9 +2186,9 @@ def refuse_non_empty(run_dir: Path, how: str) -> None:
 class RunSetup(NamedTuple):
     args: Args  # the configuration that runs (a resumed or evaluated run's saved flags, with what the command line may change)
     run_dir: Path
-    feature_stats: Optional[tuple]  # --eval-only: the training split's feature statistics stored in the policy
+    fold_stats: Optional[dict]  # --eval-only: {fold: its training split's feature statistics stored in its policies}
     overrides: dict  # --eval-only: the policy's values the command line replaced
-    policy_files: tuple = ()  # --eval-only: (seed index, policy file) of each seed it plays
+    policy_files: tuple = ()  # --eval-only: (walk-forward fold, seed index, policy file) of each policy it plays
 
 
 def resume_setup(args: Args) -> RunSetup:
@@ -1978,7 +2211,7 @@ def eval_only_setup(args: Args) -> RunSetup:
     """--eval-only: the policy's own window, network, env rules, splits, seed, random runs and trials, with the costs,
     rules, splits, seed, random runs and trials given on the command line instead; its own output folder
     (runs/NAME/eval_<split>_<data>/ inside a run folder --checkpoint, beside a policy file --checkpoint, by default). A
-    run folder plays every seed's best.msgpack."""
+    run folder plays every fold's and seed's best.msgpack, each on its own fold's split."""
     if not args.checkpoint:
         raise DataError("--eval-only needs --checkpoint PATH. Fix: pass a run folder runs/NAME or a policy file "
                         "runs/NAME/seed0/best.msgpack")
@@ -1988,9 +2221,16 @@ def eval_only_setup(args: Args) -> RunSetup:
         raise DataError(f"{flag(ignored[0])} does not apply to --eval-only (the policy's own value is used). Fix: drop "
                         f"{' '.join(flag(n) for n in ignored)}")
     checkpoint = Path(args.checkpoint)
-    files = run_policy_files(checkpoint, "--checkpoint") if checkpoint.is_dir() else [checkpoint]
-    saved, feature_stats, seed_index = policy_config(str(files[0]))
-    policy_files = tuple(enumerate(files)) if checkpoint.is_dir() else ((seed_index, checkpoint),)
+    if checkpoint.is_dir():
+        policy_files = tuple((fold, k, path) for fold, files in enumerate(run_policy_files(checkpoint, "--checkpoint"))
+                             for k, path in enumerate(files))
+    else:
+        payload = read_policy(str(checkpoint))
+        policy_files = ((payload["fold"], payload["seed_index"], checkpoint),)
+    fold_stats = {}
+    for fold, _, path in policy_files:  # a fold's seeds share its training split's statistics
+        fold_stats.setdefault(fold, read_policy(str(path))["feature_stats"])
+    saved = read_policy(str(policy_files[0][2]))["config"]
     overrides = {name: getattr(args, name) for name in given if name in EVAL_OVERRIDES}
     # from the command line: what to play (the policy's own data and seed unless given), where, the overrides
     from_policy = ("data", "seed", "random_runs", "trials")
@@ -2002,7 +2242,7 @@ def eval_only_setup(args: Args) -> RunSetup:
     default_dir = checkpoint / eval_name if checkpoint.is_dir() else checkpoint.parent / eval_name
     run_dir = default_dir if args.run_name is None else Path(args.out_dir) / args.run_name
     refuse_non_empty(run_dir, "or delete that folder")
-    return RunSetup(args, run_dir, feature_stats, overrides, policy_files)
+    return RunSetup(args, run_dir, fold_stats, overrides, policy_files)
 
 
 def new_run_setup(args: Args) -> RunSetup:
@@ -2016,17 +2256,26 @@ def new_run_setup(args: Args) -> RunSetup:
 
 
 def run_eval_only(setup: RunSetup) -> dict:
-    """Backtests the policy (or every seed's policy) of --checkpoint on --eval-split into its own folder."""
+    """Backtests the policy (or every fold's and seed's policy) of --checkpoint on --eval-split of its walk-forward fold
+    into its own folder."""
     args = setup.args
-    datasets, info = load_data(args, setup.feature_stats)
+    folds = sorted(setup.fold_stats)
+    datasets, info = load_data(args, setup.fold_stats[folds[0]])
+    if folds[-1] >= len(info["folds"]):
+        raise DataError(f"{args.checkpoint}: a policy of walk-forward fold {folds[-1]}, the data and flags give "
+                        f"{len(info['folds'])} fold(s). Fix: evaluate with the run's own --walk-forward and split flags")
     obs_dim = obs_size(args.window, datasets["train"].features.shape[-1], args.phase)
-    seeds = []
-    for seed_index, path in setup.policy_files:
-        network, params, norm, _ = load_policy(str(path), args, obs_dim)
-        seeds.append((seed_index, params, norm, path))
+    fold_seeds = []
+    for fold in folds:
+        seeds = []
+        for file_fold, seed_index, path in setup.policy_files:
+            if file_fold == fold:
+                network, params, norm, _ = load_policy(str(path), args, obs_dim)
+                seeds.append((seed_index, params, norm, path))
+        fold_seeds.append((fold, seeds))
     setup.run_dir.mkdir(parents=True, exist_ok=True)
-    report = evaluate(args, network, seeds, datasets, info, env_params_from_args(args), setup.run_dir, args.eval_split,
-                      extra={"checkpoint": str(args.checkpoint), "overrides": setup.overrides})
+    report = evaluate(args, network, fold_seeds, info, env_params_from_args(args), setup.run_dir, args.eval_split,
+                      extra={"checkpoint": str(args.checkpoint), "overrides": setup.overrides}, fold_stats=setup.fold_stats)
     print(summary_table(report))
     if setup.overrides:
         print("overrides of the policy's values: " + " ".join(f"{flag(k)} {v}" for k, v in setup.overrides.items()))
@@ -2035,43 +2284,44 @@ def run_eval_only(setup: RunSetup) -> dict:
 
 
 class Trainer(NamedTuple):
-    """What the chunk loop needs, built once per run."""
+    """What the chunk loop needs, built once per walk-forward fold (the compiled chunk is the run's)."""
 
-    compiled: object  # the jitted, compiled chunk: runner -> (runner, metrics)
+    compiled: object  # the jitted, compiled chunk: (runner, train data) -> (runner, metrics)
     network: ActorCritic
     num_chunks: int
     steps_per_chunk: int  # env steps of one chunk, all seeds
-    checkpoint: Path
+    checkpoint: Path  # the fold's
+    train_data: MarketData  # the fold's training split, a copy on every device
 
 
-def build_trainer(args: Args, run_dir: Path, env_params: EnvParams, train_data: MarketData, mesh: Mesh, transfers: list):
-    """Compiles the chunk and builds (or restores, with --resume) the runner state; returns (Trainer, runner, extra).
-    `transfers`: per seed, the phase 1 (params, obs normaliser) it starts from, or None."""
-    t0 = time.time()
-    init, train_chunk, num_updates, network = make_train(args, env_params, train_data, mesh)
+def start_fold(args: Args, fold_path: Path, fold: int, init, train_data: MarketData, mesh: Mesh, transfers: list):
+    """The seed-stacked runner state of one fold (`init` jitted, `train_data` the fold's training split as loaded,
+    `transfers` per seed the phase 1 (params, obs normaliser) it starts from, or None), placed on the mesh: new, or
+    restored from the fold's checkpoint on --resume (a later fold that had not started yet starts new; fold 0 always
+    has one); returns (runner, checkpoint bookkeeping)."""
     rngs = jax.vmap(jax.random.PRNGKey)(jnp.arange(args.num_seeds) + args.seed)
     # one init per seed, stacked: vmapping flax's orthogonal initialisers (batched QR) can deadlock XLA:CPU's thread pool
-    init_one = jax.jit(init)
-    runner = jax.tree.map(lambda *x: jnp.stack(x), *[init_one(key, transfer) for key, transfer in zip(rngs, transfers)])
+    runner = jax.tree.map(lambda *x: jnp.stack(x), *[init(key, transfer, train_data)
+                                                     for key, transfer in zip(rngs, transfers)])
+    ckpt = fold_path / "checkpoint.msgpack"
+    extra = {"chunk": 0, "best_val": [-1e30] * args.num_seeds, "elapsed": 0.0}
+    resumed = bool(args.resume) and (ckpt.is_file() or fold == 0)
+    if resumed:
+        runner, extra = load_checkpoint(ckpt, runner)
+    runner = place(runner, runner_shardings(runner, mesh))
+    if not resumed:
+        save_checkpoint(ckpt, runner, extra)  # the state before training: a NaN in the first chunk leaves a good checkpoint
+    return runner, extra
+
+
+def compile_chunk(train_chunk, runner, train_data: MarketData, mesh: Mesh):
+    """The chunk vmapped over seeds, compiled once for the run: every walk-forward fold's training split plays it."""
     shardings = runner_shardings(runner, mesh)
     # vmap over seeds; spmd_axis_name puts the seed axis on the mesh's "seed" devices inside the chunk too
-    chunk_fn = jax.jit(jax.vmap(train_chunk, spmd_axis_name="seed"), in_shardings=(shardings,),
+    chunk_fn = jax.jit(jax.vmap(train_chunk, in_axes=(0, None), spmd_axis_name="seed"),
+                       in_shardings=(shardings, NamedSharding(mesh, P())),
                        out_shardings=(shardings, NamedSharding(mesh, P("seed"))))
-    ckpt = run_dir / "checkpoint.msgpack"
-    extra = {"chunk": 0, "best_val": [-1e30] * args.num_seeds, "elapsed": 0.0}
-    if args.resume:
-        runner, extra = load_checkpoint(ckpt, runner)
-    runner = place(runner, shardings)
-    if not args.resume:
-        save_checkpoint(ckpt, runner, extra)  # the state before training: a NaN in the first chunk leaves a good checkpoint
-    compiled = chunk_fn.lower(runner).compile()
-    num_chunks = num_updates // args.chunk_updates
-    print(f"run {run_dir}  updates {num_updates}  chunks {num_chunks}  env steps "
-          f"{num_updates * args.num_envs * args.num_steps:,} per seed  "
-          f"devices {mesh.devices.size} ({mesh.shape['seed']} seed x {mesh.shape['env']} env, "
-          f"{jax.process_count()} process(es))  compile {time.time() - t0:.1f}s", flush=True)
-    steps_per_chunk = args.chunk_updates * args.num_envs * args.num_steps * args.num_seeds
-    return Trainer(compiled, network, num_chunks, steps_per_chunk, ckpt), runner, extra
+    return chunk_fn.lower(runner, train_data).compile()
 
 
 SEED_TAGS = ("episodic_return", "episodic_length", "policy_loss", "value_loss", "entropy", "val_return")  # seeds/<tag>/seed<k>
@@ -2144,16 +2394,17 @@ def diverged_seeds(metrics: dict) -> list[int]:
     return [int(k) for k in np.flatnonzero(~finite)]
 
 
-def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dict, validate,
-                 markets: list) -> tuple[str, object, dict]:
-    """The chunk loop: train, log, validate every --eval-every chunks (each seed's best.msgpack by its validation
-    return), checkpoint; stops early on NaN/inf losses in any seed, --stop-after or Ctrl-C. Returns (status, runner,
-    extra)."""
+def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dict, validate, markets: list,
+                 resume_dir: Path) -> tuple[str, object, dict]:
+    """The chunk loop of one walk-forward fold (its folder `run_dir`: logs): train, log, validate every --eval-every
+    chunks (each seed's best.msgpack by its validation return), checkpoint; stops early on NaN/inf losses in any seed,
+    --stop-after (chunks of this fold) or Ctrl-C, naming `resume_dir` (the run folder) to continue. Returns (status,
+    runner, extra)."""
     from tensorboardX import SummaryWriter
 
     main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
     writer = SummaryWriter(str(run_dir), write_to_disk=main_process)
-    if not args.resume:
+    if extra["chunk"] == 0:
         writer.add_text("hyperparameters", hparam_table(args))
     metrics_file = open(run_dir / "metrics.jsonl" if main_process else os.devnull, "a")
     interrupted = {"flag": False}
@@ -2163,7 +2414,7 @@ def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dic
     try:
         for chunk in range(start_chunk, trainer.num_chunks):
             tc = time.time()
-            new_runner, metrics = trainer.compiled(runner)
+            new_runner, metrics = trainer.compiled(runner, trainer.train_data)
             metrics = fetch(metrics)  # [seeds, chunk_updates]
             diverged = diverged_seeds(metrics)
             if diverged:
@@ -2196,7 +2447,7 @@ def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dic
             if interrupted["flag"] or (args.stop_after is not None and chunk + 1 - start_chunk >= args.stop_after):
                 status = "stopped"
                 print(f"stopped after chunk {chunk + 1}; checkpoint saved. Continue with: python ppo_trader.py --resume "
-                      f"{run_dir}", flush=True)
+                      f"{resume_dir}", flush=True)
                 break
     finally:
         signal.signal(signal.SIGINT, old_handler)
@@ -2205,9 +2456,31 @@ def train_chunks(args: Args, run_dir: Path, trainer: Trainer, runner, extra: dic
     return status, runner, extra
 
 
+def fold_text(info: dict, fold: int) -> str:
+    """A walk-forward fold's periods (of its first market), for the progress output."""
+    ts, bounds = info["timestamps"][0], info["folds"][fold][0]
+    day = lambda i: str(np.datetime64(int(ts[i]), "ns").astype("datetime64[m]"))  # noqa: E731
+    return (f"fold {fold}/{len(info['folds'])} ({info['markets'][0]}): "
+            + ", ".join(f"{name} {day(lo)}..{day(hi - 1)}" for name, (lo, hi) in bounds.items()))
+
+
+def fold_policies(args: Args, fold_path: Path, runner, info: dict, obs_dim: int) -> list:
+    """At the end of a fold's training: every seed's final.msgpack; returns what the test backtests play, per seed
+    (seed index, its best.msgpack's params and obs normaliser, the file)."""
+    policies = seed_policies(runner)
+    for seed_index, (params, norm) in enumerate(policies):
+        save_policy(policy_file(fold_path, seed_index, "final"), params, norm, args, info, seed_index)
+    if jax.process_index() == 0:
+        policies = [load_policy(str(policy_file(fold_path, k, "best")), args, obs_dim)[1:3] for k in range(args.num_seeds)]
+    if jax.process_count() > 1:  # process 0's best policies to every process: all play the test split, process 0 writes
+        policies = multihost_utils.broadcast_one_to_all(policies)
+    return [(k, params, norm, policy_file(fold_path, k, "best")) for k, (params, norm) in enumerate(policies)]
+
+
 def train_and_report(args: Args) -> dict:
-    """The whole job: resolve the run (new, --resume or --eval-only), load data, train in chunks, backtest every seed's
-    best.msgpack on the test split."""
+    """The whole job: resolve the run (new, --resume or --eval-only), load data; per walk-forward fold (one by default)
+    train every seed in chunks with the one compiled chunk (validation on the fold's validation block); backtest each
+    fold's and seed's best.msgpack on the fold's test block."""
     setup = resume_setup(args) if args.resume else eval_only_setup(args) if args.eval_only else new_run_setup(args)
     if args.eval_only:
         return run_eval_only(setup)
@@ -2215,43 +2488,61 @@ def train_and_report(args: Args) -> dict:
     mesh = make_mesh(args)  # a layout that cannot work fails before anything is written
     datasets, info = load_data(args)
     env_params = env_params_from_args(args)
-    obs_dim = obs_size(args.window, datasets["train"].features.shape[-1], args.phase)
     num_features = datasets["train"].features.shape[-1]
+    obs_dim = obs_size(args.window, num_features, args.phase)
+    num_folds = len(info["folds"])
     use_transfer = args.init_from and not args.resume
-    transfers = init_transfers(args, num_features) if use_transfer else [None] * args.num_seeds
+    transfers = [init_transfers(args, num_features, fold) if use_transfer else [None] * args.num_seeds
+                 for fold in range(num_folds)]
     main_process = jax.process_index() == 0  # multi-host: only process 0 writes files
     run_dir.mkdir(parents=True, exist_ok=True)
-    if main_process:
-        for seed_index in range(args.num_seeds):
-            policy_file(run_dir, seed_index, "best").parent.mkdir(exist_ok=True)
     if not args.resume and main_process:
         (run_dir / "config.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    train_data = place(datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
-    trainer, runner, extra = build_trainer(args, run_dir, env_params, train_data, mesh, transfers)
-    val_backtest = make_backtest(env_params, datasets["val"])
+    init, train_chunk, num_updates, network = make_train(args, env_params, datasets["train"], mesh)
+    init = jax.jit(init)
+    # every fold's validation block plays one compiled backtest
+    val_play = make_split_backtest(env_params, backtest_steps(env_params, [b["val"] for bounds in info["folds"]
+                                                                          for b in bounds]))
+    compiled, fold_seeds = None, []
+    for fold in range(num_folds):
+        fold_datasets, fold_info = (datasets, info) if fold == 0 else fold_data(info, fold)
+        fold_path = fold_dir(run_dir, fold, num_folds)
+        if main_process:
+            for seed_index in range(args.num_seeds):
+                policy_file(fold_path, seed_index, "best").parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        runner, extra = start_fold(args, fold_path, fold, init, fold_datasets["train"], mesh, transfers[fold])
+        train_data = place(fold_datasets["train"], NamedSharding(mesh, P()))  # market data: a copy on every device
+        if compiled is None:
+            compiled = compile_chunk(train_chunk, runner, train_data, mesh)
+            print(f"run {run_dir}  updates {num_updates}  chunks {num_updates // args.chunk_updates}  env steps "
+                  f"{num_updates * args.num_envs * args.num_steps:,} per seed"
+                  + (f"  walk-forward folds {num_folds}" if num_folds > 1 else "")
+                  + f"  devices {mesh.devices.size} ({mesh.shape['seed']} seed x {mesh.shape['env']} env, "
+                  f"{jax.process_count()} process(es))  compile {time.time() - started:.1f}s", flush=True)
+        if num_folds > 1:
+            print(fold_text(info, fold), flush=True)
+        trainer = Trainer(compiled, network, num_updates // args.chunk_updates,
+                          args.chunk_updates * args.num_envs * args.num_steps * args.num_seeds,
+                          fold_path / "checkpoint.msgpack", train_data)
+        val_backtest = bind_split(val_play, fold_datasets["val"])
 
-    def validate(runner, best_val: list) -> list:
-        """Each seed's greedy validation return; a seed's new best is saved as its seed<k>/best.msgpack."""
-        val_returns = []
-        for seed_index, (params, norm) in enumerate(seed_policies(runner)):
-            val_returns.append(validation_return(args, trainer.network, params, norm, env_params, val_backtest, seed_index))
-            if val_returns[-1] > best_val[seed_index]:
-                save_policy(policy_file(run_dir, seed_index, "best"), params, norm, args, info, seed_index)
-        return val_returns
+        def validate(runner, best_val: list, fold_path=fold_path, fold_info=fold_info, val_backtest=val_backtest) -> list:
+            """Each seed's greedy validation return; a seed's new best is saved as its seed<k>/best.msgpack."""
+            val_returns = []
+            for seed_index, (params, norm) in enumerate(seed_policies(runner)):
+                val_returns.append(validation_return(args, network, params, norm, env_params, val_backtest, seed_index))
+                if val_returns[-1] > best_val[seed_index]:
+                    save_policy(policy_file(fold_path, seed_index, "best"), params, norm, args, fold_info, seed_index)
+            return val_returns
 
-    status, runner, extra = train_chunks(args, run_dir, trainer, runner, extra, validate, info["markets"])
-    if status != "done":
-        return {"status": status, "run_dir": str(run_dir)}
-    print(f"validation backtests: {extra.get('val_seconds', 0.0):.1f}s of {extra['elapsed']:.1f}s of training", flush=True)
-    policies = seed_policies(runner)
-    for seed_index, (params, norm) in enumerate(policies):
-        save_policy(policy_file(run_dir, seed_index, "final"), params, norm, args, info, seed_index)
-    if main_process:
-        policies = [load_policy(str(policy_file(run_dir, k, "best")), args, obs_dim)[1:3] for k in range(args.num_seeds)]
-    if jax.process_count() > 1:  # process 0's best policies to every process: all play the test split, process 0 writes
-        policies = multihost_utils.broadcast_one_to_all(policies)
-    seeds = [(k, params, norm, policy_file(run_dir, k, "best")) for k, (params, norm) in enumerate(policies)]
-    report = evaluate(args, trainer.network, seeds, datasets, info, env_params, run_dir, "test",
+        status, runner, extra = train_chunks(args, fold_path, trainer, runner, extra, validate, info["markets"], run_dir)
+        if status != "done":
+            return {"status": status, "run_dir": str(run_dir)}
+        print(f"validation backtests: {extra.get('val_seconds', 0.0):.1f}s of {extra['elapsed']:.1f}s of training",
+              flush=True)
+        fold_seeds.append((fold, fold_policies(args, fold_path, runner, fold_info, obs_dim)))
+    report = evaluate(args, network, fold_seeds, info, env_params, run_dir, "test",
                       extra={"selected_by": "best validation return of each seed (seed<k>/best.msgpack)"})
     print(summary_table(report))
     print(verdict_lines(report))
@@ -2264,7 +2555,7 @@ SUMMARY_POLICIES = ("policy", "sampled", "random", "buy_and_hold")
 
 def table_line(label: str, values) -> str:
     """One line of the summary table: a label, then each value (or column name) right-aligned in 14 characters."""
-    return f"{label:<36}" + "".join(f"{value:>14.4g}" if not isinstance(value, str) else f"{value:>14}" for value in values)
+    return f"{label:<44}" + "".join(f"{value:>14.4g}" if not isinstance(value, str) else f"{value:>14}" for value in values)
 
 
 def verdict_lines(report: dict) -> str:
@@ -2274,15 +2565,18 @@ def verdict_lines(report: dict) -> str:
 
 
 def summary_table(report: dict) -> str:
-    """A short view of a report: per market, a line per seed and policy (total return, Sharpe, max drawdown, trades)
-    and a line per policy with the median over the seeds."""
+    """A short view of a report: per market, a line per (walk-forward fold and) seed and policy (total return, Sharpe,
+    max drawdown, trades) and a line per policy with the median over the runs."""
     lines = []
+    several_folds = len(report["folds"]) > 1
+    over = "folds x seeds" if several_folds else "seeds"
     for market, by_policy in report["over_seeds"].items():
         lines.append(table_line(f"{report['split']} split, {market}", SUMMARY_METRICS))
         for row in report["seeds"]:
-            lines += [table_line(f"  seed {row['seed']} {name}", [row[market][name][metric] for metric in SUMMARY_METRICS])
+            run = f"fold {row['fold']} seed {row['seed']}" if several_folds else f"seed {row['seed']}"
+            lines += [table_line(f"  {run} {name}", [row[market][name][metric] for metric in SUMMARY_METRICS])
                       for name in SUMMARY_POLICIES]
-        lines += [table_line(f"  median over seeds {name}",
+        lines += [table_line(f"  median over {over} {name}",
                              [by_policy[name][metric]["median"] for metric in SUMMARY_METRICS]) for name in SUMMARY_POLICIES]
     return "\n".join(lines)
 
@@ -2306,7 +2600,7 @@ def parse_args(argv) -> Args:
 def check_args(args: Args) -> None:
     """Flag combinations that cannot work, caught before any compilation."""
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "num_seeds", "window", "episode_bars",
-                 "chunk_updates", "eval_every", "hidden", "contracts", "random_runs", "trials"):
+                 "chunk_updates", "eval_every", "hidden", "contracts", "random_runs", "trials", "walk_forward"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)}). Fix: pass a positive value")
     if (args.num_envs * args.num_steps) % args.num_minibatches:
@@ -2336,6 +2630,9 @@ def check_args(args: Args) -> None:
     if args.action_space == "continuous" and args.phase != 1:
         raise DataError("--action-space continuous sets the position directly; it has no phase 2 (break-even, trailing). "
                         "Fix: drop --phase 2 or use --action-space discrete")
+    if args.walk_forward_train_bars is not None and (args.walk_forward == 1 or args.walk_forward_train_bars < 1):
+        raise DataError(f"--walk-forward-train-bars {args.walk_forward_train_bars} needs --walk-forward 2 or more and a "
+                        "value >= 1. Fix: pass --walk-forward K, or drop --walk-forward-train-bars")
     if args.eval_split not in ("train", "val", "test"):
         raise DataError(f"--eval-split '{args.eval_split}' is not train, val or test. Fix: pick one of them")
 
