@@ -165,7 +165,9 @@ def test_per_market_metrics_add_up_to_the_totals(two_market_run):
         assert {"policy", "random", "buy_and_hold"} <= set(report["seeds"][0][market])
         assert set(report["over_seeds"][market]) == {"policy", "sampled", "random", "buy_and_hold"}
         assert set(report["summary"][market]) == {"policy", "sampled", "random", "buy_and_hold"}
-        assert "edge over random" in report["verdict"][market]
+        # one tiny seed: fewer runs than an edge needs, so no edge is claimed in either market's sentence
+        assert report["verdict"][market].startswith("no evidence of an edge over random") and \
+            "fewer than the 5" in report["verdict"][market]
     # P(improvement) over the markets: a task per market (one fold), so the mean of the markets' own
     for name in ("policy", "sampled"):
         for other in ("random", "buy_and_hold"):
