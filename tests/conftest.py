@@ -37,6 +37,27 @@ def tiny_run_dir(tmp_path_factory, script: str, flags: list) -> tuple:
     return out / "tiny", r
 
 
+def synthetic_verdict(tmp_path: Path, generator: list, script: str, flags: list) -> str:
+    """The verdict of `script` trained with `flags` on the synthetic data data_prep's `generator` arguments write
+    (its first market's sentence for ppo_trader, which gives one per market), after checking it came from 5 runs."""
+    import json
+
+    import data_prep
+
+    data = tmp_path / "syn.npz"
+    assert data_prep.main([generator[0], "--out", str(data), *generator[1:]]) == 0
+    r = run_script(script, "--data", data, *flags, "--out-dir", tmp_path, "--run-name", "verdict")
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "verdict" / "report.json").read_text())
+    verdict, summary = report["verdict"], report["summary"]
+    if isinstance(verdict, dict):  # per market
+        market = next(iter(verdict))
+        verdict, summary = verdict[market], summary[market]
+    assert summary[next(iter(summary))]["runs"] == 5, summary
+    print(f"{generator}: {verdict}")
+    return verdict
+
+
 def assert_run_outputs(run_dir: Path, outputs: tuple = RUN_OUTPUTS) -> list:
     """Every file a training run writes (`outputs`, relative to the run folder) is there; returns the metrics.jsonl rows."""
     import json
