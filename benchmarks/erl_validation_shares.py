@@ -15,30 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import data_prep as dp  # noqa: E402
-import erl_trader as et  # noqa: E402
-from test_erl_learning import DATA, FLAGS, SEEDS, oracle_policy  # noqa: E402
-
-
-def oracle_validation_return(data: Path, flags: list) -> float:
-    """The oracle's best validation return over the learning test's threshold x target grid."""
-    args = et.parse_args(["--data", str(data), *flags])
-    datasets, info = et.load_data(args)
-    backtest = et.make_backtest(et.env_params_from_args(args), et.split_days(info, "val"))
-    policy = oracle_policy(list(info["feature_names"]).index("signal"))
-
-    def validation_return(threshold, target) -> float:
-        policy_args = (datasets["val"], jnp.float32(threshold), jnp.float32(target))
-        return float(np.asarray(backtest(policy, policy_args, jax.random.PRNGKey(0), datasets["val"])["equity"])[-1] - 1)
-
-    return max(validation_return(th, tg) for th in (0.0, 0.5, 1.0) for tg in (0.3, 0.6, 1.0))
+from test_erl_learning import DATA, FLAGS, SEEDS, rule_returns  # noqa: E402
 
 
 def main() -> int:
@@ -57,14 +40,15 @@ def main() -> int:
                *options.flags, "--out-dir", str(options.out), "--run-name", "run"]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - started
-    oracle = oracle_validation_return(data, FLAGS)
+    oracle = rule_returns(data, FLAGS)["oracle"]["val"]  # the best over the threshold x target grid
     best = np.full(SEEDS, -np.inf)
     for line in (options.out / "run" / "metrics.jsonl").read_text().splitlines():
-        seeds = json.loads(line)["seeds"]
+        row = json.loads(line)
+        seeds = row["seeds"]
         if "champion_val_return" in seeds[0]:
             champion, learner = (np.array([s[f"{who}_val_return"] for s in seeds]) / oracle for who in ("champion", "learner"))
             best = np.maximum(best, np.maximum(champion, learner))
-            print(f"generation {json.loads(line)['generation']:3d}: champion {np.round(champion, 2).tolist()}, "
+            print(f"generation {row['generation']:3d}: champion {np.round(champion, 2).tolist()}, "
                   f"learner {np.round(learner, 2).tolist()}")
     print(f"data seed {options.data_seed}, flags {options.flags}: oracle validation return {oracle:+.3f}; best validation "
           f"share per seed {np.round(best, 2).tolist()}, median {np.median(best):.2f}; {wall:.0f} s")

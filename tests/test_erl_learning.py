@@ -57,8 +57,8 @@ GOAL = 0.7  # the learning issue's target: the median champion at 70% of the ora
 
 
 def rule_returns(data, flags: list) -> dict:
-    """Test returns of the oracle and of the observation rule: each rule's threshold and target chosen on the
-    validation split, played once on the test split."""
+    """{rule: {'val', 'test'}} for the oracle and the observation rule: each rule's best validation return over the
+    threshold x target grid, and its test return at that threshold and target (played once on the test split)."""
     args = et.parse_args(["--data", str(data), *flags])
     datasets, info = et.load_data(args)
     env_params = et.env_params_from_args(args)
@@ -73,8 +73,9 @@ def rule_returns(data, flags: list) -> dict:
     grid = [(th, tg) for th in (0.0, 0.5, 1.0) for tg in (0.3, 0.6, 1.0)]
     returns = {}
     for name, policy in (("oracle", oracle_policy(signal)), ("observation_rule", observation_rule_policy(signal))):
-        best = max(grid, key=lambda p: split_return(policy, "val", *p))
-        returns[name] = split_return(policy, "test", *best)
+        val = {point: split_return(policy, "val", *point) for point in grid}
+        best = max(grid, key=val.get)
+        returns[name] = dict(val=val[best], test=split_return(policy, "test", *best))
     return returns
 
 
@@ -93,11 +94,12 @@ def test_erl_learns_the_planted_signal(tmp_path, data_seed):
     report = json.loads((tmp_path / "learn" / "report.json").read_text())
     rows = report["seeds"]
     rules = rule_returns(data, FLAGS)
-    oracle = rules["oracle"]
+    oracle = rules["oracle"]["test"]
     share = {who: np.array([row[who]["total_return"] for row in rows]) / oracle
              for who in ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold")}
-    print(f"data seed {data_seed}: oracle {oracle:+.3f}, observation rule {rules['observation_rule'] / oracle:.2f} of it; "
-          "shares of the oracle per seed", {who: np.round(values, 2).tolist() for who, values in share.items()})
+    observation_share = rules["observation_rule"]["test"] / oracle
+    print(f"data seed {data_seed}: oracle {oracle:+.3f}, observation rule {observation_share:.2f} of it; shares of the "
+          "oracle per seed", {who: np.round(values, 2).tolist() for who, values in share.items()})
 
     assert oracle > 0.5, oracle  # the planted signal is worth trading after costs
     percentile_among_random = np.array(report["summary"]["champion"]["percentile_among_random"]["per_run"])
