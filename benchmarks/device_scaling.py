@@ -19,7 +19,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
-    "ppo_trader.py": ["--num-envs", "256", "--num-steps", "64", "--chunk-updates", "5", "--total-timesteps", str(256 * 64 * 5 * 4), "--eval-every", "100"],
+    "ppo_trader.py": [
+        "--num-envs",
+        "256",
+        "--num-steps",
+        "64",
+        "--chunk-updates",
+        "5",
+        "--total-timesteps",
+        str(256 * 64 * 5 * 4),
+        "--eval-every",
+        "100",
+    ],
     "erl_trader.py": ["--pop-size", "16", "--generations", "4", "--eval-every", "100", "--num-seeds", "1"],
 }
 
@@ -29,8 +40,13 @@ def run(script: str, flags: list, devices: int, fake: bool, out: Path) -> tuple[
     if fake:
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     name = f"{Path(script).stem}_{devices}"
-    r = subprocess.run([sys.executable, script, *flags, "--devices", str(devices), "--out-dir", str(out), "--run-name", name],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, script, *flags, "--devices", str(devices), "--out-dir", str(out), "--run-name", name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(f"{script} on {devices} devices failed: {r.stderr[-2000:]}")
     compile_s = float(r.stdout.split("compile ")[1].split("s")[0])

@@ -36,8 +36,20 @@ def main() -> int:
     data = options.out / "syn.npz"
     assert dp.main(["synthetic-daily", "--out", str(data), *DATA, "--seed", str(options.data_seed)]) == 0
     started = time.time()
-    command = [sys.executable, str(ROOT / "erl_trader.py"), "--data", str(data), *FLAGS, "--num-seeds", str(SEEDS),
-               *options.flags, "--out-dir", str(options.out), "--run-name", "run"]
+    command = [
+        sys.executable,
+        str(ROOT / "erl_trader.py"),
+        "--data",
+        str(data),
+        *FLAGS,
+        "--num-seeds",
+        str(SEEDS),
+        *options.flags,
+        "--out-dir",
+        str(options.out),
+        "--run-name",
+        "run",
+    ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - started
     oracle = rule_returns(data, FLAGS)["oracle"]["val"]  # the best over the threshold x target grid
@@ -48,10 +60,14 @@ def main() -> int:
         if "champion_val_return" in seeds[0]:
             champion, learner = (np.array([s[f"{who}_val_return"] for s in seeds]) / oracle for who in ("champion", "learner"))
             best = np.maximum(best, np.maximum(champion, learner))
-            print(f"generation {row['generation']:3d}: champion {np.round(champion, 2).tolist()}, "
-                  f"learner {np.round(learner, 2).tolist()}")
-    print(f"data seed {options.data_seed}, flags {options.flags}: oracle validation return {oracle:+.3f}; best validation "
-          f"share per seed {np.round(best, 2).tolist()}, median {np.median(best):.2f}; {wall:.0f} s")
+            print(
+                f"generation {row['generation']:3d}: champion {np.round(champion, 2).tolist()}, "
+                f"learner {np.round(learner, 2).tolist()}"
+            )
+    print(
+        f"data seed {options.data_seed}, flags {options.flags}: oracle validation return {oracle:+.3f}; best validation "
+        f"share per seed {np.round(best, 2).tolist()}, median {np.median(best):.2f}; {wall:.0f} s"
+    )
     return 0
 
 

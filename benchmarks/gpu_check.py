@@ -42,8 +42,18 @@ class Step:
 def ppo_flags(envs: int, steps_per_env: int, chunk_updates: int, chunks: int) -> list:
     """PPO sizes with a budget of `chunks` chunks (the first compiles and warms up, the rest are timed), validated once."""
     updates = chunk_updates * chunks
-    return ["--num-envs", str(envs), "--num-steps", str(steps_per_env), "--chunk-updates", str(chunk_updates),
-            "--eval-every", str(updates), "--total-timesteps", str(envs * steps_per_env * updates)]
+    return [
+        "--num-envs",
+        str(envs),
+        "--num-steps",
+        str(steps_per_env),
+        "--chunk-updates",
+        str(chunk_updates),
+        "--eval-every",
+        str(updates),
+        "--total-timesteps",
+        str(envs * steps_per_env * updates),
+    ]
 
 
 def erl_flags(pop: int, generations: int, sizes: dict) -> list:
@@ -52,19 +62,66 @@ def erl_flags(pop: int, generations: int, sizes: dict) -> list:
     return flags + [x for key, value in sizes.items() for x in ("--" + key.replace("_", "-"), str(value))]
 
 
-GPU = dict(ppo_envs=(4096, 16384, 65536), ppo_steps=64, ppo_env_steps_per_chunk=4_194_304, seeds=16, erl_pops=(64, 256),
-           erl_generations=12, erl_sizes=dict(episodes_per_agent=8, rl_updates=256, batch_size=512),
-           # the original system's network (README, "The original architecture") on 108 stocks x 151 days, pop 16
-           original_stocks=108, original_days=2520, original_sizes=dict(
-               window=151, hidden=128, conv_channels=32, attention_heads=8, episodes_per_agent=2, worst_k=1, rl_updates=8,
-               batch_size=64), original_stock_layers=("256", "128", "64"))
-DRY_RUN = dict(ppo_envs=(8, 16, 32), ppo_steps=16, ppo_env_steps_per_chunk=256, seeds=2, erl_pops=(4, 8), erl_generations=4,
-               erl_sizes=dict(episodes_per_agent=2, worst_k=1, num_elites=1, rl_updates=2, batch_size=16, buffer_size=4000,
-                              window=8, trading_days=6, settlement_days=2, hidden=8, conv_channels=4),
-               ppo_extra=["--window", "8", "--episode-bars", "64", "--hidden", "32"],
-               original_stocks=12, original_days=400, original_sizes=dict(
-                   window=8, hidden=8, conv_channels=4, attention_heads=2, episodes_per_agent=2, worst_k=1, rl_updates=2,
-                   batch_size=16, trading_days=6, settlement_days=2), original_stock_layers=("8", "4"))
+GPU = dict(
+    ppo_envs=(4096, 16384, 65536),
+    ppo_steps=64,
+    ppo_env_steps_per_chunk=4_194_304,
+    seeds=16,
+    erl_pops=(64, 256),
+    erl_generations=12,
+    erl_sizes=dict(episodes_per_agent=8, rl_updates=256, batch_size=512),
+    # the original system's network (README, "The original architecture") on 108 stocks x 151 days, pop 16
+    original_stocks=108,
+    original_days=2520,
+    original_sizes=dict(
+        window=151,
+        hidden=128,
+        conv_channels=32,
+        attention_heads=8,
+        episodes_per_agent=2,
+        worst_k=1,
+        rl_updates=8,
+        batch_size=64,
+    ),
+    original_stock_layers=("256", "128", "64"),
+)
+DRY_RUN = dict(
+    ppo_envs=(8, 16, 32),
+    ppo_steps=16,
+    ppo_env_steps_per_chunk=256,
+    seeds=2,
+    erl_pops=(4, 8),
+    erl_generations=4,
+    erl_sizes=dict(
+        episodes_per_agent=2,
+        worst_k=1,
+        num_elites=1,
+        rl_updates=2,
+        batch_size=16,
+        buffer_size=4000,
+        window=8,
+        trading_days=6,
+        settlement_days=2,
+        hidden=8,
+        conv_channels=4,
+    ),
+    ppo_extra=["--window", "8", "--episode-bars", "64", "--hidden", "32"],
+    original_stocks=12,
+    original_days=400,
+    original_sizes=dict(
+        window=8,
+        hidden=8,
+        conv_channels=4,
+        attention_heads=2,
+        episodes_per_agent=2,
+        worst_k=1,
+        rl_updates=2,
+        batch_size=16,
+        trading_days=6,
+        settlement_days=2,
+    ),
+    original_stock_layers=("8", "4"),
+)
 ORIGINAL_NETWORK = ["--extractor", "lstm", "--bidirectional", "--lstm-layers", "2", "--layer-norm", "--remat"]
 # time caps per step; the whole check also stops starting steps past total_s (7.5 minutes of steps on the GPU, leaving
 # room for the wheel install in an 8-minute call). A CPU compiles the dry run's tiny programs slowly: long caps there.
@@ -79,40 +136,92 @@ def steps(dry_run: bool, runs: Path, out: Path) -> list:
 
     def ppo(name, envs, *flags, group="", x=0.0):
         chunk_updates = max(1, size["ppo_env_steps_per_chunk"] // (envs * size["ppo_steps"]))
-        argv = ["ppo_trader.py", *ppo_flags(envs, size["ppo_steps"], chunk_updates, 4), *extra, *flags,
-                "--out-dir", str(runs), "--run-name", name]
+        argv = [
+            "ppo_trader.py",
+            *ppo_flags(envs, size["ppo_steps"], chunk_updates, 4),
+            *extra,
+            *flags,
+            "--out-dir",
+            str(runs),
+            "--run-name",
+            name,
+        ]
         return Step(name, argv, caps["training"], group, x)
 
     def erl(name, pop, *flags, group="", x=0.0):
-        argv = ["erl_trader.py", *erl_flags(pop, size["erl_generations"], size["erl_sizes"]), *flags,
-                "--out-dir", str(runs), "--run-name", name]
+        argv = [
+            "erl_trader.py",
+            *erl_flags(pop, size["erl_generations"], size["erl_sizes"]),
+            *flags,
+            "--out-dir",
+            str(runs),
+            "--run-name",
+            name,
+        ]
         return Step(name, argv, caps["training"], group, x)
 
     first = size["ppo_envs"][0]
-    run_py = Step("run.py --no-peers --quick", ["benchmarks/run.py", "--no-peers", "--quick", "--out", str(out)],
-                  caps["run_py"])
+    run_py = Step(
+        "run.py --no-peers --quick", ["benchmarks/run.py", "--no-peers", "--quick", "--out", str(out)], caps["run_py"]
+    )
     listed = [] if dry_run else [run_py]  # minutes on a CPU: the dry run leaves it out
     listed += [ppo(f"ppo_{envs}_envs", envs, group="ppo_trader training, num-envs", x=envs) for envs in size["ppo_envs"]]
     phase1 = runs / f"ppo_{first}_envs" / "seed0" / "best.msgpack"
-    listed += [ppo(f"ppo_phase2_{first}_envs", first, "--phase", "2", "--init-from", str(phase1)),
-               ppo(f"ppo_continuous_{first}_envs", first, "--action-space", "continuous"),
-               ppo(f"ppo_{size['seeds']}_seeds_{first}_envs", first, "--num-seeds", str(size["seeds"]))]
+    listed += [
+        ppo(f"ppo_phase2_{first}_envs", first, "--phase", "2", "--init-from", str(phase1)),
+        ppo(f"ppo_continuous_{first}_envs", first, "--action-space", "continuous"),
+        ppo(f"ppo_{size['seeds']}_seeds_{first}_envs", first, "--num-seeds", str(size["seeds"])),
+    ]
     listed += [erl(f"erl_pop_{pop}", pop, group="erl_trader training, pop-size", x=pop) for pop in size["erl_pops"]]
-    listed += [erl(f"erl_{size['seeds']}_seeds_pop_{size['erl_pops'][0]}", size["erl_pops"][0], "--num-seeds",
-                   str(size["seeds"]))]
+    listed += [
+        erl(f"erl_{size['seeds']}_seeds_pop_{size['erl_pops'][0]}", size["erl_pops"][0], "--num-seeds", str(size["seeds"]))
+    ]
     return listed + original_architecture_steps(size, caps, runs)
 
 
 def original_architecture_steps(size: dict, caps: dict, runs: Path) -> list:
     """A synthetic universe of `original_stocks` stocks, then two generations of the original system's network on it."""
     data = runs / "synthetic_original.npz"
-    make_data = Step("synthetic_universe", ["data_prep.py", "synthetic-daily", "--stocks", str(size["original_stocks"]),
-                                            "--days", str(size["original_days"]), "--out", str(data)], caps["data"])
+    make_data = Step(
+        "synthetic_universe",
+        [
+            "data_prep.py",
+            "synthetic-daily",
+            "--stocks",
+            str(size["original_stocks"]),
+            "--days",
+            str(size["original_days"]),
+            "--out",
+            str(data),
+        ],
+        caps["data"],
+    )
     sizes = [x for key, value in size["original_sizes"].items() for x in ("--" + key.replace("_", "-"), str(value))]
-    argv = ["erl_trader.py", "--data", str(data), "--train-end", "0.6", "--val-end", "0.8", "--pop-size", "16",
-            "--num-seeds", "1", "--generations", "2", "--eval-every", "2", *ORIGINAL_NETWORK,
-            "--stock-layers", *size["original_stock_layers"], *sizes, "--out-dir", str(runs),
-            "--run-name", "erl_original_architecture"]
+    argv = [
+        "erl_trader.py",
+        "--data",
+        str(data),
+        "--train-end",
+        "0.6",
+        "--val-end",
+        "0.8",
+        "--pop-size",
+        "16",
+        "--num-seeds",
+        "1",
+        "--generations",
+        "2",
+        "--eval-every",
+        "2",
+        *ORIGINAL_NETWORK,
+        "--stock-layers",
+        *size["original_stock_layers"],
+        *sizes,
+        "--out-dir",
+        str(runs),
+        "--run-name",
+        "erl_original_architecture",
+    ]
     return [make_data, Step("erl_original_architecture", argv, caps["training"])]
 
 
@@ -137,8 +246,13 @@ def run_step(step: Step, seconds_left: float) -> None:
     compile_s = [float(x) for x in COMPILE.findall(output)]
     sps = [float(x.replace(",", "")) for x in SPS.findall(output)]
     timed = sps[1:] or sps  # the first chunk includes the warm-up
-    step.result = dict(status=status, wall_s=wall, compile_s=compile_s[0] if compile_s else None,
-                       sps=sorted(timed)[len(timed) // 2] if timed else None, last_lines=output.strip().splitlines()[-3:])
+    step.result = dict(
+        status=status,
+        wall_s=wall,
+        compile_s=compile_s[0] if compile_s else None,
+        sps=sorted(timed)[len(timed) // 2] if timed else None,
+        last_lines=output.strip().splitlines()[-3:],
+    )
     print(f"{step.name}: {status}, wall {wall:.0f}s, compile {step.result['compile_s']}, SPS {step.result['sps']}", flush=True)
 
 
@@ -162,12 +276,17 @@ def write_results(listed: list, out: Path, dry_run: bool, total_s: float) -> Pat
     slug, description = device_description()
     name = f"gpu-{slug}{'-dry-run' if dry_run else ''}"
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
-    lines = [f"# GPU check: {description}", "",
-             f"`python benchmarks/gpu_check.py{' --dry-run' if dry_run else ''}`, "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
-             f"{total_s:.0f} s in all. Env steps/s: median of the progress lines after the first chunk; wall: the whole "
-             "command (compile, training, validation, test backtest, outputs).", "",
-             "| step | status | compile (s) | env steps/s | wall (s) |", "|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check: {description}",
+        "",
+        f"`python benchmarks/gpu_check.py{' --dry-run' if dry_run else ''}`, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{total_s:.0f} s in all. Env steps/s: median of the progress lines after the first chunk; wall: the whole "
+        "command (compile, training, validation, test backtest, outputs).",
+        "",
+        "| step | status | compile (s) | env steps/s | wall (s) |",
+        "|---|---|---|---|---|",
+    ]
     for step in listed:
         r = step.result
         cells = (step.name, r["status"], fmt(r["compile_s"], ".1f"), fmt(r["sps"], ",.0f"), f"{r['wall_s']:.0f}")
@@ -197,8 +316,11 @@ def write_results(listed: list, out: Path, dry_run: bool, total_s: float) -> Pat
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes and short caps (a CPU check of every step)")
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"),
-                        help="folder for gpu-<device>.md/.json/.png and the runs (default: $OUT, else benchmarks/results)")
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results"),
+        help="folder for gpu-<device>.md/.json/.png and the runs (default: $OUT, else benchmarks/results)",
+    )
     cli = parser.parse_args()
     out = Path(cli.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Seconds per validation backtest of ppo_trader.py (a fresh policy, after the first call has compiled).
 
-    python benchmarks/validation_time.py data/spy_1min.npz [REPO]   # REPO: a checkout of another version to compare
+python benchmarks/validation_time.py data/spy_1min.npz [REPO]   # REPO: a checkout of another version to compare
 """
 
 import sys

@@ -14,19 +14,33 @@ sys.path.insert(0, str(ROOT / "tests"))
 def script_env(env=None) -> dict:
     """The environment of the scripts' subprocesses: CPU, a shared compilation cache, plus `env`."""
     # a persistent compilation cache shared by the subprocesses: the same tiny configs compile once per machine
-    cache = dict(JAX_COMPILATION_CACHE_DIR=str(Path(tempfile.gettempdir()) / "jax_test_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                 JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    cache = dict(
+        JAX_COMPILATION_CACHE_DIR=str(Path(tempfile.gettempdir()) / "jax_test_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
     return dict(os.environ, JAX_PLATFORMS="cpu", **cache, **(env or {}))
 
 
 def run_script(*args, cwd=ROOT, env=None, timeout=600):
     """Runs `python <args>` from the repository root; returns the CompletedProcess (text mode)."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=script_env(env), capture_output=True, text=True, timeout=timeout
+    )
 
 
 # both scripts: the policy files of seed k in seed<k>/
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoint.msgpack", "seed0/best.msgpack", "seed0/final.msgpack",
-               "report.json", "trades.csv", "equity.png")
+RUN_OUTPUTS = (
+    "config.json",
+    "metrics.jsonl",
+    "checkpoint.msgpack",
+    "seed0/best.msgpack",
+    "seed0/final.msgpack",
+    "report.json",
+    "trades.csv",
+    "equity.png",
+    "summary.png",
+)
 
 
 def tiny_run_dir(tmp_path_factory, script: str, flags: list) -> tuple:
@@ -75,8 +89,9 @@ def assert_one_line_error(r, needle: str) -> None:
     assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], r.stderr
 
 
-def assert_divergence_stops_and_keeps_the_last_good_checkpoint(script: str, flags: list, out: Path, huge_lr: dict,
-                                                               final_policy: str = "final.msgpack", names: str = "") -> None:
+def assert_divergence_stops_and_keeps_the_last_good_checkpoint(
+    script: str, flags: list, out: Path, huge_lr: dict, final_policy: str = "final.msgpack", names: str = ""
+) -> None:
     """A run that diverges stops at the first non-finite chunk with one line naming the last good checkpoint
     (exit 1), leaves that checkpoint as it was and writes no final policy or report. Divergence is forced by
     raising the learning rates (`huge_lr`: config keys -> values) of a stopped run's config before resuming it,
@@ -96,7 +111,9 @@ def assert_divergence_stops_and_keeps_the_last_good_checkpoint(script: str, flag
     (run_dir / "config.json").write_text(json.dumps(dict(cfg, **huge_lr)))
     r = run_script(script, "--resume", run_dir)
     last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode == 1 and last.startswith("error: NaN/inf") and "chunk 2" in last and str(ckpt) in last, r.stderr[-2000:]
+    assert r.returncode == 1 and last.startswith("error: NaN/inf") and "chunk 2" in last and str(ckpt) in last, r.stderr[
+        -2000:
+    ]
     assert names in last, last
     assert ckpt.read_bytes() == good
     assert not (run_dir / final_policy).exists() and not (run_dir / "report.json").exists()

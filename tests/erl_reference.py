@@ -28,13 +28,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-OBS_EPS = 1e-6           # added to the window std in the instance normalisation
+OBS_EPS = 1e-6  # added to the window std in the instance normalisation
 EXIT_DELIST, EXIT_TARGET, EXIT_MAX_HOLD, EXIT_END = "delist", "target", "max_hold", "end"
 
 
 # --------------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------------
+
 
 def default_params(**overrides) -> dict:
     """Env params chosen for hand arithmetic: window 3, 5 trading + 2 settlement days, 2 slots,
@@ -114,6 +115,7 @@ def investable_columns(data: dict) -> np.ndarray:
 # Splits
 # --------------------------------------------------------------------------------------------------
 
+
 def split_decision_days(T: int, train_end: int, val_end: int, W: int) -> dict:
     """Decision days of each split, as lists. Days ``[0, train_end)`` are training, ``[train_end,
     val_end)`` validation, the rest test. Training decides from its first full window (day W - 1).
@@ -133,17 +135,18 @@ def split_decision_days(T: int, train_end: int, val_end: int, W: int) -> dict:
 # Observation
 # --------------------------------------------------------------------------------------------------
 
+
 def observation(data: dict, t: int, W: int) -> np.ndarray:
     """Observation at day ``t``: [W, N, F+1]. Channels 0..F-1 are the features of days
     t-W+1..t (oldest first), each column and feature z-scored over its own window with the
     population std plus ``OBS_EPS``; channel F is ``feature_valid`` over the same days as 0/1."""
     if t - W + 1 < 0:
         raise ValueError("need W days of history")
-    x = np.asarray(data["features"], dtype=np.float64)[t - W + 1: t + 1]     # [W, N, F]
+    x = np.asarray(data["features"], dtype=np.float64)[t - W + 1 : t + 1]  # [W, N, F]
     mean = x.mean(axis=0, keepdims=True)
-    std = x.std(axis=0, keepdims=True)                                      # ddof 0
+    std = x.std(axis=0, keepdims=True)  # ddof 0
     z = (x - mean) / (std + OBS_EPS)
-    valid = np.asarray(data["feature_valid"], dtype=np.float64)[t - W + 1: t + 1, :, None]
+    valid = np.asarray(data["feature_valid"], dtype=np.float64)[t - W + 1 : t + 1, :, None]
     return np.concatenate([z, valid], axis=-1)
 
 
@@ -151,14 +154,16 @@ def observation(data: dict, t: int, W: int) -> np.ndarray:
 # State and one step
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Slot:
     """One held position."""
-    col: int              # column index j in 0..N-1
-    entry: float          # entry price (open of the entry day)
+
+    col: int  # column index j in 0..N-1
+    entry: float  # entry price (open of the entry day)
     entry_day: int
-    coef: float           # the coefficient it was opened with (used in its exit reward)
-    target: float         # target price = entry * (1 + target% / 100)
+    coef: float  # the coefficient it was opened with (used in its exit reward)
+    target: float  # target price = entry * (1 + target% / 100)
     shares: float
 
 
@@ -166,6 +171,7 @@ class Slot:
 class EnvState:
     """State before step ``k``: the decision day is ``t = start + k``; ``equity`` is marked at
     ``close[t]``; ``slots`` has K entries, each a ``Slot`` or ``None``."""
+
     start: int
     k: int
     cash: float
@@ -185,8 +191,7 @@ def reset_state(data: dict, params: dict, start: int) -> EnvState:
     n_steps = params["trading_days"] + params["settlement_days"]
     if start < params["window"] - 1 or start + n_steps > T - 1:
         raise ValueError("start must satisfy W - 1 <= start and start + D + S <= T - 1")
-    return EnvState(start=int(start), k=0, cash=1.0, equity=1.0,
-                    slots=(None,) * int(params["max_positions"]))
+    return EnvState(start=int(start), k=0, cash=1.0, equity=1.0, slots=(None,) * int(params["max_positions"]))
 
 
 def held_columns(state: EnvState, N: int) -> np.ndarray:
@@ -202,8 +207,7 @@ def exit_reward(slot: Slot, exit_price: float, params: dict) -> float:
     """``(coef / coef_max) * (gain% - hurdle_pct) - 2 * cost_bps / 100`` with
     ``gain% = (exit / entry - 1) * 100``."""
     gain_pct = (exit_price / slot.entry - 1.0) * 100.0
-    return ((slot.coef / params["coef_max"]) * (gain_pct - params["hurdle_pct"])
-            - 2.0 * params["cost_bps"] / 100.0)
+    return (slot.coef / params["coef_max"]) * (gain_pct - params["hurdle_pct"]) - 2.0 * params["cost_bps"] / 100.0
 
 
 def step_state(state: EnvState, coef, target, data: dict, params: dict):
@@ -231,7 +235,7 @@ def step_state(state: EnvState, coef, target, data: dict, params: dict):
     cost = params["cost_bps"] / 10_000.0
     slots = list(state.slots)
     cash = state.cash
-    equity_prev = state.equity      # marked at close[t]
+    equity_prev = state.equity  # marked at close[t]
 
     # 1. OPEN (trading days only): only the best candidate is considered.
     opened, open_info = -1, None
@@ -239,7 +243,7 @@ def step_state(state: EnvState, coef, target, data: dict, params: dict):
         held = held_columns(state, N)
         cand = [i for i, j in enumerate(I) if data["feature_valid"][t, j] and not held[j]]
         if cand:
-            best = max(cand, key=lambda i: coef[i])   # max() keeps the first of equal coefs
+            best = max(cand, key=lambda i: coef[i])  # max() keeps the first of equal coefs
             j_star = int(I[best])
             free = [s for s, slot in enumerate(slots) if slot is None]
             if coef[best] > params["coef_threshold"] and free and valid[u, j_star]:
@@ -247,8 +251,14 @@ def step_state(state: EnvState, coef, target, data: dict, params: dict):
                 alloc = min(cash, equity_prev / K)
                 shares = alloc * (1.0 - cost) / entry
                 cash -= alloc
-                slots[free[0]] = Slot(col=j_star, entry=entry, entry_day=u, coef=float(coef[best]),
-                                      target=entry * (1.0 + target[best] / 100.0), shares=shares)
+                slots[free[0]] = Slot(
+                    col=j_star,
+                    entry=entry,
+                    entry_day=u,
+                    coef=float(coef[best]),
+                    target=entry * (1.0 + target[best] / 100.0),
+                    shares=shares,
+                )
                 opened = j_star
                 open_info = dict(col=j_star, entry=entry, alloc=alloc, shares=shares)
 
@@ -274,9 +284,18 @@ def step_state(state: EnvState, coef, target, data: dict, params: dict):
         price = float(price)
         proceeds = slot.shares * price * (1.0 - cost)
         cash += proceeds
-        exits.append(dict(col=j, reason=reason, entry=slot.entry, exit=price, coef=slot.coef,
-                          shares=slot.shares, proceeds=proceeds,
-                          reward=exit_reward(slot, price, params)))
+        exits.append(
+            dict(
+                col=j,
+                reason=reason,
+                entry=slot.entry,
+                exit=price,
+                coef=slot.coef,
+                shares=slot.shares,
+                proceeds=proceeds,
+                reward=exit_reward(slot, price, params),
+            )
+        )
         slots[s] = None
 
     # 3. REWARD: exit rewards minus the inaction penalty on trading days with nothing held.
@@ -288,14 +307,16 @@ def step_state(state: EnvState, coef, target, data: dict, params: dict):
     # 4. MARK at close[u].
     equity = cash + sum(slot.shares * c[u, slot.col] for slot in slots if slot is not None)
     new_state = replace(state, k=k + 1, cash=float(cash), equity=float(equity), slots=tuple(slots))
-    info = dict(opened=opened, open=open_info, exits=exits, n_exits=len(exits),
-                exit_reward_sum=exit_reward_sum, penalty=penalty)
+    info = dict(
+        opened=opened, open=open_info, exits=exits, n_exits=len(exits), exit_reward_sum=exit_reward_sum, penalty=penalty
+    )
     return new_state, float(reward), bool(last), info
 
 
 # --------------------------------------------------------------------------------------------------
 # Episode runners
 # --------------------------------------------------------------------------------------------------
+
 
 def _play(data: dict, params: dict, start: int, coefs, targets, log=None) -> dict:
     """Reset at ``start`` and step with row ``k`` of ``coefs`` / ``targets`` until done or the rows
@@ -309,11 +330,10 @@ def _play(data: dict, params: dict, start: int, coefs, targets, log=None) -> dic
     W, N = params["window"], data["close"].shape[1]
     state = reset_state(data, params, start)
     obs0 = observation(data, state.t, W)
-    rec = {key: [] for key in ("obs", "reward", "done", "cash", "equity", "held", "n_exits",
-                               "exit_reward_sum", "opened")}
+    rec = {key: [] for key in ("obs", "reward", "done", "cash", "equity", "held", "n_exits", "exit_reward_sum", "opened")}
     for k in range(coefs.shape[0]):
         state, reward, done, info = step_state(state, coefs[k], targets[k], data, params)
-        rec["obs"].append(observation(data, state.t, W))   # state.t is now the played day u
+        rec["obs"].append(observation(data, state.t, W))  # state.t is now the played day u
         rec["reward"].append(reward)
         rec["done"].append(done)
         rec["cash"].append(state.cash)

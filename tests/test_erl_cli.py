@@ -6,13 +6,52 @@ import numpy as np
 import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from conftest import (assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error, assert_run_outputs, run_script,
-                      tiny_run_dir)
+from conftest import (
+    assert_divergence_stops_and_keeps_the_last_good_checkpoint,
+    assert_one_line_error,
+    assert_run_outputs,
+    run_script,
+    tiny_run_dir,
+)
 
-TINY = ["--pop-size", "4", "--generations", "4", "--episodes-per-agent", "2", "--worst-k", "1", "--num-elites", "1", "--rl-updates", "2",
-        "--batch-size", "16", "--buffer-size", "2000", "--window", "8", "--trading-days", "6", "--settlement-days", "2", "--hidden", "8",
-        "--conv-channels", "4", "--eval-every", "2", "--num-seeds", "1"]
-SPLITS = ["--train-end", "2010-01-01", "--val-end", "2015-01-01"]  # not the defaults: --eval-only must take them from the checkpoint
+TINY = [
+    "--pop-size",
+    "4",
+    "--generations",
+    "4",
+    "--episodes-per-agent",
+    "2",
+    "--worst-k",
+    "1",
+    "--num-elites",
+    "1",
+    "--rl-updates",
+    "2",
+    "--batch-size",
+    "16",
+    "--buffer-size",
+    "2000",
+    "--window",
+    "8",
+    "--trading-days",
+    "6",
+    "--settlement-days",
+    "2",
+    "--hidden",
+    "8",
+    "--conv-channels",
+    "4",
+    "--eval-every",
+    "2",
+    "--num-seeds",
+    "1",
+]
+SPLITS = [
+    "--train-end",
+    "2010-01-01",
+    "--val-end",
+    "2015-01-01",
+]  # not the defaults: --eval-only must take them from the checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +68,22 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert report["split"] == "test" and "2015-01-01" < report["start"] < "2015-03-01"  # the first decision, after the embargo
     (row,) = report["seeds"]
     for who in ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold"):
-        for k in ("total_return", "annualised_return", "annualised_volatility", "sharpe", "sortino", "max_drawdown", "calmar", "trades"):
+        for k in (
+            "total_return",
+            "annualised_return",
+            "annualised_volatility",
+            "sharpe",
+            "sortino",
+            "max_drawdown",
+            "calmar",
+            "trades",
+        ):
             assert np.isfinite(row[who][k]), (who, k)
     trades = (run_dir / "trades.csv").read_text().splitlines()
-    assert trades[0] == "fold,seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct" and len(trades) - 1 == row["champion"]["trades"]
+    assert (
+        trades[0] == "fold,seed,ticker,entry_date,exit_date,entry_price,exit_price,return_pct"
+        and len(trades) - 1 == row["champion"]["trades"]
+    )
     for word in ("gen", "fitness mean", "learner", "critic", "injected", "env-steps/s", "ETA", "bytes/transition"):
         assert word in r.stdout, word
     ckpt = msgpack_restore((run_dir / "checkpoint.msgpack").read_bytes())["runner"]
@@ -43,8 +94,20 @@ def test_tensorboard_tags(tiny_run):
     from tensorboard_reader import scalar_tags
 
     tags = scalar_tags(tiny_run[0])
-    for tag in ("charts/fitness_mean", "charts/fitness_max", "charts/fitness_min", "charts/learner_fitness", "charts/explore_return",
-                "charts/champion_fitness", "charts/injected_is_elite", "losses/critic_loss", "losses/actor_loss", "eval/champion_val_return", "eval/learner_val_return", "perf/SPS"):
+    for tag in (
+        "charts/fitness_mean",
+        "charts/fitness_max",
+        "charts/fitness_min",
+        "charts/learner_fitness",
+        "charts/explore_return",
+        "charts/champion_fitness",
+        "charts/injected_is_elite",
+        "losses/critic_loss",
+        "losses/actor_loss",
+        "eval/champion_val_return",
+        "eval/learner_val_return",
+        "perf/SPS",
+    ):
         assert tag in tags, tag
 
 
@@ -71,12 +134,32 @@ def test_eval_only_reproduces_the_report_in_its_own_folder(tiny_run):
 
 def test_eval_only_refuses_a_test_split_inside_the_selection_period(tiny_run):
     run_dir, _ = tiny_run
-    r = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack", "--val-end", "2013-01-01", "--run-name", "x",
-                   "--out-dir", run_dir)
+    r = run_script(
+        "erl_trader.py",
+        "--eval-only",
+        "--checkpoint",
+        run_dir / "seed0" / "best.msgpack",
+        "--val-end",
+        "2013-01-01",
+        "--run-name",
+        "x",
+        "--out-dir",
+        run_dir,
+    )
     assert_one_line_error(r, "--eval-split test")
     assert not (run_dir / "x").exists()
-    later = run_script("erl_trader.py", "--eval-only", "--checkpoint", run_dir, "--val-end", "2018-01-01", "--run-name", "y",
-                       "--out-dir", run_dir)
+    later = run_script(
+        "erl_trader.py",
+        "--eval-only",
+        "--checkpoint",
+        run_dir,
+        "--val-end",
+        "2018-01-01",
+        "--run-name",
+        "y",
+        "--out-dir",
+        run_dir,
+    )
     assert later.returncode == 0, later.stderr[-2000:]
     assert json.loads((run_dir / "y" / "eval_test_sp500_daily" / "report.json").read_text())["start"] > "2018-01-01"
 
@@ -100,8 +183,21 @@ def test_original_architecture_trains_end_to_end(tmp_path):
     """The original system's network (2 bidirectional LSTM layers, 4-head attention with residual and LayerNorm,
     a 3-layer stock path), recomputed in the backward pass (--remat), at toy widths: a run writes its outputs and
     its best policy loads back into the same network for --eval-only."""
-    flags = ["--extractor", "lstm", "--bidirectional", "--lstm-layers", "2", "--attention-heads", "4", "--layer-norm",
-             "--stock-layers", "16", "12", "6", "--remat"]
+    flags = [
+        "--extractor",
+        "lstm",
+        "--bidirectional",
+        "--lstm-layers",
+        "2",
+        "--attention-heads",
+        "4",
+        "--layer-norm",
+        "--stock-layers",
+        "16",
+        "12",
+        "6",
+        "--remat",
+    ]
     run = run_script("erl_trader.py", *TINY, "--generations", "2", *flags, "--out-dir", tmp_path, "--run-name", "original")
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads((tmp_path / "original" / "config.json").read_text())["stock_layers"] == [16, 12, 6]
@@ -128,36 +224,45 @@ def test_resume_is_bit_identical(tmp_path):
         assert msgpack_serialize(a) == msgpack_serialize(b), seed
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--pop-size", "many"], "--pop-size"),
-    (["--no-such-flag"], "--no-such-flag"),
-    (["--data", "data/eurusd_1h.npz"], "daily"),
-    (["--worst-k", "6"], "--worst-k"),
-    (["--generations", "5", "--chunk-generations", "2"], "--chunk-generations"),
-    (["--train-end", "someday"], "--train-end"),
-    (["--eval-only", "--checkpoint", "data/README.md"], "data/README.md"),
-    (["--eval-only", "--checkpoint", "runs/x/best.msgpack", "--cost-bps", "5"], "--cost-bps"),
-    (["--resume", "runs/x", "--generations", "8"], "--generations"),
-    (["--checkpoint", "runs/x/best.msgpack"], "--checkpoint"),
-    (["--num-elites", "0"], "--num-elites"),
-    (["--rl-updates", "-1"], "--rl-updates"),
-    (["--settlement-days", "-1"], "--settlement-days"),
-    (["--buffer-size", "100"], "--buffer-size"),
-    (["--generations", "4", "--chunk-generations", "2", "--eval-every", "3"], "--eval-every"),
-    (["--bidirectional"], "--bidirectional"),
-    (["--lstm-layers", "2"], "--lstm-layers"),
-    (["--attention-heads", "3"], "--attention-heads"),
-    (["--stock-layers", "16", "0"], "--stock-layers"),
-    (["--num-seeds", "0"], "--num-seeds"),
-    (["--random-runs", "0"], "--random-runs"),
-    (["--critic-warmup", "-1"], "--critic-warmup"),
-    (["--eval-only", "--checkpoint", "data"], "config.json"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--pop-size", "many"], "--pop-size"),
+        (["--no-such-flag"], "--no-such-flag"),
+        (["--data", "data/eurusd_1h.npz"], "daily"),
+        (["--worst-k", "6"], "--worst-k"),
+        (["--generations", "5", "--chunk-generations", "2"], "--chunk-generations"),
+        (["--train-end", "someday"], "--train-end"),
+        (["--eval-only", "--checkpoint", "data/README.md"], "data/README.md"),
+        (["--eval-only", "--checkpoint", "runs/x/best.msgpack", "--cost-bps", "5"], "--cost-bps"),
+        (["--resume", "runs/x", "--generations", "8"], "--generations"),
+        (["--checkpoint", "runs/x/best.msgpack"], "--checkpoint"),
+        (["--num-elites", "0"], "--num-elites"),
+        (["--rl-updates", "-1"], "--rl-updates"),
+        (["--settlement-days", "-1"], "--settlement-days"),
+        (["--buffer-size", "100"], "--buffer-size"),
+        (["--generations", "4", "--chunk-generations", "2", "--eval-every", "3"], "--eval-every"),
+        (["--bidirectional"], "--bidirectional"),
+        (["--lstm-layers", "2"], "--lstm-layers"),
+        (["--attention-heads", "3"], "--attention-heads"),
+        (["--stock-layers", "16", "0"], "--stock-layers"),
+        (["--num-seeds", "0"], "--num-seeds"),
+        (["--random-runs", "0"], "--random-runs"),
+        (["--critic-warmup", "-1"], "--critic-warmup"),
+        (["--eval-only", "--checkpoint", "data"], "config.json"),
+    ],
+)
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("erl_trader.py", *argv)
     assert_one_line_error(r, needle)
 
 
 def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
-    assert_divergence_stops_and_keeps_the_last_good_checkpoint("erl_trader.py", TINY, tmp_path, {"critic_lr": 1e30, "actor_lr": 1e30},
-                                                               final_policy="seed0/final.msgpack", names="seed 0 (--seed 1)")
+    assert_divergence_stops_and_keeps_the_last_good_checkpoint(
+        "erl_trader.py",
+        TINY,
+        tmp_path,
+        {"critic_lr": 1e30, "actor_lr": 1e30},
+        final_policy="seed0/final.msgpack",
+        names="seed 0 (--seed 1)",
+    )

@@ -16,15 +16,33 @@ from test_erl_reference import SCENARIOS
 
 def market_data(d: dict) -> et.MarketData:
     f32 = lambda k: jnp.asarray(np.asarray(d[k]), jnp.float32)  # noqa: E731
-    return et.MarketData(open=f32("open"), high=f32("high"), low=f32("low"), close=f32("close"), valid=jnp.asarray(d["valid"]),
-                         feature_valid=jnp.asarray(d["feature_valid"]), features=f32("features"), inv=jnp.asarray(np.flatnonzero(d["investable"]), jnp.int32),
-                         lo=jnp.int32(0), hi=jnp.int32(len(d["close"])))
+    return et.MarketData(
+        open=f32("open"),
+        high=f32("high"),
+        low=f32("low"),
+        close=f32("close"),
+        valid=jnp.asarray(d["valid"]),
+        feature_valid=jnp.asarray(d["feature_valid"]),
+        features=f32("features"),
+        inv=jnp.asarray(np.flatnonzero(d["investable"]), jnp.int32),
+        lo=jnp.int32(0),
+        hi=jnp.int32(len(d["close"])),
+    )
 
 
 def env_params(p: dict) -> et.EnvParams:
-    return et.EnvParams(window=p["window"], max_positions=p["max_positions"], trading_days=p["trading_days"], settlement_days=p["settlement_days"],
-                        max_holding_days=p["max_holding_days"], coef_max=p["coef_max"], coef_threshold=p["coef_threshold"],
-                        cost_bps=p["cost_bps"], hurdle_pct=p["hurdle_pct"], inaction_penalty=p["inaction_penalty"])
+    return et.EnvParams(
+        window=p["window"],
+        max_positions=p["max_positions"],
+        trading_days=p["trading_days"],
+        settlement_days=p["settlement_days"],
+        max_holding_days=p["max_holding_days"],
+        coef_max=p["coef_max"],
+        coef_threshold=p["coef_threshold"],
+        cost_bps=p["cost_bps"],
+        hurdle_pct=p["hurdle_pct"],
+        inaction_penalty=p["inaction_penalty"],
+    )
 
 
 @jax.jit
@@ -34,8 +52,17 @@ def _run(params: et.EnvParams, data: et.MarketData, start, coefs, targets):
     def body(state, ct):
         nxt, reward, done, info = et.step(state, ct[0], ct[1], params, data)
         held = jnp.zeros(data.open.shape[1], bool).at[nxt.col].max(nxt.held)
-        return nxt, dict(obs=et.get_obs(nxt.t, params, data), reward=reward, done=done, cash=nxt.cash, equity=nxt.equity, held=held,
-                         n_exits=info["n_exits"], exit_reward_sum=info["exit_reward"].sum(), opened=info["opened"])
+        return nxt, dict(
+            obs=et.get_obs(nxt.t, params, data),
+            reward=reward,
+            done=done,
+            cash=nxt.cash,
+            equity=nxt.equity,
+            held=held,
+            n_exits=info["n_exits"],
+            exit_reward_sum=info["exit_reward"].sum(),
+            opened=info["opened"],
+        )
 
     _, out = jax.lax.scan(body, state, (coefs, targets))
     return et.get_obs(jnp.int32(start), params, data), out
@@ -66,8 +93,13 @@ def synthetic_universe():
     px["high"] = np.maximum.reduce([px["high"], px["open"], px["close"]])
     px["low"] = np.minimum.reduce([px["low"], px["open"], px["close"]])
     valid = a["valid"] & (px["close"] > 0)
-    return dict(px, valid=valid, feature_valid=a["feature_valid"] & valid, investable=a["investable"],
-                features=a["features"][..., :4].astype(np.float64))
+    return dict(
+        px,
+        valid=valid,
+        feature_valid=a["feature_valid"] & valid,
+        investable=a["investable"],
+        features=a["features"][..., :4].astype(np.float64),
+    )
 
 
 def test_parity_with_reference_on_random_episodes():
@@ -76,10 +108,17 @@ def test_parity_with_reference_on_random_episodes():
     T = len(d["close"])
     totals = dict(exits=0, opens=0, delisted_held=0)
     for ep in range(200):
-        params = ref.default_params(window=int(rng.choice([3, 5])), trading_days=int(rng.choice([10, 30])), settlement_days=int(rng.choice([0, 3])),
-                                    max_positions=int(rng.choice([1, 3])), max_holding_days=int(rng.choice([2, 6])),
-                                    coef_threshold=float(rng.choice([30.0, 60.0])), cost_bps=float(rng.choice([0.0, 10.0])),
-                                    hurdle_pct=float(rng.choice([0.0, 0.5])), inaction_penalty=0.01)
+        params = ref.default_params(
+            window=int(rng.choice([3, 5])),
+            trading_days=int(rng.choice([10, 30])),
+            settlement_days=int(rng.choice([0, 3])),
+            max_positions=int(rng.choice([1, 3])),
+            max_holding_days=int(rng.choice([2, 6])),
+            coef_threshold=float(rng.choice([30.0, 60.0])),
+            cost_bps=float(rng.choice([0.0, 10.0])),
+            hurdle_pct=float(rng.choice([0.0, 0.5])),
+            inaction_penalty=0.01,
+        )
         L = params["trading_days"] + params["settlement_days"]
         start = int(rng.integers(params["window"] - 1, T - L - 1))
         r = ref.random_episode(d, params, start, rng)
@@ -109,12 +148,12 @@ def test_changing_data_after_t_leaves_observations_and_actions_unchanged():
     alt = dict(d)
     for k in ("open", "high", "low", "close"):
         alt[k] = d[k].copy()
-        alt[k][t_cut + 1:] *= rng.uniform(0.5, 1.5, alt[k][t_cut + 1:].shape)
+        alt[k][t_cut + 1 :] *= rng.uniform(0.5, 1.5, alt[k][t_cut + 1 :].shape)
     alt["features"] = d["features"].copy()
-    alt["features"][t_cut + 1:] = rng.normal(size=alt["features"][t_cut + 1:].shape)
+    alt["features"][t_cut + 1 :] = rng.normal(size=alt["features"][t_cut + 1 :].shape)
     for k in ("valid", "feature_valid"):
         alt[k] = d[k].copy()
-        alt[k][t_cut + 1:, 3] = False
+        alt[k][t_cut + 1 :, 3] = False
     data_alt = market_data(alt)
     for extractor in ("conv", "lstm"):
         actor = et.Actor(dataclasses.replace(args, extractor=extractor), tuple(np.flatnonzero(d["investable"])))
@@ -130,7 +169,9 @@ def test_changing_data_after_t_leaves_observations_and_actions_unchanged():
         assert not np.array_equal(np.asarray(later), np.asarray(later_alt))
 
 
-@pytest.mark.parametrize("num_days,train_end,val_end,window", [(400, 200, 300, 20), (2000, 900, 1400, 151), (3000, 1000, 2008, 504)])
+@pytest.mark.parametrize(
+    "num_days,train_end,val_end,window", [(400, 200, 300, 20), (2000, 900, 1400, 151), (3000, 1000, 2008, 504)]
+)
 def test_splits_match_the_reference_and_observations_never_read_the_previous_split(num_days, train_end, val_end, window):
     """One embargo of `window` days: a split's decisions (first decision day to the day before its end) are the
     reference's, a backtest covers all of them, and no observation of validation (test) reads a training
@@ -191,8 +232,9 @@ def test_mutation_touches_the_intended_fraction_and_respects_the_clip():
     assert np.median(rel) < 0.15  # relative to the weight's size (strength 0.1)
 
 
-ORIGINAL_ARCHITECTURE = dict(extractor="lstm", bidirectional=True, lstm_layers=2, attention_heads=4, layer_norm=True,
-                             stock_layers=(16, 12, 6))  # the original system's network, at toy widths
+ORIGINAL_ARCHITECTURE = dict(
+    extractor="lstm", bidirectional=True, lstm_layers=2, attention_heads=4, layer_norm=True, stock_layers=(16, 12, 6)
+)  # the original system's network, at toy widths
 
 
 def test_original_architecture_has_its_layers():
@@ -212,8 +254,9 @@ def test_original_architecture_has_its_layers():
     assert action.shape == (3, 2) and ((action > 0) & (action < 1)).all()
 
 
-@pytest.mark.parametrize("network", [dict(extractor="conv"), dict(extractor="lstm"), ORIGINAL_ARCHITECTURE],
-                         ids=["conv", "lstm", "original"])
+@pytest.mark.parametrize(
+    "network", [dict(extractor="conv"), dict(extractor="lstm"), ORIGINAL_ARCHITECTURE], ids=["conv", "lstm", "original"]
+)
 def test_crossover_takes_whole_output_units_with_their_bias(network):
     """Crossing an all-ones actor with an all-minus-ones one: in every layer each output unit (kernel column and
     bias entry; per stock in the per-stock head) comes whole from one parent, and units come from both."""
@@ -230,8 +273,14 @@ def test_crossover_takes_whole_output_units_with_their_bias(network):
         for key in path[:-1]:
             module = module[key.key]
         kernel = np.asarray(kernel)
-        input_axes = (1,) if et.STOCK_HEAD in str(path) else tuple(range(kernel.ndim - np.ndim(module.get("bias", np.zeros(1)))))
-        unit = kernel.take(0, axis=input_axes[0]) if len(input_axes) == 1 else kernel.reshape((-1,) + kernel.shape[len(input_axes):])[0]
+        input_axes = (
+            (1,) if et.STOCK_HEAD in str(path) else tuple(range(kernel.ndim - np.ndim(module.get("bias", np.zeros(1)))))
+        )
+        unit = (
+            kernel.take(0, axis=input_axes[0])
+            if len(input_axes) == 1
+            else kernel.reshape((-1,) + kernel.shape[len(input_axes) :])[0]
+        )
         assert (kernel == np.expand_dims(unit, input_axes)).all(), path  # a unit's inputs all from one parent
         if "bias" in module:
             np.testing.assert_array_equal(np.asarray(module["bias"]), unit, err_msg=str(path))
@@ -268,8 +317,24 @@ def test_injected_actor_is_selected_on_its_own_fitness():
     and pays a large inaction penalty, so the injected actor is the champion: slot 0 after the GA step holds
     exactly the injected weights, and its logged fitness is the worst-k mean of their returns on the
     generation's slices, not that of the learner after its TD3 updates."""
-    args = et.Args(pop_size=4, episodes_per_agent=3, worst_k=2, num_elites=1, inject_every=1, rl_updates=4, policy_delay=1, actor_lr=0.05,
-                   batch_size=16, buffer_size=1000, window=8, trading_days=6, settlement_days=2, hidden=8, conv_channels=4, inaction_penalty=1.0)
+    args = et.Args(
+        pop_size=4,
+        episodes_per_agent=3,
+        worst_k=2,
+        num_elites=1,
+        inject_every=1,
+        rl_updates=4,
+        policy_delay=1,
+        actor_lr=0.05,
+        batch_size=16,
+        buffer_size=1000,
+        window=8,
+        trading_days=6,
+        settlement_days=2,
+        hidden=8,
+        conv_channels=4,
+        inaction_penalty=1.0,
+    )
     data = market_data(synthetic_universe())
     env_params = et.env_params_from_args(args)
     inv = tuple(np.asarray(data.inv).tolist())
@@ -285,9 +350,18 @@ def test_injected_actor_is_selected_on_its_own_fitness():
     for a, b in zip(jax.tree.leaves(champion), jax.tree.leaves(injected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     L = args.trading_days + args.settlement_days
-    starts = np.asarray(new.replay.t[: args.episodes_per_agent * L: L])  # individual 0's episodes come first
-    fitness_of = lambda params: float(et.worst_k_mean(jnp.array([greedy_return(erl.actor, params, s, env_params, data)  # noqa: E731
-                                                               for s in starts]), args.worst_k))
+    starts = np.asarray(new.replay.t[: args.episodes_per_agent * L : L])  # individual 0's episodes come first
+    fitness_of = lambda params: float(
+        et.worst_k_mean(
+            jnp.array(
+                [
+                    greedy_return(erl.actor, params, s, env_params, data)  # noqa: E731
+                    for s in starts
+                ]
+            ),
+            args.worst_k,
+        )
+    )
     np.testing.assert_allclose(float(metrics["champion_fitness"]), fitness_of(injected), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(metrics["learner_fitness"]), fitness_of(injected), rtol=1e-5, atol=1e-5)
     # the TD3 updates after the evaluation changed the learner's play: its new weights have another fitness
@@ -295,8 +369,20 @@ def test_injected_actor_is_selected_on_its_own_fitness():
 
 
 # ---- REPLAY ----
-REPLAY_ARGS = et.Args(pop_size=3, episodes_per_agent=2, worst_k=1, rl_updates=2, batch_size=16, buffer_size=1000, window=8, trading_days=6,
-                      settlement_days=2, hidden=8, conv_channels=4, num_elites=1)
+REPLAY_ARGS = et.Args(
+    pop_size=3,
+    episodes_per_agent=2,
+    worst_k=1,
+    rl_updates=2,
+    batch_size=16,
+    buffer_size=1000,
+    window=8,
+    trading_days=6,
+    settlement_days=2,
+    hidden=8,
+    conv_channels=4,
+    num_elites=1,
+)
 
 
 def replay_setup(args=REPLAY_ARGS):
@@ -337,15 +423,20 @@ def test_replay_holds_what_the_actor_saw():
         np.testing.assert_array_equal(rebuilt, seen_obs[k])
         # float32 rounding differs between the vmapped rollout and a single call: equal to the last bits
         np.testing.assert_allclose(np.asarray(replay.action[k]), seen_action[k], rtol=1e-6, atol=1e-7)
-        np.testing.assert_allclose(np.asarray(erl.actor.apply(params, rebuilt)), np.asarray(replay.action[k]), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(
+            np.asarray(erl.actor.apply(params, rebuilt)), np.asarray(replay.action[k]), rtol=1e-6, atol=1e-7
+        )
         if k + n < L:
             np.testing.assert_array_equal(np.asarray(et.get_obs(replay.t[k] + n, env_params, data)), seen_obs[k + n])
         expect = sum(gamma**j * rewards[k + j] for j in range(n) if k + j < L)
         np.testing.assert_allclose(float(replay.reward[k]), expect, rtol=1e-5, atol=1e-6)
         assert bool(replay.done[k]) == (k + n >= L)
-        np.testing.assert_allclose(np.asarray(et.small_state_of_slots(replay.slots[k], n_inv)), smalls[k], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(et.small_state_of_slots(replay.next_slots[k], n_inv)), smalls[min(k + n, L)],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(et.small_state_of_slots(replay.slots[k], n_inv)), smalls[k], rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(et.small_state_of_slots(replay.next_slots[k], n_inv)), smalls[min(k + n, L)], rtol=1e-5, atol=1e-6
+        )
     # memory per transition: the open positions take K slots, not the universe; nothing depends on the window
     K = args.max_positions
     assert et.replay_bytes_per_transition(replay) == 4 + 4 * (K * et.SLOT_WIDTH + 1) * 2 + 4 * n_inv * 2 + 4 + 1
@@ -358,8 +449,14 @@ def test_replay_wraps_around():
     replay = runner.replay._replace(ptr=jnp.int32(97), size=jnp.int32(97))
     n_inv, width = replay.action.shape[1], replay.slots.shape[1]
     days = jnp.arange(5, dtype=jnp.int32) + 500
-    batch = (days, jnp.ones((5, width)) * days[:, None], jnp.ones((5, n_inv, 2)), days.astype(jnp.float32), jnp.ones(5, bool),
-             jnp.zeros((5, width)))
+    batch = (
+        days,
+        jnp.ones((5, width)) * days[:, None],
+        jnp.ones((5, n_inv, 2)),
+        days.astype(jnp.float32),
+        jnp.ones(5, bool),
+        jnp.zeros((5, width)),
+    )
     out = erl.add_transitions(replay, batch)
     np.testing.assert_array_equal(np.asarray(out.t[np.array([97, 98, 99, 0, 1])]), np.arange(500, 505))
     np.testing.assert_array_equal(np.asarray(out.reward[np.array([97, 98, 99, 0, 1])]), np.arange(500, 505))
@@ -375,10 +472,20 @@ def test_td3_update_target_delay_and_soft_update():
     args = dataclasses.replace(REPLAY_ARGS, policy_noise=0.0, tau=0.3, policy_delay=2)
     erl, runner, env_params, data = replay_setup(args)
     runner, _ = jax.jit(erl.chunk)(runner, data)
-    perturb = lambda tree, seed: jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed), x.shape), tree)  # noqa: E731
-    learner = runner.learner._replace(actor_target=perturb(runner.learner.actor_target, 1), critic_target=perturb(runner.learner.critic_target, 2))
+    def perturb(tree, seed):
+        return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(seed), x.shape), tree)
+    learner = runner.learner._replace(
+        actor_target=perturb(runner.learner.actor_target, 1), critic_target=perturb(runner.learner.critic_target, 2)
+    )
     replay, idx = runner.replay, jnp.arange(0, 48, 3)  # steps 0..7 of the episodes: some done, some not
-    batch = (replay.t[idx], replay.slots[idx], replay.action[idx], replay.reward[idx], replay.done[idx].astype(jnp.float32), replay.next_slots[idx])
+    batch = (
+        replay.t[idx],
+        replay.slots[idx],
+        replay.action[idx],
+        replay.reward[idx],
+        replay.done[idx].astype(jnp.float32),
+        replay.next_slots[idx],
+    )
     n_inv = int(data.inv.shape[0])
     y, q = [], []
     for i in range(len(idx)):
@@ -396,18 +503,27 @@ def test_td3_update_target_delay_and_soft_update():
     warm_args = dataclasses.replace(args, critic_warmup=1)
     warm_update = et.make_erl(warm_args, env_params, data, n_inv, tuple(np.asarray(data.inv).tolist())).td3_update
     first = warm_args.rl_updates  # with --critic-warmup 1, the first update on which the actor may move
-    cases = [(erl.td3_update, 0, True), (erl.td3_update, 1, False),
-             (warm_update, 0, False), (warm_update, first, True), (warm_update, first + 1, False)]
+    cases = [
+        (erl.td3_update, 0, True),
+        (erl.td3_update, 1, False),
+        (warm_update, 0, False),
+        (warm_update, first, True),
+        (warm_update, first + 1, False),
+    ]
     for td3_update, updates, actor_moves in cases:
-        new, (critic_loss, actor_loss) = jax.jit(td3_update)(learner._replace(updates=jnp.int32(updates)), batch, jax.random.PRNGKey(3), data)
+        new, (critic_loss, actor_loss) = jax.jit(td3_update)(
+            learner._replace(updates=jnp.int32(updates)), batch, jax.random.PRNGKey(3), data
+        )
         np.testing.assert_allclose(float(critic_loss), expect_loss, rtol=1e-4)
         assert int(new.updates) == updates + 1
         assert not all(np.array_equal(a, b) for a, b in zip(leaves(new.critic), leaves(learner.critic)))
         assert np.isfinite(float(actor_loss)) == actor_moves
         same_actor = all(np.array_equal(a, b) for a, b in zip(leaves(new.actor), leaves(learner.actor)))
         assert same_actor != actor_moves
-        for target, old_target, online in ((new.actor_target, learner.actor_target, new.actor),
-                                           (new.critic_target, learner.critic_target, new.critic)):
+        for target, old_target, online in (
+            (new.actor_target, learner.actor_target, new.actor),
+            (new.critic_target, learner.critic_target, new.critic),
+        ):
             for a, b, c in zip(leaves(target), leaves(old_target), leaves(online)):
                 np.testing.assert_allclose(a, (1 - args.tau) * b + args.tau * c if actor_moves else b, rtol=1e-5, atol=1e-6)
 
@@ -451,7 +567,7 @@ def test_critic_rules_match_the_env():
     inv, n = np.asarray(data.inv), int(data.inv.shape[0])
     L = args.trading_days + args.settlement_days
     tradable = d["feature_valid"][:, inv].all(1) & np.r_[d["valid"][1:, inv].all(1), False]
-    starts = [t for t in range(args.window - 1, len(tradable) - L - 1) if tradable[t: t + L + 1].all()]
+    starts = [t for t in range(args.window - 1, len(tradable) - L - 1) if tradable[t : t + L + 1].all()]
     assert len(starts) > 100
     rng = np.random.default_rng(0)
     opened = 0

@@ -19,9 +19,32 @@ from conftest import run_script
 # n-step 4 targets hold a trade's whole outcome (fill the next day, sale at the latest two days later). The critic
 # trains alone for the first 4 generations (--critic-warmup, chosen on the validation returns of data seeds 2 and 3).
 DATA = ["--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "2", "--signal-strength", "4", "--days", "2000"]
-FLAGS = ["--train-end", "0.6", "--val-end", "0.8", "--window", "20", "--max-holding-days", "2", "--worst-k", "5",
-         "--rl-updates", "256", "--n-step", "4", "--critic-warmup", "4",
-         "--pop-size", "8", "--generations", "24", "--eval-every", "2", "--seed", "1"]
+FLAGS = [
+    "--train-end",
+    "0.6",
+    "--val-end",
+    "0.8",
+    "--window",
+    "20",
+    "--max-holding-days",
+    "2",
+    "--worst-k",
+    "5",
+    "--rl-updates",
+    "256",
+    "--n-step",
+    "4",
+    "--critic-warmup",
+    "4",
+    "--pop-size",
+    "8",
+    "--generations",
+    "24",
+    "--eval-every",
+    "2",
+    "--seed",
+    "1",
+]
 
 
 def oracle_policy(signal: int):
@@ -88,18 +111,24 @@ def test_erl_learns_the_planted_signal(tmp_path, data_seed):
     the measured shares (a pass when the goal is met)."""
     data = tmp_path / "syn.npz"
     assert dp.main(["synthetic-daily", "--out", str(data), *DATA, "--seed", str(data_seed)]) == 0
-    r = run_script("erl_trader.py", "--data", data, *FLAGS, "--num-seeds", str(SEEDS), "--out-dir", tmp_path,
-                   "--run-name", "learn")
+    r = run_script(
+        "erl_trader.py", "--data", data, *FLAGS, "--num-seeds", str(SEEDS), "--out-dir", tmp_path, "--run-name", "learn"
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "learn" / "report.json").read_text())
     rows = report["seeds"]
     rules = rule_returns(data, FLAGS)
     oracle = rules["oracle"]["test"]
-    share = {who: np.array([row[who]["total_return"] for row in rows]) / oracle
-             for who in ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold")}
+    share = {
+        who: np.array([row[who]["total_return"] for row in rows]) / oracle
+        for who in ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_and_hold")
+    }
     observation_share = rules["observation_rule"]["test"] / oracle
-    print(f"data seed {data_seed}: oracle {oracle:+.3f}, observation rule {observation_share:.2f} of it; shares of the "
-          "oracle per seed", {who: np.round(values, 2).tolist() for who, values in share.items()})
+    print(
+        f"data seed {data_seed}: oracle {oracle:+.3f}, observation rule {observation_share:.2f} of it; shares of the "
+        "oracle per seed",
+        {who: np.round(values, 2).tolist() for who, values in share.items()},
+    )
 
     assert oracle > 0.5, oracle  # the planted signal is worth trading after costs
     percentile_among_random = np.array(report["summary"]["champion"]["percentile_among_random"]["per_run"])
@@ -108,6 +137,8 @@ def test_erl_learns_the_planted_signal(tmp_path, data_seed):
     assert np.median(share["td3_learner"] - share["td3_learner_at_start"]) >= 0.15, share  # TD3 alone learns
     assert np.median(share["random"]) < 0.2, share
     if not (np.median(share["champion"]) >= GOAL and (share["champion"] >= GOAL).sum() >= 2):
-        pytest.xfail(f"the champion's shares of the oracle {np.round(share['champion'], 2).tolist()} are short of the goal "
-                     f"(median {GOAL:.0%}, 2 of 3 seeds): ERL does not yet learn the planted signal close to the oracle "
-                     "robustly (issue: learning across data; README: Learning on synthetic data)")
+        pytest.xfail(
+            f"the champion's shares of the oracle {np.round(share['champion'], 2).tolist()} are short of the goal "
+            f"(median {GOAL:.0%}, 2 of 3 seeds): ERL does not yet learn the planted signal close to the oracle "
+            "robustly (issue: learning across data; README: Learning on synthetic data)"
+        )

@@ -21,8 +21,7 @@ with costs (c = 0.001) shares = 0.5 * 0.999 / 100 = 0.004995, cash 0.5, equity a
 import numpy as np
 import pytest
 
-from erl_reference import (default_params, investable_columns, make_data, random_episode,
-                           run_episode, run_episode_log)
+from erl_reference import default_params, investable_columns, make_data, random_episode, run_episode, run_episode_log
 
 START = 2
 T_, F_ = True, False
@@ -30,8 +29,9 @@ T_, F_ = True, False
 
 def close(actual, expected):
     """Float comparison used throughout (float32-friendly tolerances)."""
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64),
-                               np.asarray(expected, dtype=np.float64), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64), rtol=1e-5, atol=1e-6
+    )
 
 
 def same(actual, expected):
@@ -41,8 +41,7 @@ def same(actual, expected):
 
 def quiet(T=10, N=1):
     """Price arrays [T, N] of a quiet market: open 100, high 101, low 99, close 100."""
-    return (np.full((T, N), 100.0), np.full((T, N), 101.0), np.full((T, N), 99.0),
-            np.full((T, N), 100.0))
+    return (np.full((T, N), 100.0), np.full((T, N), 101.0), np.full((T, N), 99.0), np.full((T, N), 100.0))
 
 
 def bar(prices, day, col, ohlc):
@@ -67,11 +66,12 @@ NO_FRICTION = dict(cost_bps=0.0, hurdle_pct=0.0)
 # Exits
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_target_hit(run):
     """A later day's high reaches the target: sell at the target; the exit reward uses the coef
     the position was opened with (80), not the later coef of the held stock (10)."""
     p = quiet()
-    bar(p, 4, 0, (101, 106, 100, 105.5))          # high 106 >= 105, open 101 -> exit 105
+    bar(p, 4, 0, (101, 106, 100, 105.5))  # high 106 >= 105, open 101 -> exit 105
     data = make_data(*p)
     coefs, targets = actions(1, {0: [80], 1: [10]})
     out = run(data, default_params(), START, coefs, targets)
@@ -91,7 +91,7 @@ def scenario_target_hit(run):
 def scenario_target_gap_up(run):
     """The day opens above the target: sell at the open."""
     p = quiet()
-    bar(p, 4, 0, (107, 108, 106.5, 107.5))        # open 107 > target 105 -> exit 107
+    bar(p, 4, 0, (107, 108, 106.5, 107.5))  # open 107 > target 105 -> exit 107
     data = make_data(*p)
     coefs, targets = actions(1, {0: [80]})
     out = run(data, default_params(), START, coefs, targets)
@@ -108,7 +108,7 @@ def scenario_max_holding(run):
     """Held H days (entry day 3, H = 3): sold at the close of day 6; with H = 2 at day 5's close;
     a target hit on the max-holding day wins (target before max holding)."""
     p = quiet()
-    bar(p, 6, 0, (101, 102.5, 100.5, 102))        # u - entry = 3 >= 3 -> exit at close 102
+    bar(p, 6, 0, (101, 102.5, 100.5, 102))  # u - entry = 3 >= 3 -> exit at close 102
     data = make_data(*p)
     coefs, targets = actions(1, {0: [80]})
     out = run(data, default_params(), START, coefs, targets)
@@ -129,10 +129,10 @@ def scenario_max_holding(run):
     close(out["cash"], [0.5, 0.5] + [0.9990005] * 5)
 
     p = quiet()
-    bar(p, 6, 0, (101, 106, 100.5, 102))          # day 6: target 105 reached and 3 days held
+    bar(p, 6, 0, (101, 106, 100.5, 102))  # day 6: target 105 reached and 3 days held
     out = run(make_data(*p), default_params(), START, coefs, targets)
     same(out["n_exits"], [0, 0, 0, 1, 0, 0, 0])
-    close(out["exit_reward_sum"], [0, 0, 0, 3.4, 0, 0, 0])       # at 105, not at close 102
+    close(out["exit_reward_sum"], [0, 0, 0, 3.4, 0, 0, 0])  # at 105, not at close 102
     close(out["cash"][-1], 1.023950525)
 
 
@@ -143,13 +143,13 @@ def scenario_delisting(run):
     bar(p, 4, 0, (100, 100.5, 97.5, 98))
     for day in range(5, 10):
         bar(p, day, 0, (98, 98, 98, 98))
-    p[1][5, 0] = 106.0                            # garbage high on the delisting day
+    p[1][5, 0] = 106.0  # garbage high on the delisting day
     valid = np.ones((10, 1), dtype=bool)
     valid[5:, 0] = False
     data = make_data(*p, valid=valid)
     coefs, targets = actions(1, {0: [80], 3: [90], 4: [90]})
     out = run(data, default_params(), START, coefs, targets)
-    same(out["opened"], [0, -1, -1, -1, -1, -1, -1])     # k = 3, 4: invalid at t -> no candidate
+    same(out["opened"], [0, -1, -1, -1, -1, -1, -1])  # k = 3, 4: invalid at t -> no candidate
     same(out["n_exits"], [0, 0, 1, 0, 0, 0, 0])
     # 0.8 * (-2 - 0.5) - 0.2 = -2.2; -2.21 with the penalty
     close(out["exit_reward_sum"], [0, 0, -2.2, 0, 0, 0, 0])
@@ -180,9 +180,8 @@ def scenario_settlement_and_end(run):
 
     p = quiet()
     bar(p, 5, 0, (100, 101.5, 99.5, 101))
-    coefs, targets = actions(1, {2: [80]}, n_steps=5)      # 5 rows, the episode has 3 steps
-    out = run(make_data(*p), default_params(trading_days=3, settlement_days=0), START,
-              coefs, targets)
+    coefs, targets = actions(1, {2: [80]}, n_steps=5)  # 5 rows, the episode has 3 steps
+    out = run(make_data(*p), default_params(trading_days=3, settlement_days=0), START, coefs, targets)
     assert len(out["reward"]) == 3
     same(out["done"], [F_, F_, T_])
     same(out["opened"], [-1, -1, 0])
@@ -201,7 +200,7 @@ def scenario_opened_today_not_checked(run):
     day; with H = 1 the next day's close sells it."""
     p = quiet()
     bar(p, 3, 0, (100, 110, 99, 104))
-    bar(p, 4, 0, (104, 106, 103, 105.5))          # target 105 reached the day after entry
+    bar(p, 4, 0, (104, 106, 103, 105.5))  # target 105 reached the day after entry
     params = default_params(**NO_FRICTION)
     coefs, targets = actions(1, {0: [80]})
     out = run(make_data(*p), params, START, coefs, targets)
@@ -216,8 +215,7 @@ def scenario_opened_today_not_checked(run):
     p = quiet()
     bar(p, 3, 0, (100, 110, 99, 104))
     bar(p, 4, 0, (104, 104.5, 103, 104))
-    out = run(make_data(*p), default_params(max_holding_days=1, **NO_FRICTION), START,
-              coefs, targets)
+    out = run(make_data(*p), default_params(max_holding_days=1, **NO_FRICTION), START, coefs, targets)
     same(out["n_exits"], [0, 1, 0, 0, 0, 0, 0])
     # held 1 day -> close[4] = 104: 0.8 * 4 = 3.2; cash 0.5 + 0.005 * 104 = 1.02
     close(out["exit_reward_sum"], [0, 3.2, 0, 0, 0, 0, 0])
@@ -228,11 +226,12 @@ def scenario_opened_today_not_checked(run):
 # Opening rules
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_coef_threshold(run):
     """Opens only when the best coef is strictly above the threshold (50 does not, 50.5 does);
     the exit reward scales with that coef; a higher threshold blocks it."""
     p = quiet(N=2)
-    bar(p, 5, 1, (100, 106, 99.5, 105.5))         # stock 1 reaches its target 105 on day 5
+    bar(p, 5, 1, (100, 106, 99.5, 105.5))  # stock 1 reaches its target 105 on day 5
     data = make_data(*p)
     coefs, targets = actions(2, {0: [50, 30], 1: [30, 50.5]})
     out = run(data, default_params(**NO_FRICTION), START, coefs, targets)
@@ -256,15 +255,14 @@ def scenario_free_slot(run):
     (opening comes before the exits); it opens the next day in the freed slot. Two positions
     exit together at the end."""
     p = quiet(N=3)
-    bar(p, 5, 0, (100, 106, 99.5, 105.5))         # stock 0 (entered day 3) hits 105 on day 5
+    bar(p, 5, 0, (100, 106, 99.5, 105.5))  # stock 0 (entered day 3) hits 105 on day 5
     bar(p, 9, 1, (100, 102.5, 99.5, 102))
     bar(p, 9, 2, (100, 100.5, 97.5, 98))
     data = make_data(*p)
     coefs, targets = actions(3, {0: [90, 0, 0], 1: [95, 80, 0], 2: [95, 95, 90], 3: [0, 0, 90]})
     out = run(data, default_params(max_holding_days=10, **NO_FRICTION), START, coefs, targets)
     same(out["opened"], [0, 1, -1, 2, -1, -1, -1])
-    same(out["held"], [[T_, F_, F_], [T_, T_, F_], [F_, T_, F_], [F_, T_, T_], [F_, T_, T_],
-                       [F_, T_, T_], [F_, F_, F_]])
+    same(out["held"], [[T_, F_, F_], [T_, T_, F_], [F_, T_, F_], [F_, T_, T_], [F_, T_, T_], [F_, T_, T_], [F_, F_, F_]])
     same(out["n_exits"], [0, 0, 1, 0, 0, 0, 2])
     # k = 2: 0.9 * 5 = 4.5; k = 6: 0.8 * 2 + 0.9 * (-2) = 1.6 - 1.8 = -0.2
     close(out["exit_reward_sum"], [0, 0, 4.5, 0, 0, 0, -0.2])
@@ -295,7 +293,7 @@ def scenario_investable_order(run):
     """Actions are indexed in the order of the investable columns (here 0 and 2); ``opened`` and
     ``held`` are indexed by column; the target of column 2 is the second entry (3 %)."""
     p = quiet(N=3)
-    bar(p, 4, 2, (100, 103.5, 99.5, 103))          # 103.5 >= 103 (3 %), < 105 (5 %)
+    bar(p, 4, 2, (100, 103.5, 99.5, 103))  # 103.5 >= 103 (3 %), < 105 (5 %)
     data = make_data(*p, investable=[True, False, True])
     coefs, targets = actions(2, {0: [10, 80]})
     targets[:, 1] = 3.0
@@ -311,7 +309,7 @@ def scenario_order_not_filled(run):
     """The best candidate is invalid on the next day: no fill and nothing else is tried (stock 1,
     coef 80, stays out); the next day stock 0 is invalid at t, so stock 1 is the candidate."""
     p = quiet(N=2)
-    bar(p, 3, 0, (100, 100, 100, 100))             # carried forward, not tradable
+    bar(p, 3, 0, (100, 100, 100, 100))  # carried forward, not tradable
     for day in range(4, 10):
         bar(p, day, 1, (80, 81, 79, 80))
     valid = np.ones((10, 2), dtype=bool)
@@ -338,16 +336,16 @@ def scenario_features_not_ready(run):
     coefs, targets = actions(2, {0: [90, 80], 1: [90, 0], 2: [90, 0]})
     out = run(data, default_params(max_holding_days=10, **NO_FRICTION), START, coefs, targets)
     same(out["opened"], [1, -1, 0, -1, -1, -1, -1])
-    close(out["obs0"][:, 0, -1], [0, 0, 0])          # days 0..2 of stock 0: a price, no features yet
+    close(out["obs0"][:, 0, -1], [0, 0, 0])  # days 0..2 of stock 0: a price, no features yet
     close(out["obs0"][:, 1, -1], [1, 1, 1])
-    close(out["obs"][1][:, 0, -1], [0, 0, 1])         # day 4's window: days 2..4
+    close(out["obs"][1][:, 0, -1], [0, 0, 1])  # day 4's window: days 2..4
 
 
 def scenario_allocation(run):
     """alloc = min(cash, equity_prev / K) with equity_prev marked at close[t]: after a rise the
     cash is the limit, after a fall equity / K is."""
     params = default_params(max_holding_days=10, **NO_FRICTION)
-    coefs, targets = actions(2, {0: [80, 0], 1: [0, 80]}, target=50.0)   # targets never reached
+    coefs, targets = actions(2, {0: [80, 0], 1: [0, 80]}, target=50.0)  # targets never reached
     p = quiet(N=2)
     bar(p, 3, 0, (100, 140, 99, 140))
     for day in range(4, 10):
@@ -378,16 +376,17 @@ def scenario_allocation(run):
 # Reward terms
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_costs(run):
     """cost_bps per side: in shares at entry, in proceeds at exit, and 2 * cost_bps / 100 in each
     exit reward (25 bps: c = 0.0025, 0.5 reward points per trade)."""
     p = quiet()
-    bar(p, 4, 0, (100, 104.5, 99.5, 104))          # target 4 % = 104 reached on day 4
+    bar(p, 4, 0, (100, 104.5, 99.5, 104))  # target 4 % = 104 reached on day 4
     params = default_params(cost_bps=25.0, hurdle_pct=0.0, inaction_penalty=0.0)
     coefs, targets = actions(1, {0: [100], 2: [100]}, target=4.0)
     out = run(make_data(*p), params, START, coefs, targets)
     same(out["opened"], [0, -1, 0, -1, -1, -1, -1])
-    same(out["n_exits"], [0, 1, 0, 0, 0, 1, 0])      # second trade: max holding on day 8
+    same(out["n_exits"], [0, 1, 0, 0, 0, 1, 0])  # second trade: max holding on day 8
     # 1.0 * 4 - 0.5 = 3.5; 1.0 * 0 - 0.5 = -0.5
     close(out["reward"], [0, 3.5, 0, 0, 0, -0.5, 0])
     # k0: shares 0.5 * 0.9975 / 100 = 0.0049875, equity 0.5 + 0.49875 = 0.99875
@@ -395,17 +394,17 @@ def scenario_costs(run):
     # k2: alloc 1.01740325 / 2 = 0.508701625 -> cash 0.508701625,
     #     shares 0.508701625 * 0.9975 / 100 = 0.005074298709375, equity 1.0161314959375
     # k5: + 0.5074298709375 * 0.9975 = 0.50616129626 -> 1.01486292126
-    close(out["cash"], [0.5, 1.01740325, 0.508701625, 0.508701625, 0.508701625,
-                        1.01486292126, 1.01486292126])
-    close(out["equity"], [0.99875, 1.01740325, 1.0161314959375, 1.0161314959375,
-                          1.0161314959375, 1.01486292126, 1.01486292126])
+    close(out["cash"], [0.5, 1.01740325, 0.508701625, 0.508701625, 0.508701625, 1.01486292126, 1.01486292126])
+    close(
+        out["equity"], [0.99875, 1.01740325, 1.0161314959375, 1.0161314959375, 1.0161314959375, 1.01486292126, 1.01486292126]
+    )
 
 
 def scenario_hurdle(run):
     """hurdle_pct is subtracted from the gain in percent before scaling by the coef."""
     p = quiet()
-    bar(p, 4, 0, (100, 103.5, 99.5, 103))          # target 3 % = 103 reached on day 4
-    bar(p, 8, 0, (100, 100.5, 97.5, 98))           # second trade: max holding on day 8
+    bar(p, 4, 0, (100, 103.5, 99.5, 103))  # target 3 % = 103 reached on day 4
+    bar(p, 8, 0, (100, 100.5, 97.5, 98))  # second trade: max holding on day 8
     params = default_params(cost_bps=0.0, hurdle_pct=1.5, inaction_penalty=0.0)
     coefs, targets = actions(1, {0: [60], 2: [60]}, target=3.0)
     out = run(make_data(*p), params, START, coefs, targets)
@@ -420,9 +419,8 @@ def scenario_inaction_penalty(run):
     """The penalty applies on trading days with nothing held after the exits, never on
     settlement days (D = 3, S = 2, H = 2)."""
     p = quiet()
-    bar(p, 6, 0, (100, 102.5, 99.5, 102))          # entered day 4, held 2 days on day 6
-    params = default_params(trading_days=3, settlement_days=2, max_holding_days=2,
-                            inaction_penalty=0.05, **NO_FRICTION)
+    bar(p, 6, 0, (100, 102.5, 99.5, 102))  # entered day 4, held 2 days on day 6
+    params = default_params(trading_days=3, settlement_days=2, max_holding_days=2, inaction_penalty=0.05, **NO_FRICTION)
     coefs, targets = actions(1, {1: [80]}, n_steps=5)
     out = run(make_data(*p), params, START, coefs, targets)
     same(out["done"], [F_, F_, F_, F_, T_])
@@ -436,23 +434,24 @@ def scenario_inaction_penalty(run):
 # Observation
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_observation(run):
     """[W, N, F+1]: each column's features z-scored over its own window (population std + 1e-6,
     a constant window gives 0), then the validity channel; nothing after t is used."""
     T = 10
     feats = np.zeros((T, 2, 1))
-    feats[:, 0, 0] = 10.0 * np.arange(T)              # 0, 10, 20, ...
-    feats[2:, 1, 0] = 3.0                              # 0, 0, 3, 3, 3, ...
+    feats[:, 0, 0] = 10.0 * np.arange(T)  # 0, 10, 20, ...
+    feats[2:, 1, 0] = 3.0  # 0, 0, 3, 3, 3, ...
     o, h, l, c = quiet(N=2)
     for arr in (o, h, l, c):
-        arr[:2, 1] = 0.0                               # column 1 lists on day 2
-    data = make_data(o, h, l, c, features=feats)       # valid = close > 0
+        arr[:2, 1] = 0.0  # column 1 lists on day 2
+    data = make_data(o, h, l, c, features=feats)  # valid = close > 0
     coefs, targets = actions(2, {})
     out = run(data, default_params(), START, coefs, targets)
     assert out["obs0"].shape == (3, 2, 2)
     assert out["obs"].shape == (7, 3, 2, 2)
     # column 0, any window [a, a + 10, a + 20]: mean a + 10, std sqrt(200 / 3)
-    z0 = 10.0 / (np.sqrt(200.0 / 3.0) + 1e-6)          # 1.2247447
+    z0 = 10.0 / (np.sqrt(200.0 / 3.0) + 1e-6)  # 1.2247447
     r2 = np.sqrt(2.0) + 1e-6
     # t = 2: column 1 window [0, 0, 3]: mean 1, std sqrt(2); valid [0, 0, 1]
     close(out["obs0"][:, 0, 0], [-z0, 0, z0])
@@ -468,7 +467,7 @@ def scenario_observation(run):
     close(out["obs"][1, :, 1, 1], [1, 1, 1])
 
     later = dict(data, features=feats.copy())
-    later["features"][3:] = 123.0                       # days after t = 2 must not matter
+    later["features"][3:] = 123.0  # days after t = 2 must not matter
     close(run(later, default_params(), START, coefs, targets)["obs0"], out["obs0"])
 
 
@@ -503,6 +502,7 @@ def test_reference(scenario):
 # Random episodes
 # --------------------------------------------------------------------------------------------------
 
+
 def random_data(rng, T=40, N=6):
     """A random universe: random-walk prices, column 3 lists on day 10 (features ready on day 14), column 4 delists after
     day 20 (prices carried forward), column 2 has a few untradable days, column 1 is not
@@ -526,17 +526,30 @@ def random_data(rng, T=40, N=6):
             arr[g, 2] = close_[g - 1, 2]
     feats = rng.normal(0, 1, (T, N, 3))
     feature_valid = valid.copy()
-    feature_valid[:14, 3] = False                     # column 3's features need four days after listing
-    return make_data(open_, high, low, close_, valid=valid, feature_valid=feature_valid,
-                     investable=[True, False, True, True, True, True], features=feats)
+    feature_valid[:14, 3] = False  # column 3's features need four days after listing
+    return make_data(
+        open_,
+        high,
+        low,
+        close_,
+        valid=valid,
+        feature_valid=feature_valid,
+        investable=[True, False, True, True, True, True],
+        features=feats,
+    )
 
 
-@pytest.mark.parametrize("params", [
-    default_params(),
-    default_params(trading_days=12, settlement_days=3, max_positions=3, max_holding_days=4,
-                   cost_bps=5.0, coef_threshold=30.0),
-    default_params(window=5, trading_days=8, settlement_days=0, max_positions=1),
-], ids=["default", "wide", "no_settlement"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        default_params(),
+        default_params(
+            trading_days=12, settlement_days=3, max_positions=3, max_holding_days=4, cost_bps=5.0, coef_threshold=30.0
+        ),
+        default_params(window=5, trading_days=8, settlement_days=0, max_positions=1),
+    ],
+    ids=["default", "wide", "no_settlement"],
+)
 def test_random_episodes_are_consistent(params):
     """Random play: the replay reproduces the episode, every position is closed by the end, the
     equity identity and the cash flow add up, and each reward matches its exits and penalty."""
@@ -584,8 +597,9 @@ def test_random_episodes_are_consistent(params):
                 allocs.append(info["open"]["alloc"])
             for e in info["exits"]:
                 gain = (e["exit"] / e["entry"] - 1) * 100
-                close(e["reward"], e["coef"] / params["coef_max"] * (gain - params["hurdle_pct"])
-                      - 2 * params["cost_bps"] / 100)
+                close(
+                    e["reward"], e["coef"] / params["coef_max"] * (gain - params["hurdle_pct"]) - 2 * params["cost_bps"] / 100
+                )
                 close(e["proceeds"], e["shares"] * e["exit"] * (1 - c))
                 if e["reason"] == "target":
                     j = e["col"]

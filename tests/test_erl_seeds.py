@@ -21,8 +21,18 @@ POLICIES = ("champion", "td3_learner", "td3_learner_at_start", "random", "buy_an
 def seed_runs(tmp_path_factory):
     """A 3-seed run (--seed 5: seeds 5, 6, 7) and the 1-seed run of --seed 6 (its seed 1)."""
     out = tmp_path_factory.mktemp("erl_seeds")
-    three = run_script("erl_trader.py", *TINY, "--num-seeds", str(NUM_SEEDS), "--seed", str(BASE_SEED), "--out-dir", out,
-                       "--run-name", "three")
+    three = run_script(
+        "erl_trader.py",
+        *TINY,
+        "--num-seeds",
+        str(NUM_SEEDS),
+        "--seed",
+        str(BASE_SEED),
+        "--out-dir",
+        out,
+        "--run-name",
+        "three",
+    )
     assert three.returncode == 0, three.stderr[-3000:]
     one = run_script("erl_trader.py", *TINY, "--seed", str(BASE_SEED + 1), "--out-dir", out, "--run-name", "one")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -31,8 +41,9 @@ def seed_runs(tmp_path_factory):
 
 def test_every_seed_has_its_own_policy_files_and_they_differ(seed_runs):
     out, _ = seed_runs
-    assert_run_outputs(out / "three", RUN_OUTPUTS + tuple(f"seed{k}/{f}.msgpack" for k in range(NUM_SEEDS)
-                                                              for f in ("best", "final")))
+    assert_run_outputs(
+        out / "three", RUN_OUTPUTS + tuple(f"seed{k}/{f}.msgpack" for k in range(NUM_SEEDS) for f in ("best", "final"))
+    )
     assert not (out / "three" / f"seed{NUM_SEEDS}").exists()
     finals = [msgpack_restore((out / "three" / f"seed{k}" / "final.msgpack").read_bytes()) for k in range(NUM_SEEDS)]
     assert [f["seed_index"] for f in finals] == list(range(NUM_SEEDS))
@@ -56,8 +67,12 @@ def test_seed_k_is_the_one_seed_run_of_seed_plus_k(seed_runs):
         else:  # [3 seeds, ...] against [1 seed, ...]
             np.testing.assert_allclose(stacked[1], single[0], rtol=1e-4, atol=1e-4, err_msg=jax.tree_util.keystr(path))
     for f in ("final", "best"):
-        assert_trees_close(policy_params(out / "three" / "seed1" / f"{f}.msgpack"),
-                           policy_params(out / "one" / "seed0" / f"{f}.msgpack"), f, atol=1e-4)
+        assert_trees_close(
+            policy_params(out / "three" / "seed1" / f"{f}.msgpack"),
+            policy_params(out / "one" / "seed0" / f"{f}.msgpack"),
+            f,
+            atol=1e-4,
+        )
     row, single = report_of(out / "three")["seeds"][1], report_of(out / "one")["seeds"][0]
     assert row["prng_seed"] == single["prng_seed"] == BASE_SEED + 1 and row["best_from"] == single["best_from"]
     for name in POLICIES:
@@ -136,8 +151,14 @@ def test_metrics_and_tensorboard_hold_every_seed(seed_runs):
             np.testing.assert_allclose(row[key], np.mean([seed_row[key] for seed_row in row["seeds"]]), rtol=1e-6, err_msg=key)
     assert len({seed_row["fitness_mean"] for seed_row in rows[0]["seeds"]}) == NUM_SEEDS
     best_val = json.loads(msgpack_restore((out / "three" / "checkpoint.msgpack").read_bytes())["extra"])["best_val"]
-    assert best_val == [max(max(row["seeds"][k]["champion_val_return"], row["seeds"][k]["learner_val_return"])
-                            for row in rows if "champion_val_return" in row) for k in range(NUM_SEEDS)]
+    assert best_val == [
+        max(
+            max(row["seeds"][k]["champion_val_return"], row["seeds"][k]["learner_val_return"])
+            for row in rows
+            if "champion_val_return" in row
+        )
+        for k in range(NUM_SEEDS)
+    ]
     tags = scalar_tags(out / "three")
     for tag in ("charts/fitness_mean", "losses/critic_loss", "eval/champion_val_return", "perf/SPS"):
         assert tag in tags, tag
@@ -161,7 +182,11 @@ def test_eval_only_of_the_run_folder_and_of_one_seed_reproduces_the_report(seed_
     r = run_script("erl_trader.py", "--eval-only", "--checkpoint", out / "three" / "seed2" / "best.msgpack")
     assert r.returncode == 0, r.stderr[-2000:]
     one = report_of(out / "three" / "seed2" / "eval_test_sp500_daily")
-    assert len(one["seeds"]) == 1 and one["seeds"][0]["seed"] == 2 and one["seeds"][0]["champion"] == report["seeds"][2]["champion"]
+    assert (
+        len(one["seeds"]) == 1
+        and one["seeds"][0]["seed"] == 2
+        and one["seeds"][0]["champion"] == report["seeds"][2]["champion"]
+    )
 
 
 def test_a_nan_in_one_seed_stops_the_run_naming_that_seed(tmp_path):
@@ -173,8 +198,9 @@ def test_a_nan_in_one_seed_stops_the_run_naming_that_seed(tmp_path):
     ckpt = tmp_path / "nan" / "checkpoint.msgpack"
     payload = msgpack_restore(ckpt.read_bytes())
     learner = payload["runner"]["learner"]
-    learner["critic"] = jax.tree.map(lambda x: np.where(np.arange(len(x)).reshape((-1,) + (1,) * (x.ndim - 1)) == 1, np.nan, x),
-                                     learner["critic"])  # every critic weight of seed 1
+    learner["critic"] = jax.tree.map(
+        lambda x: np.where(np.arange(len(x)).reshape((-1,) + (1,) * (x.ndim - 1)) == 1, np.nan, x), learner["critic"]
+    )  # every critic weight of seed 1
     ckpt.write_bytes(msgpack_serialize(payload))
     broken = ckpt.read_bytes()
     r = run_script("erl_trader.py", "--resume", tmp_path / "nan")

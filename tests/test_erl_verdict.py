@@ -6,11 +6,47 @@ import pytest
 from conftest import synthetic_verdict
 
 # data seed 5 is used by no other test; 5 seeds are the fewest runs an edge can be claimed on (EDGE_MIN_RUNS)
-DATA = ["synthetic-daily", "--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "2", "--days", "2000",
-        "--seed", "5"]
-FLAGS = ["--train-end", "0.6", "--val-end", "0.8", "--window", "20", "--max-holding-days", "2", "--worst-k", "5",
-         "--rl-updates", "128", "--n-step", "4", "--critic-warmup", "2", "--pop-size", "4", "--generations", "10",
-         "--eval-every", "2", "--seed", "1", "--num-seeds", "5"]
+DATA = [
+    "synthetic-daily",
+    "--stocks",
+    "10",
+    "--signal-stocks",
+    "10",
+    "--signal-halflife",
+    "2",
+    "--days",
+    "2000",
+    "--seed",
+    "5",
+]
+FLAGS = [
+    "--train-end",
+    "0.6",
+    "--val-end",
+    "0.8",
+    "--window",
+    "20",
+    "--max-holding-days",
+    "2",
+    "--worst-k",
+    "5",
+    "--rl-updates",
+    "128",
+    "--n-step",
+    "4",
+    "--critic-warmup",
+    "2",
+    "--pop-size",
+    "4",
+    "--generations",
+    "10",
+    "--eval-every",
+    "2",
+    "--seed",
+    "1",
+    "--num-seeds",
+    "5",
+]
 
 
 @pytest.mark.parametrize("signal_strength,claim", [(0, "no evidence of an edge"), (4, "edge")])

@@ -15,11 +15,18 @@ FOLDS, SEEDS = 2, 2
 WALK_FORWARD = [*TINY, *SPLITS, "--walk-forward", str(FOLDS), "--num-seeds", str(SEEDS)]
 
 
-@pytest.mark.parametrize("num_days,train_end,val_end,window,folds,train_days",
-                         [(1000, 400, 600, 20, 1, None), (1000, 400, 600, 20, 4, None), (1003, 400, 600, 8, 3, 250),
-                          (8000, 5000, 6000, 60, 5, None)])
-def test_fold_blocks_are_consecutive_and_each_follows_its_own_training_and_validation(num_days, train_end, val_end, window,
-                                                                                     folds, train_days):
+@pytest.mark.parametrize(
+    "num_days,train_end,val_end,window,folds,train_days",
+    [
+        (1000, 400, 600, 20, 1, None),
+        (1000, 400, 600, 20, 4, None),
+        (1003, 400, 600, 8, 3, 250),
+        (8000, 5000, 6000, 60, 5, None),
+    ],
+)
+def test_fold_blocks_are_consecutive_and_each_follows_its_own_training_and_validation(
+    num_days, train_end, val_end, window, folds, train_days
+):
     bounds = et.fold_bounds(num_days, train_end, val_end, window, folds, train_days)
     assert len(bounds) == folds
     if folds == 1:
@@ -41,8 +48,9 @@ def test_fold_blocks_are_consecutive_and_each_follows_its_own_training_and_valid
 def test_walk_forward_flags_and_too_short_folds_are_one_line_errors(tmp_path):
     out = ["--out-dir", tmp_path]
     assert_one_line_error(run_script("erl_trader.py", *TINY, *SPLITS, "--walk-forward", "0", *out), "--walk-forward")
-    assert_one_line_error(run_script("erl_trader.py", *TINY, *SPLITS, "--walk-forward-train-days", "500", *out),
-                          "--walk-forward-train-days")
+    assert_one_line_error(
+        run_script("erl_trader.py", *TINY, *SPLITS, "--walk-forward-train-days", "500", *out), "--walk-forward-train-days"
+    )
     r = run_script("erl_trader.py", *TINY, *SPLITS, "--walk-forward", "400", *out)
     assert_one_line_error(r, "walk-forward fold 0's test split")
     assert "--walk-forward" in r.stderr
@@ -98,11 +106,12 @@ def test_every_fold_and_seed_is_reported_and_the_summary_is_over_folds_x_seeds(w
     champion = report["summary"]["champion"]
     assert champion["num_trials"] == FOLDS * SEEDS
     assert champion["total_return"]["median"]["value"] == pytest.approx(
-        np.median([row["champion"]["total_return"] for row in report["seeds"]]))
+        np.median([row["champion"]["total_return"] for row in report["seeds"]])
+    )
     assert len(champion["percentile_among_random"]["per_run"]) == FOLDS * SEEDS
     for fold in range(FOLDS):
         for k in range(SEEDS):
-            for f in ("best", "final", ):
+            for f in ("best", "final"):
                 assert (out / "wf" / f"fold{fold}" / f"seed{k}" / f"{f}.msgpack").is_file()
         assert (out / "wf" / f"fold{fold}" / "metrics.jsonl").is_file()
     trades = (out / "wf" / "trades.csv").read_text().splitlines()
@@ -126,8 +135,12 @@ def test_changing_fold_0s_test_block_changes_nothing_in_its_selection(walk_forwa
     for k in range(SEEDS):
         for f in ("best", "final"):
             original = policy_params(out / "wf" / "fold0" / f"seed{k}" / f"{f}.msgpack")
-            assert_trees_close(original, policy_params(out / "perturbed" / "fold0" / f"seed{k}" / f"{f}.msgpack"),
-                               f"fold 0 seed {k} {f}", atol=0.0)
+            assert_trees_close(
+                original,
+                policy_params(out / "perturbed" / "fold0" / f"seed{k}" / f"{f}.msgpack"),
+                f"fold 0 seed {k} {f}",
+                atol=0.0,
+            )
     rows, perturbed_rows = report_of(out / "wf")["seeds"], report_of(out / "perturbed")["seeds"]
     assert rows[0]["best_from"] == perturbed_rows[0]["best_from"]
     assert rows[0]["champion"]["total_return"] != perturbed_rows[0]["champion"]["total_return"]

@@ -25,8 +25,15 @@ def test_gpu_steps_fit_the_call_and_cover_the_gpu_sizes(tmp_path):
     assert any(c.startswith("erl_trader.py --pop-size 64 ") and "--num-seeds 16" in c for c in commands)
     assert any(c.startswith("benchmarks/run.py --no-peers") for c in commands)
     original = next(c for c in commands if "--run-name erl_original_architecture" in c)
-    for flags in ("--window 151", "--bidirectional --lstm-layers 2", "--stock-layers 256 128 64", "--attention-heads 8",
-                  "--hidden 128", "--conv-channels 32", "--remat"):
+    for flags in (
+        "--window 151",
+        "--bidirectional --lstm-layers 2",
+        "--stock-layers 256 128 64",
+        "--attention-heads 8",
+        "--hidden 128",
+        "--conv-channels 32",
+        "--remat",
+    ):
         assert flags in original, flags
     assert any("synthetic-daily --stocks 108" in c for c in commands)
 
@@ -43,8 +50,12 @@ def test_dry_run_runs_the_gpu_commands_at_tiny_sizes(tmp_path):
 
 
 def test_wheel_list_names_what_the_gpu_image_lacks():
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_wheels.sh"), "--dry-run"], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHON=sys.executable))
+    r = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_wheels.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
     assert r.returncode == 0, r.stderr
     for name in ("distrax", "tyro", "tensorboardX", "tfp-nightly", "dm-tree"):
         assert f"{name}=={version(name)}" in r.stdout, name

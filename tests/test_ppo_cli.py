@@ -6,12 +6,34 @@ import numpy as np
 import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
-from conftest import (RUN_OUTPUTS, assert_divergence_stops_and_keeps_the_last_good_checkpoint, assert_one_line_error,
-                      assert_run_outputs, run_script, tiny_run_dir)
+from conftest import (
+    RUN_OUTPUTS,
+    assert_divergence_stops_and_keeps_the_last_good_checkpoint,
+    assert_one_line_error,
+    assert_run_outputs,
+    run_script,
+    tiny_run_dir,
+)
 
 DATA_STEM, MARKET = "spy_1min", "SPY"  # the default --data
-TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
-        "--window", "8", "--episode-bars", "64", "--hidden", "32"]
+TINY = [
+    "--total-timesteps",
+    "4096",
+    "--num-envs",
+    "8",
+    "--num-steps",
+    "64",
+    "--chunk-updates",
+    "2",
+    "--eval-every",
+    "2",
+    "--window",
+    "8",
+    "--episode-bars",
+    "64",
+    "--hidden",
+    "32",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +65,19 @@ def test_tensorboard_tags(tiny_run):
     from tensorboard_reader import scalar_tags
 
     tags = scalar_tags(tiny_run[0])
-    for tag in ("charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "losses/policy_loss", "losses/value_loss",
-                "losses/entropy", "losses/approx_kl", "losses/clipfrac", "losses/explained_variance", "eval/val_return", "perf/SPS"):
+    for tag in (
+        "charts/episodic_return",
+        "charts/episodic_length",
+        "charts/learning_rate",
+        "losses/policy_loss",
+        "losses/value_loss",
+        "losses/entropy",
+        "losses/approx_kl",
+        "losses/clipfrac",
+        "losses/explained_variance",
+        "eval/val_return",
+        "perf/SPS",
+    ):
         assert tag in tags, tag
 
 
@@ -65,9 +98,20 @@ def test_eval_only_reproduces_the_report_in_its_own_folder(tiny_run):
 
 def test_eval_only_takes_cost_overrides_and_states_them(tiny_run, tmp_path):
     run_dir, _ = tiny_run
-    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack",
-                   "--slippage-ticks", "50", "--commission", "100",
-                   "--out-dir", tmp_path, "--run-name", "stress")
+    r = run_script(
+        "ppo_trader.py",
+        "--eval-only",
+        "--checkpoint",
+        run_dir / "seed0" / "best.msgpack",
+        "--slippage-ticks",
+        "50",
+        "--commission",
+        "100",
+        "--out-dir",
+        tmp_path,
+        "--run-name",
+        "stress",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     plain = json.loads((run_dir / "report.json").read_text())["seeds"][0][MARKET]
     stress = json.loads((tmp_path / "stress" / "report.json").read_text())
@@ -93,11 +137,15 @@ def test_flags_a_run_cannot_use_are_refused(tiny_run, tmp_path):
     run_dir, _ = tiny_run
     config = (run_dir / "config.json").read_bytes()
     assert_one_line_error(run_script("ppo_trader.py", "--resume", run_dir, "--learning-rate", "1e30"), "--learning-rate")
-    assert_one_line_error(run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack",
-                                     "--learning-rate", "1"), "--learning-rate")
+    assert_one_line_error(
+        run_script("ppo_trader.py", "--eval-only", "--checkpoint", run_dir / "seed0" / "best.msgpack", "--learning-rate", "1"),
+        "--learning-rate",
+    )
     assert_one_line_error(run_script("ppo_trader.py", "--checkpoint", run_dir / "seed0" / "best.msgpack"), "--eval-only")
     # a run folder that holds a run is not reused
-    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--out-dir", run_dir.parent, "--run-name", run_dir.name), "--resume")
+    assert_one_line_error(
+        run_script("ppo_trader.py", *TINY, "--out-dir", run_dir.parent, "--run-name", run_dir.name), "--resume"
+    )
     assert (run_dir / "config.json").read_bytes() == config
 
 
@@ -109,8 +157,11 @@ def test_resume_is_bit_identical(tmp_path):
     assert not (tmp_path / "part" / "seed0" / "final.msgpack").exists()
     resumed = run_script("ppo_trader.py", "--resume", tmp_path / "part")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for f, keys in (("seed0/final.msgpack", ("params", "obs_norm")), ("seed0/best.msgpack", ("params", "obs_norm")),
-                    ("checkpoint.msgpack", ("runner",))):
+    for f, keys in (
+        ("seed0/final.msgpack", ("params", "obs_norm")),
+        ("seed0/best.msgpack", ("params", "obs_norm")),
+        ("checkpoint.msgpack", ("runner",)),
+    ):
         a, b = (msgpack_restore((tmp_path / run / f).read_bytes()) for run in ("full", "part"))
         for k in keys:  # parameters, optimiser, env states, normaliser, RNG: bit for bit
             assert msgpack_serialize(a[k]) == msgpack_serialize(b[k]), (f, k)
@@ -120,18 +171,21 @@ def test_resume_is_bit_identical(tmp_path):
     assert strip(rows_full) == strip(rows_part)
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--num-envs", "abc"], "--num-envs"),
-    (["--bogus-flag", "1"], "--bogus-flag"),
-    (["--data", "data/sp500_daily.npz"], "intraday"),
-    (["--data", "nope.npz"], "nope.npz"),
-    (["--num-envs", "10", "--num-steps", "3", "--num-minibatches", "4"], "divisible"),
-    (["--train-end", "yesterday"], "--train-end"),
-    (["--eval-only"], "--checkpoint"),
-    (["--eval-only", "--checkpoint", "README.md"], "README.md"),
-    (["--random-runs", "0"], "--random-runs"),
-    (["--trials", "0"], "--trials"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--num-envs", "abc"], "--num-envs"),
+        (["--bogus-flag", "1"], "--bogus-flag"),
+        (["--data", "data/sp500_daily.npz"], "intraday"),
+        (["--data", "nope.npz"], "nope.npz"),
+        (["--num-envs", "10", "--num-steps", "3", "--num-minibatches", "4"], "divisible"),
+        (["--train-end", "yesterday"], "--train-end"),
+        (["--eval-only"], "--checkpoint"),
+        (["--eval-only", "--checkpoint", "README.md"], "README.md"),
+        (["--random-runs", "0"], "--random-runs"),
+        (["--trials", "0"], "--trials"),
+    ],
+)
 def test_bad_flags_and_data_give_one_line(argv, needle):
     r = run_script("ppo_trader.py", *argv)
     assert_one_line_error(r, needle)
@@ -161,8 +215,12 @@ def test_init_from_bad_checkpoints_give_one_line(tiny_run, phase2_run, tmp_path)
     p1, p2 = tiny_run[0] / "seed0" / "best.msgpack", phase2_run[0] / "seed0" / "best.msgpack"
     out = ["--out-dir", tmp_path, "--run-name", "bad"]
     assert_one_line_error(run_script("ppo_trader.py", *TINY, "--phase", "2", "--init-from", p2, *out), "phase 1")
-    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--hidden", "16", "--phase", "2", "--init-from", p1, *out), "--hidden 32")
-    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--window", "4", "--phase", "2", "--init-from", p1, *out), "--window 8")
+    assert_one_line_error(
+        run_script("ppo_trader.py", *TINY, "--hidden", "16", "--phase", "2", "--init-from", p1, *out), "--hidden 32"
+    )
+    assert_one_line_error(
+        run_script("ppo_trader.py", *TINY, "--window", "4", "--phase", "2", "--init-from", p1, *out), "--window 8"
+    )
     assert_one_line_error(run_script("ppo_trader.py", *TINY, "--phase", "2", "--init-from", "README.md", *out), "README.md")
     assert_one_line_error(run_script("ppo_trader.py", *TINY, "--init-from", p1, *out), "--phase 2")
     assert_one_line_error(run_script("ppo_trader.py", "--phase", "3"), "--phase")
@@ -170,5 +228,6 @@ def test_init_from_bad_checkpoints_give_one_line(tiny_run, phase2_run, tmp_path)
 
 
 def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
-    assert_divergence_stops_and_keeps_the_last_good_checkpoint("ppo_trader.py", TINY, tmp_path, {"learning_rate": 1e30},
-                                                               final_policy="seed0/final.msgpack", names="seed 0 (--seed 1)")
+    assert_divergence_stops_and_keeps_the_last_good_checkpoint(
+        "ppo_trader.py", TINY, tmp_path, {"learning_rate": 1e30}, final_policy="seed0/final.msgpack", names="seed 0 (--seed 1)"
+    )

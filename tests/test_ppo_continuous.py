@@ -17,10 +17,24 @@ from test_ppo_reference import FLAT, NAN, POS, close, same
 
 
 def env_params(p: dict) -> pt.EnvParams:
-    return pt.EnvParams(window=p["window"], episode_bars=p["episode_bars"], no_entry_bars=p["no_entry_bars"], flatten_at_close=p["flatten_at_close"],
-                        contracts=float(p["contracts"]), sl_atr_mult=p["sl_atr_mult"], tp_atr_mult=p["tp_atr_mult"], slippage_ticks=p["slippage_ticks"],
-                        initial_balance=p["initial_balance"], dd_limit=p["dd_limit"], dd_lock_offset=p["dd_lock_offset"], breach_penalty=p["breach_penalty"],
-                        phase=p["phase"], trail_atr_mult=p["trail_atr_mult"], action_space=p["action_space"], max_contracts=p["max_contracts"])
+    return pt.EnvParams(
+        window=p["window"],
+        episode_bars=p["episode_bars"],
+        no_entry_bars=p["no_entry_bars"],
+        flatten_at_close=p["flatten_at_close"],
+        contracts=float(p["contracts"]),
+        sl_atr_mult=p["sl_atr_mult"],
+        tp_atr_mult=p["tp_atr_mult"],
+        slippage_ticks=p["slippage_ticks"],
+        initial_balance=p["initial_balance"],
+        dd_limit=p["dd_limit"],
+        dd_lock_offset=p["dd_lock_offset"],
+        breach_penalty=p["breach_penalty"],
+        phase=p["phase"],
+        trail_atr_mult=p["trail_atr_mult"],
+        action_space=p["action_space"],
+        max_contracts=p["max_contracts"],
+    )
 
 
 @jax.jit
@@ -31,8 +45,19 @@ def _run_jax_episode(params: pt.EnvParams, data: pt.MarketData, start, actions):
     def body(state, a):
         core, _, _, _ = pt.step_core(state, a, params, data)  # the pre-reset account
         obs, nxt, reward, term, trunc, info = pt.step(jax.random.PRNGKey(0), state, a, params, data)
-        return nxt, dict(obs=info["final_obs"], reward=reward, terminated=term, truncated=trunc, entry_price=info["entry_price"],
-                         exit_price=info["exit_price"], pnl=core.pnl, equity=core.equity, dir=core.dir, size=core.size, sl=core.sl)
+        return nxt, dict(
+            obs=info["final_obs"],
+            reward=reward,
+            terminated=term,
+            truncated=trunc,
+            entry_price=info["entry_price"],
+            exit_price=info["exit_price"],
+            pnl=core.pnl,
+            equity=core.equity,
+            dir=core.dir,
+            size=core.size,
+            sl=core.sl,
+        )
 
     _, out = jax.lax.scan(body, state, actions)
     return obs0, out
@@ -43,13 +68,19 @@ def jax_run_episode(data, spec, params, start, end, actions) -> dict:
     actions = np.asarray(actions, np.float32).reshape(-1)
     padded = np.zeros(max(PAD, len(actions)), np.float32)
     padded[: len(actions)] = actions
-    obs0, out = _run_jax_episode(env_params(params), market_data(data, spec, start, end), jnp.int32(start), jnp.asarray(padded))
+    obs0, out = _run_jax_episode(
+        env_params(params), market_data(data, spec, start, end), jnp.int32(start), jnp.asarray(padded)
+    )
     out = {k: np.asarray(v)[: len(actions)] for k, v in out.items()}
     done = out["terminated"] | out["truncated"]
     n = int(np.argmax(done)) + 1 if done.any() else len(actions)
     ib = params["initial_balance"]
-    res = {k: out[k][:n] for k in ("obs", "reward", "terminated", "truncated", "entry_price", "exit_price", "dir", "size", "sl")}
-    res.update(obs0=np.asarray(obs0), balance=ib + out["pnl"][:n].astype(np.float64), equity=ib + out["equity"][:n].astype(np.float64))
+    res = {
+        k: out[k][:n] for k in ("obs", "reward", "terminated", "truncated", "entry_price", "exit_price", "dir", "size", "sl")
+    }
+    res.update(
+        obs0=np.asarray(obs0), balance=ib + out["pnl"][:n].astype(np.float64), equity=ib + out["equity"][:n].astype(np.float64)
+    )
     return res
 
 
@@ -57,7 +88,8 @@ def cparams(**kw):
     return ref.default_params(action_space="continuous", max_contracts=2, **kw)
 
 
-# ---- HAND SCENARIOS (point value 50, tick 0.25, commission 2 per contract per side, slip 0.25, ATR 2, stop 1 ATR, target 2 ATR) ----
+# ---- HAND SCENARIOS ----
+# point value 50, tick 0.25, commission 2 per contract per side, slip 0.25, ATR 2, stop 1 ATR, target 2 ATR
 def scenario_scale_in_then_stop(run):
     """1 long, then a second at a higher open: average entry, levels around it; the stop takes both contracts."""
     data = ref.make_data_ohlc([FLAT, FLAT, (100, 101, 99.5, 100.5), (101, 101.5, 100.5, 101), (100, 100.5, 98.5, 99), FLAT])
@@ -112,7 +144,12 @@ def scenario_no_new_exposure_near_session_end(run):
     close(out["exit_price"], [NAN, NAN, 99.75])  # flattened at bar 4's close 100 - slip
 
 
-SCENARIOS = [scenario_scale_in_then_stop, scenario_reverse, scenario_no_new_exposure_outside_rth, scenario_no_new_exposure_near_session_end]
+SCENARIOS = [
+    scenario_scale_in_then_stop,
+    scenario_reverse,
+    scenario_no_new_exposure_outside_rth,
+    scenario_no_new_exposure_near_session_end,
+]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.__name__ for s in SCENARIOS])
@@ -123,11 +160,13 @@ def test_scenarios(scenario, runner):
 
 # ---- PARITY WITH THE NUMPY REFERENCE ----
 # the env's static fields (each combination compiles once): every value of each appears, not every combination
-STATIC_COMBOS = [dict(max_contracts=1, window=1, episode_bars=60, no_entry_bars=0, flatten_at_close=True),
-                 dict(max_contracts=2, window=3, episode_bars=400, no_entry_bars=5, flatten_at_close=True),
-                 dict(max_contracts=2, window=1, episode_bars=400, no_entry_bars=0, flatten_at_close=False),
-                 dict(max_contracts=1, window=3, episode_bars=60, no_entry_bars=5, flatten_at_close=True),
-                 dict(max_contracts=2, window=3, episode_bars=60, no_entry_bars=0, flatten_at_close=True)]
+STATIC_COMBOS = [
+    dict(max_contracts=1, window=1, episode_bars=60, no_entry_bars=0, flatten_at_close=True),
+    dict(max_contracts=2, window=3, episode_bars=400, no_entry_bars=5, flatten_at_close=True),
+    dict(max_contracts=2, window=1, episode_bars=400, no_entry_bars=0, flatten_at_close=False),
+    dict(max_contracts=1, window=3, episode_bars=60, no_entry_bars=5, flatten_at_close=True),
+    dict(max_contracts=2, window=3, episode_bars=60, no_entry_bars=0, flatten_at_close=True),
+]
 
 
 def test_parity_with_reference_on_random_episodes():
@@ -141,10 +180,15 @@ def test_parity_with_reference_on_random_episodes():
     counts = dict(exits=0, breaches=0, truncations=0, scale_ins=0, reductions=0, reversals=0)
     for ep in range(200):
         params = ref.default_params(
-            action_space="continuous", **STATIC_COMBOS[rng.integers(len(STATIC_COMBOS))],
-            sl_atr_mult=float(rng.choice([0.5, 1.0, 1.5])), tp_atr_mult=float(rng.choice([1.0, 2.0, 3.0])),
-            slippage_ticks=float(rng.integers(0, 3)), dd_limit=float(rng.choice([300.0, 800.0, 3000.0])), dd_lock_offset=float(rng.choice([0.0, 100.0])),
-            breach_penalty=float(rng.choice([0.0, 1.0])))
+            action_space="continuous",
+            **STATIC_COMBOS[rng.integers(len(STATIC_COMBOS))],
+            sl_atr_mult=float(rng.choice([0.5, 1.0, 1.5])),
+            tp_atr_mult=float(rng.choice([1.0, 2.0, 3.0])),
+            slippage_ticks=float(rng.integers(0, 3)),
+            dd_limit=float(rng.choice([300.0, 800.0, 3000.0])),
+            dd_lock_offset=float(rng.choice([0.0, 100.0])),
+            breach_penalty=float(rng.choice([0.0, 1.0])),
+        )
         start = int(rng.integers(params["window"] - 1, T - 50))
         end = int(rng.integers(start + 2, T + 1))
         r = ref.random_target_episode(d, spec, params, start, end, PAD, rng)
@@ -206,8 +250,22 @@ def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     median over 3 seeds trained in one program reaches 80%, at least 2 seeds do on their own, random stays below 20%."""
     data = tmp_path / "syn.npz"
     assert dp.main(["synthetic-intraday", "--out", str(data), "--days", "60", "--seed", "0", "--signal-strength", "2"]) == 0
-    flags = ["--data", str(data), "--window", "8", "--total-timesteps", "2000000", "--seed", "1", "--num-seeds", str(SEEDS),
-             "--action-space", "continuous", "--max-contracts", "1"]
+    flags = [
+        "--data",
+        str(data),
+        "--window",
+        "8",
+        "--total-timesteps",
+        "2000000",
+        "--seed",
+        "1",
+        "--num-seeds",
+        str(SEEDS),
+        "--action-space",
+        "continuous",
+        "--max-contracts",
+        "1",
+    ]
     r = run_script("ppo_trader.py", *flags, "--out-dir", tmp_path, "--run-name", "learn")
     assert r.returncode == 0, r.stderr[-3000:]
     seeds = [row["SYN"] for row in json.loads((tmp_path / "learn" / "report.json").read_text())["seeds"]]
@@ -222,8 +280,10 @@ def test_continuous_ppo_reaches_80_percent_of_the_oracle(tmp_path):
     oracles = {th: oracle_policy(th, 8, F) for th in (0.0, 0.25, 0.5, 1.0, 1.5)}
     best = max(oracles, key=lambda th: split_return(val_bt, oracles[th]))
     oracle_test = split_return(test_bt, oracles[best])
-    print(f"continuous PPO per seed {np.round(ppo_test / oracle_test, 2)} of the oracle {oracle_test:+.0f}; random targets "
-          f"{random_test}")
+    print(
+        f"continuous PPO per seed {np.round(ppo_test / oracle_test, 2)} of the oracle {oracle_test:+.0f}; random targets "
+        f"{random_test}"
+    )
     assert oracle_test > 5_000, oracle_test
     assert np.median(ppo_test) >= 0.8 * oracle_test, (ppo_test, oracle_test)
     assert (ppo_test >= 0.8 * oracle_test).sum() >= 2, (ppo_test, oracle_test)

@@ -18,21 +18,44 @@ def market_data(d: dict, spec: dict, start: int, end: int) -> pt.MarketData:
     """One-market MarketData from a reference-style data dict (episodes always reset at `start`)."""
     f32 = lambda k: jnp.asarray(np.asarray(d[k])[None], jnp.float32)  # noqa: E731
     return pt.MarketData(
-        open=f32("open"), high=f32("high"), low=f32("low"), close=f32("close"), atr=f32("atr"),
-        rth=jnp.asarray(d["rth"][None]), session_end=jnp.asarray(d["session_end"][None]),
-        bars_to_close=jnp.asarray(d["bars_to_close"][None], jnp.int32), hours_to_close=f32("hours_to_close"),
-        features=jnp.asarray(np.asarray(d["features"])[None], jnp.float32), starts=jnp.array([[start]], jnp.int32),
-        n_starts=jnp.array([1], jnp.int32), lo=jnp.array([0], jnp.int32), hi=jnp.array([end], jnp.int32),
-        point_value=jnp.array([spec["point_value"]], jnp.float32), tick_size=jnp.array([spec["tick_size"]], jnp.float32),
-        commission=jnp.array([spec["commission"]], jnp.float32), market_weights=jnp.array([1.0]),
+        open=f32("open"),
+        high=f32("high"),
+        low=f32("low"),
+        close=f32("close"),
+        atr=f32("atr"),
+        rth=jnp.asarray(d["rth"][None]),
+        session_end=jnp.asarray(d["session_end"][None]),
+        bars_to_close=jnp.asarray(d["bars_to_close"][None], jnp.int32),
+        hours_to_close=f32("hours_to_close"),
+        features=jnp.asarray(np.asarray(d["features"])[None], jnp.float32),
+        starts=jnp.array([[start]], jnp.int32),
+        n_starts=jnp.array([1], jnp.int32),
+        lo=jnp.array([0], jnp.int32),
+        hi=jnp.array([end], jnp.int32),
+        point_value=jnp.array([spec["point_value"]], jnp.float32),
+        tick_size=jnp.array([spec["tick_size"]], jnp.float32),
+        commission=jnp.array([spec["commission"]], jnp.float32),
+        market_weights=jnp.array([1.0]),
     )
 
 
 def env_params(p: dict) -> pt.EnvParams:
-    return pt.EnvParams(window=p["window"], episode_bars=p["episode_bars"], no_entry_bars=p["no_entry_bars"], flatten_at_close=p["flatten_at_close"],
-                        contracts=float(p["contracts"]), sl_atr_mult=p["sl_atr_mult"], tp_atr_mult=p["tp_atr_mult"], slippage_ticks=p["slippage_ticks"],
-                        initial_balance=p["initial_balance"], dd_limit=p["dd_limit"], dd_lock_offset=p["dd_lock_offset"], breach_penalty=p["breach_penalty"],
-                        phase=p["phase"], trail_atr_mult=p["trail_atr_mult"])
+    return pt.EnvParams(
+        window=p["window"],
+        episode_bars=p["episode_bars"],
+        no_entry_bars=p["no_entry_bars"],
+        flatten_at_close=p["flatten_at_close"],
+        contracts=float(p["contracts"]),
+        sl_atr_mult=p["sl_atr_mult"],
+        tp_atr_mult=p["tp_atr_mult"],
+        slippage_ticks=p["slippage_ticks"],
+        initial_balance=p["initial_balance"],
+        dd_limit=p["dd_limit"],
+        dd_lock_offset=p["dd_lock_offset"],
+        breach_penalty=p["breach_penalty"],
+        phase=p["phase"],
+        trail_atr_mult=p["trail_atr_mult"],
+    )
 
 
 @jax.jit
@@ -43,10 +66,23 @@ def _run_jax_episode(params: pt.EnvParams, data: pt.MarketData, start, actions):
 
     def body(state, a):
         mask = pt.legal_mask(state, params, data)
-        core, _, _, _ = pt.step_core(state, a, params, data)  # the pre-reset account (step returns the next episode's when done)
+        core, _, _, _ = pt.step_core(
+            state, a, params, data
+        )  # the pre-reset account (step returns the next episode's when done)
         obs, nxt, reward, term, trunc, info = pt.step(jax.random.PRNGKey(0), state, a, params, data)
-        return nxt, dict(obs=info["final_obs"], reward=reward, terminated=term, truncated=trunc, mask=mask, entry_price=info["entry_price"],
-                         exit_price=info["exit_price"], pnl=core.pnl, equity=core.equity, dir=core.dir, sl=core.sl)
+        return nxt, dict(
+            obs=info["final_obs"],
+            reward=reward,
+            terminated=term,
+            truncated=trunc,
+            mask=mask,
+            entry_price=info["entry_price"],
+            exit_price=info["exit_price"],
+            pnl=core.pnl,
+            equity=core.equity,
+            dir=core.dir,
+            sl=core.sl,
+        )
 
     _, out = jax.lax.scan(body, state, actions)
     return obs0, out
@@ -60,13 +96,19 @@ def jax_run_episode(data, spec, params, start, end, actions) -> dict:
     actions = np.asarray(actions, np.int32).reshape(-1)
     padded = np.zeros(max(PAD, len(actions)), np.int32)  # one compilation per static config, not per length
     padded[: len(actions)] = actions
-    obs0, out = _run_jax_episode(env_params(params), market_data(data, spec, start, end), jnp.int32(start), jnp.asarray(padded))
+    obs0, out = _run_jax_episode(
+        env_params(params), market_data(data, spec, start, end), jnp.int32(start), jnp.asarray(padded)
+    )
     out = {k: np.asarray(v)[: len(actions)] for k, v in out.items()}  # slice on the host: a device slice compiles per length
     done = out["terminated"] | out["truncated"]
     n = int(np.argmax(done)) + 1 if done.any() else len(actions)
     ib = params["initial_balance"]
-    res = {k: out[k][:n] for k in ("obs", "reward", "terminated", "truncated", "mask", "entry_price", "exit_price", "dir", "sl")}
-    res.update(obs0=np.asarray(obs0), balance=ib + out["pnl"][:n].astype(np.float64), equity=ib + out["equity"][:n].astype(np.float64))
+    res = {
+        k: out[k][:n] for k in ("obs", "reward", "terminated", "truncated", "mask", "entry_price", "exit_price", "dir", "sl")
+    }
+    res.update(
+        obs0=np.asarray(obs0), balance=ib + out["pnl"][:n].astype(np.float64), equity=ib + out["equity"][:n].astype(np.float64)
+    )
     return res
 
 
@@ -89,24 +131,42 @@ def synthetic_market():
     a, _ = dp.build_intraday([("ES", frame, 60, dp.MARKETS["ES"])], "America/New_York", None, "17:00", 1, {})
     feats = a["features"][0][:, [0, 1, 3, 8, 10]].astype(np.float64)
     feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-9)
-    atr = np.maximum(np.round(a["atr"][0] * 256) / 256, 0.25)  # dyadic ATR: stop/target arithmetic exact in float32 and float64
-    d = ref.make_data(a["open"][0], a["high"][0], a["low"][0], a["close"][0], atr=atr, rth=a["rth"][0],
-                      session_end=a["session_end"][0], features=feats.astype(np.float32), timestamps_hours=a["timestamps"][0] / 3.6e12)
+    atr = np.maximum(
+        np.round(a["atr"][0] * 256) / 256, 0.25
+    )  # dyadic ATR: stop/target arithmetic exact in float32 and float64
+    d = ref.make_data(
+        a["open"][0],
+        a["high"][0],
+        a["low"][0],
+        a["close"][0],
+        atr=atr,
+        rth=a["rth"][0],
+        session_end=a["session_end"][0],
+        features=feats.astype(np.float32),
+        timestamps_hours=a["timestamps"][0] / 3.6e12,
+    )
     return d
 
 
 # the env's static fields (each combination compiles once): every value of each appears, not every combination
-STATIC_COMBOS = [dict(window=1, episode_bars=60, no_entry_bars=0, flatten_at_close=True),
-                 dict(window=3, episode_bars=400, no_entry_bars=5, flatten_at_close=True),
-                 dict(window=1, episode_bars=400, no_entry_bars=0, flatten_at_close=False),
-                 dict(window=3, episode_bars=60, no_entry_bars=5, flatten_at_close=True)]
+STATIC_COMBOS = [
+    dict(window=1, episode_bars=60, no_entry_bars=0, flatten_at_close=True),
+    dict(window=3, episode_bars=400, no_entry_bars=5, flatten_at_close=True),
+    dict(window=1, episode_bars=400, no_entry_bars=0, flatten_at_close=False),
+    dict(window=3, episode_bars=60, no_entry_bars=5, flatten_at_close=True),
+]
 
 
 def random_params(rng):
     return ref.default_params(
-        **STATIC_COMBOS[rng.integers(len(STATIC_COMBOS))], sl_atr_mult=float(rng.choice([0.5, 1.0, 1.5])), tp_atr_mult=float(rng.choice([1.0, 2.0, 3.0])),
-        slippage_ticks=float(rng.integers(0, 3)), dd_limit=float(rng.choice([300.0, 800.0, 3000.0])), dd_lock_offset=float(rng.choice([0.0, 100.0])),
-        breach_penalty=float(rng.choice([0.0, 1.0])), contracts=int(rng.integers(1, 3)),
+        **STATIC_COMBOS[rng.integers(len(STATIC_COMBOS))],
+        sl_atr_mult=float(rng.choice([0.5, 1.0, 1.5])),
+        tp_atr_mult=float(rng.choice([1.0, 2.0, 3.0])),
+        slippage_ticks=float(rng.integers(0, 3)),
+        dd_limit=float(rng.choice([300.0, 800.0, 3000.0])),
+        dd_lock_offset=float(rng.choice([0.0, 100.0])),
+        breach_penalty=float(rng.choice([0.0, 1.0])),
+        contracts=int(rng.integers(1, 3)),
     )
 
 
@@ -141,7 +201,9 @@ def test_parity_with_reference_on_random_episodes():
         start = int(rng.integers(params["window"] - 1, T - 50))
         end = int(rng.integers(start + 2, T + 1))
         r = ref.random_legal_episode(d, spec, params, start, end, PAD, rng)
-        assert_episode_matches(jax_run_episode(d, spec, params, start, end, r["actions"]), r, ep, exact=("mask", "dir"), close=("exit_price",))
+        assert_episode_matches(
+            jax_run_episode(d, spec, params, start, end, r["actions"]), r, ep, exact=("mask", "dir"), close=("exit_price",)
+        )
         counts["steps"] += len(r["reward"])
         count_episode(counts, r)
     # the episodes exercised the rules, not just HOLD
@@ -157,10 +219,20 @@ def test_phase2_parity_with_reference_on_random_episodes():
     counts = dict(steps=0, exits=0, breaches=0, truncations=0, be_moves=0, ratchets=0)
     for ep in range(200):
         params = ref.default_params(
-            phase=2, window=3, trail_atr_mult=float(rng.choice([0.5, 1.0, 2.0])), sl_atr_mult=float(rng.choice([1.0, 2.0, 4.0])),
-            tp_atr_mult=float(rng.choice([2.0, 6.0])), slippage_ticks=float(rng.integers(0, 3)), dd_limit=float(rng.choice([300.0, 800.0, 3000.0])),
-            dd_lock_offset=float(rng.choice([0.0, 100.0])), breach_penalty=float(rng.choice([0.0, 1.0])), episode_bars=int(rng.choice([60, 400])),
-            no_entry_bars=5, contracts=int(rng.integers(1, 3)), flatten_at_close=bool(rng.random() < 0.5))
+            phase=2,
+            window=3,
+            trail_atr_mult=float(rng.choice([0.5, 1.0, 2.0])),
+            sl_atr_mult=float(rng.choice([1.0, 2.0, 4.0])),
+            tp_atr_mult=float(rng.choice([2.0, 6.0])),
+            slippage_ticks=float(rng.integers(0, 3)),
+            dd_limit=float(rng.choice([300.0, 800.0, 3000.0])),
+            dd_lock_offset=float(rng.choice([0.0, 100.0])),
+            breach_penalty=float(rng.choice([0.0, 1.0])),
+            episode_bars=int(rng.choice([60, 400])),
+            no_entry_bars=5,
+            contracts=int(rng.integers(1, 3)),
+            flatten_at_close=bool(rng.random() < 0.5),
+        )
         start = int(rng.integers(params["window"] - 1, T - 50))
         end = int(rng.integers(start + 2, T + 1))
         r = ref.random_legal_episode(d, spec, params, start, end, PAD, rng)
@@ -183,7 +255,12 @@ def test_phase2_parity_with_reference_on_random_episodes():
         counts["truncations"] += int(r["truncated"].any())
         counts["be_moves"] += int((r["actions"] == ref.MOVE_SL_TO_BE).sum())
         # the stop moved while the same position stayed open, without a break-even move: a trailing ratchet
-        same_pos = (r["dir"][1:] != 0) & (r["dir"][1:] == r["dir"][:-1]) & np.isnan(r["entry_price"][1:]) & np.isnan(r["exit_price"][:-1])
+        same_pos = (
+            (r["dir"][1:] != 0)
+            & (r["dir"][1:] == r["dir"][:-1])
+            & np.isnan(r["entry_price"][1:])
+            & np.isnan(r["exit_price"][:-1])
+        )
         counts["ratchets"] += int((same_pos & (r["sl"][1:] != r["sl"][:-1]) & (r["actions"][1:] != ref.MOVE_SL_TO_BE)).sum())
     # the episodes exercised the rules, the new ones included
     assert counts["exits"] > 300 and counts["breaches"] > 10 and counts["truncations"] > 50, counts
@@ -191,11 +268,15 @@ def test_phase2_parity_with_reference_on_random_episodes():
 
 
 # ---- BACKTEST ----
-SPLIT_END_ROWS = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100),  # t=1: BUY
-                  (100, 101, 99.5, 100.5),                         # entry 100.25, stop 98.25, target 104.25
-                  (100.5, 101.5, 100, 101), (101, 102, 100.5, 101.5),
-                  (101.5, 102, 101, 101.5),                        # the split's last bar (hi = 6): exit 101.5 - 0.25
-                  (150, 150, 150, 150)]                            # after the split: would fill the target
+SPLIT_END_ROWS = [
+    (100, 100.5, 99.5, 100),
+    (100, 100.5, 99.5, 100),  # t=1: BUY
+    (100, 101, 99.5, 100.5),  # entry 100.25, stop 98.25, target 104.25
+    (100.5, 101.5, 100, 101),
+    (101, 102, 100.5, 101.5),
+    (101.5, 102, 101, 101.5),  # the split's last bar (hi = 6): exit 101.5 - 0.25
+    (150, 150, 150, 150),
+]  # after the split: would fill the target
 
 
 def _buy_when_legal(policy_args, key, obs, mask):
@@ -280,9 +361,13 @@ def test_sampled_backtest_policy_draws_legal_actions_with_the_policy_probabiliti
 
     cnet = pt.ActorCritic(1, 16, continuous=True)
     cparams = cnet.init(jax.random.PRNGKey(0), obs)
-    cparams["params"]["policy_head"]["bias"] = jnp.array([0.8])  # mean about 0.8, std exp(-0.7): an asymmetric, narrow target law
+    cparams["params"]["policy_head"]["bias"] = jnp.array(
+        [0.8]
+    )  # mean about 0.8, std exp(-0.7): an asymmetric, narrow target law
     cparams["params"]["log_std"] = jnp.array([-0.7])
-    targets = np.asarray(jax.vmap(pt.sampled_policy(cnet), in_axes=(None, 0, None, None))((cparams, norm), keys, obs, mask), np.float64)
+    targets = np.asarray(
+        jax.vmap(pt.sampled_policy(cnet), in_axes=(None, 0, None, None))((cparams, norm), keys, obs, mask), np.float64
+    )
     mean, log_std = np.asarray(cnet.apply(cparams, obs)[0], np.float64)
     ref_targets = np.tanh(mean + np.exp(log_std) * np.random.default_rng(0).normal(size=400_000))
     assert np.all(np.abs(targets) < 1)
@@ -290,7 +375,9 @@ def test_sampled_backtest_policy_draws_legal_actions_with_the_policy_probabiliti
     np.testing.assert_allclose(targets.std(), ref_targets.std(), rtol=0.03)
     # the whole law: the largest gap between the two empirical CDFs (Kolmogorov-Smirnov) stays small
     grid = np.linspace(-1, 1, 401)
-    ks = np.abs(np.searchsorted(np.sort(targets), grid) / len(targets) - np.searchsorted(np.sort(ref_targets), grid) / len(ref_targets)).max()
+    ks = np.abs(
+        np.searchsorted(np.sort(targets), grid) / len(targets) - np.searchsorted(np.sort(ref_targets), grid) / len(ref_targets)
+    ).max()
     assert ks < 0.02, ks
 
 
@@ -347,7 +434,9 @@ def test_sampled_actions_are_always_legal_and_log_probs_finite():
             logits, _ = net.apply(nparams, obs)
             pi = pt.masked_policy(logits, mask)
             a = pi.sample(seed=k1)
-            obs, state, *_ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(jax.random.split(k2, 100), state, a, params, data)
+            obs, state, *_ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(
+                jax.random.split(k2, 100), state, a, params, data
+            )
             return (obs, state), (mask, a, pi.log_prob(a), pi.entropy())
 
         _, out = jax.lax.scan(body, (obs, state), jax.random.split(key, 100))
@@ -400,12 +489,26 @@ def test_gae_scan_matches_python_loop():
     term = rng.random((T, N)) < 0.08
     trunc = (rng.random((T, N)) < 0.08) & ~term
     last_value = rng.normal(size=N)
-    traj = pt.Transition(obs=jnp.zeros((T, N, 1)), action=jnp.zeros((T, N), jnp.int32), log_prob=jnp.zeros((T, N)), value=jnp.asarray(value, jnp.float32),
-                         reward=jnp.asarray(reward, jnp.float32), terminated=jnp.asarray(term), truncated=jnp.asarray(trunc),
-                         final_value=jnp.asarray(final_value, jnp.float32), mask=jnp.ones((T, N, 3), bool),
-                         choice=jnp.ones((T, N), bool))
+    traj = pt.Transition(
+        obs=jnp.zeros((T, N, 1)),
+        action=jnp.zeros((T, N), jnp.int32),
+        log_prob=jnp.zeros((T, N)),
+        value=jnp.asarray(value, jnp.float32),
+        reward=jnp.asarray(reward, jnp.float32),
+        terminated=jnp.asarray(term),
+        truncated=jnp.asarray(trunc),
+        final_value=jnp.asarray(final_value, jnp.float32),
+        mask=jnp.ones((T, N, 3), bool),
+        choice=jnp.ones((T, N), bool),
+    )
     adv, targets = pt.compute_gae(traj, jnp.asarray(last_value, jnp.float32), 0.99, 0.95)
-    expect = np.stack([gae_loop(reward[:, i], value[:, i], term[:, i], trunc[:, i], final_value[:, i], last_value[i], 0.99, 0.95) for i in range(N)], 1)
+    expect = np.stack(
+        [
+            gae_loop(reward[:, i], value[:, i], term[:, i], trunc[:, i], final_value[:, i], last_value[i], 0.99, 0.95)
+            for i in range(N)
+        ],
+        1,
+    )
     np.testing.assert_allclose(np.asarray(adv), expect, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(np.asarray(targets), expect + value, rtol=1e-4, atol=1e-5)
     assert term.any() and trunc.any()
@@ -422,7 +525,9 @@ def test_init_from_keeps_phase1_probabilities(tmp_path):
     p1, p2 = pt.env_params_from_args(args1), pt.env_params_from_args(pt.Args(window=4, phase=2))
     net1 = pt.ActorCritic(3, 32)
     params1 = net1.init(jax.random.PRNGKey(0), jnp.zeros(pt.obs_size(4, F, 1)))
-    params1 = jax.tree_util.tree_map_with_path(lambda path, x: x * 150.0 if "policy_head" in str(path) else x, params1)  # logits of a few units
+    params1 = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 150.0 if "policy_head" in str(path) else x, params1
+    )  # logits of a few units
     # a phase 1 normaliser fitted on random-play observations
     obs, states = jax.vmap(pt.reset, in_axes=(0, None, None))(jax.random.split(jax.random.PRNGKey(1), 256), p1, data)
 
@@ -493,7 +598,9 @@ def test_training_visits_every_bars_to_close_value_the_backtest_plays(tmp_path):
             k1, k2 = jax.random.split(k)
             mask = jax.vmap(pt.legal_mask, in_axes=(0, None, None))(states, params, train)
             action = jax.vmap(pt.random_policy, in_axes=(None, 0, 0, 0))(None, jax.random.split(k1, num_envs), obs, mask)
-            obs, states, *_ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(jax.random.split(k2, num_envs), states, action, params, train)
+            obs, states, *_ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(
+                jax.random.split(k2, num_envs), states, action, params, train
+            )
             return (obs, states), (states.market, states.t)
 
         return jax.lax.scan(body, (obs, states), jax.random.split(key, 512))[1]
@@ -516,7 +623,9 @@ def test_backtest_observation_is_the_training_observation():
     d = synthetic_market()
     spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
     window, episode_bars = 3, 64
-    params = env_params(ref.default_params(window=window, episode_bars=episode_bars, dd_limit=1e6)).replace(action_space="continuous")
+    params = env_params(ref.default_params(window=window, episode_bars=episode_bars, dd_limit=1e6)).replace(
+        action_space="continuous"
+    )
     data = market_data(d, spec, window - 1, 1500)
     index = window * d["features"].shape[1] + 4  # bars in position / episode_bars
 
@@ -538,8 +647,15 @@ def test_buy_and_hold_is_held_to_the_trailing_drawdown():
     """1 contract long from bar 2's open (100 + 0.25 slippage), point value 50, commission 2 a side. Limit 100: the
     close of bar 4 (97) marks -164.5 <= 10.5 - 100, so it sells at 97 - 0.25 and stays flat: -164.5 - 2 - 12.5 = -179.
     Limit 1000: no breach, sold at the split's last close 106 - 0.25: 5.75 x 50 - 2 - 2 - 12.5 = 271."""
-    rows = [(100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100), (100, 100.5, 99.5, 100.5), (100.5, 100.5, 98.5, 99), (99, 99, 96.5, 97),
-            (97, 105.5, 97, 105), (105, 106.5, 104.5, 106)]
+    rows = [
+        (100, 100.5, 99.5, 100),
+        (100, 100.5, 99.5, 100),
+        (100, 100.5, 99.5, 100.5),
+        (100.5, 100.5, 98.5, 99),
+        (99, 99, 96.5, 97),
+        (97, 105.5, 97, 105),
+        (105, 106.5, 104.5, 106),
+    ]
     data = market_data(ref.make_data_ohlc(rows), ref.default_spec(), 1, 7)
     equity, breached = pt.buy_and_hold(data, 0, env_params(ref.default_params(dd_limit=100.0)))
     np.testing.assert_allclose(equity, [10.5, -64.5, -179.0, -179.0, -179.0])
@@ -565,7 +681,10 @@ def test_trades_of_a_scale_in_and_a_reversal():
     hour = np.arange(7, dtype=np.int64) * 3_600_000_000_000
     rows_csv = pt.trade_rows(out, "X", hour)
     stamp = lambda h: str(np.datetime64(int(hour[h]), "ns"))  # noqa: E731
-    assert rows_csv == [f"X,{stamp(2)},{stamp(4)},long,100.5,100.25,-33.00", f"X,{stamp(4)},{stamp(5)},short,100.25,100.25,-4.00"], rows_csv
+    assert rows_csv == [
+        f"X,{stamp(2)},{stamp(4)},long,100.5,100.25,-33.00",
+        f"X,{stamp(4)},{stamp(5)},short,100.25,100.25,-4.00",
+    ], rows_csv
     assert pt.trade_metrics(out)["trades"] == 2
 
 
@@ -573,7 +692,11 @@ def test_hours_and_bars_to_close_come_from_the_calendar(tmp_path):
     """A session whose bars stop at 14:14 (a gap in the data) shows at 09:30 the same 6.48 hours and 389 bars to the
     close as a complete session: the scheduled 16:00 close, not the last bar present."""
     frame, _, _ = dp.synthetic_intraday_frame(6, 0, 1.0, 30.0, "2024-03-04")
-    local = frame.index.tz_localize("UTC").tz_convert("America/New_York") if frame.index.tz is None else frame.index.tz_convert("America/New_York")
+    local = (
+        frame.index.tz_localize("UTC").tz_convert("America/New_York")
+        if frame.index.tz is None
+        else frame.index.tz_convert("America/New_York")
+    )
     gap_day = sorted(set(local.date))[2]
     drop = (local.date == gap_day) & (local.hour * 60 + local.minute >= 14 * 60 + 15)
     arrays, specs = dp.build_intraday([("ES", frame[~drop], 60, dp.MARKETS["ES"])], "America/New_York", None, "17:00", 1, {})
@@ -594,16 +717,22 @@ def test_observation_normaliser_starts_from_a_random_policy_rollout():
     would see every open position at the +-10 clip."""
     d = synthetic_market()
     spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
-    data = market_data(d, spec, 300, len(d["open"])).replace(starts=jnp.arange(300, 2300, 20, dtype=jnp.int32)[None],
-                                                             n_starts=jnp.array([100], jnp.int32))
+    data = market_data(d, spec, 300, len(d["open"])).replace(
+        starts=jnp.arange(300, 2300, 20, dtype=jnp.int32)[None], n_starts=jnp.array([100], jnp.int32)
+    )
     args = pt.Args(window=3, num_envs=16, num_steps=32, hidden=16)
     params = env_params(ref.default_params(window=3))
     init, _, _, _ = pt.make_train(args, params, data)
     norm = jax.jit(init)(jax.random.PRNGKey(0)).obs_norm
     direction = 3 * d["features"].shape[1]
     assert float(norm.var[direction]) > 0.1, float(norm.var[direction])  # random play holds longs and shorts
-    long = pt.reset_at(0, 1000).replace(dir=jnp.int32(1), entry=jnp.float32(d["close"][1000]), sl=jnp.float32(d["close"][1000] - 3),
-                                        tp=jnp.float32(d["close"][1000] + 6), bars_in_pos=jnp.int32(5))
+    long = pt.reset_at(0, 1000).replace(
+        dir=jnp.int32(1),
+        entry=jnp.float32(d["close"][1000]),
+        sl=jnp.float32(d["close"][1000] - 3),
+        tp=jnp.float32(d["close"][1000] + 6),
+        bars_in_pos=jnp.int32(5),
+    )
     position = np.asarray(norm(pt.get_obs(long, params, data)))[direction:]
     assert np.abs(position).max() < 10, position  # an ordinary open position is not at the clip
 
@@ -614,15 +743,18 @@ def test_rollout_log_probs_equal_the_loss_log_probs(phase, action_space):
     clipfrac 0 (stored normalised observations, masks and pre-squash actions are what the loss reads)."""
     d = synthetic_market()
     spec = ref.default_spec(point_value=50.0, tick_size=0.25, commission=2.25)
-    data = market_data(d, spec, 300, len(d["open"])).replace(starts=jnp.arange(300, 2300, 20, dtype=jnp.int32)[None],
-                                                             n_starts=jnp.array([100], jnp.int32))
+    data = market_data(d, spec, 300, len(d["open"])).replace(
+        starts=jnp.arange(300, 2300, 20, dtype=jnp.int32)[None], n_starts=jnp.array([100], jnp.int32)
+    )
     args = pt.Args(window=3, num_envs=32, num_steps=64, hidden=16, phase=phase, action_space=action_space)
     params = env_params(ref.default_params(window=3, phase=phase)).replace(action_space=action_space)
     init, _, _, network = pt.make_train(args, params, data)
     runner = jax.jit(init)(jax.random.PRNGKey(0))
     scaled = jax.tree.map(lambda x: x * 3.0, runner.train_state.params)  # a policy far from uniform
     runner = runner._replace(train_state=runner.train_state.replace(params=scaled))
-    collect = jax.jit(lambda r: jax.lax.scan(lambda c, x: pt.rollout_step(network, params, data, c, x), r, None, args.num_steps))
+    collect = jax.jit(
+        lambda r: jax.lax.scan(lambda c, x: pt.rollout_step(network, params, data, c, x), r, None, args.num_steps)
+    )
     _, (traj, _, _) = collect(runner)
     batch = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), traj)
     log_prob, _, _ = pt.evaluate_actions(network, scaled, batch.obs, batch.action, batch.mask)

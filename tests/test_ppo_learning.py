@@ -65,17 +65,56 @@ def test_phase2_from_phase1_beats_phase1_when_managing_pays(tmp_path):
     can only ride a trade into its reversal; phase 2, started from phase 1 (seed k from seed k), learns to trail
     the stop. 3 seeds in one program: the medians decide, and at least 2 seeds must pass on their own."""
     data = tmp_path / "revert.npz"
-    assert dp.main(["synthetic-intraday", "--out", str(data), "--days", "60", "--seed", "0", "--signal-strength", "2",
-                    "--revert-fraction", "1", "--revert-after", "120"]) == 0
-    flags = ["--data", str(data), "--window", "8", "--tp-atr-mult", "20", "--trail-atr-mult", "2", "--dd-limit", "5000",
-             "--total-timesteps", "1000000", "--seed", "1", "--num-seeds", str(SEEDS), "--out-dir", tmp_path]
+    assert (
+        dp.main(
+            [
+                "synthetic-intraday",
+                "--out",
+                str(data),
+                "--days",
+                "60",
+                "--seed",
+                "0",
+                "--signal-strength",
+                "2",
+                "--revert-fraction",
+                "1",
+                "--revert-after",
+                "120",
+            ]
+        )
+        == 0
+    )
+    flags = [
+        "--data",
+        str(data),
+        "--window",
+        "8",
+        "--tp-atr-mult",
+        "20",
+        "--trail-atr-mult",
+        "2",
+        "--dd-limit",
+        "5000",
+        "--total-timesteps",
+        "1000000",
+        "--seed",
+        "1",
+        "--num-seeds",
+        str(SEEDS),
+        "--out-dir",
+        tmp_path,
+    ]
     r1 = run_script("ppo_trader.py", *flags, "--run-name", "phase1")
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = run_script("ppo_trader.py", *flags, "--run-name", "phase2", "--phase", "2", "--init-from", tmp_path / "phase1")
     assert r2.returncode == 0, r2.stderr[-3000:]
-    p1, p2 = (np.array([row["SYN"]["policy"]["total_return"]
-                        for row in json.loads((tmp_path / run / "report.json").read_text())["seeds"]])
-              for run in ("phase1", "phase2"))
+    p1, p2 = (
+        np.array(
+            [row["SYN"]["policy"]["total_return"] for row in json.loads((tmp_path / run / "report.json").read_text())["seeds"]]
+        )
+        for run in ("phase1", "phase2")
+    )
     # phase 1 learned to enter on the signal: the comparison is not against a no-trade policy
     assert np.median(p1) > 0.05, p1
     assert np.median(p2) > 1.3 * np.median(p1) and (p2 > 1.3 * p1).sum() >= 2, (p2, p1)
@@ -98,7 +137,9 @@ def test_phase2_from_phase1_beats_phase1_when_managing_pays(tmp_path):
         trades, trails = int(np.isfinite(out["closed_price"]).sum()), int((out["action"] == pt.ENABLE_TRAIL).sum())
         out_u = pt.play_one(backtest, entries_only, (params, norm), 0, jax.random.PRNGKey(0))
         managed, unmanaged = float(out["equity"][-1]), float(out_u["equity"][-1])
-        print(f"seed {seed}: phase 1 {p1[seed]:+.3f}  phase 2 {p2[seed]:+.3f}  trades {trades}  trail enables {trails}  "
-              f"phase 2 without management {unmanaged / 50_000:+.3f}")
+        print(
+            f"seed {seed}: phase 1 {p1[seed]:+.3f}  phase 2 {p2[seed]:+.3f}  trades {trades}  trail enables {trails}  "
+            f"phase 2 without management {unmanaged / 50_000:+.3f}"
+        )
         managed_pays.append(trades > 20 and trails > 0.2 * trades and managed > unmanaged + 0.1 * 50_000 * p1[seed])
     assert sum(managed_pays) >= 2, managed_pays

@@ -13,9 +13,33 @@ import data_prep as dp
 import ppo_trader as pt
 from conftest import RUN_OUTPUTS, assert_run_outputs, run_script
 
-TINY = ["--total-timesteps", "4096", "--num-envs", "8", "--num-steps", "64", "--chunk-updates", "2", "--eval-every", "2",
-        "--window", "8", "--episode-bars", "64", "--hidden", "32"]
-CURRICULUM = ["--curriculum", "--curriculum-dd-start", "5000", "--curriculum-commission-start", "0.25", "--curriculum-end", "0.5"]
+TINY = [
+    "--total-timesteps",
+    "4096",
+    "--num-envs",
+    "8",
+    "--num-steps",
+    "64",
+    "--chunk-updates",
+    "2",
+    "--eval-every",
+    "2",
+    "--window",
+    "8",
+    "--episode-bars",
+    "64",
+    "--hidden",
+    "32",
+]
+CURRICULUM = [
+    "--curriculum",
+    "--curriculum-dd-start",
+    "5000",
+    "--curriculum-commission-start",
+    "0.25",
+    "--curriculum-end",
+    "0.5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +74,9 @@ def draw_fraction(weights, two_markets, n=20_000):
     args = pt.Args(data=str(two_markets), window=8, episode_bars=64, market_weights=weights)
     datasets, info = pt.load_data(args)
     data = datasets["train"]
-    _, states = jax.jit(jax.vmap(pt.reset, in_axes=(0, None, None)))(jax.random.split(jax.random.PRNGKey(0), n), pt.env_params_from_args(args), data)
+    _, states = jax.jit(jax.vmap(pt.reset, in_axes=(0, None, None)))(
+        jax.random.split(jax.random.PRNGKey(0), n), pt.env_params_from_args(args), data
+    )
     market, t = np.asarray(states.market), np.asarray(states.t)
     for m in range(2):  # every start lies inside its own market's training split
         lo, hi = info["bounds"][m]["train"]
@@ -81,22 +107,44 @@ def assert_main_one_line_error(argv, needle, capsys):
     assert len(lines) == 1 and needle in lines[0] and "Fix:" in lines[0], lines
 
 
-@pytest.mark.parametrize("weights,needle", [(["1"], "--market-weights has 1 numbers"), (["1", "-1"], "--market-weights"),
-                                            (["0", "0"], "--market-weights"), (["1", "nan"], "--market-weights")])
+@pytest.mark.parametrize(
+    "weights,needle",
+    [
+        (["1"], "--market-weights has 1 numbers"),
+        (["1", "-1"], "--market-weights"),
+        (["0", "0"], "--market-weights"),
+        (["1", "nan"], "--market-weights"),
+    ],
+)
 def test_bad_market_weights_give_one_line(two_markets, weights, needle, capsys):
     assert_main_one_line_error(["--data", two_markets, "--market-weights", *weights], needle, capsys)
 
 
-@pytest.mark.parametrize("argv", [["--curriculum-end", "0"], ["--curriculum-end", "1.5"], ["--curriculum-dd-start", "-5"],
-                                  ["--curriculum-commission-start", "-1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--curriculum-end", "0"],
+        ["--curriculum-end", "1.5"],
+        ["--curriculum-dd-start", "-5"],
+        ["--curriculum-commission-start", "-1"],
+    ],
+)
 def test_bad_curriculum_flags_give_one_line(argv, capsys):
     assert_main_one_line_error(["--curriculum", *argv], "--curriculum", capsys)
 
 
 # ---- CURRICULUM VALUES ----
 def test_curriculum_values_at_progress_0_half_and_1(two_markets):
-    args = pt.Args(data=str(two_markets), window=8, episode_bars=64, dd_limit=2000.0, curriculum=True, curriculum_dd_start=5000.0,
-                   curriculum_commission_start=0.2, curriculum_end=1.0)
+    args = pt.Args(
+        data=str(two_markets),
+        window=8,
+        episode_bars=64,
+        dd_limit=2000.0,
+        curriculum=True,
+        curriculum_dd_start=5000.0,
+        curriculum_commission_start=0.2,
+        curriculum_end=1.0,
+    )
     datasets, _ = pt.load_data(args)
     data, params = datasets["train"], pt.env_params_from_args(args)
     real = np.asarray(data.commission)
@@ -123,12 +171,26 @@ def first_update_metrics(args: pt.Args, data: pt.MarketData) -> dict:
 def test_training_loop_plays_the_rules_in_force(two_markets):
     """The first update of a curriculum run plays the start values: it matches a run with those values as the real
     rules (dd limit 150 instead of 2,000, no commission: rewards and breaches a run with the real rules cannot match)."""
-    base = pt.Args(data=str(two_markets), window=8, episode_bars=64, hidden=16, num_envs=16, num_steps=32, num_minibatches=1, update_epochs=1,
-                   chunk_updates=1, total_timesteps=16 * 32 * 4, market_weights=(1.0, 0.0), dd_limit=2000.0)
+    base = pt.Args(
+        data=str(two_markets),
+        window=8,
+        episode_bars=64,
+        hidden=16,
+        num_envs=16,
+        num_steps=32,
+        num_minibatches=1,
+        update_epochs=1,
+        chunk_updates=1,
+        total_timesteps=16 * 32 * 4,
+        market_weights=(1.0, 0.0),
+        dd_limit=2000.0,
+    )
     datasets, _ = pt.load_data(base)
     data = datasets["train"]
     commission = float(data.commission[0])
-    cur = first_update_metrics(dataclasses.replace(base, curriculum=True, curriculum_dd_start=150.0, curriculum_commission_start=0.0), data)
+    cur = first_update_metrics(
+        dataclasses.replace(base, curriculum=True, curriculum_dd_start=150.0, curriculum_commission_start=0.0), data
+    )
     eased = first_update_metrics(dataclasses.replace(base, dd_limit=150.0), data.replace(commission=data.commission * 0.0))
     assert commission > 0
     np.testing.assert_allclose(cur["curriculum_dd_limit"], 150.0)
@@ -166,8 +228,10 @@ def test_per_market_metrics_add_up_to_the_totals(two_market_run):
         assert set(report["over_seeds"][market]) == {"policy", "sampled", "random", "buy_and_hold"}
         assert set(report["summary"][market]) == {"policy", "sampled", "random", "buy_and_hold"}
         # one tiny seed: fewer runs than an edge needs, so no edge is claimed in either market's sentence
-        assert report["verdict"][market].startswith("no evidence of an edge over random") and \
-            "fewer than the 5" in report["verdict"][market]
+        assert (
+            report["verdict"][market].startswith("no evidence of an edge over random")
+            and "fewer than the 5" in report["verdict"][market]
+        )
     # P(improvement) over the markets: a task per market (one fold), so the mean of the markets' own
     for name in ("policy", "sampled"):
         for other in ("random", "buy_and_hold"):
@@ -182,8 +246,16 @@ def test_tags_and_curriculum_values_in_the_log(two_market_run):
 
     out, _ = two_market_run
     tags = scalar_tags(out / "full")
-    for tag in ("charts/SYN/episodic_return", "charts/SYN2/episodic_return", "charts/SYN2/episodic_length", "charts/SYN/episodes",
-                "charts/SYN2/breaches", "curriculum/dd_limit", "curriculum/commission_scale", "charts/episodic_return"):
+    for tag in (
+        "charts/SYN/episodic_return",
+        "charts/SYN2/episodic_return",
+        "charts/SYN2/episodic_length",
+        "charts/SYN/episodes",
+        "charts/SYN2/breaches",
+        "curriculum/dd_limit",
+        "curriculum/commission_scale",
+        "charts/episodic_return",
+    ):
         assert tag in tags, tag
     rows = [json.loads(x) for x in (out / "full" / "metrics.jsonl").read_text().splitlines()]
     num_updates = rows[-1]["update"]
@@ -205,7 +277,10 @@ def test_backtests_use_the_real_rules(two_market_run):
     eased, eased_data, _ = pt.curriculum_in_force(args, real, datasets["test"], jnp.float32(0.0))
     # the random policy's test rows: reproduced with the real rules, not with the start values
     report = json.loads((run_dir / "report.json").read_text())["seeds"][0]
-    for params, data, same, markets in ((real, datasets["test"], True, info["markets"]), (eased, eased_data, False, info["markets"][:1])):
+    for params, data, same, markets in (
+        (real, datasets["test"], True, info["markets"]),
+        (eased, eased_data, False, info["markets"][:1]),
+    ):
         bt = pt.make_backtest(params, data)
         for m, market in enumerate(markets):
             o = pt.play_one(bt, pt.random_policy, None, m, jax.random.PRNGKey(args.seed))
@@ -225,11 +300,16 @@ def test_resume_with_markets_and_curriculum_is_bit_identical(two_market_run):
     assert part.returncode == 0 and "stopped after chunk 1" in part.stdout, part.stdout[-2000:] + part.stderr[-2000:]
     resumed = run_script("ppo_trader.py", "--resume", out / "part")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    for f, keys in (("seed0/final.msgpack", ("params", "obs_norm")), ("seed0/best.msgpack", ("params", "obs_norm")),
-                    ("checkpoint.msgpack", ("runner",))):
+    for f, keys in (
+        ("seed0/final.msgpack", ("params", "obs_norm")),
+        ("seed0/best.msgpack", ("params", "obs_norm")),
+        ("checkpoint.msgpack", ("runner",)),
+    ):
         a, b = (msgpack_restore((out / run / f).read_bytes()) for run in ("full", "part"))
         for k in keys:
             assert msgpack_serialize(a[k]) == msgpack_serialize(b[k]), (f, k)
-    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k not in ("sps", "elapsed")}  # noqa: E731
-                         for x in (out / run / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda run: [
+        {k: v for k, v in json.loads(x).items() if k not in ("sps", "elapsed")}  # noqa: E731
+        for x in (out / run / "metrics.jsonl").read_text().splitlines()
+    ]
     assert strip("full") == strip("part")

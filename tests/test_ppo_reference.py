@@ -19,18 +19,18 @@ The standard short: SELL at t = 1, bar 2 opens at 100 -> entry 99.75, stop 101.7
 import numpy as np
 import pytest
 
-from ppo_reference import (default_params, default_spec, make_data_ohlc, random_legal_episode,
-                           run_episode)
+from ppo_reference import default_params, default_spec, make_data_ohlc, random_legal_episode, run_episode
 
 NAN = np.nan
-FLAT = (100.0, 100.5, 99.5, 100.0)   # a quiet bar: touches neither standard stop nor target
-POS = slice(-7, None)                # the 7 position features at the end of an observation
+FLAT = (100.0, 100.5, 99.5, 100.0)  # a quiet bar: touches neither standard stop nor target
+POS = slice(-7, None)  # the 7 position features at the end of an observation
 
 
 def close(actual, expected):
     """Float comparison used throughout (NaN == NaN)."""
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64),
-                               np.asarray(expected, dtype=np.float64), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64), rtol=1e-6, atol=1e-6
+    )
 
 
 def same(actual, expected):
@@ -42,16 +42,19 @@ def same(actual, expected):
 # Take-profit
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_take_profit_long(run):
     """Long hits its target inside a later bar; the limit fills at the target, no slippage."""
-    data = make_data_ohlc([
-        FLAT,
-        FLAT,                        # t=1: BUY
-        (100, 101, 99.5, 100.5),     # entry 100.25, no level touched
-        (101, 105, 100.5, 104.5),    # high 105 >= 104.25 -> exit at 104.25
-        (104.5, 105, 104, 104.5),
-        (104.5, 105, 104, 104.5),
-    ])
+    data = make_data_ohlc(
+        [
+            FLAT,
+            FLAT,  # t=1: BUY
+            (100, 101, 99.5, 100.5),  # entry 100.25, no level touched
+            (101, 105, 100.5, 104.5),  # high 105 >= 104.25 -> exit at 104.25
+            (104.5, 105, 104, 104.5),
+            (104.5, 105, 104, 104.5),
+        ]
+    )
     out = run(data, default_spec(), default_params(), 1, 6, [1, 0, 0])
     same(out["terminated"], [False] * 3)
     same(out["truncated"], [False] * 3)
@@ -106,6 +109,7 @@ def scenario_levels_rounded_to_tick_with_atr_of_decision_bar(run):
 # Stops
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_stop_gapped_long(run):
     """Bar opens below the stop: fill at the open minus slippage."""
     data = make_data_ohlc([FLAT, FLAT, (100, 101, 99.5, 100.5), (97, 97.5, 96.5, 97), FLAT])
@@ -153,16 +157,19 @@ def scenario_stop_and_target_inside_one_bar(run):
 # Short trades
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_short_trade(run):
     """Short: entry = open - slip, stop above, target below, P&L with dir = -1."""
     spec, params = default_spec(), default_params()
-    data = make_data_ohlc([
-        FLAT,
-        FLAT,                       # t=1: SELL
-        (100, 100.5, 99, 99.5),     # entry 99.75, stop 101.75, target 95.75; none touched
-        (96, 97, 95, 95.5),         # open 96 > 95.75, low 95 <= 95.75 -> exit at 95.75
-        FLAT,
-    ])
+    data = make_data_ohlc(
+        [
+            FLAT,
+            FLAT,  # t=1: SELL
+            (100, 100.5, 99, 99.5),  # entry 99.75, stop 101.75, target 95.75; none touched
+            (96, 97, 95, 95.5),  # open 96 > 95.75, low 95 <= 95.75 -> exit at 95.75
+            FLAT,
+        ]
+    )
     out = run(data, spec, params, 1, 5, [2, 0])
     close(out["entry_price"], [99.75, NAN])
     close(out["exit_price"], [NAN, 95.75])
@@ -192,6 +199,7 @@ def scenario_short_trade(run):
 # --------------------------------------------------------------------------------------------------
 # Session end
 # --------------------------------------------------------------------------------------------------
+
 
 def scenario_flatten_at_session_end(run):
     """A position still open on a session-end bar is closed at its close minus slippage."""
@@ -224,6 +232,7 @@ def scenario_flatten_at_session_end(run):
 # Masks
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_entry_masks(run):
     """Entries are masked outside RTH, within no_entry_bars of the session end and in a position;
     a masked entry is played as HOLD."""
@@ -244,8 +253,10 @@ def scenario_entry_masks(run):
     ]
     out = run(data, default_spec(), default_params(), 1, 10, actions)
     T_, F_ = True, False
-    same(out["mask"], [[T_, F_, F_], [T_, T_, T_], [T_, F_, F_], [T_, F_, F_],
-                       [T_, T_, T_], [T_, T_, T_], [T_, F_, F_], [T_, F_, F_]])
+    same(
+        out["mask"],
+        [[T_, F_, F_], [T_, T_, T_], [T_, F_, F_], [T_, F_, F_], [T_, T_, T_], [T_, T_, T_], [T_, F_, F_], [T_, F_, F_]],
+    )
     same(out["dir"], [0, -1, -1, 0, 0, 0, 0, 0])
     close(out["entry_price"], [NAN, 99.75] + [NAN] * 6)
     close(out["exit_price"], [NAN] * 3 + [95.75] + [NAN] * 4)
@@ -261,24 +272,28 @@ def scenario_entry_masks(run):
 # Trailing drawdown
 # --------------------------------------------------------------------------------------------------
 
+
 def _dd_rows():
     """Bars for the drawdown scenarios: a long rallies to 106, falls back to 103.5, then 101."""
-    return [FLAT, FLAT,
-            (100, 106.5, 99.5, 106),      # equity 49998 + 5.75 * 50 = 50285.5 (the peak)
-            (106, 106.5, 103, 103.5),     # equity 49998 + 3.25 * 50 = 50160.5
-            (103.5, 104, 100.5, 101),     # equity 49998 + 0.75 * 50 = 50035.5
-            FLAT, FLAT]
+    return [
+        FLAT,
+        FLAT,
+        (100, 106.5, 99.5, 106),  # equity 49998 + 5.75 * 50 = 50285.5 (the peak)
+        (106, 106.5, 103, 103.5),  # equity 49998 + 3.25 * 50 = 50160.5
+        (103.5, 104, 100.5, 101),  # equity 49998 + 0.75 * 50 = 50035.5
+        FLAT,
+        FLAT,
+    ]
 
 
 def scenario_trailing_drawdown_breach(run):
     """The threshold trails the peak (peak - dd_limit); equity at or below it liquidates at the
     close minus slippage, terminates and costs the breach penalty."""
     # dd_limit 100, lock far away (51000); stop 3 ATR = 94.25, target 10 ATR = 120.25 (never hit)
-    params = default_params(dd_limit=100.0, dd_lock_offset=1000.0, sl_atr_mult=3.0,
-                            tp_atr_mult=10.0)
+    params = default_params(dd_limit=100.0, dd_lock_offset=1000.0, sl_atr_mult=3.0, tp_atr_mult=10.0)
     data = make_data_ohlc(_dd_rows())
     out = run(data, default_spec(), params, 1, 7, [1, 0, 0, 0])
-    assert len(out["reward"]) == 2            # stops at termination
+    assert len(out["reward"]) == 2  # stops at termination
     same(out["terminated"], [False, True])
     same(out["truncated"], [False, False])
     same(out["dir"], [1, 0])
@@ -317,8 +332,7 @@ def scenario_breach_from_start_and_when_flat(run):
     """Breach without any trailing; termination wins over truncation; a stop exit that leaves the
     (flat) balance at or below the threshold also terminates."""
     spec = default_spec()
-    params = default_params(dd_limit=100.0, dd_lock_offset=0.0, sl_atr_mult=3.0,
-                            episode_bars=1)   # also the truncation step
+    params = default_params(dd_limit=100.0, dd_lock_offset=0.0, sl_atr_mult=3.0, episode_bars=1)  # also the truncation step
     # threshold min(50000 - 100, 50000) = 49900; stop 94.25
     data = make_data_ohlc([FLAT, FLAT, (100, 100.5, 97, 97.75), FLAT])
     out = run(data, spec, params, 1, 4, [1, 0])
@@ -334,8 +348,7 @@ def scenario_breach_from_start_and_when_flat(run):
 
     # stop gapped through to 93 -> exit 92.75; flat balance 49998 + (92.75 - 100.25)*50 - 2
     # = 49621 <= 49900 -> terminated, no second exit; penalty 0.5 here
-    params = default_params(dd_limit=100.0, dd_lock_offset=0.0, sl_atr_mult=3.0,
-                            breach_penalty=0.5)
+    params = default_params(dd_limit=100.0, dd_lock_offset=0.0, sl_atr_mult=3.0, breach_penalty=0.5)
     data = make_data_ohlc([FLAT, FLAT, FLAT, (93, 93.5, 92.5, 93), FLAT])
     out = run(data, spec, params, 1, 5, [1, 0, 0])
     same(out["terminated"], [False, True])
@@ -363,12 +376,12 @@ def scenario_breach_from_start_and_when_flat(run):
 # Costs
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_commission_per_side(run):
     """Commission per contract per side, charged at entry and at exit."""
     spec = default_spec(commission=2.5)
     params = default_params(contracts=2, slippage_ticks=0.0)  # pv = 100, comm = 5, no slippage
-    data = make_data_ohlc([FLAT, FLAT, FLAT, (100, 101, 99.5, 100.5), FLAT],
-                          session_end=[False, False, False, True, False])
+    data = make_data_ohlc([FLAT, FLAT, FLAT, (100, 101, 99.5, 100.5), FLAT], session_end=[False, False, False, True, False])
     out = run(data, spec, params, 1, 5, [1, 0])
     close(out["entry_price"], [100.0, NAN])
     # flattened at the session-end close 100.5 (no slippage)
@@ -413,6 +426,7 @@ def scenario_slippage_against_trader(run):
 # Truncation
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_truncation_episode_bars(run):
     """Truncated after episode_bars steps; the position is not closed by truncation."""
     data = make_data_ohlc([FLAT] * 8)
@@ -443,6 +457,7 @@ def scenario_truncation_split_end(run):
 # Observation layout
 # --------------------------------------------------------------------------------------------------
 
+
 def scenario_observation_layout(run):
     """Window slice oldest first, row-major, then the 7 position features."""
     T = 8
@@ -457,17 +472,14 @@ def scenario_observation_layout(run):
     assert out["obs"].shape == (2, 3 * 3 + 7)
     # reset at t=2: rows 0, 1, 2; flat; (50000 - min(48000, 48010)) / 2000 = 1;
     # hours to close (6 - 2) * 0.5 = 2 -> 2/24
-    close(out["obs0"], [0, 100, 200, 1, 101, 201, 2, 102, 202,
-                        0, 0, 0, 0, 0, 1.0, 2 / 24])
+    close(out["obs0"], [0, 100, 200, 1, 101, 201, 2, 102, 202, 0, 0, 0, 0, 0, 1.0, 2 / 24])
     # after BUY at t=2: t=3, rows 1, 2, 3; entry 100.25, stop 98.25, target 104.25, close 100.75:
     # unreal 0.5/2, to stop 2.5/2, to target 3.5/2, bars 1/100,
     # equity 49998 + 0.5 * 50 = 50023, threshold min(48023, 48010) = 48010 -> 2013/2000 = 1.0065,
     # hours (6 - 3) * 0.5 = 1.5 -> 1.5/24
-    close(out["obs"][0], [1, 101, 201, 2, 102, 202, 3, 103, 203,
-                          1, 0.25, 1.25, 1.75, 0.01, 1.0065, 1.5 / 24])
+    close(out["obs"][0], [1, 101, 201, 2, 102, 202, 3, 103, 203, 1, 0.25, 1.25, 1.75, 0.01, 1.0065, 1.5 / 24])
     # t=4: close 100, bars 2/100, equity 49985.5 -> (49985.5 - 48010)/2000 = 0.98775
-    close(out["obs"][1], [2, 102, 202, 3, 103, 203, 4, 104, 204,
-                          1, -0.125, 0.875, 2.125, 0.02, 0.98775, 1.0 / 24])
+    close(out["obs"][1], [2, 102, 202, 3, 103, 203, 4, 104, 204, 1, -0.125, 0.875, 2.125, 0.02, 0.98775, 1.0 / 24])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,11 +501,14 @@ def mirror(rows):
 def scenario_break_even_then_retrace_exits_at_entry(run):
     """MOVE_SL_TO_BE with open profit moves the stop to the entry; a retrace then fills it at the
     entry minus slippage, so the trade loses only its costs. Without the move the trade survives."""
-    rows = [FLAT, FLAT,
-            (100, 102, 99.75, 101.5),       # entry 100.25, stop 98.25, target 104.25; close 101.5: profit
-            (101.5, 102, 100.5, 101.75),    # stop at 100.25 not touched
-            (101.75, 102, 99.5, 100),       # low 99.5 <= 100.25 -> exit 100.25 - 0.25 = 100.0
-            FLAT]
+    rows = [
+        FLAT,
+        FLAT,
+        (100, 102, 99.75, 101.5),  # entry 100.25, stop 98.25, target 104.25; close 101.5: profit
+        (101.5, 102, 100.5, 101.75),  # stop at 100.25 not touched
+        (101.75, 102, 99.5, 100),  # low 99.5 <= 100.25 -> exit 100.25 - 0.25 = 100.0
+        FLAT,
+    ]
     data = make_data_ohlc(rows)
     out = run(data, default_spec(), default_params(**P2), 1, 6, [1, 3, 0, 0])
     same(out["mask"], [FLAT_MASK, [T_, F_, F_, T_, T_, F_], [T_, F_, F_, F_, T_, F_], FLAT_MASK])
@@ -523,12 +538,15 @@ def scenario_break_even_then_retrace_exits_at_entry(run):
 
 def scenario_break_even_illegal_without_open_profit(run):
     """MOVE_SL_TO_BE needs close[t] strictly beyond the entry; masked, it is played as HOLD."""
-    rows = [FLAT, FLAT,
-            (100, 100.5, 99.5, 99.75),      # short entry 99.75, stop 101.75; close 99.75: no profit
-            (99.75, 100.25, 99.5, 100),     # close 100: a loss
-            (100, 100.25, 99.25, 99.5),     # close 99.5: profit
-            (99.5, 99.75, 99.25, 99.5),     # high 99.75 >= stop 99.75 -> exit 99.75 + 0.25 = 100.0
-            FLAT]
+    rows = [
+        FLAT,
+        FLAT,
+        (100, 100.5, 99.5, 99.75),  # short entry 99.75, stop 101.75; close 99.75: no profit
+        (99.75, 100.25, 99.5, 100),  # close 100: a loss
+        (100, 100.25, 99.25, 99.5),  # close 99.5: profit
+        (99.5, 99.75, 99.25, 99.5),  # high 99.75 >= stop 99.75 -> exit 99.75 + 0.25 = 100.0
+        FLAT,
+    ]
     out = run(make_data_ohlc(rows), default_spec(), default_params(**P2), 1, 7, [2, 3, 3, 3, 0])
     same(out["mask"][:, 3], [F_, F_, F_, T_, F_])
     # the stop moved at t=4 is filled in bar 5 (the stop at 101.75 would not have been)
@@ -541,12 +559,16 @@ def scenario_break_even_illegal_without_open_profit(run):
 
 def _trail_rows():
     """A long that runs to 103 then retraces; bar 4's ATR doubles (the trail must not loosen)."""
-    return [FLAT, FLAT,
-            (100, 101, 99.5, 100.5),        # entry 100.25, stop 98.25; best 101
-            (100.5, 103, 100, 102.5),       # best 103
-            (102.5, 102.75, 101.5, 101.75),
-            (101.75, 102, 100.5, 101),      # low 100.5: hits a stop at 101, not one at 99
-            FLAT, FLAT]
+    return [
+        FLAT,
+        FLAT,
+        (100, 101, 99.5, 100.5),  # entry 100.25, stop 98.25; best 101
+        (100.5, 103, 100, 102.5),  # best 103
+        (102.5, 102.75, 101.5, 101.75),
+        (101.75, 102, 100.5, 101),  # low 100.5: hits a stop at 101, not one at 99
+        FLAT,
+        FLAT,
+    ]
 
 
 def scenario_trailing_stop_ratchets_and_exits_on_retrace(run):
@@ -572,7 +594,9 @@ def scenario_trailing_stop_ratchets_and_exits_on_retrace(run):
 
     # the short mirror: entry 99.75, stop 101.75; best 99 -> 101; best 97 -> 99; 97 + 4 = 101 -> stays 99;
     # bar 5's high 99.5 fills it at 99 + 0.25 = 99.25: 49998 + (99.25 - 99.75) * -1 * 50 - 2 = 50021
-    out = run(make_data_ohlc(mirror(_trail_rows()), atr=[2, 2, 2, 2, 4, 2, 2, 2]), default_spec(), params, 1, 8, [2, 4, 0, 0, 0])
+    out = run(
+        make_data_ohlc(mirror(_trail_rows()), atr=[2, 2, 2, 2, 4, 2, 2, 2]), default_spec(), params, 1, 8, [2, 4, 0, 0, 0]
+    )
     close(out["sl"], [101.75, 101, 99, 0, 0])
     close(out["exit_price"], [NAN, NAN, NAN, 99.25, NAN])
     close(out["balance"], [49998, 49998, 49998, 50021, 50021])
@@ -596,33 +620,44 @@ def scenario_management_masks_in_every_state(run):
     """The new actions' masks: all illegal when flat (in or out of RTH); ENABLE_TRAIL / DISABLE_TRAIL
     by the trailing flag, also outside RTH; MOVE_SL_TO_BE with open profit and the stop short of the
     entry. Masked actions are played as HOLD (the stop does not move)."""
-    rows = [FLAT, FLAT, FLAT,
-            FLAT,                           # entry 100.25, stop 98.25; close 100: no profit
-            (100, 101, 99.5, 101),          # close 101: profit
-            (101, 101.5, 100.5, 101),       # best 101.5
-            (101, 101.5, 100.5, 101),
-            (101, 101.5, 100.5, 101),
-            (101, 101.5, 100.5, 101),
-            (101, 101.5, 100.5, 101)]
+    rows = [
+        FLAT,
+        FLAT,
+        FLAT,
+        FLAT,  # entry 100.25, stop 98.25; close 100: no profit
+        (100, 101, 99.5, 101),  # close 101: profit
+        (101, 101.5, 100.5, 101),  # best 101.5
+        (101, 101.5, 100.5, 101),
+        (101, 101.5, 100.5, 101),
+        (101, 101.5, 100.5, 101),
+        (101, 101.5, 100.5, 101),
+    ]
     rth = [F_, F_, T_, T_, T_, T_, T_, T_, F_, F_]
     data = make_data_ohlc(rows, rth=rth)
-    actions = [4,   # t=1 flat, outside RTH: ENABLE_TRAIL masked -> HOLD
-               1,   # t=2 BUY
-               3,   # t=3 no profit: MOVE_SL_TO_BE masked -> HOLD
-               5,   # t=4 trailing off: DISABLE_TRAIL masked -> HOLD
-               4,   # t=5 ENABLE_TRAIL: 101.5 - 2 = 99.5
-               3,   # t=6 MOVE_SL_TO_BE: stop 100.25 (tighter than the trail's 99.5)
-               5,   # t=7 DISABLE_TRAIL (stop stays at the entry)
-               0]   # t=8 outside RTH, in a position; truncated at the split end
+    actions = [
+        4,  # t=1 flat, outside RTH: ENABLE_TRAIL masked -> HOLD
+        1,  # t=2 BUY
+        3,  # t=3 no profit: MOVE_SL_TO_BE masked -> HOLD
+        5,  # t=4 trailing off: DISABLE_TRAIL masked -> HOLD
+        4,  # t=5 ENABLE_TRAIL: 101.5 - 2 = 99.5
+        3,  # t=6 MOVE_SL_TO_BE: stop 100.25 (tighter than the trail's 99.5)
+        5,  # t=7 DISABLE_TRAIL (stop stays at the entry)
+        0,
+    ]  # t=8 outside RTH, in a position; truncated at the split end
     out = run(data, default_spec(), default_params(**P2), 1, 10, actions)
-    same(out["mask"], [[T_, F_, F_, F_, F_, F_],
-                       FLAT_MASK,
-                       [T_, F_, F_, F_, T_, F_],
-                       [T_, F_, F_, T_, T_, F_],
-                       [T_, F_, F_, T_, T_, F_],
-                       [T_, F_, F_, T_, F_, T_],
-                       [T_, F_, F_, F_, F_, T_],
-                       [T_, F_, F_, F_, T_, F_]])
+    same(
+        out["mask"],
+        [
+            [T_, F_, F_, F_, F_, F_],
+            FLAT_MASK,
+            [T_, F_, F_, F_, T_, F_],
+            [T_, F_, F_, T_, T_, F_],
+            [T_, F_, F_, T_, T_, F_],
+            [T_, F_, F_, T_, F_, T_],
+            [T_, F_, F_, F_, F_, T_],
+            [T_, F_, F_, F_, T_, F_],
+        ],
+    )
     close(out["sl"], [0, 98.25, 98.25, 98.25, 99.5, 100.25, 100.25, 100.25])
     same(out["dir"], [0] + [1] * 7)
     close(out["obs"][:, FLAGS], [[0, 0], [0, 0], [0, 0], [0, 0], [0, 1], [1, 1], [1, 0], [1, 0]])
@@ -681,8 +716,9 @@ def test_random_legal_episode_is_consistent():
     high = np.maximum(open_, close_) + 0.25 * rng.integers(0, 8, T)
     low = np.minimum(open_, close_) - 0.25 * rng.integers(0, 8, T)
     hour = np.arange(T) % 24
-    data = make_data_ohlc(np.stack([open_, high, low, close_], 1), atr=1.5,
-                          rth=(hour >= 9) & (hour < 17), session_end=hour == 16)
+    data = make_data_ohlc(
+        np.stack([open_, high, low, close_], 1), atr=1.5, rth=(hour >= 9) & (hour < 17), session_end=hour == 16
+    )
     spec = default_spec()
     params = default_params(dd_limit=500.0, episode_bars=200)
     for seed in range(5):
@@ -695,5 +731,7 @@ def test_random_legal_episode_is_consistent():
         for key, value in replay.items():
             close(value, out[key])
         penalties = params["breach_penalty"] * out["terminated"].sum()
-        close(out["reward"].sum() * params["dd_limit"] + penalties * params["dd_limit"],
-              out["equity"][-1] - params["initial_balance"])
+        close(
+            out["reward"].sum() * params["dd_limit"] + penalties * params["dd_limit"],
+            out["equity"][-1] - params["initial_balance"],
+        )

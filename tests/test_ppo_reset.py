@@ -14,10 +14,26 @@ def test_reset_draws_markets_by_weight_and_starts_uniformly():
     starts = np.full((M, 40), -1, np.int32)
     for m, n in enumerate(n_starts):
         starts[m, :n] = 10 + 7 * np.arange(n) + m  # padding (-1) must never be drawn
-    data = pt.MarketData(open=z, high=z, low=z, close=z + 1.0, atr=z + 1.0, rth=z > -1, session_end=z > 0, bars_to_close=jnp.zeros((M, T), jnp.int32),
-                         hours_to_close=z, features=jnp.zeros((M, T, 2)), starts=jnp.asarray(starts), n_starts=jnp.asarray(n_starts, jnp.int32),
-                         lo=jnp.zeros(M, jnp.int32), hi=jnp.full(M, T, jnp.int32), point_value=jnp.ones(M), tick_size=jnp.ones(M),
-                         commission=jnp.zeros(M), market_weights=jnp.array([0.25, 0.0, 0.75]))
+    data = pt.MarketData(
+        open=z,
+        high=z,
+        low=z,
+        close=z + 1.0,
+        atr=z + 1.0,
+        rth=z > -1,
+        session_end=z > 0,
+        bars_to_close=jnp.zeros((M, T), jnp.int32),
+        hours_to_close=z,
+        features=jnp.zeros((M, T, 2)),
+        starts=jnp.asarray(starts),
+        n_starts=jnp.asarray(n_starts, jnp.int32),
+        lo=jnp.zeros(M, jnp.int32),
+        hi=jnp.full(M, T, jnp.int32),
+        point_value=jnp.ones(M),
+        tick_size=jnp.ones(M),
+        commission=jnp.zeros(M),
+        market_weights=jnp.array([0.25, 0.0, 0.75]),
+    )
     params = pt.EnvParams(window=4)
     n = 40_000
     _, state = jax.jit(jax.vmap(pt.reset, in_axes=(0, None, None)))(jax.random.split(jax.random.PRNGKey(0), n), params, data)

@@ -10,8 +10,16 @@ import pytest
 from flax.serialization import msgpack_restore, msgpack_serialize
 
 import ppo_trader as pt
-from conftest import (RUN_OUTPUTS, ROOT, assert_one_line_error, assert_run_outputs, assert_trees_close, policy_params,
-                      report_of, run_script)
+from conftest import (
+    RUN_OUTPUTS,
+    ROOT,
+    assert_one_line_error,
+    assert_run_outputs,
+    assert_trees_close,
+    policy_params,
+    report_of,
+    run_script,
+)
 from test_ppo_cli import DATA_STEM, MARKET, TINY
 
 BASE_SEED, NUM_SEEDS = 5, 3
@@ -21,8 +29,18 @@ BASE_SEED, NUM_SEEDS = 5, 3
 def seed_runs(tmp_path_factory):
     """A 3-seed run (--seed 5: seeds 5, 6, 7) and the 1-seed run of --seed 6 (its seed 1)."""
     out = tmp_path_factory.mktemp("seeds")
-    three = run_script("ppo_trader.py", *TINY, "--num-seeds", str(NUM_SEEDS), "--seed", str(BASE_SEED), "--out-dir", out,
-                       "--run-name", "three")
+    three = run_script(
+        "ppo_trader.py",
+        *TINY,
+        "--num-seeds",
+        str(NUM_SEEDS),
+        "--seed",
+        str(BASE_SEED),
+        "--out-dir",
+        out,
+        "--run-name",
+        "three",
+    )
     assert three.returncode == 0, three.stderr[-3000:]
     one = run_script("ppo_trader.py", *TINY, "--seed", str(BASE_SEED + 1), "--out-dir", out, "--run-name", "one")
     assert one.returncode == 0, one.stderr[-3000:]
@@ -31,8 +49,9 @@ def seed_runs(tmp_path_factory):
 
 def test_every_seed_has_its_own_policy_files_and_they_differ(seed_runs):
     out, _ = seed_runs
-    assert_run_outputs(out / "three", RUN_OUTPUTS + tuple(f"seed{k}/{f}.msgpack" for k in range(NUM_SEEDS)
-                                                              for f in ("best", "final")))
+    assert_run_outputs(
+        out / "three", RUN_OUTPUTS + tuple(f"seed{k}/{f}.msgpack" for k in range(NUM_SEEDS) for f in ("best", "final"))
+    )
     assert not (out / "three" / f"seed{NUM_SEEDS}").exists()
     finals = [msgpack_restore((out / "three" / f"seed{k}" / "final.msgpack").read_bytes()) for k in range(NUM_SEEDS)]
     assert [f["seed_index"] for f in finals] == list(range(NUM_SEEDS))
@@ -45,8 +64,9 @@ def test_every_seed_has_its_own_policy_files_and_they_differ(seed_runs):
 def test_seed_k_is_the_one_seed_run_of_seed_plus_k(seed_runs):
     out, _ = seed_runs
     for f in ("final", "best"):
-        assert_trees_close(policy_params(out / "three" / "seed1" / f"{f}.msgpack"),
-                           policy_params(out / "one" / "seed0" / f"{f}.msgpack"), f)
+        assert_trees_close(
+            policy_params(out / "three" / "seed1" / f"{f}.msgpack"), policy_params(out / "one" / "seed0" / f"{f}.msgpack"), f
+        )
     row, single = report_of(out / "three")["seeds"][1], report_of(out / "one")["seeds"][0]
     assert row["prng_seed"] == single["prng_seed"] == BASE_SEED + 1
     for name in ("policy", "sampled", "random", "buy_and_hold"):
@@ -116,8 +136,9 @@ def assert_summary_schema(report: dict, num_seeds: int, random_runs: int, trials
             assert len(entry["percentile_among_random"]["per_run"]) == num_seeds
         assert_strict_numbers(entry, name)
     assert report["random_runs"] == random_runs and report["trials"] == trials
-    assert report["verdict"][MARKET].startswith("no evidence of an edge over random") or \
-        report["verdict"][MARKET].startswith("edge over random")
+    assert report["verdict"][MARKET].startswith("no evidence of an edge over random") or report["verdict"][MARKET].startswith(
+        "edge over random"
+    )
 
 
 def test_report_summary_has_every_field_over_the_seeds_and_the_random_runs(seed_runs):
@@ -136,15 +157,29 @@ def test_report_summary_has_every_field_over_the_seeds_and_the_random_runs(seed_
     percentiles = summary["policy"]["percentile_among_random"]["per_run"]
     assert summary["policy"]["probability_of_improvement"]["random"]["value"] == pytest.approx(np.mean(percentiles) / 100)
     # 3 seeds are fewer than an edge needs: whatever the numbers, no edge is claimed; the print ends with the verdict
-    assert report["verdict"][MARKET].startswith("no evidence of an edge over random") and "fewer than the 5" in \
-        report["verdict"][MARKET]
+    assert (
+        report["verdict"][MARKET].startswith("no evidence of an edge over random")
+        and "fewer than the 5" in report["verdict"][MARKET]
+    )
     assert three.stdout.strip().splitlines()[-1] == f"verdict, test split, {MARKET}: {report['verdict'][MARKET]}"
 
 
 def test_eval_only_summarises_with_its_own_random_runs_and_trials(seed_runs, tmp_path):
     out, _ = seed_runs
-    r = run_script("ppo_trader.py", "--eval-only", "--checkpoint", out / "three", "--random-runs", "7", "--trials", "4",
-                   "--out-dir", tmp_path, "--run-name", "seven")
+    r = run_script(
+        "ppo_trader.py",
+        "--eval-only",
+        "--checkpoint",
+        out / "three",
+        "--random-runs",
+        "7",
+        "--trials",
+        "4",
+        "--out-dir",
+        tmp_path,
+        "--run-name",
+        "seven",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     report = report_of(tmp_path / "seven")
     assert_summary_schema(report, NUM_SEEDS, random_runs=7, trials=4)
@@ -212,8 +247,10 @@ def test_init_from_a_run_folder_starts_seed_k_from_its_seed_k(seed_runs, tmp_pat
             np.testing.assert_array_equal(leaf, saved_leaf, err_msg=f"seed {k}")
         np.testing.assert_array_equal(norm.mean, saved["obs_norm"]["mean"], err_msg=f"seed {k}")
     phase2 = ["--phase", "2", "--out-dir", tmp_path, "--run-name", "p2"]
-    assert_one_line_error(run_script("ppo_trader.py", *TINY, "--num-seeds", "2", "--init-from", out / "three", *phase2),
-                          f"--num-seeds {NUM_SEEDS}")
+    assert_one_line_error(
+        run_script("ppo_trader.py", *TINY, "--num-seeds", "2", "--init-from", out / "three", *phase2),
+        f"--num-seeds {NUM_SEEDS}",
+    )
     assert_one_line_error(run_script("ppo_trader.py", *TINY, "--init-from", tmp_path, *phase2), "config.json")
     assert not (tmp_path / "p2").exists()
     r = run_script("ppo_trader.py", *TINY, "--num-seeds", str(NUM_SEEDS), "--init-from", out / "three", *phase2)

@@ -17,8 +17,19 @@ from test_ppo_cli import TINY
 
 FOLDS, SEEDS, RANDOM_RUNS = 2, 2, 20
 MARKETS = ("SYN", "SYN2")
-FLAGS = [*TINY, "--data", "market.npz", "--walk-forward", str(FOLDS), "--num-seeds", str(SEEDS), "--random-runs",
-         str(RANDOM_RUNS), "--out-dir", "runs"]  # relative paths: runs from two folders have the same config
+FLAGS = [
+    *TINY,
+    "--data",
+    "market.npz",
+    "--walk-forward",
+    str(FOLDS),
+    "--num-seeds",
+    str(SEEDS),
+    "--random-runs",
+    str(RANDOM_RUNS),
+    "--out-dir",
+    "runs",
+]  # relative paths: runs from two folders have the same config
 WALK_FORWARD = [*FLAGS, "--run-name", "wf"]
 SCRIPT = ROOT / "ppo_trader.py"
 
@@ -26,15 +37,24 @@ SCRIPT = ROOT / "ppo_trader.py"
 def market_times(minutes: int, gaps: list) -> list:
     """Per market, the bar times (ns) of `minutes` minutes, without every gaps[m]-th minute (another calendar)."""
     span = np.arange(minutes)
-    return [(1_700_000_000_000_000_000 + (span[span % gap != 0] if gap else span) * 60_000_000_000).astype(np.int64)
-            for gap in gaps]
+    return [
+        (1_700_000_000_000_000_000 + (span[span % gap != 0] if gap else span) * 60_000_000_000).astype(np.int64)
+        for gap in gaps
+    ]
 
 
-@pytest.mark.parametrize("minutes,gaps,train_frac,val_frac,window,folds,train_bars",
-                         [(3000, [0], 0.5, 0.7, 16, 1, None), (3000, [0], 0.5, 0.7, 16, 4, None),
-                          (3001, [0, 3], 0.4, 0.6, 8, 3, 500), (4000, [7, 5], 0.6, 0.75, 30, 5, None)])
-def test_fold_blocks_are_consecutive_and_each_follows_its_own_training_and_validation(minutes, gaps, train_frac, val_frac,
-                                                                                     window, folds, train_bars):
+@pytest.mark.parametrize(
+    "minutes,gaps,train_frac,val_frac,window,folds,train_bars",
+    [
+        (3000, [0], 0.5, 0.7, 16, 1, None),
+        (3000, [0], 0.5, 0.7, 16, 4, None),
+        (3001, [0, 3], 0.4, 0.6, 8, 3, 500),
+        (4000, [7, 5], 0.6, 0.75, 30, 5, None),
+    ],
+)
+def test_fold_blocks_are_consecutive_and_each_follows_its_own_training_and_validation(
+    minutes, gaps, train_frac, val_frac, window, folds, train_bars
+):
     market_ts = market_times(minutes, gaps)
     all_ts = np.unique(np.concatenate(market_ts))
     cut1, cut2 = (int(all_ts[int(len(all_ts) * frac)]) for frac in (train_frac, val_frac))
@@ -93,8 +113,7 @@ def test_each_folds_features_are_normalised_by_its_own_training_split(two_market
 def test_walk_forward_flags_and_too_short_folds_are_one_line_errors(two_markets, tmp_path):
     flags = [*TINY, "--data", two_markets, "--out-dir", tmp_path]
     assert_one_line_error(run_script("ppo_trader.py", *flags, "--walk-forward", "0"), "--walk-forward")
-    assert_one_line_error(run_script("ppo_trader.py", *flags, "--walk-forward-train-bars", "500"),
-                          "--walk-forward-train-bars")
+    assert_one_line_error(run_script("ppo_trader.py", *flags, "--walk-forward-train-bars", "500"), "--walk-forward-train-bars")
     r = run_script("ppo_trader.py", *flags, "--walk-forward", "200")
     assert_one_line_error(r, "walk-forward fold 0's market SYN has")
     assert "test split" in r.stderr and "lower --walk-forward" in r.stderr
@@ -140,14 +159,16 @@ def test_every_fold_and_seed_is_reported_and_the_summary_is_over_folds_x_seeds(w
     report = report_of(run_dir)
     rows = report["seeds"]
     assert [(row["fold"], row["seed"]) for row in rows] == [(f, k) for f in range(FOLDS) for k in range(SEEDS)]
-    assert [row["checkpoint"] for row in rows] == [f"runs/wf/fold{f}/seed{k}/best.msgpack" for f in range(FOLDS)
-                                                   for k in range(SEEDS)]
+    assert [row["checkpoint"] for row in rows] == [
+        f"runs/wf/fold{f}/seed{k}/best.msgpack" for f in range(FOLDS) for k in range(SEEDS)
+    ]
     assert [fold["fold"] for fold in report["folds"]] == list(range(FOLDS))
     for market in MARKETS:
         periods = [fold[market] for fold in report["folds"]]
         assert periods[0]["val"]["end"] < periods[0]["test"]["start"] < periods[0]["test"]["end"] < periods[1]["test"]["start"]
-        assert [row[market]["start"] for row in rows] == [periods[f]["test"]["start"] for f in range(FOLDS)
-                                                          for _ in range(SEEDS)]
+        assert [row[market]["start"] for row in rows] == [
+            periods[f]["test"]["start"] for f in range(FOLDS) for _ in range(SEEDS)
+        ]
         for name, entry in report["summary"][market].items():
             runs = RANDOM_RUNS if name == "random" else SEEDS
             assert entry["folds"] == FOLDS and entry["runs"] == FOLDS * runs, name
@@ -170,7 +191,7 @@ def test_every_fold_and_seed_is_reported_and_the_summary_is_over_folds_x_seeds(w
         for market in MARKETS:
             count = sum(line.startswith(f"{row['fold']},{row['seed']},{market},") for line in trades[1:])
             assert count == row[market]["policy"]["trades"], (row["fold"], row["seed"], market)
-    assert (run_dir / "equity.png").stat().st_size > 0
+    assert (run_dir / "equity.png").stat().st_size > 0 and (run_dir / "summary.png").stat().st_size > 0
     assert "  fold 1 seed 1 policy " in run.stdout and "  median over folds x seeds policy " in run.stdout
 
 
@@ -213,8 +234,9 @@ def test_eval_only_of_the_walk_forward_folder_reproduces_its_report(walk_forward
     assert r.returncode == 0, r.stderr[-3000:]
     evaluated, trained = report_of(run_dir / "eval_test_market"), report_of(run_dir)
     assert evaluated["folds"] == trained["folds"]
-    assert [{k: v for k, v in row.items() if k != "checkpoint"} for row in evaluated["seeds"]] == \
-        [{k: v for k, v in row.items() if k != "checkpoint"} for row in trained["seeds"]]
+    assert [{k: v for k, v in row.items() if k != "checkpoint"} for row in evaluated["seeds"]] == [
+        {k: v for k, v in row.items() if k != "checkpoint"} for row in trained["seeds"]
+    ]
     assert evaluated["summary"] == trained["summary"] and evaluated["verdict"] == trained["verdict"]
     assert (run_dir / "eval_test_market" / "trades.csv").read_text() == (run_dir / "trades.csv").read_text()
     one = run_script(SCRIPT, "--eval-only", "--checkpoint", "runs/wf/fold1/seed0/best.msgpack", cwd=run_dir.parents[1])
@@ -281,5 +303,6 @@ def test_init_from_a_walk_forward_run_starts_each_fold_from_its_own_phase_1(walk
         pt.init_transfers(dataclasses.replace(args, init_from="runs/wf/fold0/seed0/best.msgpack"), num_features, 0)
     r = run_script(SCRIPT, *FLAGS, "--phase", "2", "--init-from", "runs/wf", "--run-name", "p2", cwd=run_dir.parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [(row["fold"], row["seed"]) for row in report_of(run_dir.parent / "p2")["seeds"]] == \
-        [(f, k) for f in range(FOLDS) for k in range(SEEDS)]
+    assert [(row["fold"], row["seed"]) for row in report_of(run_dir.parent / "p2")["seeds"]] == [
+        (f, k) for f in range(FOLDS) for k in range(SEEDS)
+    ]

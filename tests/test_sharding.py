@@ -34,7 +34,8 @@ m.save_checkpoint = lambda *call: (seen.append(call[1]), save(*call))  # (path, 
 assert m.main(sys.argv[1:]) == 0
 r = seen[0]
 def layout(x):
-    return dict(spec=[None if p is None else str(p) for p in x.sharding.spec], shards=sorted({{tuple(s.data.shape) for s in x.addressable_shards}}),
+    return dict(spec=[None if p is None else str(p) for p in x.sharding.spec],
+                shards=sorted({{tuple(s.data.shape) for s in x.addressable_shards}}),
                 devices=len({{s.device for s in x.addressable_shards}}), shape=list(x.shape))
 print("LAYOUT " + json.dumps({{name: layout(x) for name, x in {arrays}.items()}}))
 """
@@ -61,7 +62,9 @@ def assert_close(a, b, what: str, atol: float = 1e-5, skip: str = "\0") -> None:
 
 
 def metric_rows(run_dir, drop=("sps", "elapsed")):
-    return [{k: v for k, v in json.loads(x).items() if k not in drop} for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(x).items() if k not in drop} for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def assert_rows_close(rows_a, rows_b) -> None:
@@ -75,7 +78,7 @@ def inspect_run(module: str, arrays: str, argv: list) -> tuple[dict, subprocess.
     r = run_script("-c", INSPECT.format(module=module, arrays=arrays), *argv, env=FOUR)
     assert r.returncode == 0, r.stderr[-3000:]
     line = [x for x in r.stdout.splitlines() if x.startswith("LAYOUT ")][-1]
-    return json.loads(line[len("LAYOUT "):]), r
+    return json.loads(line[len("LAYOUT ") :]), r
 
 
 def chain(script: str, module: str, arrays: str, flags: list, out) -> tuple[dict, list]:
@@ -90,7 +93,8 @@ def chain(script: str, module: str, arrays: str, flags: list, out) -> tuple[dict
 
 
 # ---- PPO ----
-PPO_ARRAYS = "dict(env_t=r.env_state.t, last_obs=r.last_obs, kernel=r.train_state.params['params']['actor_hidden_0']['kernel'], rng=r.rng)"
+PPO_ARRAYS = ("dict(env_t=r.env_state.t, last_obs=r.last_obs, "
+              "kernel=r.train_state.params['params']['actor_hidden_0']['kernel'], rng=r.rng)")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,11 @@ def ppo_chain(tmp_path_factory):
 
 def test_ppo_arrays_are_split_over_seeds_and_envs(ppo_chain):
     _, layout, (ref, first, second) = ppo_chain
-    assert "devices 1 (1 seed x 1 env" in ref.stdout and "devices 4 (2 seed x 2 env" in first.stdout and "devices 1 (1 seed x 1 env" in second.stdout
+    assert (
+        "devices 1 (1 seed x 1 env" in ref.stdout
+        and "devices 4 (2 seed x 2 env" in first.stdout
+        and "devices 1 (1 seed x 1 env" in second.stdout
+    )
     # envs: [seeds 2, envs 8] -> 4 blocks of [1 seed, 4 envs], one per device
     assert layout["env_t"] == dict(spec=["seed", "env"], shards=[[1, 4]], devices=4, shape=[2, 8])
     assert layout["last_obs"]["spec"][:2] == ["seed", "env"] and layout["last_obs"]["shards"][0][:2] == [1, 4]
@@ -114,7 +122,11 @@ def test_ppo_four_devices_match_one_and_checkpoints_move_between_device_counts(p
     out = ppo_chain[0]
     # every chunk of the chain (4, then 1 device) reports what the 1-device run reports
     assert_rows_close(metric_rows(out / "chain"), metric_rows(out / "ref"))
-    assert_close(restore(out / "chain" / "checkpoint.msgpack", "runner"), restore(out / "ref" / "checkpoint.msgpack", "runner"), "checkpoint")
+    assert_close(
+        restore(out / "chain" / "checkpoint.msgpack", "runner"),
+        restore(out / "ref" / "checkpoint.msgpack", "runner"),
+        "checkpoint",
+    )
     for seed in ("seed0", "seed1"):  # each seed's own final policy
         chain_final, ref_final = (restore(out / run / seed / "final.msgpack", "params") for run in ("chain", "ref"))
         assert_close(chain_final, ref_final, seed)
@@ -134,20 +146,49 @@ def test_ppo_two_processes_match_one_device_and_only_process_0_writes(ppo_chain,
     env = dict(FOUR, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     procs = []
     for pid in (1, 0):
-        cmd = ["ppo_trader.py", *PPO_FLAGS, "--out-dir", tmp_path / f"p{pid}", "--run-name", "mh",
-               "--coordinator-address", f"localhost:{port}", "--num-processes", "2", "--process-id", str(pid)]
-        procs.append(subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, env=script_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        cmd = [
+            "ppo_trader.py",
+            *PPO_FLAGS,
+            "--out-dir",
+            tmp_path / f"p{pid}",
+            "--run-name",
+            "mh",
+            "--coordinator-address",
+            f"localhost:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(pid),
+        ]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *map(str, cmd)],
+                cwd=ROOT,
+                env=script_env(env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = [p.communicate(timeout=600) for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(f"process {pid}: {se[-2000:]}" for pid, (_, se) in zip((1, 0), results))
+    assert all(p.returncode == 0 for p in procs), "\n".join(
+        f"process {pid}: {se[-2000:]}" for pid, (_, se) in zip((1, 0), results)
+    )
     assert "devices 4 (2 seed x 2 env, 2 process(es))" in results[1][0]
     assert list((tmp_path / "p1" / "mh").iterdir()) == []  # process 1 wrote nothing
-    assert_close(restore(tmp_path / "p0" / "mh" / "checkpoint.msgpack", "runner"), restore(out / "ref" / "checkpoint.msgpack", "runner"), "multi-host")
+    assert_close(
+        restore(tmp_path / "p0" / "mh" / "checkpoint.msgpack", "runner"),
+        restore(out / "ref" / "checkpoint.msgpack", "runner"),
+        "multi-host",
+    )
     assert_rows_close(metric_rows(tmp_path / "p0" / "mh"), metric_rows(out / "ref"))
 
 
 # ---- ERL ----
-ERL_ARRAYS = ("dict(pop=r.pop['params']['stock_head']['kernel'], critic=r.learner.critic['params']['Dense_0']['kernel'], "
-              "replay=r.replay.reward, rng=r.rng, generation=r.gen, replay_size=r.replay.size)")
+ERL_ARRAYS = (
+    "dict(pop=r.pop['params']['stock_head']['kernel'], critic=r.learner.critic['params']['Dense_0']['kernel'], "
+    "replay=r.replay.reward, rng=r.rng, generation=r.gen, replay_size=r.replay.size)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +200,9 @@ def erl_chain(tmp_path_factory):
 def test_erl_population_is_split_over_seeds_and_devices_and_the_rest_by_seed(erl_chain):
     _, layout, (ref, first, second) = erl_chain
     one_device = "devices 1 (1 seed x 1 pop, 4 actors each"
-    assert one_device in ref.stdout and "devices 4 (2 seed x 2 pop, 2 actors each" in first.stdout and one_device in second.stdout
+    assert (
+        one_device in ref.stdout and "devices 4 (2 seed x 2 pop, 2 actors each" in first.stdout and one_device in second.stdout
+    )
     # the population [seeds 2, pop 4, ...] -> 4 blocks of [1 seed, 2 actors, ...], one per device
     pop = layout["pop"]
     assert pop["spec"] == ["seed", "d"] and pop["shape"][:2] == [2, 4] and pop["shards"] == [[1, 2] + pop["shape"][2:]]
@@ -185,11 +228,14 @@ def test_erl_four_devices_match_one_and_checkpoints_move_between_device_counts(e
 
 
 # ---- BAD LAYOUTS ----
-@pytest.mark.parametrize("script,argv,needle", [
-    ("erl_trader.py", ["--pop-size", "6", "--num-elites", "1", "--num-seeds", "1"], "--pop-size 6"),
-    ("erl_trader.py", ["--devices", "8"], "--devices 8"),
-    ("ppo_trader.py", ["--num-envs", "6", "--num-steps", "8", "--num-minibatches", "1"], "--num-envs 6"),
-    ("ppo_trader.py", ["--coordinator-address", "localhost:1234"], "--num-processes"),
-])
+@pytest.mark.parametrize(
+    "script,argv,needle",
+    [
+        ("erl_trader.py", ["--pop-size", "6", "--num-elites", "1", "--num-seeds", "1"], "--pop-size 6"),
+        ("erl_trader.py", ["--devices", "8"], "--devices 8"),
+        ("ppo_trader.py", ["--num-envs", "6", "--num-steps", "8", "--num-minibatches", "1"], "--num-envs 6"),
+        ("ppo_trader.py", ["--coordinator-address", "localhost:1234"], "--num-processes"),
+    ],
+)
 def test_layouts_that_do_not_divide_give_one_line(script, argv, needle):
     assert_one_line_error(run_script(script, *argv, env=FOUR), needle)

@@ -46,7 +46,7 @@ def test_expected_max_sharpe_and_dsr_of_the_2014_paper():
     assert pt.expected_max_sharpe(trials, 100) == pytest.approx(0.1132, abs=5e-5)
     # the paper's DSR 0.9004: SR = 2.5 / sqrt(250), T = 1250 days, skew -3, kurt 10, through the PSR formula
     sharpe, sr0 = 2.5 / math.sqrt(250), pt.expected_max_sharpe(trials, 100)
-    z = (sharpe - sr0) * math.sqrt(1250 - 1) / math.sqrt(1 + 3 * sharpe + (10 - 1) / 4 * sharpe ** 2)
+    z = (sharpe - sr0) * math.sqrt(1250 - 1) / math.sqrt(1 + 3 * sharpe + (10 - 1) / 4 * sharpe**2)
     assert normal_cdf(z) == pytest.approx(0.9004, abs=5e-5)
 
 
@@ -74,7 +74,7 @@ def test_iqm_against_brute_force():
     for n in range(1, 14):
         values = rng.normal(size=n)
         cut = n // 4  # rliable's IQM (scipy.stats.trim_mean(x, 0.25)) cuts int(n / 4) runs at each end
-        brute = np.sort(values)[cut:n - cut].mean()
+        brute = np.sort(values)[cut : n - cut].mean()
         assert pt.interquartile_mean(values) == pytest.approx(brute), n
     assert pt.interquartile_mean(np.arange(8.0)) == pytest.approx(np.mean([2, 3, 4, 5]))
 
@@ -157,8 +157,10 @@ def summary_and_verdict(rng, trained_mean: float, period_mean: float, num_seeds:
     """The verdict for runs of the trained policy (total return N(trained_mean, 0.1) per seed) against 100 random
     runs (N(0, 0.1)) and a buy-and-hold run of 0.05, the trained policy's per-session returns N(period_mean, 0.01)."""
     trained = rng.normal(trained_mean, 0.1, size=(1, num_seeds))
-    improvements = {"random": pt.probability_of_improvement(trained, rng.normal(0.0, 0.1, size=(1, 100))),
-                    "buy-and-hold": pt.probability_of_improvement(trained, np.full((1, num_seeds), 0.05))}
+    improvements = {
+        "random": pt.probability_of_improvement(trained, rng.normal(0.0, 0.1, size=(1, 100))),
+        "buy-and-hold": pt.probability_of_improvement(trained, np.full((1, num_seeds), 0.05)),
+    }
     period_returns = [rng.normal(period_mean, 0.01, size=250) for _ in range(num_seeds)]
     sharpe = pt.sharpe_summary(period_returns, [pt.period_sharpe(r) for r in period_returns], num_seeds)
     return pt.verdict(improvements, sharpe["deflated_sharpe"], num_seeds, num_seeds)
@@ -186,6 +188,6 @@ def test_both_trainers_carry_the_same_statistics():
 
     def section(script: str) -> str:
         text = (ROOT / script).read_text()
-        return text[text.index("# ---- STATISTICS ----"):text.index("# ---- BACKTEST ----")]
+        return text[text.index("# ---- STATISTICS ----") : text.index("# ---- BACKTEST ----")]
 
     assert section("erl_trader.py") == section("ppo_trader.py")
