@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -1941,9 +1942,39 @@ def plot_equity(path: Path, report: dict, fold_runs: list, info: dict) -> None:
     plt.close(fig)
 
 
+def plot_summary(path: Path, report: dict) -> None:
+    """summary.png, one row per market under its verdict: the median total return and Sharpe ratio of each policy with
+    their 95% bootstrap CIs."""
+    import matplotlib.pyplot as plt
+
+    markets = list(report["summary"])
+    fig = plt.figure(figsize=(10, 3.4 * len(markets)), layout="constrained")
+    for market, market_fig in zip(markets, np.atleast_1d(fig.subfigures(len(markets), 1))):
+        summary = report["summary"][market]
+        names = [name for name in PLOT_POLICIES if name in summary]
+        for ax, metric in zip(market_fig.subplots(1, 2), ("total_return", "sharpe")):
+            for row, name in enumerate(names):
+                estimate = summary[name][metric]["median"]
+                if estimate["value"] is None:
+                    continue
+                low, high = estimate["ci"] or (estimate["value"], estimate["value"])
+                ax.errorbar(estimate["value"], row, xerr=[[estimate["value"] - low], [high - estimate["value"]]], fmt="o",
+                            color=PLOT_POLICIES[name], capsize=4)
+            ax.axvline(0.0, color="k", lw=0.5)
+            ax.set_yticks(range(len(names)), names)
+            ax.invert_yaxis()
+            ax.xaxis.set_major_locator(plt.MaxNLocator(6))
+            if metric == "total_return":
+                ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda value, _: f"{value:+.1%}"))
+            ax.set_title(f"median {metric.replace('_', ' ')} of the runs, 95% bootstrap CI", fontsize=9)
+        market_fig.suptitle("\n".join(textwrap.wrap(f"{market}: {report['verdict'][market]}", 130)), fontsize=8)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_backtest_outputs(run_dir: Path, report: dict, fold_runs: list, info: dict, fold_column: bool) -> None:
     """report.json, trades.csv (the greedy policy's trades of every fold and seed; a first `fold` column when
-    `fold_column`) and equity.png (`plot_equity`), process 0 only."""
+    `fold_column`), equity.png (`plot_equity`) and summary.png (`plot_summary`), process 0 only."""
     if jax.process_index() != 0:
         return
     import matplotlib
@@ -1960,6 +1991,7 @@ def write_backtest_outputs(run_dir: Path, report: dict, fold_runs: list, info: d
                 lines += [f"{prefix},{line}" for line in trade_rows(raws["policy"][market], market, ts)]
     (run_dir / "trades.csv").write_text("\n".join(lines) + "\n")
     plot_equity(run_dir / "equity.png", report, fold_runs, info)
+    plot_summary(run_dir / "summary.png", report)
 
 
 def over_seeds(rows: list, markets: list) -> dict:
