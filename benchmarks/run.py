@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import erl_trader as et  # noqa: E402
 import ppo_trader as pt  # noqa: E402
+import time_to_result  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -95,7 +96,7 @@ def jaxpr_flops(jaxpr) -> tuple[float, float]:
         name = eqn.primitive.name
         subs = []
         for v in eqn.params.values():
-            for x in (v if isinstance(v, (tuple, list)) else (v,)):
+            for x in v if isinstance(v, (tuple, list)) else (v,):
                 if hasattr(x, "eqns"):
                     subs.append(x)
                 elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
@@ -181,7 +182,9 @@ def ppo_env_rollout(env_params, data, n: int, steps: int):
             # uniform over the legal actions: the k-th legal one, k uniform below the number of legal actions
             k = (jax.random.uniform(k_a, (n,)) * mask.sum(-1)).astype(jnp.int32)
             action = jnp.argmax(jnp.cumsum(mask, -1) > k[:, None], -1)
-            obs, state, reward, _, _, _ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(jax.random.split(k_s, n), state, action, env_params, data)
+            obs, state, reward, _, _, _ = jax.vmap(pt.step, in_axes=(0, 0, 0, None, None))(
+                jax.random.split(k_s, n), state, action, env_params, data
+            )
             return (state, key), obs.sum() + reward.sum()  # sums keep every observation element live
 
         _, out = jax.lax.scan(body, (state, key), None, steps)
@@ -212,8 +215,9 @@ def erl_env_rollout(env_params, data, n_inv: int, n: int, steps: int):
             obs = jax.vmap(et.get_obs, in_axes=(0, None, None))(state.t, env_params, data)
             coef, target = jax.vmap(et.scale_action, in_axes=(0, None))(jax.random.uniform(k_a, (n, n_inv, 2)), env_params)
             nxt, reward, done, _ = jax.vmap(et.step, in_axes=(0, 0, 0, None, None))(state, coef, target, env_params, data)
-            new = jax.vmap(et.reset_at, in_axes=(0, None))(jax.vmap(et.sample_start, in_axes=(0, None, None))(jax.random.split(k_s, n), env_params, data),
-                                                          env_params)
+            new = jax.vmap(et.reset_at, in_axes=(0, None))(
+                jax.vmap(et.sample_start, in_axes=(0, None, None))(jax.random.split(k_s, n), env_params, data), env_params
+            )
             state = jax.tree.map(lambda a, b: jnp.where(done.reshape(done.shape + (1,) * (a.ndim - 1)), a, b), new, nxt)
             return (state, key), obs.sum() + reward.sum()
 
@@ -232,22 +236,39 @@ def load_peers():
         import stable_baselines3
         import torch
     except ImportError as e:
-        print(f"benchmarks/run.py: error: peer package missing ({e.name}). Fix: install benchmarks/requirements.txt as benchmarks/README.md says, "
-              "or pass --no-peers", file=sys.stderr)
+        print(
+            f"benchmarks/run.py: error: peer package missing ({e.name}). Fix: install benchmarks/requirements.txt as "
+            "benchmarks/README.md says, "
+            "or pass --no-peers",
+            file=sys.stderr,
+        )
         sys.exit(2)
     spec = importlib.util.find_spec("finrl")
     if spec is None or not spec.submodule_search_locations:
-        print("benchmarks/run.py: error: FinRL is not installed. Fix: pip install --no-deps finrl==0.3.7 (see benchmarks/README.md), or pass --no-peers",
-              file=sys.stderr)
+        print(
+            "benchmarks/run.py: error: FinRL is not installed. Fix: pip install --no-deps finrl==0.3.7 (see "
+            "benchmarks/README.md), or pass --no-peers",
+            file=sys.stderr,
+        )
         sys.exit(2)
     # FinRL's package __init__ pulls in broker and data-source dependencies: load the env module file alone
     path = Path(list(spec.submodule_search_locations)[0]) / "meta" / "env_stock_trading" / "env_stocktrading.py"
     mod_spec = importlib.util.spec_from_file_location("finrl_env_stocktrading", path)
     finrl_env = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(finrl_env)
-    return dict(gymnasium=gymnasium, sb3=stable_baselines3, torch=torch, finrl_env=finrl_env,
-                versions=dict(gymnasium=gymnasium.__version__, stable_baselines3=stable_baselines3.__version__, torch=torch.__version__,
-                              gym_anytrading=_version("gym-anytrading"), finrl=_version("finrl")))
+    return dict(
+        gymnasium=gymnasium,
+        sb3=stable_baselines3,
+        torch=torch,
+        finrl_env=finrl_env,
+        versions=dict(
+            gymnasium=gymnasium.__version__,
+            stable_baselines3=stable_baselines3.__version__,
+            torch=torch.__version__,
+            gym_anytrading=_version("gym-anytrading"),
+            finrl=_version("finrl"),
+        ),
+    )
 
 
 def _version(dist: str) -> str:
@@ -328,8 +349,13 @@ def finrl_frame(erl_args, split: str = "train"):
     inv = np.flatnonzero(raw["investable"])
     T, N = hi - lo, len(inv)
     names = [str(x) for x in raw["feature_names"]]
-    df = pd.DataFrame({"date": np.repeat(raw["dates"][lo:hi].astype("datetime64[D]").astype(str), N), "tic": np.tile(raw["tickers"][inv], T),
-                       "close": raw["close"][lo:hi][:, inv].reshape(-1).astype(np.float64)})
+    df = pd.DataFrame(
+        {
+            "date": np.repeat(raw["dates"][lo:hi].astype("datetime64[D]").astype(str), N),
+            "tic": np.tile(raw["tickers"][inv], T),
+            "close": raw["close"][lo:hi][:, inv].reshape(-1).astype(np.float64),
+        }
+    )
     for i, name in enumerate(names):
         df[name] = raw["features"][lo:hi][:, inv, i].reshape(-1).astype(np.float64)
     df.index = np.repeat(np.arange(T), N)
@@ -338,10 +364,20 @@ def finrl_frame(erl_args, split: str = "train"):
 
 def make_finrl(peers, df, n: int, names: list):
     """FinRL's StockTradingEnv with its tutorial settings (hmax 100, $1M, 0.1% costs each way, reward scaling 1e-4)."""
-    return peers["finrl_env"].StockTradingEnv(df=df, stock_dim=n, hmax=100, initial_amount=1_000_000, num_stock_shares=[0] * n,
-                                              buy_cost_pct=[0.001] * n, sell_cost_pct=[0.001] * n, reward_scaling=1e-4,
-                                              state_space=1 + 2 * n + len(names) * n, action_space=n, tech_indicator_list=names,
-                                              print_verbosity=10**9)
+    return peers["finrl_env"].StockTradingEnv(
+        df=df,
+        stock_dim=n,
+        hmax=100,
+        initial_amount=1_000_000,
+        num_stock_shares=[0] * n,
+        buy_cost_pct=[0.001] * n,
+        sell_cost_pct=[0.001] * n,
+        reward_scaling=1e-4,
+        state_space=1 + 2 * n + len(names) * n,
+        action_space=n,
+        tech_indicator_list=names,
+        print_verbosity=10**9,
+    )
 
 
 def ref_gym_env(peers, args, env_params, data, info):
@@ -351,13 +387,32 @@ def ref_gym_env(peers, args, env_params, data, info):
 
     gym = peers["gymnasium"]
     m = 0
-    d = {k: np.asarray(getattr(data, k)[m], np.float64) for k in ("open", "high", "low", "close", "atr", "hours_to_close", "features")}
-    d.update(rth=np.asarray(data.rth[m]), session_end=np.asarray(data.session_end[m]), bars_to_close=np.asarray(data.bars_to_close[m]))
-    spec = dict(point_value=float(data.point_value[m]), tick_size=float(data.tick_size[m]), commission=float(data.commission[m]))
-    params = dict(window=args.window, contracts=args.contracts, sl_atr_mult=args.sl_atr_mult, tp_atr_mult=args.tp_atr_mult,
-                  slippage_ticks=args.slippage_ticks, initial_balance=args.initial_balance, dd_limit=args.dd_limit, dd_lock_offset=args.dd_lock_offset,
-                  breach_penalty=args.breach_penalty, episode_bars=args.episode_bars, no_entry_bars=args.no_entry_bars,
-                  flatten_at_close=args.flatten_at_close)
+    d = {
+        k: np.asarray(getattr(data, k)[m], np.float64)
+        for k in ("open", "high", "low", "close", "atr", "hours_to_close", "features")
+    }
+    d.update(
+        rth=np.asarray(data.rth[m]),
+        session_end=np.asarray(data.session_end[m]),
+        bars_to_close=np.asarray(data.bars_to_close[m]),
+    )
+    spec = dict(
+        point_value=float(data.point_value[m]), tick_size=float(data.tick_size[m]), commission=float(data.commission[m])
+    )
+    params = dict(
+        window=args.window,
+        contracts=args.contracts,
+        sl_atr_mult=args.sl_atr_mult,
+        tp_atr_mult=args.tp_atr_mult,
+        slippage_ticks=args.slippage_ticks,
+        initial_balance=args.initial_balance,
+        dd_limit=args.dd_limit,
+        dd_lock_offset=args.dd_lock_offset,
+        breach_penalty=args.breach_penalty,
+        episode_bars=args.episode_bars,
+        no_entry_bars=args.no_entry_bars,
+        flatten_at_close=args.flatten_at_close,
+    )
     starts = np.asarray(data.starts[m][: int(data.n_starts[m])])
     end = int(data.hi[m])
     obs_dim = args.window * d["features"].shape[1] + pt.NUM_POSITION_FEATURES
@@ -396,7 +451,15 @@ def ppo_train_sps(repeats: int, chunk_updates: int, **overrides) -> dict:
     dt = median_time(run, repeats)
     steps = chunk_updates * args.num_envs * args.num_steps
     mm, other = jaxpr_flops(jax.make_jaxpr(jax.vmap(train_chunk))(runner).jaxpr)
-    return dict(sps=steps / dt, compile_s=compile_s, memory=xla_memory(compiled), chunk_s=dt, mm_flops=mm, other_flops=other, steps=steps)
+    return dict(
+        sps=steps / dt,
+        compile_s=compile_s,
+        memory=xla_memory(compiled),
+        chunk_s=dt,
+        mm_flops=mm,
+        other_flops=other,
+        steps=steps,
+    )
 
 
 def erl_train_sps(repeats: int, **overrides) -> dict:
@@ -416,7 +479,15 @@ def erl_train_sps(repeats: int, **overrides) -> dict:
     dt = median_time(run, repeats)
     steps = (args.pop_size + 2) * args.episodes_per_agent * (args.trading_days + args.settlement_days) * args.chunk_generations
     mm, other = jaxpr_flops(jax.make_jaxpr(chunk)(runner, data).jaxpr)
-    return dict(sps=steps / dt, compile_s=compile_s, memory=xla_memory(compiled), chunk_s=dt, mm_flops=mm, other_flops=other, steps=steps)
+    return dict(
+        sps=steps / dt,
+        compile_s=compile_s,
+        memory=xla_memory(compiled),
+        chunk_s=dt,
+        mm_flops=mm,
+        other_flops=other,
+        steps=steps,
+    )
 
 
 def check_flops() -> dict:
@@ -479,11 +550,26 @@ def main() -> int:
         gym = peers["gymnasium"]
         for mode, n in (("sync", 8), ("async", os.cpu_count())):
             kw = {"vector_kwargs": {"context": "spawn"}} if mode == "async" else {}  # no fork of a multithreaded (JAX) process
-            vec = gym.make_vec(FOREX_ID, num_envs=n, vectorization_mode=mode, df=df, window_size=p_args.window, frame_bound=(p_args.window, len(df)), **kw)
+            vec = gym.make_vec(
+                FOREX_ID,
+                num_envs=n,
+                vectorization_mode=mode,
+                df=df,
+                window_size=p_args.window,
+                frame_bound=(p_args.window, len(df)),
+                **kw,
+            )
             peer_env[f"anytrading_{mode}"] = vector_sps(vec, 1_000 if quick else 4_000, R)
             vec.close()
             log(f"gym-anytrading forex-v0, gymnasium {mode} vector env x{n}: {peer_env[f'anytrading_{mode}']:,.0f} steps/s")
-            rows_env.append((f"gym-anytrading forex-v0, gymnasium {mode.capitalize()}VectorEnv", f"{n} envs", peer_env[f"anytrading_{mode}"], float("nan")))
+            rows_env.append(
+                (
+                    f"gym-anytrading forex-v0, gymnasium {mode.capitalize()}VectorEnv",
+                    f"{n} envs",
+                    peer_env[f"anytrading_{mode}"],
+                    float("nan"),
+                )
+            )
 
     # 1b. erl_trader env vs FinRL StockTradingEnv, same 20 stocks
     e_args, e_env, e_data, e_info = erl_setup()
@@ -512,93 +598,207 @@ def main() -> int:
         n_f = 100 if quick else 400
         peer_env["finrl"] = n_f / median_time(lambda: finrl_run(n_f), R)
         log(f"FinRL StockTradingEnv, Python loop: {peer_env['finrl']:,.1f} steps/s")
-        rows_env.append((f"FinRL StockTradingEnv ({fn} stocks, {len(fdf) // fn} days), Python loop", "1 env", peer_env["finrl"], float("nan")))
+        rows_env.append(
+            (
+                f"FinRL StockTradingEnv ({fn} stocks, {len(fdf) // fn} days), Python loop",
+                "1 env",
+                peer_env["finrl"],
+                float("nan"),
+            )
+        )
 
     # 2. TRAINING THROUGHPUT: ppo_trader vs SB3 PPO (same env rules, same network and PPO sizes)
     ppo_cfg = dict(num_envs=p_args.num_envs, num_steps=p_args.num_steps)
     ours = ppo_train_sps(R, 2 if quick else 5, **ppo_cfg)
-    log(f"ppo_trader training (defaults, {p_args.num_envs} envs x {p_args.num_steps} steps): {ours['sps']:,.0f} SPS, compile {ours['compile_s']:.1f}s")
-    rows_train.append(("ppo_trader (JAX), its env", f"{p_args.num_envs} envs x {p_args.num_steps} steps, 2x{p_args.hidden} tanh", ours["sps"], ours["compile_s"]))
+    log(
+        f"ppo_trader training (defaults, {p_args.num_envs} envs x {p_args.num_steps} steps): {ours['sps']:,.0f} SPS, compile "
+        f"{ours['compile_s']:.1f}s"
+    )
+    rows_train.append(
+        (
+            "ppo_trader (JAX), its env",
+            f"{p_args.num_envs} envs x {p_args.num_steps} steps, 2x{p_args.hidden} tanh",
+            ours["sps"],
+            ours["compile_s"],
+        )
+    )
     peer_train = {}
     if peers:
         from stable_baselines3 import PPO
         from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
         torch = peers["torch"]
-        sb3_kw = dict(n_steps=p_args.num_steps, batch_size=p_args.num_envs * p_args.num_steps // p_args.num_minibatches, n_epochs=p_args.update_epochs,
-                      learning_rate=p_args.learning_rate, gamma=p_args.gamma, gae_lambda=p_args.gae_lambda, clip_range=p_args.clip_coef,
-                      clip_range_vf=p_args.clip_coef, ent_coef=p_args.ent_coef, vf_coef=p_args.vf_coef, max_grad_norm=p_args.max_grad_norm,
-                      policy_kwargs=dict(net_arch=dict(pi=[p_args.hidden] * 2, vf=[p_args.hidden] * 2), activation_fn=torch.nn.Tanh),
-                      device="cpu", seed=0, verbose=0)
+        sb3_kw = dict(
+            n_steps=p_args.num_steps,
+            batch_size=p_args.num_envs * p_args.num_steps // p_args.num_minibatches,
+            n_epochs=p_args.update_epochs,
+            learning_rate=p_args.learning_rate,
+            gamma=p_args.gamma,
+            gae_lambda=p_args.gae_lambda,
+            clip_range=p_args.clip_coef,
+            clip_range_vf=p_args.clip_coef,
+            ent_coef=p_args.ent_coef,
+            vf_coef=p_args.vf_coef,
+            max_grad_norm=p_args.max_grad_norm,
+            policy_kwargs=dict(net_arch=dict(pi=[p_args.hidden] * 2, vf=[p_args.hidden] * 2), activation_fn=torch.nn.Tanh),
+            device="cpu",
+            seed=0,
+            verbose=0,
+        )
         per_iter = p_args.num_envs * p_args.num_steps
         iters = 1 if quick else 3
 
         def sb3_ppo_sps(make_env):
-            venv = VecNormalize(DummyVecEnv([make_env] * p_args.num_envs), norm_obs=True, norm_reward=False)  # ppo_trader normalises observations too
+            venv = VecNormalize(
+                DummyVecEnv([make_env] * p_args.num_envs), norm_obs=True, norm_reward=False
+            )  # ppo_trader normalises observations too
             model = PPO("MlpPolicy", venv, **sb3_kw)
-            threads = fastest_threads(torch, lambda: model.learn(per_iter, reset_num_timesteps=False))  # doubles as the warm-up
+            threads = fastest_threads(
+                torch, lambda: model.learn(per_iter, reset_num_timesteps=False)
+            )  # doubles as the warm-up
             sps = per_iter * iters / median_time(lambda: model.learn(per_iter * iters, reset_num_timesteps=False), R, warmup=0)
-            notes.append(f"SB3 PPO {'reference env' if make_env is RefEnvCls else 'gym-anytrading'}: torch {threads} thread(s)")
+            notes.append(
+                f"SB3 PPO {'reference env' if make_env is RefEnvCls else 'gym-anytrading'}: torch {threads} thread(s)"
+            )
             return sps
 
         RefEnvCls = ref_gym_env(peers, p_args, p_env, p_data["train"], p_info)
         peer_train["sb3_ppo_ref"] = sb3_ppo_sps(RefEnvCls)
         log(f"SB3 PPO on the NumPy reference env: {peer_train['sb3_ppo_ref']:,.0f} SPS")
-        rows_train.append(("stable-baselines3 PPO (torch CPU), NumPy reference of the same env", f"{p_args.num_envs} envs (DummyVecEnv) x {p_args.num_steps} steps, same sizes",
-                           peer_train["sb3_ppo_ref"], float("nan")))
+        rows_train.append(
+            (
+                "stable-baselines3 PPO (torch CPU), NumPy reference of the same env",
+                f"{p_args.num_envs} envs (DummyVecEnv) x {p_args.num_steps} steps, same sizes",
+                peer_train["sb3_ppo_ref"],
+                float("nan"),
+            )
+        )
         df = forex_df(p_args.data)
-        peer_train["sb3_ppo_anytrading"] = sb3_ppo_sps(lambda: peers["gymnasium"].wrappers.FlattenObservation(make_forex(peers, df, p_args.window)))
+        peer_train["sb3_ppo_anytrading"] = sb3_ppo_sps(
+            lambda: peers["gymnasium"].wrappers.FlattenObservation(make_forex(peers, df, p_args.window))
+        )
         log(f"SB3 PPO on gym-anytrading forex-v0: {peer_train['sb3_ppo_anytrading']:,.0f} SPS")
-        rows_train.append(("stable-baselines3 PPO (torch CPU), gym-anytrading forex-v0", f"{p_args.num_envs} envs (DummyVecEnv) x {p_args.num_steps} steps, same sizes",
-                           peer_train["sb3_ppo_anytrading"], float("nan")))
+        rows_train.append(
+            (
+                "stable-baselines3 PPO (torch CPU), gym-anytrading forex-v0",
+                f"{p_args.num_envs} envs (DummyVecEnv) x {p_args.num_steps} steps, same sizes",
+                peer_train["sb3_ppo_anytrading"],
+                float("nan"),
+            )
+        )
 
     # 2b. erl_trader generations (learning included) vs SB3 TD3 on FinRL's env
     erl_gens = 1 if quick else 2
     erl_def = erl_train_sps(R, chunk_generations=erl_gens, generations=erl_gens)
-    log(f"erl_trader training (defaults, pop {e_args.pop_size}): {erl_def['sps']:,.0f} env steps/s, compile {erl_def['compile_s']:.1f}s")
-    rows_train.append(("erl_trader (JAX), its env", f"defaults: pop {e_args.pop_size}, {e_args.rl_updates} TD3 updates/generation", erl_def["sps"], erl_def["compile_s"]))
+    log(
+        f"erl_trader training (defaults, pop {e_args.pop_size}): {erl_def['sps']:,.0f} env steps/s, compile "
+        f"{erl_def['compile_s']:.1f}s"
+    )
+    rows_train.append(
+        (
+            "erl_trader (JAX), its env",
+            f"defaults: pop {e_args.pop_size}, {e_args.rl_updates} TD3 updates/generation",
+            erl_def["sps"],
+            erl_def["compile_s"],
+        )
+    )
     erl_64 = erl_train_sps(R, pop_size=64, chunk_generations=erl_gens, generations=erl_gens)
     log(f"erl_trader training (pop 64): {erl_64['sps']:,.0f} env steps/s, compile {erl_64['compile_s']:.1f}s")
-    rows_train.append(("erl_trader (JAX), its env", f"pop 64, {e_args.rl_updates} TD3 updates/generation", erl_64["sps"], erl_64["compile_s"]))
+    rows_train.append(
+        (
+            "erl_trader (JAX), its env",
+            f"pop 64, {e_args.rl_updates} TD3 updates/generation",
+            erl_64["sps"],
+            erl_64["compile_s"],
+        )
+    )
     if peers:
         from stable_baselines3 import TD3
         from stable_baselines3.common.noise import NormalActionNoise
 
         fdf, fn, fnames = finrl_frame(e_args)
         fvenv = peers["sb3"].common.vec_env.DummyVecEnv([lambda: make_finrl(peers, fdf, fn, fnames)])
-        td3 = TD3("MlpPolicy", fvenv, learning_starts=100, action_noise=NormalActionNoise(np.zeros(fn), 0.1 * np.ones(fn)), device="cpu", seed=0, verbose=0)
+        td3 = TD3(
+            "MlpPolicy",
+            fvenv,
+            learning_starts=100,
+            action_noise=NormalActionNoise(np.zeros(fn), 0.1 * np.ones(fn)),
+            device="cpu",
+            seed=0,
+            verbose=0,
+        )
         td3.learn(150)  # past learning_starts: every later step also trains
         n_td3 = 100 if quick else 400
         threads = fastest_threads(peers["torch"], lambda: td3.learn(n_td3 // 2, reset_num_timesteps=False))
         notes.append(f"SB3 TD3: torch {threads} thread(s)")
         peer_train["sb3_td3_finrl"] = n_td3 / median_time(lambda: td3.learn(n_td3, reset_num_timesteps=False), R, warmup=0)
         log(f"SB3 TD3 on FinRL StockTradingEnv: {peer_train['sb3_td3_finrl']:,.1f} env steps/s")
-        rows_train.append(("stable-baselines3 TD3 (torch CPU), FinRL StockTradingEnv", "defaults (train every step, batch 256, 400-300 MLPs)",
-                           peer_train["sb3_td3_finrl"], float("nan")))
+        rows_train.append(
+            (
+                "stable-baselines3 TD3 (torch CPU), FinRL StockTradingEnv",
+                "defaults (train every step, batch 256, 400-300 MLPs)",
+                peer_train["sb3_td3_finrl"],
+                float("nan"),
+            )
+        )
+
+    # 2c. TIME TO A RESULT: ppo_trader against SB3 PPO until 80% of the oracle (benchmarks/time_to_result.py)
+    time_md = []
+    if not quick:  # ~15 minutes with the peers on a 2-core CPU
+        time_md, _ = time_to_result.ppo_section(peers)
 
     # 3. SCALING AND COST
     peak, peak_n = peak_matmul_flops(R)
     log(f"peak float32 matmul: {peak / 1e9:,.1f} GFLOP/s ({peak_n}x{peak_n})")
     gpu_sized = dict(num_envs=4096, num_steps=64)
     ppo_scale = {p_args.num_envs: ours}
-    for n in ((256, 1024) if quick else (256, 1024, 4096, 16384)):
+    for n in (256, 1024) if quick else (256, 1024, 4096, 16384):
         ppo_scale[n] = ppo_train_sps(R, 1 if quick else 2, num_envs=n, num_steps=64)
-        log(f"ppo_trader training {n} envs x 64 steps: {ppo_scale[n]['sps']:,.0f} SPS, compile {ppo_scale[n]['compile_s']:.1f}s")
+        log(
+            f"ppo_trader training {n} envs x 64 steps: {ppo_scale[n]['sps']:,.0f} SPS, compile "
+            f"{ppo_scale[n]['compile_s']:.1f}s"
+        )
     if 4096 not in ppo_scale:
         ppo_scale[4096] = ppo_train_sps(R, 1, **gpu_sized)
-        log(f"ppo_trader training 4096 envs x 64 steps: {ppo_scale[4096]['sps']:,.0f} SPS, compile {ppo_scale[4096]['compile_s']:.1f}s")
+        log(
+            f"ppo_trader training 4096 envs x 64 steps: {ppo_scale[4096]['sps']:,.0f} SPS, compile "
+            f"{ppo_scale[4096]['compile_s']:.1f}s"
+        )
     for n, r in sorted(ppo_scale.items()):
         steps = 128 if n == p_args.num_envs else 64
-        rows_scale.append(("ppo_trader training", f"{n} envs x {steps} steps", r["sps"], r["compile_s"], r["memory"],
-                           (r["mm_flops"] + r["other_flops"]) / r["chunk_s"], r["mm_flops"] / r["chunk_s"]))
+        rows_scale.append(
+            (
+                "ppo_trader training",
+                f"{n} envs x {steps} steps",
+                r["sps"],
+                r["compile_s"],
+                r["memory"],
+                (r["mm_flops"] + r["other_flops"]) / r["chunk_s"],
+                r["mm_flops"] / r["chunk_s"],
+            )
+        )
     curves["ppo_train"] = {n: r["sps"] for n, r in ppo_scale.items()}
     erl_scale = {16: erl_def, 64: erl_64}
-    for pop in (() if quick else (8, 32, 128)):  # an erl_trader chunk compiles in ~35 s on 2 cores: --quick keeps to pop 16 and 64
+    for pop in (
+        () if quick else (8, 32, 128)
+    ):  # an erl_trader chunk compiles in ~35 s on 2 cores: --quick keeps to pop 16 and 64
         erl_scale[pop] = erl_train_sps(R, pop_size=pop, chunk_generations=erl_gens, generations=erl_gens)
-        log(f"erl_trader training pop {pop}: {erl_scale[pop]['sps']:,.0f} env steps/s, compile {erl_scale[pop]['compile_s']:.1f}s")
+        log(
+            f"erl_trader training pop {pop}: {erl_scale[pop]['sps']:,.0f} env steps/s, compile "
+            f"{erl_scale[pop]['compile_s']:.1f}s"
+        )
     for pop, r in sorted(erl_scale.items()):
-        rows_scale.append(("erl_trader training", f"pop {pop}", r["sps"], r["compile_s"], r["memory"],
-                           (r["mm_flops"] + r["other_flops"]) / r["chunk_s"], r["mm_flops"] / r["chunk_s"]))
+        rows_scale.append(
+            (
+                "erl_trader training",
+                f"pop {pop}",
+                r["sps"],
+                r["compile_s"],
+                r["memory"],
+                (r["mm_flops"] + r["other_flops"]) / r["chunk_s"],
+                r["mm_flops"] / r["chunk_s"],
+            )
+        )
     curves["erl_train"] = {p: r["sps"] for p, r in erl_scale.items()}
 
     # memory against window length and replay size (XLA's plan for one compiled chunk call)
@@ -612,10 +812,19 @@ def main() -> int:
         rows_mem.append(("ppo_trader chunk, 1024 envs x 64 steps", f"window {w}", mem[("ppo", w)], cs))
         log(f"ppo memory window {w}: {mem[('ppo', w)] / 2**20:,.1f} MiB (compile {cs:.1f}s)")
     mem[("erl", e_args.window, e_args.buffer_size)] = erl_def["memory"]
-    rows_mem.append(("erl_trader chunk, pop 16", f"window {e_args.window}, replay {e_args.buffer_size:,}", erl_def["memory"], erl_def["compile_s"]))
+    rows_mem.append(
+        (
+            "erl_trader chunk, pop 16",
+            f"window {e_args.window}, replay {e_args.buffer_size:,}",
+            erl_def["memory"],
+            erl_def["compile_s"],
+        )
+    )
     erl_mem_cfg = ((60, 100_000), (20, 1_000_000)) if quick else ((10, 100_000), (60, 100_000), (20, 10_000), (20, 1_000_000))
     for w, buf in erl_mem_cfg:
-        args, env_params, datasets, info = erl_setup(window=w, buffer_size=buf, chunk_generations=erl_gens, generations=erl_gens)
+        args, env_params, datasets, info = erl_setup(
+            window=w, buffer_size=buf, chunk_generations=erl_gens, generations=erl_gens
+        )
         inv = tuple(info["inv"])
         init, chunk, *_ = et.make_erl(args, env_params, datasets["train"], len(inv), inv)
         runner = init(jax.random.PRNGKey(0))
@@ -639,49 +848,96 @@ def main() -> int:
             ("ppo_trader env @4096 / FinRL StockTradingEnv", ppo_env[4096] / peer_env["finrl"], 5000),
             ("ppo_trader training / SB3 PPO, same env rules and sizes", ours["sps"] / peer_train["sb3_ppo_ref"], 5),
             ("ppo_trader training / SB3 PPO on gym-anytrading", ours["sps"] / peer_train["sb3_ppo_anytrading"], None),
-            ("erl_trader training (defaults) / SB3 TD3 on FinRL", erl_def["sps"] / peer_train["sb3_td3_finrl"], 100),
-            ("erl_trader training (pop 64) / SB3 TD3 on FinRL", erl_64["sps"] / peer_train["sb3_td3_finrl"], 100),
+            # not a like-for-like ratio: erl_trader takes 32 TD3 updates per generation (2,250 env steps at pop 16), TD3 one
+            # gradient step per env step; the time-to-result section compares what a user waits for
+            (
+                "erl_trader training (defaults) / SB3 TD3 on FinRL, env steps/s at their own update rates",
+                erl_def["sps"] / peer_train["sb3_td3_finrl"],
+                None,
+            ),
+            (
+                "erl_trader training (pop 64) / SB3 TD3 on FinRL, env steps/s at their own update rates",
+                erl_64["sps"] / peer_train["sb3_td3_finrl"],
+                None,
+            ),
             ("erl_trader env @1024 / FinRL StockTradingEnv", erl_env[1024] / peer_env["finrl"], None),
         ]
     gpu_row = ppo_scale[4096]
     frac = (gpu_row["mm_flops"] + gpu_row["other_flops"]) / gpu_row["chunk_s"] / peak
     targets.append(("ppo_trader training FLOP/s at 4096 envs x 64 steps / peak matmul FLOP/s", frac, 0.30))
-    md = [f"# Benchmarks: {desc}", "",
-          f"`python benchmarks/run.py{' --quick' if quick else ''}{' --no-peers' if cli.no_peers else ''}` on {time.strftime('%Y-%m-%d %H:%M')}, "
-          f"{total_s / 60:.1f} min. Load average (1/5/15 min) at the start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
-          f"at the end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} (other processes share this machine: absolute numbers are noisy, "
-          "ratios are measured back to back in one process).", "",
-          f"Versions: jax {jax.__version__}" + ("".join(f", {k} {v}" for k, v in peers["versions"].items()) if peers else "") +
-          f". Each figure is the median of {R} timed repeats after a warm-up call; compilation is timed apart."
-          + (" Peers: " + "; ".join(notes) + " (the faster of 1 thread and all cores)." if notes else ""), ""]
+    md = [
+        f"# Benchmarks: {desc}",
+        "",
+        f"`python benchmarks/run.py{' --quick' if quick else ''}{' --no-peers' if cli.no_peers else ''}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, "
+        f"{total_s / 60:.1f} min. Load average (1/5/15 min) at the start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
+        f"at the end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f} (other processes share this machine: absolute numbers are "
+        "noisy, "
+        "ratios are measured back to back in one process).",
+        "",
+        f"Versions: jax {jax.__version__}"
+        + ("".join(f", {k} {v}" for k, v in peers["versions"].items()) if peers else "")
+        + f". Each figure is the median of {R} timed repeats after a warm-up call; compilation is timed apart."
+        + (" Peers: " + "; ".join(notes) + " (the faster of 1 thread and all cores)." if notes else ""),
+        "",
+    ]
     if targets:
         md += ["## Targets", "", "| ratio | measured | target | met |", "|---|---|---|---|"]
-        md += [f"| {name} | {fmt(v)}{'' if name.endswith('FLOP/s') else 'x'} | {('>= ' + fmt(t) + ('' if t < 1 else 'x')) if t else '-'} | "
-               f"{('yes' if v >= t else 'no') if t else ''} |" for name, v, t in targets]
+        md += [
+            f"| {name} | {fmt(v)}{'' if name.endswith('FLOP/s') else 'x'} | "
+            f"{('>= ' + fmt(t) + ('' if t < 1 else 'x')) if t else '-'} | "
+            f"{('yes' if v >= t else 'no') if t else ''} |"
+            for name, v, t in targets
+        ]
         md += [""]
-    md += ["## 1. Env steps/s, random legal actions", "",
-           "ppo_trader: EURUSD 1h sample, training split, auto-reset at random session starts, observation of window 16 x 11 features + 7. "
-           "gym-anytrading: `gym.make('forex-v0')` on the same EURUSD closes (window 16). erl_trader: the 20-stock S&P 500 sample, "
-           "training split, the actor's observation window (20 days x 21 columns x 9 channels) built every step. FinRL: its "
-           "StockTradingEnv on the same 20 stocks and days with the 8 features as technical indicators.", "",
-           "| env | batch | steps/s | compile (s) |", "|---|---|---|---|"]
+    md += [
+        "## 1. Env steps/s, random legal actions",
+        "",
+        "ppo_trader: EURUSD 1h sample, training split, auto-reset at random session starts, observation of window 16 x 11 "
+        "features + 7. "
+        "gym-anytrading: `gym.make('forex-v0')` on the same EURUSD closes (window 16). erl_trader: the 20-stock S&P 500 "
+        "sample, "
+        "training split, the actor's observation window (20 days x 21 columns x 9 channels) built every step. FinRL: its "
+        "StockTradingEnv on the same 20 stocks and days with the 8 features as technical indicators.",
+        "",
+        "| env | batch | steps/s | compile (s) |",
+        "|---|---|---|---|",
+    ]
     md += [f"| {a} | {b} | {fmt(c)} | {fmt(d)} |" for a, b, c, d in rows_env]
-    md += ["", "## 2. Training throughput (env steps per second, learning included)", "",
-           "ppo_trader and SB3 PPO share the PPO sizes: 64 envs x 128 steps, 4 epochs x 4 minibatches, separate 2x128 tanh actor and critic MLPs, "
-           "observation normalisation (SB3: VecNormalize). The NumPy reference env is tests/ppo_reference.py, the rules ppo_trader's env is "
-           "checked against. erl_trader: one generation = pop x 5 + 10 learner episodes of 25 days and 32 TD3 updates; "
-           "SB3 TD3 trains once per env step.", "",
-           "| trainer | configuration | env steps/s | compile (s) |", "|---|---|---|---|"]
+    md += [
+        "",
+        "## 2. Training throughput (env steps per second, learning included)",
+        "",
+        "ppo_trader and SB3 PPO share the PPO sizes: 64 envs x 128 steps, 4 epochs x 4 minibatches, separate 2x128 tanh "
+        "actor and critic MLPs, "
+        "observation normalisation (SB3: VecNormalize). The NumPy reference env is tests/ppo_reference.py, the rules "
+        "ppo_trader's env is "
+        "checked against. erl_trader: one generation = pop x 5 + 10 learner episodes of 25 days and 32 TD3 updates; "
+        "SB3 TD3 trains once per env step.",
+        "",
+        "| trainer | configuration | env steps/s | compile (s) |",
+        "|---|---|---|---|",
+    ]
     md += [f"| {a} | {b} | {fmt(c)} | {fmt(d)} |" for a, b, c, d in rows_train]
-    md += ["", "## 3. Scaling and cost", "",
-           f"Peak float32 matmul on this device: {peak / 1e9:,.1f} GFLOP/s (measured, {peak_n}x{peak_n}). FLOPs per chunk are counted from the "
-           "jaxpr with every scan multiplied out (XLA's cost analysis counts a loop body once); on a chunk whose loops all run once the count "
-           f"is {flops_check['jaxpr']:.4g} against XLA's {flops_check['xla']:.4g}. Memory: XLA's plan for one chunk call (arguments + outputs + "
-           "temporaries).", "",
-           "| trainer | configuration | env steps/s | compile (s) | memory (MiB) | achieved GFLOP/s (matmul) | of peak |",
-           "|---|---|---|---|---|---|---|"]
-    md += [f"| {a} | {b} | {fmt(c)} | {fmt(d)} | {fmt(e / 2**20)} | {fmt(f / 1e9)} ({fmt(g / 1e9)}) | {100 * f / peak:.1f}% |"
-           for a, b, c, d, e, f, g in rows_scale]
+    md += [""] + time_md
+    md += [
+        "## 3. Scaling and cost",
+        "",
+        f"Peak float32 matmul on this device: {peak / 1e9:,.1f} GFLOP/s (measured, {peak_n}x{peak_n}). FLOPs per chunk are "
+        "counted from the "
+        "jaxpr with every scan multiplied out (XLA's cost analysis counts a loop body once); on a chunk whose loops all run "
+        "once the count "
+        f"is {flops_check['jaxpr']:.4g} against XLA's {flops_check['xla']:.4g}. Memory: XLA's plan for one chunk call "
+        "(arguments + outputs + "
+        "temporaries).",
+        "",
+        "| trainer | configuration | env steps/s | compile (s) | memory (MiB) | achieved GFLOP/s (matmul) | of peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {a} | {b} | {fmt(c)} | {fmt(d)} | {fmt(e / 2**20)} | {fmt(f / 1e9)} ({fmt(g / 1e9)}) | {100 * f / peak:.1f}% |"
+        for a, b, c, d, e, f, g in rows_scale
+    ]
     md += ["", "| chunk | configuration | memory (MiB) | compile (s) |", "|---|---|---|---|"]
     md += [f"| {a} | {b} | {fmt(c / 2**20)} | {fmt(d)} |" for a, b, c, d in rows_mem]
     (out_dir / f"{slug}.md").write_text("\n".join(md) + "\n")
@@ -695,8 +951,11 @@ def main() -> int:
     ax = axes[0]
     ax.loglog(list(ppo_env), list(ppo_env.values()), "o-", label="ppo_trader env")
     ax.loglog(list(erl_env), list(erl_env.values()), "s-", label="erl_trader env")
-    for key, label, style in (("anytrading", "gym-anytrading, 1 env", "--"), ("anytrading_sync", "gym-anytrading, SyncVectorEnv", "-."),
-                              ("finrl", "FinRL StockTradingEnv", ":")):
+    for key, label, style in (
+        ("anytrading", "gym-anytrading, 1 env", "--"),
+        ("anytrading_sync", "gym-anytrading, SyncVectorEnv", "-."),
+        ("finrl", "FinRL StockTradingEnv", ":"),
+    ):
         if key in peer_env:
             ax.axhline(peer_env[key], ls=style, color="gray", label=label)
     ax.set(xlabel="parallel envs / accounts", ylabel="env steps/s", title="env steps/s, random actions")
