@@ -73,12 +73,12 @@ def run_trainer(script: str, data: Path, flags: list, num_seeds: int, out: Path)
     return json.loads((out / "run" / "report.json").read_text()), time.time() - started
 
 
-def ppo_oracle(data: Path, flags: list) -> float:
+def ppo_oracle(data: Path, window: int) -> float:
     """The PPO learning test's oracle: the signal-threshold rule, its threshold chosen on validation; its test P&L."""
     import ppo_trader as pt
     from test_ppo_learning import oracle_policy, split_return
 
-    args = pt.Args(data=str(data), window=int(flags[flags.index("--window") + 1]))
+    args = pt.Args(data=str(data), window=window)
     datasets, _ = pt.load_data(args)
     env_params = pt.env_params_from_args(args)
     num_features = datasets["train"].features.shape[-1]
@@ -94,7 +94,7 @@ def ppo_row(report: dict, data: Path, flags: list) -> dict:
     seeds = [row["SYN"] for row in report["seeds"]]
     return dict(trained=[row["policy"]["total_return"] * initial for row in seeds],
                 random=[row["random"]["total_return"] * initial for row in seeds],
-                oracle=ppo_oracle(data, flags), verdict=report["verdict"]["SYN"])
+                oracle=ppo_oracle(data, int(flags[flags.index("--window") + 1])), verdict=report["verdict"]["SYN"])
 
 
 def erl_row(report: dict, data: Path, flags: list) -> dict:

@@ -628,23 +628,7 @@ def main() -> int:
         from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
 
         torch = peers["torch"]
-        sb3_kw = dict(
-            n_steps=p_args.num_steps,
-            batch_size=p_args.num_envs * p_args.num_steps // p_args.num_minibatches,
-            n_epochs=p_args.update_epochs,
-            learning_rate=p_args.learning_rate,
-            gamma=p_args.gamma,
-            gae_lambda=p_args.gae_lambda,
-            clip_range=p_args.clip_coef,
-            clip_range_vf=p_args.clip_coef,
-            ent_coef=p_args.ent_coef,
-            vf_coef=p_args.vf_coef,
-            max_grad_norm=p_args.max_grad_norm,
-            policy_kwargs=dict(net_arch=dict(pi=[p_args.hidden] * 2, vf=[p_args.hidden] * 2), activation_fn=torch.nn.Tanh),
-            device="cpu",
-            seed=0,
-            verbose=0,
-        )
+        sb3_kw = time_to_result.sb3_ppo_kwargs(p_args, torch, seed=0, anneal=False)  # throughput: a constant rate
         per_iter = p_args.num_envs * p_args.num_steps
         iters = 1 if quick else 3
 

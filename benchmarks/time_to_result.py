@@ -63,9 +63,8 @@ class Clock:
 
 def ppo_problem(workdir: Path, total_timesteps: int) -> dict:
     """The PPO learning test's data (synthetic intraday bars, data seed 0, signal strength 2), its recipe's Args, the
-    validation and test backtests and the oracle's test return (the signal-threshold rule with its threshold chosen on
-    validation, as in tests/test_ppo_learning.py)."""
-    from test_ppo_learning import oracle_policy
+    validation and test backtests and the oracle's test return (the learning test's, via results.ppo_oracle)."""
+    from results import ppo_oracle
 
     data = workdir / "syn.npz"
     assert dp.main(["synthetic-intraday", "--out", str(data), "--days", "60", "--seed", "0", "--signal-strength", "2"]) == 0
@@ -79,18 +78,14 @@ def ppo_problem(workdir: Path, total_timesteps: int) -> dict:
     )
     datasets, info = pt.load_data(args)
     env_params = pt.env_params_from_args(args)
-    val_bt, test_bt = pt.make_backtest(env_params, datasets["val"]), pt.make_backtest(env_params, datasets["test"])
-    num_features = datasets["train"].features.shape[-1]
-    oracles = {th: oracle_policy(th, args.window, num_features) for th in (0.0, 0.25, 0.5, 1.0, 1.5)}
-    best = max(oracles, key=lambda th: split_return(val_bt, oracles[th], None))
     return dict(
         args=args,
         datasets=datasets,
         info=info,
         env_params=env_params,
-        val_bt=val_bt,
-        test_bt=test_bt,
-        oracle_test=split_return(test_bt, oracles[best], None),
+        val_bt=pt.make_backtest(env_params, datasets["val"]),
+        test_bt=pt.make_backtest(env_params, datasets["test"]),
+        oracle_test=ppo_oracle(data, args.window),
     )
 
 
@@ -116,7 +111,7 @@ class BestByValidation:
         self.checks.append((self.clock.elapsed(), env_steps, self.share))
 
     def reached(self) -> bool:
-        return self.share is not None and self.share >= self.goal
+        return first_reached(self.checks, self.goal) is not None
 
 
 def ppo_selection(problem: dict, network, clock: Clock, seed_index: int) -> BestByValidation:
@@ -139,7 +134,7 @@ def first_reached(checks: list, goal: float) -> Optional[tuple]:
 
 def ppo_trader_run(problem: dict, num_seeds: int) -> list:
     """ppo_trader's seeds BASE_SEED.. in one compiled program (as `ppo_trader.py --num-seeds N` runs them), stopped when
-    every seed's kept policy has reached SHARE or at the budget; returns each seed's BestByValidation."""
+    every seed's kept policy has reached PPO_SHARE or at the budget; returns each seed's BestByValidation."""
     clock = Clock()
     args = dataclasses.replace(problem["args"], num_seeds=num_seeds)
     mesh = pt.make_mesh(args)
@@ -181,9 +176,32 @@ def sb3_policy_params(model) -> dict:
     }
 
 
+def sb3_ppo_kwargs(args: "pt.Args", torch, seed: int, anneal: bool) -> dict:
+    """stable-baselines3 PPO's arguments for ppo_trader's sizes (`args`): rollout, minibatches, epochs, losses and the
+    two separate 2-layer tanh MLPs; the learning rate annealed to 0 over the budget when `anneal`."""
+    lr = args.learning_rate
+    return dict(
+        n_steps=args.num_steps,
+        batch_size=args.num_envs * args.num_steps // args.num_minibatches,
+        n_epochs=args.update_epochs,
+        learning_rate=(lambda remaining: lr * remaining) if anneal else lr,
+        gamma=args.gamma,
+        gae_lambda=args.gae_lambda,
+        clip_range=args.clip_coef,
+        clip_range_vf=args.clip_coef,
+        ent_coef=args.ent_coef,
+        vf_coef=args.vf_coef,
+        max_grad_norm=args.max_grad_norm,
+        policy_kwargs=dict(net_arch=dict(pi=[args.hidden] * 2, vf=[args.hidden] * 2), activation_fn=torch.nn.Tanh),
+        device="cpu",
+        seed=seed,
+        verbose=0,
+    )
+
+
 def sb3_ppo_run(problem: dict, peers: dict, seed_index: int) -> BestByValidation:
     """One stable-baselines3 PPO run with ppo_trader's sizes and schedule on the NumPy reference env, checked every
-    81,920 env steps like ppo_trader; stops when its kept policy reaches SHARE or at the budget."""
+    81,920 env steps like ppo_trader; stops when its kept policy reaches PPO_SHARE or at the budget."""
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.vec_env import DummyVecEnv, VecNormalize
@@ -221,26 +239,7 @@ def sb3_ppo_run(problem: dict, peers: dict, seed_index: int) -> BestByValidation
         def _on_step(self) -> bool:
             return not seed.reached()
 
-    lr = args.learning_rate
-    model = PPO(
-        "MlpPolicy",
-        venv,
-        n_steps=args.num_steps,
-        batch_size=args.num_envs * args.num_steps // args.num_minibatches,
-        n_epochs=args.update_epochs,
-        learning_rate=(lambda remaining: lr * remaining) if args.anneal_lr else lr,
-        gamma=args.gamma,
-        gae_lambda=args.gae_lambda,
-        clip_range=args.clip_coef,
-        clip_range_vf=args.clip_coef,
-        ent_coef=args.ent_coef,
-        vf_coef=args.vf_coef,
-        max_grad_norm=args.max_grad_norm,
-        policy_kwargs=dict(net_arch=dict(pi=[args.hidden] * 2, vf=[args.hidden] * 2), activation_fn=torch.nn.Tanh),
-        device="cpu",
-        seed=args.seed + seed_index,
-        verbose=0,
-    )
+    model = PPO("MlpPolicy", venv, **sb3_ppo_kwargs(args, torch, args.seed + seed_index, anneal=args.anneal_lr))
     per_update = args.num_envs * args.num_steps  # ppo_trader's budget: whole chunks of updates
     model.learn(
         math.ceil(args.total_timesteps / per_update / args.chunk_updates) * args.chunk_updates * per_update, callback=Check()
@@ -255,7 +254,7 @@ def seconds_text(value: Optional[float]) -> str:
 
 
 def run_summary(seeds: list) -> dict:
-    """Per seed: first (seconds, env steps) at SHARE, or None; the best share its kept policy had; the seconds spent."""
+    """Per seed: first (seconds, env steps) at its goal, or None; the best share its kept policy had; the seconds spent."""
     return dict(
         reached=[first_reached(seed.checks, seed.goal) for seed in seeds],
         best_share=[max((s for _, _, s in seed.checks if s is not None), default=None) for seed in seeds],
@@ -296,20 +295,22 @@ def seconds_per_result(summary: dict, program_seconds: Optional[float] = None) -
     return total / reached if reached else None
 
 
+def summary_rows(label: str, summary: dict) -> list:
+    """Markdown rows of a run_summary, one per seed (seed numbers from BASE_SEED)."""
+    out = []
+    columns = zip(summary["reached"], summary["best_share"], summary["spent"], summary["spent_steps"])
+    for k, (reached, best, spent, spent_steps) in enumerate(columns):
+        steps = "-" if reached is None else f"{reached[1]:,}"
+        out.append(
+            f"| {label} | {BASE_SEED + k} | {seconds_text(reached and reached[0])} | {steps} | "
+            f"{'-' if best is None else f'{best:.2f}'} | {spent:,.0f} s ({spent_steps:,}) |"
+        )
+    return out
+
+
 def ppo_markdown(fig: dict) -> list:
     """The section's markdown: per-run rows and the ratios the targets name."""
     n = fig["num_seeds"]
-
-    def rows(label: str, summary: dict) -> list:
-        out = []
-        columns = zip(summary["reached"], summary["best_share"], summary["spent"], summary["spent_steps"])
-        for k, (reached, best, spent, spent_steps) in enumerate(columns):
-            steps = "-" if reached is None else f"{reached[1]:,}"
-            out.append(
-                f"| {label} | {BASE_SEED + k} | {seconds_text(reached and reached[0])} | {steps} | "
-                f"{'-' if best is None else f'{best:.2f}'} | {spent:,.0f} s ({spent_steps:,}) |"
-            )
-        return out
 
     md = [
         "## Time to a result (PPO, 80% of the oracle)",
@@ -320,10 +321,10 @@ def ppo_markdown(fig: dict) -> list:
         "| trainer | seed | time to 80% | env steps | best share | time spent (env steps) |",
         "|---|---|---|---|---|---|",
     ]
-    md += rows("ppo_trader, 1 seed", fig["ppo_trader_1"])
-    md += rows(f"ppo_trader, {n} seeds in one program", fig["ppo_trader_n"])
+    md += summary_rows("ppo_trader, 1 seed", fig["ppo_trader_1"])
+    md += summary_rows(f"ppo_trader, {n} seeds in one program", fig["ppo_trader_n"])
     if fig["sb3"]:
-        md += rows("stable-baselines3 PPO, runs back to back", fig["sb3"])
+        md += summary_rows("stable-baselines3 PPO, runs back to back", fig["sb3"])
     ours_1, ours_n = fig["ppo_trader_1"]["reached"][0], fig["ppo_trader_n"]
     ours_per_result = seconds_per_result(ours_n, max(ours_n["spent"]))
     reached_n = sum(r is not None for r in ours_n["reached"])
@@ -566,19 +567,12 @@ def erl_markdown(fig: dict) -> list:
         "observation flattened), is checked at the same cadence in env steps, and its actor is played by "
         f"erl_trader's backtests; it stops at 70% or after {fig['cap_seconds'] / 60:g} minutes.",
         "",
-        "| trainer | time to 70% | env steps | best share | time spent (env steps) |",
-        "|---|---|---|---|---|",
+        "| trainer | seed | time to 70% | env steps | best share | time spent (env steps) |",
+        "|---|---|---|---|---|---|",
     ]
-
-    def row(label: str, summary: dict) -> str:
-        reached, best, spent = summary["reached"][0], summary["best_share"][0], summary["spent"][0]
-        steps = "-" if reached is None else f"{reached[1]:,}"
-        best_text = "-" if best is None else f"{best:.2f}"
-        spent_text = f"{spent:,.0f} s ({summary['spent_steps'][0]:,})"
-        return f"| {label} | {seconds_text(reached and reached[0])} | {steps} | {best_text} | {spent_text} |"
-
-    md.append(row("erl_trader, seed 1", fig["erl_trader"]))
-    md += [row(f"stable-baselines3 TD3, {label}", summary) for label, summary in fig["td3"].items()]
+    md += summary_rows("erl_trader", fig["erl_trader"])
+    for label, summary in fig["td3"].items():
+        md += summary_rows(f"stable-baselines3 TD3, {label}", summary)
     return md + [""]
 
 
