@@ -1,15 +1,26 @@
-"""Regenerates the README's learning tables: each trainer's learning-test recipe over data seeds x run seeds, per
-synthetic universe, as shares of the oracle's test return (median, min, max), with the wall-clock of each run.
+"""Regenerates the README's results: every table it shows, each a markdown file under benchmarks/results/ with the
+machine, the library versions, the date and the command.
 
-    python benchmarks/results.py --trainer ppo                         # PPO: planted signal, data seeds 2 3 4
-    python benchmarks/results.py --trainer erl --universes all partial # ERL: two universes
-    python benchmarks/results.py --trainer ppo --data-seeds 0 --num-seeds 3   # the learning test's own run
+    python benchmarks/results.py                                    # every table (hours on a 2-core CPU)
+    python benchmarks/results.py --tables default verdict           # the default runs; the verdict on planted/no signal
+    python benchmarks/results.py --quick                            # the summary tables' commands at plumbing budgets
+    python benchmarks/results.py --tables learning-erl --universes all partial --data-seeds 2 3
 
-Every run is the trainer script itself (`python ppo_trader.py ...` / `python erl_trader.py ...`) with the learning
-test's flags and `--seed 1 --num-seeds N` (seeds 1..N in one program); the shares and the oracles are computed as
-the learning tests compute them (tests/test_ppo_learning.py, tests/test_erl_learning.py). The default data seeds
-(2, 3, 4) are ones the tests' recipes were not chosen on. Writes benchmarks/results/learning-<trainer>-<device>.md.
-The other tables: benchmarks/run.py (speed against the peers), benchmarks/time_to_result.py (time to a result).
+Tables (file <table>-<device>.md):
+- default, real, verdict, phase2, markets: trainer commands (`python ppo_trader.py ...` / `python erl_trader.py ...`),
+  each summarised from its report.json: per policy the median and IQM of the total return and the median Sharpe
+  ratio with their 95% bootstrap CIs, P(improvement) over random and buy-and-hold, PSR, DSR, the percentile among
+  random policies, and the verdict; each policy's drawdown, trades, win rate and exposure (median [min..max]); the
+  run's wall-clock and compile time. The figures are saved beside the markdown (.json; `--render FILE.json` rewrites
+  the markdown from them). The verdict table runs the verdict tests' recipes (tests/test_ppo_verdict.py,
+  tests/test_erl_verdict.py) on their data.
+- learning-ppo, learning-erl (file learning-<trainer>[-<universes>]-<device>.md): each trainer's learning-test recipe
+  over synthetic universes x data seeds x run seeds, as shares of the oracle's test return (median, min, max).
+  Every run is the trainer script with the learning test's flags and `--seed 1 --num-seeds N` (seeds 1..N in one
+  program); shares and oracles are computed as the learning tests compute them (tests/test_ppo_learning.py,
+  tests/test_erl_learning.py). The default data seeds (2, 3, 4) are ones the tests' recipes were not chosen on.
+- speed, scale: benchmarks/run.py (env steps/s against the peers, and time to a result: it needs the peers of
+  benchmarks/requirements.txt) and benchmarks/device_scaling.py, run with their defaults; they write their own files.
 """
 
 import argparse
@@ -265,13 +276,41 @@ def summary_lines(summary: dict) -> list:
     return lines
 
 
+RUN_METRICS = ("max_drawdown", "trades", "win_rate", "exposure")  # the metrics table: median [min..max] over the runs
+
+
+def range_text(stats: Optional[dict], show) -> str:
+    """`median [min..max]` of a report's over_seeds entry; n/a where undefined."""
+    return "n/a" if not stats else f"{show(stats['median'])} [{show(stats['min'])}..{show(stats['max'])}]"
+
+
+def metrics_lines(over_seeds: dict, rows: list) -> list:
+    """A markdown table of each policy's drawdown, trades, win rate and exposure over the runs (the report's
+    `over_seeds`), and for PPO how many runs breached the trailing drawdown (`rows`: its per-market rows)."""
+    shows = {"max_drawdown": lambda v: f"{v:.1%}", "trades": lambda v: f"{v:.0f}", "win_rate": lambda v: f"{v:.0%}",
+             "exposure": lambda v: f"{v:.0%}"}
+    breach = rows and "breached" in rows[0][next(iter(over_seeds))]
+    lines = ["| policy (median [min..max] over the runs) | " + " | ".join(m.replace("_", " ") for m in RUN_METRICS)
+             + (" | runs breached |" if breach else " |"), "|---|" + "---|" * (len(RUN_METRICS) + bool(breach))]
+    for name, metrics in over_seeds.items():
+        cells = [range_text(metrics.get(metric), shows[metric]) for metric in RUN_METRICS]
+        if breach:
+            breached = [row[name].get("breached") for row in rows]
+            cells.append("-" if None in breached else f"{sum(map(bool, breached))} of {len(rows)}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def report_lines(trainer: str, report: dict) -> list:
-    """The summary tables and verdicts of one report (a table per market for PPO)."""
+    """The summary tables, metrics tables and verdicts of one report (a set per market for PPO)."""
     if trainer == "erl":
-        return [*summary_lines(report["summary"]), "", f"Verdict: {report['verdict']}"]
+        return [*summary_lines(report["summary"]), "", *metrics_lines(report["over_seeds"], []), "",
+                f"Verdict: {report['verdict']}"]
     lines = []
     for market, summary in report["summary"].items():
-        lines += [f"{market}:", "", *summary_lines(summary), "", f"Verdict ({market}): {report['verdict'][market]}", ""]
+        rows = [row[market] for row in report["seeds"]]
+        lines += [f"{market}:", "", *summary_lines(summary), "", *metrics_lines(report["over_seeds"][market], rows), "",
+                  f"Verdict ({market}): {report['verdict'][market]}", ""]
     return lines[:-1]
 
 
@@ -285,8 +324,9 @@ def test_periods(report: dict) -> str:
 
 
 def summary_table(table: str, quick: bool) -> list:
-    """Runs every command of `table` (summary_tables) in order; returns the markdown lines."""
-    md = []
+    """Runs every command of `table` (summary_tables) in order; returns one entry per run: its title, trainer,
+    wall-clock, compile time and the parts of its report.json the tables show."""
+    entries = []
     with tempfile.TemporaryDirectory() as workdir:
         runs = summary_tables(Path(workdir))[table]
         folders = {}
@@ -296,23 +336,34 @@ def summary_table(table: str, quick: bool) -> list:
             report, seconds, stdout = run_script(SCRIPTS[trainer], flags, out)
             folders[f"run{index}"] = str(out / "run")
             compile_match = re.search(r"compile ([0-9.]+)s", stdout)
-            compile_text = f", compile {float(compile_match.group(1)):.0f} s" if compile_match else ""
-            md += [f"### {title}", "", f"Wall-clock {seconds:,.0f} s{compile_text}; test {test_periods(report)}; "
-                   f"{len(report['folds'])} fold(s) x {len(report['seeds']) // len(report['folds'])} seed(s).", "",
-                   *report_lines(trainer, report), ""]
-            print("\n".join(md[-len(report_lines(trainer, report)) - 5:]), flush=True)
-    return md
+            entries.append(dict(title=title, trainer=trainer, seconds=seconds,
+                                compile_seconds=float(compile_match.group(1)) if compile_match else None,
+                                report={key: report[key] for key in ("summary", "verdict", "over_seeds", "folds", "seeds")}))
+            print("\n".join(entry_lines(entries[-1])), flush=True)
+    return entries
+
+
+def entry_lines(entry: dict) -> list:
+    """The markdown of one run of a summary table."""
+    report = entry["report"]
+    compile_text = "" if entry["compile_seconds"] is None else f", compile {entry['compile_seconds']:.0f} s"
+    return [f"### {entry['title']}", "", f"Wall-clock {entry['seconds']:,.0f} s{compile_text}; test {test_periods(report)}; "
+            f"{len(report['folds'])} fold(s) x {len(report['seeds']) // len(report['folds'])} seed(s).", "",
+            *report_lines(entry["trainer"], report), ""]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES), help="default: every table")
+    ap.add_argument("--tables", nargs="+", choices=TABLES, default=None,
+                    help="default: every table (with --quick: every summary table)")
     ap.add_argument("--quick", action="store_true", help="every run at a plumbing budget (checks the commands only)")
     ap.add_argument("--universes", nargs="+", default=None, help="learning tables: default every universe of the trainer")
     ap.add_argument("--data-seeds", nargs="+", type=int, default=None, help="learning tables: default 2 3 4")
     ap.add_argument("--num-seeds", type=int, default=None, help="learning tables: run seeds 1..N in one program (default 4)")
     ap.add_argument("--out-dir", default=str(RESULTS), help="folder of the markdown files")
+    ap.add_argument("--render", default=None, help="a summary table's .json: rewrite its .md from the saved runs only")
     cli = ap.parse_args()
+    cli.tables = cli.tables or list(SUMMARY_TABLES if cli.quick else TABLES)
     learning = [table for table in cli.tables if table.startswith("learning-")]
     learning_flags = [flag for flag, value in (("--universes", cli.universes), ("--data-seeds", cli.data_seeds),
                                                ("--num-seeds", cli.num_seeds)) if value is not None]
@@ -331,14 +382,20 @@ def main() -> int:
     out_dir = Path(cli.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("jax", "flax", "optax", "numpy", "scipy"))
+    if cli.render:  # a summary table's markdown again from its saved runs, nothing rerun
+        saved = json.loads(Path(cli.render).read_text())
+        md = [line for entry in saved["entries"] for line in entry_lines(entry)]
+        Path(cli.render).with_suffix(".md").write_text("\n".join(saved["header"] + md) + "\n")
+        print(f"wrote {Path(cli.render).with_suffix('.md')}")
+        return 0
     for table in cli.tables:
-        started = time.time()
+        started, entries = time.time(), None
         if table in SCRIPT_TABLES:  # the tables with their own script: run it with its defaults
-            command = [sys.executable, *SCRIPT_TABLES[table]]
-            subprocess.run(command, cwd=ROOT, check=True)
+            subprocess.run([sys.executable, *SCRIPT_TABLES[table]], cwd=ROOT, check=True)
             continue
         if table in SUMMARY_TABLES:
-            md = summary_table(table, cli.quick)
+            entries = summary_table(table, cli.quick)
+            md = [line for entry in entries for line in entry_lines(entry)]
             title = f"# {SUMMARY_TABLES[table]}{' (--quick: plumbing budgets, not results)' if cli.quick else ''}: {desc}"
         else:
             trainer = table.split("-")[1]
@@ -351,9 +408,11 @@ def main() -> int:
         header = [title, "", f"`{command}` on {time.strftime('%Y-%m-%d %H:%M')}, {(time.time() - started) / 60:.0f} min; "
                   f"{versions}.", ""]
         subset = "".join(f"-{universe}" for universe in cli.universes or []) if table in learning else ""
-        name = f"{table}{subset}-{'quick-' if cli.quick else ''}{slug}.md"
-        (out_dir / name).write_text("\n".join(header + md) + "\n")
-        print(f"wrote {out_dir / name}", flush=True)
+        out = out_dir / f"{table}{subset}-{'quick-' if cli.quick else ''}{slug}.md"
+        out.write_text("\n".join(header + md) + "\n")
+        if entries is not None:  # the runs' figures, for --render
+            out.with_suffix(".json").write_text(json.dumps(dict(header=header, entries=entries)))
+        print(f"wrote {out}", flush=True)
     return 0
 
 

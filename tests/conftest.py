@@ -151,3 +151,23 @@ def assert_trees_close(a, b, what: str, atol: float = 1e-5) -> None:
     assert len(leaves_a) == len(leaves_b), what
     for x, y in zip(leaves_a, leaves_b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=atol, err_msg=what)
+
+
+def assert_results_table_matches(trainer: str, report: dict) -> None:
+    """benchmarks/results.py's markdown of a report (`report_lines`) has a row per summarised policy with its number
+    of runs, its median total return and P(improvement) over random as the report holds them, and the verdict."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import results
+
+    lines = results.report_lines(trainer, report)
+    per_market = report["summary"].items() if trainer == "ppo" else [(None, report["summary"])]
+    for market, summary in per_market:
+        block = lines[lines.index(f"{market}:"):] if market else lines  # the market's own table
+        for name, policy in summary.items():
+            row = next(line for line in block if line.startswith(f"| {name} |")).split(" | ")
+            assert row[1] == str(policy["runs"]), row
+            assert row[2].startswith(results.percent(policy["total_return"]["median"]["value"])), row
+            improvement = policy["probability_of_improvement"].get("random")
+            assert row[5] == (results.estimate_text(improvement, results.decimal) if improvement else "-"), row
+        verdict = report["verdict"][market] if market else report["verdict"]
+        assert f"Verdict{f' ({market})' if market else ''}: {verdict}" in block, block

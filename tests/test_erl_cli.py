@@ -9,6 +9,7 @@ from flax.serialization import msgpack_restore, msgpack_serialize
 from conftest import (
     assert_divergence_stops_and_keeps_the_last_good_checkpoint,
     assert_one_line_error,
+    assert_results_table_matches,
     assert_run_outputs,
     run_script,
     tiny_run_dir,
@@ -89,6 +90,12 @@ def test_tiny_run_writes_every_output(tiny_run):
     ckpt = msgpack_restore((run_dir / "checkpoint.msgpack").read_bytes())["runner"]
     assert set(ckpt) == {"pop", "learner", "replay", "rng", "gen"}
 
+
+
+def test_results_table_of_the_report(tiny_run):
+    """The README's results tables (benchmarks/results.py) show this report's summary and verdict as it holds them."""
+    run_dir, _ = tiny_run
+    assert_results_table_matches("erl", json.loads((run_dir / "report.json").read_text()))
 
 def test_tensorboard_tags(tiny_run):
     from tensorboard_reader import scalar_tags
