@@ -1,4 +1,4 @@
-"""erl_trader.py learns: on synthetic-daily data with a planted signal (data seeds 0 and 1), the champion beats
+"""erl_trader.py learns: on synthetic-daily data with a planted signal (data seed 1), the champion beats
 buy-and-hold and every random policy on the test split, the TD3 learner alone improves clearly over its initial
 policy, and a random policy does not; whether the champion gets close to the oracle (the learning issue's goal) is
 reported as a pass or an expected failure with the measured shares."""
@@ -102,7 +102,9 @@ def rule_returns(data, flags: list) -> dict:
     return returns
 
 
-@pytest.mark.parametrize("data_seed", [0, 1])
+# data seed 1 only: the recipe's first flags were chosen on data seed 0, so 1 is the stronger check, and one data seed
+# keeps the suite's time (other data seeds: python benchmarks/results.py --tables learning-erl --data-seeds ...)
+@pytest.mark.parametrize("data_seed", [1])
 def test_erl_learns_the_planted_signal(tmp_path, data_seed):
     """Over 3 seeds trained in one program: the champion beats buy-and-hold and every random run in at least 2 of the
     3 seeds, the TD3 learner's median gain over its initial policy is at least 15% of the oracle's test return, and
