@@ -134,6 +134,10 @@ class Args:
     """exploration noise of the learner's rollouts (action units in [0, 1])"""
     window: int = 20
     """days of features in an observation"""
+    obs_norm: Literal["window", "train"] = "window"
+    """how the actor's feature windows are scaled: 'window', each column z-scored over its own window (the design's
+    instance normalisation; a feature's level is lost), or 'train', each stock's features standardised with the
+    mean and std of its fold's training days and clipped to +-5 (the level is kept)"""
     trading_days: int = 20
     """days per episode on which positions may be opened"""
     settlement_days: int = 5
@@ -240,6 +244,8 @@ class MarketData:
     inv: jax.Array  # [n] investable column indices
     lo: jax.Array  # first decision day of the split (its observations read the window before it)
     hi: jax.Array  # end of the split (exclusive): the last day an episode may play
+    feature_mean: Optional[jax.Array] = None  # [N, F] over the fold's training days (--obs-norm train)
+    feature_std: Optional[jax.Array] = None  # [N, F]
 
 
 def split_point(text: str, dates: np.ndarray, flag: str) -> int:
@@ -326,8 +332,9 @@ def load_data(args: Args) -> tuple[dict, dict]:
     check_fold_lengths(folds, episode_days, path)
     bounds = folds[0]
     inv = np.flatnonzero(raw["investable"]).astype(np.int32)
-    base = dict(open=jnp.asarray(raw["open"], jnp.float32), high=jnp.asarray(raw["high"], jnp.float32),
-                low=jnp.asarray(raw["low"], jnp.float32),
+    feature_mean, feature_std = training_stats(raw["features"], raw["feature_valid"] & raw["valid"], bounds["train"])
+    base = dict(feature_mean=feature_mean, feature_std=feature_std, open=jnp.asarray(raw["open"], jnp.float32),
+                high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
                 close=jnp.asarray(raw["close"], jnp.float32), valid=jnp.asarray(raw["valid"]),
                 feature_valid=jnp.asarray(raw["feature_valid"] & raw["valid"]),
                 features=jnp.asarray(raw["features"], jnp.float32),
@@ -338,11 +345,26 @@ def load_data(args: Args) -> tuple[dict, dict]:
     return out, info
 
 
+def training_stats(features: np.ndarray, feature_valid: np.ndarray, train_bounds: tuple) -> tuple[jax.Array, jax.Array]:
+    """Per stock and feature, the mean and standard deviation over the valid days of a fold's training split
+    (`train_bounds`: its first decision day and end): `--obs-norm train`'s scaling, from training days only."""
+    first, end = train_bounds
+    x = np.asarray(features[first:end], np.float64)
+    valid = np.asarray(feature_valid[first:end])[..., None]
+    count = np.maximum(valid.sum(0), 1)
+    mean = np.where(valid, x, 0.0).sum(0) / count
+    std = np.sqrt(np.where(valid, (x - mean) ** 2, 0.0).sum(0) / count)
+    return jnp.asarray(mean, jnp.float32), jnp.asarray(std + 1e-6, jnp.float32)
+
+
 def fold_data(datasets: dict, info: dict, fold: int) -> tuple[dict, dict]:
-    """(datasets, info) of one walk-forward fold: the same arrays with that fold's split bounds (same shapes: the
-    compiled programs of fold 0 play every fold)."""
+    """(datasets, info) of one walk-forward fold: the same arrays with that fold's split bounds and training
+    statistics (same shapes: the compiled programs of fold 0 play every fold)."""
     bounds = info["folds"][fold]
-    fold_datasets = {name: data.replace(lo=jnp.int32(bounds[name][0]), hi=jnp.int32(bounds[name][1]))
+    train = datasets["train"]
+    feature_mean, feature_std = training_stats(train.features, train.feature_valid, bounds["train"])
+    fold_datasets = {name: data.replace(lo=jnp.int32(bounds[name][0]), hi=jnp.int32(bounds[name][1]),
+                                        feature_mean=feature_mean, feature_std=feature_std)
                      for name, data in datasets.items()}
     return fold_datasets, dict(info, bounds=bounds)
 
@@ -366,6 +388,7 @@ class EnvParams:
     """Env rules (see Args). `trading_days` is dynamic so the backtest can run one long episode."""
 
     window: int = struct.field(pytree_node=False, default=20)
+    obs_norm: str = struct.field(pytree_node=False, default="window")
     max_positions: int = struct.field(pytree_node=False, default=3)
     trading_days: int = 20
     settlement_days: int = 5
@@ -397,8 +420,8 @@ class EnvState:
 
 
 def env_params_from_args(args: Args) -> EnvParams:
-    return EnvParams(window=args.window, max_positions=args.max_positions, trading_days=args.trading_days,
-                     settlement_days=args.settlement_days,
+    return EnvParams(window=args.window, obs_norm=args.obs_norm, max_positions=args.max_positions,
+                     trading_days=args.trading_days, settlement_days=args.settlement_days,
                      max_holding_days=args.max_holding_days, coef_max=args.coef_max, coef_threshold=args.coef_threshold,
                      target_min=args.target_min, target_max=args.target_max, cost_bps=args.cost_bps,
                      hurdle_pct=args.hurdle_pct,
@@ -419,13 +442,20 @@ def sample_start(key: jax.Array, params: EnvParams, data: MarketData) -> jax.Arr
     return jax.random.randint(key, (), data.lo, data.hi - episode_days)
 
 
+OBS_CLIP = 5.0  # --obs-norm train: standardised features beyond +-5 standard deviations are clipped
+
+
 def get_obs(t: jax.Array, params: EnvParams, data: MarketData) -> jax.Array:
-    """[W, N, F+1]: each column's feature window instance-normalised, plus a validity channel (1 where the
-    column has a price and full-look-back features that day)."""
+    """[W, N, F+1]: each column's feature window instance-normalised (or, `--obs-norm train`, standardised with
+    the training split's statistics), plus a validity channel (1 where the column has a price and full-look-back
+    features that day)."""
     W = params.window
     x = jax.lax.dynamic_slice_in_dim(data.features, t - W + 1, W, axis=0)
-    x = x - x[-1]  # shift first (same maths): a flat window gives exactly 0 in float32, not rounding noise / 1e-6
-    z = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    if params.obs_norm == "train":
+        z = jnp.clip((x - data.feature_mean) / data.feature_std, -OBS_CLIP, OBS_CLIP)
+    else:
+        x = x - x[-1]  # shift first (same maths): a flat window gives exactly 0 in float32, not rounding noise / 1e-6
+        z = (x - x.mean(0)) / (x.std(0) + 1e-6)
     v = jax.lax.dynamic_slice_in_dim(data.feature_valid, t - W + 1, W, axis=0).astype(jnp.float32)
     return jnp.concatenate([z, v[..., None]], axis=-1)
 

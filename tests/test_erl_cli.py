@@ -57,7 +57,8 @@ SPLITS = [
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    return tiny_run_dir(tmp_path_factory, "erl_trader.py", TINY + SPLITS)
+    # --obs-norm train: eval-only must also rebuild the observation's training statistics from the checkpoint's splits
+    return tiny_run_dir(tmp_path_factory, "erl_trader.py", TINY + SPLITS + ["--obs-norm", "train"])
 
 
 def test_tiny_run_writes_every_output(tiny_run):

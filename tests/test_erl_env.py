@@ -200,6 +200,49 @@ def test_changing_the_training_days_leaves_validation_observations_unchanged():
     np.testing.assert_array_equal(np.asarray(obs), np.asarray(obs_alt))
 
 
+
+def test_train_obs_norm_uses_the_training_days_statistics_only(tmp_path):
+    """--obs-norm train: each stock's features standardised with the mean and std of its fold's valid training days
+    (NumPy, stock by stock), clipped to +-5; changing every day after a fold's training split changes neither its
+    statistics nor any observation up to the change; each walk-forward fold has its own training days' statistics."""
+    path = tmp_path / "syn.npz"
+    assert dp.main(["synthetic-daily", "--out", str(path), "--stocks", "4", "--days", "600", "--seed", "0"]) == 0
+    args = et.Args(data=str(path), window=10, trading_days=6, settlement_days=2, train_end="0.5", val_end="0.7",
+                   walk_forward=2, obs_norm="train")
+    datasets, info = et.load_data(args)
+    raw = dict(np.load(path))
+    valid = raw["feature_valid"] & raw["valid"]
+    for fold in (0, 1):
+        fold_sets, fold_info = et.fold_data(datasets, info, fold)
+        first, end = fold_info["bounds"]["train"]
+        for stock in range(raw["features"].shape[1]):
+            days = first + np.flatnonzero(valid[first:end, stock])
+            values = raw["features"][days, stock].astype(np.float64)
+            np.testing.assert_allclose(np.asarray(fold_sets["val"].feature_mean[stock]), values.mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(fold_sets["val"].feature_std[stock]), values.std(0), rtol=1e-4, atol=1e-5)
+        data = fold_sets["val"]
+        params = et.env_params_from_args(args)
+        t = int(data.lo)
+        obs = np.asarray(et.get_obs(jnp.int32(t), params, data))
+        window = np.asarray(data.features[t - 9 : t + 1])
+        expected = np.clip((window - np.asarray(data.feature_mean)) / np.asarray(data.feature_std), -5, 5)
+        np.testing.assert_allclose(obs[..., :-1], expected, rtol=1e-5, atol=1e-5)
+    fold_means = [np.asarray(et.fold_data(datasets, info, fold)[0]["train"].feature_mean) for fold in (0, 1)]
+    assert not np.allclose(*fold_means)  # fold 1 trains on more days
+
+    fold_sets, fold_info = et.fold_data(datasets, info, 0)
+    train_end = fold_info["bounds"]["train"][1]
+    changed = dict(raw, features=raw["features"].copy())
+    changed["features"][train_end:] = np.random.default_rng(1).normal(size=changed["features"][train_end:].shape)
+    np.savez(tmp_path / "changed.npz", **changed)
+    changed_sets, _ = et.fold_data(*et.load_data(dataclasses.replace(args, data=str(tmp_path / "changed.npz"))), 0)
+    np.testing.assert_array_equal(np.asarray(changed_sets["val"].feature_mean), np.asarray(fold_sets["val"].feature_mean))
+    params = et.env_params_from_args(args)
+    days = jnp.arange(9, train_end)
+    obs, changed_obs = (jax.vmap(et.get_obs, in_axes=(0, None, None))(days, params, sets["train"])
+                        for sets in (fold_sets, changed_sets))
+    np.testing.assert_array_equal(np.asarray(obs), np.asarray(changed_obs))
+
 # ---- GA ----
 def toy_population(P=12, seed=0):
     k = jax.random.split(jax.random.PRNGKey(seed), 2)
