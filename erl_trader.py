@@ -332,11 +332,12 @@ def load_data(args: Args) -> tuple[dict, dict]:
     check_fold_lengths(folds, episode_days, path)
     bounds = folds[0]
     inv = np.flatnonzero(raw["investable"]).astype(np.int32)
-    feature_mean, feature_std = training_stats(raw["features"], raw["feature_valid"] & raw["valid"], bounds["train"])
+    feature_valid = raw["feature_valid"] & raw["valid"]
+    feature_mean, feature_std = training_stats(raw["features"], feature_valid, bounds["train"])
     base = dict(feature_mean=feature_mean, feature_std=feature_std, open=jnp.asarray(raw["open"], jnp.float32),
                 high=jnp.asarray(raw["high"], jnp.float32), low=jnp.asarray(raw["low"], jnp.float32),
                 close=jnp.asarray(raw["close"], jnp.float32), valid=jnp.asarray(raw["valid"]),
-                feature_valid=jnp.asarray(raw["feature_valid"] & raw["valid"]),
+                feature_valid=jnp.asarray(feature_valid),
                 features=jnp.asarray(raw["features"], jnp.float32),
                 inv=jnp.asarray(inv))
     out = {name: MarketData(**base, lo=jnp.int32(first), hi=jnp.int32(end)) for name, (first, end) in bounds.items()}

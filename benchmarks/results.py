@@ -363,6 +363,8 @@ def main() -> int:
     ap.add_argument("--out-dir", default=str(RESULTS), help="folder of the markdown files")
     ap.add_argument("--render", default=None, help="a summary table's .json: rewrite its .md from the saved runs only")
     cli = ap.parse_args()
+    if cli.render and (cli.tables or cli.quick or cli.universes or cli.data_seeds or cli.num_seeds):
+        ap.error("--render rewrites a saved table as it was run: pass it alone")
     cli.tables = cli.tables or list(SUMMARY_TABLES if cli.quick else TABLES)
     learning = [table for table in cli.tables if table.startswith("learning-")]
     learning_flags = [flag for flag, value in (("--universes", cli.universes), ("--data-seeds", cli.data_seeds),

@@ -163,7 +163,7 @@ def assert_results_table_matches(trainer: str, report: dict) -> None:
     per_market = report["summary"].items() if trainer == "ppo" else [(None, report["summary"])]
     for market, summary in per_market:
         block = lines[lines.index(f"{market}:"):] if market else lines  # the market's own tables
-        block = block[next(i for i, line in enumerate(block) if line.startswith("|---")) + 1:]  # its summary's rows on
+        block = block[next(i for i, line in enumerate(block) if line.startswith("|---")) + 1:]  # from its summary's rows
         for name, policy in summary.items():
             row = next(line for line in block if line.startswith(f"| {name} |")).split(" | ")
             assert row[1] == str(policy["runs"]), row

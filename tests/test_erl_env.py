@@ -200,7 +200,6 @@ def test_changing_the_training_days_leaves_validation_observations_unchanged():
     np.testing.assert_array_equal(np.asarray(obs), np.asarray(obs_alt))
 
 
-
 def test_train_obs_norm_uses_the_training_days_statistics_only(tmp_path):
     """--obs-norm train: each stock's features standardised with the mean and std of its fold's valid training days
     (NumPy, stock by stock), clipped to +-5; changing every day after a fold's training split changes neither its
@@ -242,6 +241,7 @@ def test_train_obs_norm_uses_the_training_days_statistics_only(tmp_path):
     obs, changed_obs = (jax.vmap(et.get_obs, in_axes=(0, None, None))(days, params, sets["train"])
                         for sets in (fold_sets, changed_sets))
     np.testing.assert_array_equal(np.asarray(obs), np.asarray(changed_obs))
+
 
 # ---- GA ----
 def toy_population(P=12, seed=0):

@@ -62,11 +62,11 @@ def test_tiny_run_writes_every_output(tiny_run):
     assert "update" in r.stdout and "SPS" in r.stdout and "ETA" in r.stdout and "validation backtests:" in r.stdout
 
 
-
 def test_results_table_of_the_report(tiny_run):
     """The README's results tables (benchmarks/results.py) show this report's summary and verdict as it holds them."""
     run_dir, _ = tiny_run
     assert_results_table_matches("ppo", json.loads((run_dir / "report.json").read_text()))
+
 
 def test_tensorboard_tags(tiny_run):
     from tensorboard_reader import scalar_tags
