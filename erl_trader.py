@@ -173,6 +173,10 @@ class Args:
     stock_layers: tuple[int, ...] = ()
     """widths of the dense layers shared by all stocks between [stock features, context] and each stock's own output
     layer; empty: one layer of --hidden (the original system: 256 128 64)"""
+    critic_stock_embedding: int = 0
+    """width of a learned vector per investable stock in the critic's encoding of each stock (0: none, every stock is
+    encoded by the same weights from its window alone, so the critic cannot learn that one stock's features predict
+    and another's, identical in kind, do not)"""
     remat: bool = False
     """recompute the extractor in the backward pass (jax.checkpoint) to save memory on long windows"""
     hidden: int = 32
@@ -685,6 +689,9 @@ class Critic(nn.Module):
         for q in range(2):
             context = nn.relu(nn.Dense(args.hidden)(cols)).mean(0)
             enc = nn.relu(nn.Dense(args.hidden)(cols[inv]))
+            if args.critic_stock_embedding:  # which stock this is: lets g_i differ between stocks with alike windows
+                stock_ids = nn.Embed(n, args.critic_stock_embedding, embedding_init=nn.initializers.normal(1.0))
+                enc = jnp.concatenate([enc, stock_ids(jnp.arange(n))], axis=-1)
             h = nn.relu(nn.Dense(args.hidden)(jnp.concatenate([enc, positions], axis=-1)))  # [n, hidden]: state only
             gain = nn.Dense(1)(nn.relu(nn.Dense(args.hidden)(jnp.concatenate([h, target[:, None]], axis=-1))))[:, 0]
             sharp = 1.0 + nn.softplus(self.param(f"sharpness{q}", nn.initializers.constant(3.0), ()))
@@ -1784,7 +1791,7 @@ def check_args(args: Args) -> None:
     if args.worst_k > args.episodes_per_agent:
         raise DataError(f"--worst-k {args.worst_k} exceeds --episodes-per-agent {args.episodes_per_agent}. Fix: lower "
                         f"--worst-k")
-    for name in ("rl_updates", "settlement_days", "critic_warmup"):
+    for name in ("rl_updates", "settlement_days", "critic_warmup", "critic_stock_embedding"):
         if getattr(args, name) < 0:
             raise DataError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(args, name)}). Fix: pass 0 or more")
     if not 1 <= args.num_elites < args.pop_size:

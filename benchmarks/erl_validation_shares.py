@@ -18,15 +18,18 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import data_prep as dp  # noqa: E402
-from test_erl_learning import DATA, FLAGS, SEEDS, rule_returns  # noqa: E402
+from results import UNIVERSES  # noqa: E402
+from test_erl_learning import FLAGS, SEEDS, rule_returns  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-seed", type=int, required=True)
+    parser.add_argument("--universe", choices=[u for u, spec in UNIVERSES["erl"].items() if spec[2]], default="all",
+                        help="results.py's synthetic universe (all: the learning test's data)")
     parser.add_argument("--out", type=Path, required=True, help="a new folder for the data file and the run")
     parser.add_argument("flags", nargs="*", help="erl_trader.py flags added to the recipe (after --)")
     options = parser.parse_args()
@@ -34,7 +37,8 @@ def main() -> int:
         sys.exit(f"error: --out {options.out} exists; name a new folder")
     options.out.mkdir(parents=True)
     data = options.out / "syn.npz"
-    assert dp.main(["synthetic-daily", "--out", str(data), *DATA, "--seed", str(options.data_seed)]) == 0
+    data_args = UNIVERSES["erl"][options.universe][0]
+    assert dp.main([data_args[0], "--out", str(data), *data_args[1:], "--seed", str(options.data_seed)]) == 0
     started = time.time()
     command = [
         sys.executable,
@@ -65,7 +69,7 @@ def main() -> int:
                 f"learner {np.round(learner, 2).tolist()}"
             )
     print(
-        f"data seed {options.data_seed}, flags {options.flags}: oracle validation return {oracle:+.3f}; best validation "
+        f"{options.universe}, data seed {options.data_seed}, flags {options.flags}: oracle validation return {oracle:+.3f}; best validation "
         f"share per seed {np.round(best, 2).tolist()}, median {np.median(best):.2f}; {wall:.0f} s"
     )
     return 0

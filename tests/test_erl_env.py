@@ -639,3 +639,20 @@ def test_critic_rules_match_the_env():
         low, mid, high = (trade_return(int(start), int(stock), c) for c in (60.0, 80.0, 100.0))
         assert abs(mid - low) > 1e-3  # the trade's gain is not nil, so the check means something
         np.testing.assert_allclose(high - mid, mid - low, rtol=1e-3, atol=1e-5)
+
+
+def test_critic_stock_embedding_tells_alike_stocks_apart():
+    """Without --critic-stock-embedding the critic encodes every stock by the same weights from its window alone:
+    two stocks with the same window and no position get the same gain, so nothing can teach it that only one of
+    them carries a signal. With it, each stock has its own learned vector and the two gains differ."""
+    n, window, channels = 4, 5, 3
+    obs = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(0), (window, 1, channels)), (window, n, channels))
+    small = jnp.zeros(n * et.SMALL_PER_STOCK + 1)
+    action = jnp.stack([jnp.full(n, 0.9), jnp.full(n, 0.5)], -1)  # every coefficient above the threshold
+    for embedding, alike in ((0, True), (4, False)):
+        critic = et.Critic(et.Args(critic_stock_embedding=embedding), tuple(range(n)))
+        params = critic.init(jax.random.PRNGKey(1), obs, small, action)
+        assert ("Embed_0" in str(params)) == (embedding > 0)
+        one_stock = [action.at[:, 0].set(0.0).at[i, 0].set(0.9) for i in range(n)]  # only stock i's coefficient is high
+        q = np.array([float(critic.apply(params, obs, small, a)[0]) for a in one_stock])
+        assert np.allclose(q, q[0], atol=1e-6) == alike, q

@@ -47,29 +47,29 @@ FLAGS = [
 ]
 
 
-def oracle_policy(signal: int):
-    """Knows the planted rule: buys the stocks whose true signal exceeds the threshold, the strongest first.
-    policy_args = (split data, threshold, target in [0, 1])."""
+def oracle_policy(signal: int, carries_signal: jax.Array):
+    """Knows the planted rule: buys the stocks that carry the signal (`carries_signal`, [n investable]) whose true
+    signal exceeds the threshold, the strongest first. policy_args = (split data, threshold, target in [0, 1])."""
 
     def policy(policy_args, key, obs, t):
         data, threshold, target = policy_args
         s = data.features[t, data.inv, signal]
-        coef = jnp.where(s > threshold, 0.51 + 0.49 * jnp.tanh(s), 0.0)
+        coef = jnp.where((s > threshold) & carries_signal, 0.51 + 0.49 * jnp.tanh(s), 0.0)
         return jnp.stack([coef, jnp.full(coef.shape, target)], -1)
 
     return policy
 
 
-def observation_rule_policy(signal: int):
-    """The planted rule on what the actor sees: buys the stocks whose last instance-normalised signal value (its
-    observation's last row) exceeds the threshold. The window's z-score keeps the signal's rank within the window
+def observation_rule_policy(signal: int, carries_signal: jax.Array):
+    """The planted rule on what the actor sees: buys the stocks that carry the signal whose last normalised signal
+    value (its observation's last row) exceeds the threshold. The window's z-score keeps the signal's rank within the window
     but not its level (a 20-day mean of a 2-day half-life AR(1) is a noisy estimate of 0), so this is a
     yardstick of what the observation allows, not a bound."""
 
     def policy(policy_args, key, obs, t):
         data, threshold, target = policy_args
         s = obs[-1, data.inv, signal]
-        coef = jnp.where(s > threshold, 0.51 + 0.49 * jnp.tanh(s), 0.0)
+        coef = jnp.where((s > threshold) & carries_signal, 0.51 + 0.49 * jnp.tanh(s), 0.0)
         return jnp.stack([coef, jnp.full(coef.shape, target)], -1)
 
     return policy
@@ -86,6 +86,8 @@ def rule_returns(data, flags: list) -> dict:
     datasets, info = et.load_data(args)
     env_params = et.env_params_from_args(args)
     signal = list(info["feature_names"]).index("signal")
+    signal_stocks = set(info["meta"]["synthetic"]["signal_stocks"])  # the others' signal predicts nothing
+    carries_signal = jnp.array([info["tickers"][i] in signal_stocks for i in info["inv"]])
     bts = {s: et.make_backtest(env_params, et.split_days(info, s)) for s in ("val", "test")}
 
     def split_return(policy, split, threshold, target) -> float:
@@ -95,7 +97,8 @@ def rule_returns(data, flags: list) -> dict:
 
     grid = [(th, tg) for th in (0.0, 0.5, 1.0) for tg in (0.3, 0.6, 1.0)]
     returns = {}
-    for name, policy in (("oracle", oracle_policy(signal)), ("observation_rule", observation_rule_policy(signal))):
+    for name, rule in (("oracle", oracle_policy), ("observation_rule", observation_rule_policy)):
+        policy = rule(signal, carries_signal)
         val = {point: split_return(policy, "val", *point) for point in grid}
         best = max(grid, key=val.get)
         returns[name] = dict(val=val[best], test=split_return(policy, "test", *best))
