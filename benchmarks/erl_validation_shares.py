@@ -69,8 +69,8 @@ def main() -> int:
                 f"learner {np.round(learner, 2).tolist()}"
             )
     print(
-        f"{options.universe}, data seed {options.data_seed}, flags {options.flags}: oracle validation return {oracle:+.3f}; best validation "
-        f"share per seed {np.round(best, 2).tolist()}, median {np.median(best):.2f}; {wall:.0f} s"
+        f"{options.universe}, data seed {options.data_seed}, flags {options.flags}: oracle validation return "
+        f"{oracle:+.3f}; best validation share per seed {np.round(best, 2).tolist()}, median {np.median(best):.2f}; {wall:.0f} s"
     )
     return 0
 
