@@ -70,7 +70,8 @@ def main() -> int:
             )
     print(
         f"{options.universe}, data seed {options.data_seed}, flags {options.flags}: oracle validation return "
-        f"{oracle:+.3f}; best validation share per seed {np.round(best, 2).tolist()}, median {np.median(best):.2f}; {wall:.0f} s"
+        f"{oracle:+.3f}; best validation share per seed {np.round(best, 2).tolist()}, median {np.median(best):.2f}; "
+        f"{wall:.0f} s"
     )
     return 0
 
