@@ -84,6 +84,13 @@ SEEDS = 3  # trained in one program (--num-seeds); the assertions read their med
 GOAL = 0.7  # the learning issue's target: the median champion at 70% of the oracle's test return, 2 of 3 seeds there
 
 
+def rule_mask(info: dict) -> np.ndarray:
+    """[n investable] whether each stock carries the planted signal (the data's meta names them); the others'
+    signal channel predicts nothing."""
+    signal_stocks = set(info["meta"]["synthetic"]["signal_stocks"])
+    return np.array([info["tickers"][i] in signal_stocks for i in info["inv"]])
+
+
 def rule_returns(data, flags: list) -> dict:
     """{rule: {'val', 'test'}} for the oracle and the observation rule: each rule's best validation return over the
     threshold x target grid, and its test return at that threshold and target (played once on the test split)."""
@@ -91,8 +98,7 @@ def rule_returns(data, flags: list) -> dict:
     datasets, info = et.load_data(args)
     env_params = et.env_params_from_args(args)
     signal = list(info["feature_names"]).index("signal")
-    signal_stocks = set(info["meta"]["synthetic"]["signal_stocks"])  # the others' signal predicts nothing
-    carries_signal = jnp.array([info["tickers"][i] in signal_stocks for i in info["inv"]])
+    carries_signal = jnp.asarray(rule_mask(info))
     bts = {s: et.make_backtest(env_params, et.split_days(info, s)) for s in ("val", "test")}
 
     def split_return(policy, split, threshold, target) -> float:
@@ -152,3 +158,25 @@ def test_erl_learns_the_planted_signal(tmp_path, data_seed):
             f"(median {GOAL:.0%}, 2 of 3 seeds): ERL does not yet learn the planted signal close to the oracle "
             "robustly (issue: learning across data; README: Learning on synthetic data)"
         )
+
+
+def test_oracle_buys_only_the_stocks_that_carry_the_signal(tmp_path):
+    """Where only some stocks carry the planted signal, the others' `signal` channel predicts nothing: the oracle
+    and the observation rule never put a coefficient on them (they once did, which made the partial universe's
+    "oracle" a diluted rule), and they do on the stocks that carry it."""
+    data = tmp_path / "partial.npz"
+    generator = ["--stocks", "6", "--signal-stocks", "2", "--signal-strength", "4", "--days", "400", "--seed", "7"]
+    assert dp.main(["synthetic-daily", "--out", str(data), *generator]) == 0
+    args = et.parse_args(["--data", str(data), "--train-end", "0.6", "--val-end", "0.8", "--obs-norm", "train"])
+    datasets, info = et.load_data(args)
+    env_params = et.env_params_from_args(args)
+    carries = rule_mask(info)
+    assert carries.tolist() == [True, True, False, False, False, False]  # the generator's first 2 stocks
+    signal = list(info["feature_names"]).index("signal")
+    test = datasets["test"]
+    for rule in (oracle_policy, observation_rule_policy):
+        policy = rule(signal, jnp.asarray(carries))
+        coefs = np.array([np.asarray(policy((test, jnp.float32(-10.0), jnp.float32(0.5)), None,
+                                            et.get_obs(jnp.int32(t), env_params, test), t))[:, 0]
+                          for t in range(int(test.lo), int(test.hi))])
+        assert (coefs[:, ~carries] == 0).all() and (coefs[:, carries] > 0).any()
