@@ -664,7 +664,8 @@ class Critic(nn.Module):
     target, and V(s) the value of the positions already held plus the rest of the episode. A generic MLP on
     [state, action] has to learn the product coef x gain from noisy rewards, and in practice does not.
     Each investable column is encoded from its window (a shared dense layer: far cheaper than the actor's
-    extractor, and the critic runs on every replay batch) and its open position, with weights shared by all stocks.
+    extractor, and the critic runs on every replay batch) and its open position, with weights shared by all stocks
+    (plus, with --critic-stock-embedding, a learned vector of each stock's own).
 
     CHANGING THE ENV? This critic hard-codes two of its rules (`critic_opening_rule`): which stock an action opens,
     and that a trade's exit reward is linear in the coefficient it was opened with (coef / coef_max x (gain -
@@ -690,8 +691,8 @@ class Critic(nn.Module):
             context = nn.relu(nn.Dense(args.hidden)(cols)).mean(0)
             enc = nn.relu(nn.Dense(args.hidden)(cols[inv]))
             if args.critic_stock_embedding:  # which stock this is: lets g_i differ between stocks with alike windows
-                stock_ids = nn.Embed(n, args.critic_stock_embedding, embedding_init=nn.initializers.normal(1.0))
-                enc = jnp.concatenate([enc, stock_ids(jnp.arange(n))], axis=-1)
+                stock_embed = nn.Embed(n, args.critic_stock_embedding, embedding_init=nn.initializers.normal(1.0))
+                enc = jnp.concatenate([enc, stock_embed(jnp.arange(n))], axis=-1)
             h = nn.relu(nn.Dense(args.hidden)(jnp.concatenate([enc, positions], axis=-1)))  # [n, hidden]: state only
             gain = nn.Dense(1)(nn.relu(nn.Dense(args.hidden)(jnp.concatenate([h, target[:, None]], axis=-1))))[:, 0]
             sharp = 1.0 + nn.softplus(self.param(f"sharpness{q}", nn.initializers.constant(3.0), ()))

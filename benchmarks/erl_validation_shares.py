@@ -1,7 +1,8 @@
 """Scores a change to the ERL learning-test recipe on validation returns only (never the test split).
 
 Trains `tests/test_erl_learning.py`'s recipe, plus the given flags (a flag given again replaces the recipe's), with 3
-run seeds in one program on a synthetic-daily data seed, then prints per evaluation each seed's champion and TD3
+run seeds in one program on a synthetic-daily data seed (of the test's universe, or `--universe` another of
+`benchmarks/results.py`'s), then prints per evaluation each seed's champion and TD3
 learner validation return as a share of the oracle's best validation return, and per seed the best of them (what
 validation-based selection picks from). The README's "Learning on synthetic data" experiments come from it:
 
@@ -28,8 +29,9 @@ from test_erl_learning import FLAGS, SEEDS, rule_returns  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-seed", type=int, required=True)
-    parser.add_argument("--universe", choices=[u for u, spec in UNIVERSES["erl"].items() if spec[2]], default="all",
-                        help="results.py's synthetic universe (all: the learning test's data)")
+    with_signal = [universe for universe, (_, _, goal) in UNIVERSES["erl"].items() if goal is not None]
+    parser.add_argument("--universe", choices=with_signal, default="all",
+                        help="results.py's synthetic universe with a planted signal (all: the learning test's data)")
     parser.add_argument("--out", type=Path, required=True, help="a new folder for the data file and the run")
     parser.add_argument("flags", nargs="*", help="erl_trader.py flags added to the recipe (after --)")
     options = parser.parse_args()
@@ -56,7 +58,7 @@ def main() -> int:
     ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - started
-    oracle = rule_returns(data, FLAGS)["oracle"]["val"]  # the best over the threshold x target grid
+    oracle = rule_returns(data, [*FLAGS, *options.flags])["oracle"]["val"]  # the best over the threshold x target grid
     best = np.full(SEEDS, -np.inf)
     for line in (options.out / "run" / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)

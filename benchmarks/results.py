@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import data_prep as dp  # noqa: E402
+from test_erl_learning import DATA as ERL_TEST_DATA  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -55,8 +56,7 @@ UNIVERSES = {
         "none": (["synthetic-intraday", "--days", "60", "--signal-strength", "0"], PPO_FLAGS, None),
     },
     "erl": {
-        "all": (["synthetic-daily", "--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "2",
-                 "--signal-strength", "4", "--days", "2000"], None, 0.7),
+        "all": (["synthetic-daily", *ERL_TEST_DATA], None, 0.7),  # the ERL learning test's universe
         "partial": (["synthetic-daily", "--stocks", "20", "--signal-stocks", "5", "--signal-halflife", "2",
                      "--signal-strength", "4", "--days", "2000"], None, 0.7),
         "halflife": (["synthetic-daily", "--stocks", "10", "--signal-stocks", "10", "--signal-halflife", "5",

@@ -257,6 +257,7 @@ def test_resume_is_bit_identical(tmp_path):
         (["--num-seeds", "0"], "--num-seeds"),
         (["--random-runs", "0"], "--random-runs"),
         (["--critic-warmup", "-1"], "--critic-warmup"),
+        (["--critic-stock-embedding", "-1"], "--critic-stock-embedding"),
         (["--eval-only", "--checkpoint", "data"], "config.json"),
     ],
 )

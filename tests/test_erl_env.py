@@ -648,11 +648,11 @@ def test_critic_stock_embedding_tells_alike_stocks_apart():
     n, window, channels = 4, 5, 3
     obs = jnp.broadcast_to(jax.random.normal(jax.random.PRNGKey(0), (window, 1, channels)), (window, n, channels))
     small = jnp.zeros(n * et.SMALL_PER_STOCK + 1)
-    action = jnp.stack([jnp.full(n, 0.9), jnp.full(n, 0.5)], -1)  # every coefficient above the threshold
+    nothing = jnp.stack([jnp.zeros(n), jnp.full(n, 0.5)], -1)  # no coefficient, every target 5.5%
+    one_stock = [nothing.at[i, 0].set(0.9) for i in range(n)]  # only stock i's coefficient, above the threshold
     for embedding, alike in ((0, True), (4, False)):
         critic = et.Critic(et.Args(critic_stock_embedding=embedding), tuple(range(n)))
-        params = critic.init(jax.random.PRNGKey(1), obs, small, action)
+        params = critic.init(jax.random.PRNGKey(1), obs, small, nothing)
         assert ("Embed_0" in str(params)) == (embedding > 0)
-        one_stock = [action.at[:, 0].set(0.0).at[i, 0].set(0.9) for i in range(n)]  # only stock i's coefficient is high
         q = np.array([float(critic.apply(params, obs, small, a)[0]) for a in one_stock])
         assert np.allclose(q, q[0], atol=1e-6) == alike, q
