@@ -51,29 +51,14 @@ FLAGS = [
 ]
 
 
-def oracle_policy(signal: int, carries_signal: jax.Array):
-    """Knows the planted rule: buys the stocks that carry the signal (`carries_signal`, [n investable]) whose true
-    signal exceeds the threshold, the strongest first. policy_args = (split data, threshold, target in [0, 1])."""
+def planted_rule(signal_of, carries_signal: jax.Array):
+    """The planted rule on the signal `signal_of(data, obs, t)` ([n investable]) reads: buys the stocks that carry
+    the signal (`carries_signal`) whose signal exceeds the threshold, the strongest first.
+    policy_args = (split data, threshold, target in [0, 1])."""
 
     def policy(policy_args, key, obs, t):
         data, threshold, target = policy_args
-        s = data.features[t, data.inv, signal]
-        coef = jnp.where((s > threshold) & carries_signal, 0.51 + 0.49 * jnp.tanh(s), 0.0)
-        return jnp.stack([coef, jnp.full(coef.shape, target)], -1)
-
-    return policy
-
-
-def observation_rule_policy(signal: int, carries_signal: jax.Array):
-    """The planted rule on what the actor sees: buys the stocks that carry the signal whose last normalised signal
-    value (its observation's last row) exceeds the threshold. Under --obs-norm window the window's z-score keeps the
-    signal's rank within the window but not its level (a 20-day mean of a 2-day half-life AR(1) is a noisy estimate
-    of 0); under --obs-norm train it is the oracle's rule on a per-stock rescaled signal. A yardstick of what the
-    observation allows, not a bound."""
-
-    def policy(policy_args, key, obs, t):
-        data, threshold, target = policy_args
-        s = obs[-1, data.inv, signal]
+        s = signal_of(data, obs, t)
         coef = jnp.where((s > threshold) & carries_signal, 0.51 + 0.49 * jnp.tanh(s), 0.0)
         return jnp.stack([coef, jnp.full(coef.shape, target)], -1)
 
@@ -85,12 +70,20 @@ GOAL = 0.7  # the learning issue's target: the median champion at 70% of the ora
 
 
 def rule_policies(info: dict) -> dict:
-    """{'oracle', 'observation_rule'}: the two rules on the data `info` describes, each buying only the stocks that
-    carry the planted signal (the data's meta names them; the others' signal channel predicts nothing)."""
+    """{'oracle', 'observation_rule'}: the planted rule on the data `info` describes, each buying only the stocks that
+    carry the planted signal (the data's meta names them; the others' signal channel predicts nothing).
+
+    The oracle reads the true signal. The observation rule reads what the actor sees: the last normalised value of
+    the signal channel. Under --obs-norm window the window's z-score keeps the signal's rank within the window but
+    not its level (a 20-day mean of a 2-day half-life AR(1) is a noisy estimate of 0); under --obs-norm train it is
+    a per-stock rescaling of the true signal. A yardstick of what the observation allows, not a bound."""
     signal = list(info["feature_names"]).index("signal")
     signal_stocks = set(info["meta"]["synthetic"]["signal_stocks"])
     carries_signal = jnp.array([info["tickers"][i] in signal_stocks for i in info["inv"]])
-    return dict(oracle=oracle_policy(signal, carries_signal), observation_rule=observation_rule_policy(signal, carries_signal))
+    true_signal = lambda data, obs, t: data.features[t, data.inv, signal]  # noqa: E731
+    observed_signal = lambda data, obs, t: obs[-1, data.inv, signal]  # noqa: E731
+    return dict(oracle=planted_rule(true_signal, carries_signal),
+                observation_rule=planted_rule(observed_signal, carries_signal))
 
 
 def rule_returns(data, flags: list) -> dict:
